@@ -1,0 +1,101 @@
+"""Payload compression for DATA and CONFIG_DATA records.
+
+Each record is compressed on its own (a damaged record never spoils its
+neighbours, and records can be compressed by a pool of threads: zstandard
+releases the GIL). A payload that does not shrink is stored as it is.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import zstandard
+
+from agent.archive.format import MAX_DATA_LENGTH, Compression
+from agent.errors import ArchiveError
+
+_local = threading.local()
+
+
+@dataclass(frozen=True)
+class CompressionSpec:
+    """What the user chose: zstd at a level, or none."""
+
+    method: Compression = Compression.ZSTD
+    level: int = 3
+
+    @classmethod
+    def parse(cls, text: str) -> CompressionSpec:
+        """Parse ``none``, ``zstd`` or ``zstd:LEVEL``; raises ValueError with a reason."""
+        if text == "none":
+            return cls(Compression.NONE, 0)
+        name, _, level = text.partition(":")
+        if name != "zstd":
+            raise ValueError(f"unknown compression {text!r} (use zstd, zstd:LEVEL or none)")
+        if not level:
+            return cls()
+        try:
+            lvl = int(level)
+        except ValueError:
+            raise ValueError(f"zstd level {level!r} is not a number") from None
+        if not -7 <= lvl <= 22:
+            raise ValueError(f"zstd level {lvl} is out of range (-7..22)")
+        return cls(Compression.ZSTD, lvl)
+
+    def __str__(self) -> str:
+        return "none" if self.method == Compression.NONE else f"zstd:{self.level}"
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # ZstdCompressor objects are not thread-safe: one per thread and level.
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    cctx = cache.get(level)
+    if cctx is None:
+        cctx = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cctx
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def compress(
+    data: bytes | bytearray | memoryview, spec: CompressionSpec
+) -> tuple[Compression, bytes | bytearray | memoryview]:
+    """Compress one payload; fall back to storing it when that is not smaller."""
+    if spec.method == Compression.NONE:
+        return Compression.NONE, data
+    packed: bytes = _compressor(spec.level).compress(data)
+    if len(packed) >= len(data):
+        return Compression.NONE, data
+    return Compression.ZSTD, packed
+
+
+def decompress(
+    method: Compression, payload: bytes | bytearray | memoryview, length: int, where: str
+) -> bytes | bytearray | memoryview:
+    """Undo :func:`compress`, checking the result is exactly ``length`` bytes."""
+    if method == Compression.NONE:
+        if len(payload) != length:
+            raise ArchiveError(f"{where}: stored {len(payload)} bytes, expected {length}")
+        return payload
+    if length > MAX_DATA_LENGTH:
+        raise ArchiveError(f"{where}: length {length} is over the limit")
+    try:
+        # decompress() trusts the frame's own content size over max_output_size, so
+        # check it first: a hostile frame must not make us allocate what it claims.
+        claimed = zstandard.frame_content_size(payload)
+        if claimed != length:
+            raise ArchiveError(f"{where}: compressed frame claims {claimed} bytes, expected {length}")
+        out: bytes = _decompressor().decompress(payload, max_output_size=length)
+    except zstandard.ZstdError as e:
+        raise ArchiveError(f"{where}: cannot decompress: {e}") from e
+    if len(out) != length:
+        raise ArchiveError(f"{where}: decompressed to {len(out)} bytes, expected {length}")
+    return out

@@ -1,0 +1,63 @@
+"""A set of disjoint byte ranges, for checking that records cover a device exactly once.
+
+Records arrive in any order, but mostly in ascending runs (one per connection),
+so adjacent ranges are merged on insertion and the set stays small: its size is
+about the number of holes not yet filled, not the number of records.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+
+class Overlap(Exception):
+    def __init__(self, start: int, end: int) -> None:
+        super().__init__(f"{start}..{end}")
+        self.start = start
+        self.end = end
+
+
+class IntervalSet:
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+        self.total = 0
+
+    def add(self, start: int, end: int) -> None:
+        """Add [start, end); raises :class:`Overlap` if any byte is already present."""
+        if end <= start:
+            raise ValueError("empty range")
+        i = bisect.bisect_right(self._starts, start)
+        # The range before i starts at or before `start`; the one at i starts after it.
+        if i > 0 and self._ends[i - 1] > start:
+            raise Overlap(max(start, self._starts[i - 1]), min(end, self._ends[i - 1]))
+        if i < len(self._starts) and self._starts[i] < end:
+            raise Overlap(self._starts[i], min(end, self._ends[i]))
+        self.total += end - start
+        join_left = i > 0 and self._ends[i - 1] == start
+        join_right = i < len(self._starts) and self._starts[i] == end
+        if join_left and join_right:
+            self._ends[i - 1] = self._ends[i]
+            del self._starts[i], self._ends[i]
+        elif join_left:
+            self._ends[i - 1] = end
+        elif join_right:
+            self._starts[i] = start
+        else:
+            self._starts.insert(i, start)
+            self._ends.insert(i, end)
+
+    def gaps(self, size: int) -> list[tuple[int, int]]:
+        """The ranges of [0, size) not in the set."""
+        out = []
+        pos = 0
+        for s, e in zip(self._starts, self._ends, strict=True):
+            if s > pos:
+                out.append((pos, s))
+            pos = max(pos, e)
+        if pos < size:
+            out.append((pos, size))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._starts)

@@ -1,0 +1,117 @@
+"""Where the archive goes: a file descriptor written strictly sequentially.
+
+The output never seeks, so a pipe, a socket, ``ssh``'s stdin and a tape are all
+as good as a file. A named output file is written under a temporary name and
+renamed into place only when the archive is complete, so a failed backup never
+leaves a file that looks like a finished one (and never replaces the last good one).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.errors import OutputError
+
+Buf = bytes | bytearray | memoryview
+
+
+class SequentialOutput:
+    """Appends buffers to a file descriptor with ``writev``; counts every byte."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self.position = 0
+
+    def write(self, parts: Sequence[Buf]) -> None:
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            try:
+                n = os.writev(self.fd, views[:1024])
+            except BrokenPipeError as e:
+                raise OutputError(f"{self.name}: the reader closed the pipe") from e
+            except OSError as e:
+                if e.errno == errno.EINTR:
+                    continue
+                raise OutputError(f"{self.name}: write failed: {e.strerror}") from e
+            self.position += n
+            while n:
+                if n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+
+    def commit(self) -> None:
+        """The archive is complete: make it durable and visible."""
+
+    def abort(self) -> None:
+        """The archive failed: remove what a reader could mistake for a backup."""
+
+    def close(self) -> None:
+        """Release the descriptor (not stdout's)."""
+
+
+class StdoutOutput(SequentialOutput):
+    def __init__(self) -> None:
+        fd = 1
+        if os.isatty(fd):
+            raise OutputError("refusing to write an archive to a terminal: redirect or pipe it")
+        super().__init__(fd, "standard output")
+
+
+class FileOutput(SequentialOutput):
+    """A named file, written as ``.NAME.partial`` beside it and renamed when complete."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.exists() and not path.is_file():
+            # A fifo, a tape or a character device: write to it directly.
+            self.tmp: Path | None = None
+            target = path
+        else:
+            self.tmp = path.with_name(f".{path.name}.partial")
+            target = self.tmp
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        if self.tmp is not None:
+            flags |= os.O_CREAT | os.O_TRUNC
+        try:
+            fd = os.open(target, flags, 0o600)
+        except OSError as e:
+            raise OutputError(f"cannot open output {path}: {e.strerror}") from e
+        super().__init__(fd, str(path))
+
+    def commit(self) -> None:
+        try:
+            if stat.S_ISREG(os.fstat(self.fd).st_mode):
+                os.fsync(self.fd)
+            if self.tmp is not None:
+                os.rename(self.tmp, self.path)
+                dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as e:
+            raise OutputError(f"cannot complete output {self.path}: {e.strerror}") from e
+
+    def abort(self) -> None:
+        if self.tmp is not None:
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def open_output(path: str) -> SequentialOutput:
+    return StdoutOutput() if path == "-" else FileOutput(Path(path))

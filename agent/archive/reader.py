@@ -1,0 +1,412 @@
+"""The archive reader: one pass over a stream, checking everything on the way.
+
+The algorithm (docs/FORMAT.md, "Reading") in short:
+
+1. Check the preamble. Then read records one by one: frame header (magic, CRC,
+   body length under the limit, ``seq`` equal to the count so far), body, digest.
+2. Record 0 is HEADER. DEVICE, CONFIG and CONFIG_DATA records follow before any
+   DATA or ZERO record. DATA and ZERO name a declared device, lie inside it and
+   overlap nothing seen before. INDEX records come after all data.
+3. END carries the record count, the totals and the chained digest of every
+   record before it; all must match. A FULL archive must cover every byte of
+   every device. Then the 48-byte footer, then nothing but zero bytes (tape
+   padding) until the end of the stream.
+
+Only after step 3 does :meth:`ArchiveReader.records` finish without raising, so a
+consumer that commits its results only after the iterator is exhausted never
+takes a truncated or damaged archive for a complete one.
+
+DATA payload digests may be checked by the consumer in worker threads
+(``verify_data=False`` plus :meth:`DataRecord.check`), which is how restore
+spreads the hashing over cores.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import blake3
+
+from agent.archive import codec
+from agent.archive.format import (
+    CHUNK_FIXED,
+    DIGEST_SIZE,
+    FLAG_OPTIONAL,
+    FOOTER,
+    FRAME,
+    INDEX_ENTRY,
+    KNOWN_FLAGS,
+    NO_INDEX,
+    PREAMBLE,
+    Chain,
+    Chunk,
+    Config,
+    Device,
+    End,
+    Footer,
+    Header,
+    Kind,
+    RecordType,
+    Zero,
+    check_preamble,
+    unpack_frame,
+)
+from agent.archive.intervals import IntervalSet, Overlap
+from agent.errors import ArchiveError, UnsupportedArchive
+
+_METADATA = {RecordType.DEVICE, RecordType.CONFIG, RecordType.CONFIG_DATA}
+
+
+@dataclass
+class RawRecord:
+    pos: int  # byte position of the frame header
+    rtype: int
+    flags: int
+    seq: int
+    frame: bytes
+    body: memoryview
+    digest: bytes
+
+    def digest_ok(self) -> bool:
+        return bytes(blake3.blake3(self.body).digest(DIGEST_SIZE)) == self.digest
+
+
+@dataclass
+class DataRecord:
+    device: Device
+    offset: int
+    length: int
+    chunk: Chunk
+    raw: RawRecord
+
+    def check(self) -> None:
+        if not self.raw.digest_ok():
+            raise ArchiveError(
+                f"device {self.device.name!r}: data record at byte {self.raw.pos} "
+                f"(device offset {self.offset}) fails its checksum"
+            )
+
+    def data(self) -> bytes | bytearray | memoryview:
+        """The device bytes, decompressed and length-checked (digest not checked here)."""
+        return codec.decompress(
+            self.chunk.compression, self.raw.body[CHUNK_FIXED:], self.length,
+            f"device {self.device.name!r}: data record at byte {self.raw.pos}",
+        )
+
+
+@dataclass
+class ZeroRecord:
+    device: Device
+    offset: int
+    length: int
+
+
+class _Input:
+    """Exact reads from a stream, with the byte position for error messages."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.pos = 0
+
+    def read(self, n: int, what: str) -> memoryview:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.f.readinto(view[got:])  # type: ignore[attr-defined]
+            if not k:
+                raise ArchiveError(
+                    f"the archive is truncated at byte {self.pos + got} (inside {what}): "
+                    "it is incomplete"
+                )
+            got += k
+        self.pos += n
+        return view
+
+    def read_some(self, n: int) -> bytes:
+        data = self.f.read(n)
+        self.pos += len(data)
+        return data
+
+
+class ArchiveReader:
+    """Reads an archive from a stream (pipe or file) from its first byte."""
+
+    def __init__(
+        self, f: BinaryIO, *, verify_data: bool = True, keep_configs: bool = True
+    ) -> None:
+        self._in = _Input(f)
+        self.verify_data = verify_data
+        self.keep_configs = keep_configs
+        self._chain = Chain()
+        self._seq = 0
+        self._pending: RawRecord | None = None
+        self.devices: list[Device] = []
+        self.configs: list[Config] = []
+        self.config_data: dict[str, bytearray] = {}
+        self._config_filled: list[int] = []
+        self._coverage: list[IntervalSet] = []
+        self.data_bytes = 0
+        self.zero_bytes = 0
+        self.stored_bytes = 0
+        self.end: End | None = None
+        self._data_records = 0
+        self._index_entries = 0
+        self._index_pos = NO_INDEX
+        self._seen_index = False
+        self._chain_before_end = b""
+
+        check_preamble(bytes(self._in.read_some(PREAMBLE.size)))
+        first = self._next_raw()
+        if first is None or first.rtype != RecordType.HEADER:
+            raise ArchiveError("the archive does not start with a header record")
+        self.header = Header.decode(first.body)
+        # Read the metadata up to the first record that is not metadata.
+        while True:
+            raw = self._next_raw()
+            if raw is None:
+                raise ArchiveError(f"the archive ends at byte {self._in.pos}: it is incomplete")
+            if raw.rtype in _METADATA:
+                self._metadata(raw)
+            else:
+                self._pending = raw
+                break
+
+    # -- frames ------------------------------------------------------------------------
+
+    def _next_raw(self) -> RawRecord | None:
+        pos = self._in.pos
+        head = self._in.read_some(FRAME.size)
+        if not head:
+            return None
+        if len(head) < FRAME.size:
+            raise ArchiveError(
+                f"the archive is truncated at byte {pos + len(head)} (inside a record header): "
+                "it is incomplete"
+            )
+        fr = unpack_frame(head, pos)
+        if fr.seq != self._seq:
+            raise ArchiveError(
+                f"record at byte {pos} has sequence number {fr.seq}, expected {self._seq}: "
+                "records were dropped, duplicated or reordered"
+            )
+        if fr.flags & ~KNOWN_FLAGS:
+            raise UnsupportedArchive(f"record at byte {pos} has unknown flags {fr.flags:#x}")
+        body = self._in.read(fr.body_len, f"record {fr.seq}")
+        dig = bytes(self._in.read(DIGEST_SIZE, f"record {fr.seq}"))
+        self._seq += 1
+        if fr.rtype == RecordType.END:
+            self._chain_before_end = self._chain.value()  # END seals what precedes it
+        self._chain.add(head, dig)
+        return RawRecord(pos, fr.rtype, fr.flags, fr.seq, head, body, dig)
+
+    def _checked(self, raw: RawRecord, what: str) -> None:
+        if not raw.digest_ok():
+            raise ArchiveError(f"{what} at byte {raw.pos} fails its checksum")
+
+    # -- metadata ----------------------------------------------------------------------
+
+    def _metadata(self, raw: RawRecord) -> None:
+        if raw.rtype == RecordType.DEVICE:
+            self._checked(raw, "device record")
+            dev = Device.decode(raw.body)
+            if dev.id != len(self.devices):
+                raise ArchiveError(f"device record at byte {raw.pos} has id {dev.id}, "
+                                   f"expected {len(self.devices)}")
+            if any(d.name == dev.name for d in self.devices):
+                raise ArchiveError(f"device name {dev.name!r} appears twice (byte {raw.pos})")
+            self.devices.append(dev)
+            self._coverage.append(IntervalSet())
+        elif raw.rtype == RecordType.CONFIG:
+            self._checked(raw, "config record")
+            cfg = Config.decode(raw.body)
+            if cfg.id != len(self.configs):
+                raise ArchiveError(f"config record at byte {raw.pos} has id {cfg.id}, "
+                                   f"expected {len(self.configs)}")
+            if any(c.name == cfg.name for c in self.configs):
+                raise ArchiveError(f"config name {cfg.name!r} appears twice (byte {raw.pos})")
+            self.configs.append(cfg)
+            self._config_filled.append(0)
+            if self.keep_configs:
+                self.config_data[cfg.name] = bytearray()
+        else:
+            self._checked(raw, "config data record")
+            what = f"config data record at byte {raw.pos}"
+            ch = Chunk.decode(raw.body, what)
+            if ch.target >= len(self.configs):
+                raise ArchiveError(f"{what} names config {ch.target}, which was never declared")
+            cfg = self.configs[ch.target]
+            if ch.offset != self._config_filled[ch.target] or ch.offset + ch.length > cfg.size:
+                raise ArchiveError(f"{what}: config {cfg.name!r} data out of order or too long")
+            data = codec.decompress(ch.compression, raw.body[CHUNK_FIXED:], ch.length, what)
+            self._config_filled[ch.target] += ch.length
+            if self.keep_configs:
+                self.config_data[cfg.name] += data
+
+    def config(self, name: str) -> bytes:
+        """A stored config blob, complete and checked."""
+        for cfg in self.configs:
+            if cfg.name == name:
+                if self._config_filled[cfg.id] != cfg.size:
+                    raise ArchiveError(f"config {name!r} is incomplete in the archive")
+                return bytes(self.config_data[name])
+        names = ", ".join(c.name for c in self.configs) or "none"
+        raise ArchiveError(f"no config named {name!r} in the archive (it has: {names})")
+
+    # -- data --------------------------------------------------------------------------
+
+    def records(self) -> Iterator[DataRecord | ZeroRecord]:
+        """Yield every DATA and ZERO record; return only after the seal checked out."""
+        while True:
+            raw = self._pending if self._pending is not None else self._next_raw()
+            self._pending = None
+            if raw is None:
+                raise ArchiveError(
+                    f"the archive ends at byte {self._in.pos} without its end record: "
+                    "it is incomplete"
+                )
+            rtype = raw.rtype
+            if rtype == RecordType.DATA:
+                yield self._data(raw)
+            elif rtype == RecordType.ZERO:
+                yield self._zero(raw)
+            elif rtype == RecordType.INDEX:
+                self._index(raw)
+            elif rtype == RecordType.END:
+                self._end(raw)
+                return
+            elif rtype in _METADATA or rtype == RecordType.HEADER:
+                raise ArchiveError(
+                    f"{RecordType(rtype).name.lower()} record at byte {raw.pos} "
+                    "comes after device data"
+                )
+            elif raw.flags & FLAG_OPTIONAL:
+                self._checked(raw, f"optional record of type {rtype:#06x}")
+            else:
+                raise UnsupportedArchive(
+                    f"record type {rtype:#06x} at byte {raw.pos} is required to read this "
+                    "archive but unknown to this backup-agent: a newer version wrote it"
+                )
+
+    def _claim(self, raw: RawRecord, dev_id: int, offset: int, length: int, what: str) -> Device:
+        """Check that a record's range is inside a declared device and new."""
+        try:
+            if self._seen_index:
+                raise ArchiveError(f"{what} at byte {raw.pos} comes after the index")
+            if dev_id >= len(self.devices):
+                raise ArchiveError(f"{what} at byte {raw.pos} names device {dev_id}, "
+                                   "which was never declared")
+            dev = self.devices[dev_id]
+            if offset + length > dev.size:
+                raise ArchiveError(
+                    f"device {dev.name!r}: {what} at byte {raw.pos} covers "
+                    f"{offset}..{offset + length}, past the device's end ({dev.size})"
+                )
+            try:
+                self._coverage[dev_id].add(offset, offset + length)
+            except Overlap as o:
+                raise ArchiveError(
+                    f"device {dev.name!r}: {what} at byte {raw.pos} overlaps data already "
+                    f"in the archive at device offset {o.start}"
+                ) from None
+            return dev
+        except ArchiveError:
+            # Damage is the likelier cause of nonsense fields: say so if the digest agrees.
+            self._checked(raw, what)
+            raise
+
+    def _data(self, raw: RawRecord) -> DataRecord:
+        what = f"data record at byte {raw.pos}"
+        try:
+            ch = Chunk.decode(raw.body, what)
+        except ArchiveError:
+            self._checked(raw, what)
+            raise
+        dev = self._claim(raw, ch.target, ch.offset, ch.length, "data record")
+        rec = DataRecord(dev, ch.offset, ch.length, ch, raw)
+        if self.verify_data:
+            rec.check()
+        self.data_bytes += ch.length
+        self.stored_bytes += len(raw.body) - CHUNK_FIXED
+        self._data_records += 1
+        return rec
+
+    def _zero(self, raw: RawRecord) -> ZeroRecord:
+        self._checked(raw, "zero record")
+        z = Zero.decode(raw.body)
+        dev = self._claim(raw, z.device, z.offset, z.length, "zero record")
+        self.zero_bytes += z.length
+        self._data_records += 1
+        return ZeroRecord(dev, z.offset, z.length)
+
+    def _index(self, raw: RawRecord) -> None:
+        self._checked(raw, "index record")
+        if len(raw.body) % INDEX_ENTRY.size:
+            raise ArchiveError(f"index record at byte {raw.pos} has a partial entry")
+        if not self._seen_index:
+            self._index_pos = raw.pos
+        self._seen_index = True
+        self._index_entries += len(raw.body) // INDEX_ENTRY.size
+
+    def _end(self, raw: RawRecord) -> None:
+        chain_before = self._chain_before_end
+        self._checked(raw, "end record")
+        end = End.decode(raw.body)
+        problems = []
+        if end.records != raw.seq:
+            problems.append(f"{raw.seq} records present, the seal says {end.records}")
+        if end.chain != chain_before:
+            problems.append("the chained digest does not match")
+        if (end.data_bytes, end.zero_bytes, end.stored_bytes) != (
+            self.data_bytes, self.zero_bytes, self.stored_bytes
+        ):
+            problems.append("data totals do not match")
+        if (end.devices, end.configs) != (len(self.devices), len(self.configs)):
+            problems.append("device or config counts do not match")
+        if self._seen_index and self._index_entries != self._data_records:
+            problems.append(f"the index lists {self._index_entries} records, "
+                            f"the archive holds {self._data_records}")
+        if problems:
+            raise ArchiveError(f"end record at byte {raw.pos} does not seal the archive: "
+                               + "; ".join(problems))
+        for cfg in self.configs:
+            if self._config_filled[cfg.id] != cfg.size:
+                raise ArchiveError(f"config {cfg.name!r} is incomplete in the archive")
+        if self.header.kind == Kind.FULL:
+            for dev, cov in zip(self.devices, self._coverage, strict=True):
+                gaps = cov.gaps(dev.size)
+                if gaps:
+                    s, e = gaps[0]
+                    raise ArchiveError(
+                        f"device {dev.name!r}: bytes {s}..{e} are missing from this full "
+                        f"backup ({len(gaps)} gap(s) in all)"
+                    )
+        footer_pos = self._in.pos
+        footer = Footer.decode(self._in.read_some(FOOTER.size), footer_pos)
+        if (footer.end_pos, footer.index_pos, footer.archive_len) != (
+            raw.pos, self._index_pos, footer_pos + FOOTER.size
+        ):
+            raise ArchiveError(f"the footer at byte {footer_pos} does not match the archive")
+        # Tape drives pad the last block with zeros; anything else is not ours.
+        while True:
+            tail = self._in.read_some(1 << 20)
+            if not tail:
+                break
+            if tail.count(0) != len(tail):
+                first = self._in.pos - len(tail) + len(tail) - len(tail.lstrip(b"\0"))
+                raise ArchiveError(f"unexpected data after the end of the archive at byte {first}")
+        self.end = end
+
+    @property
+    def position(self) -> int:
+        return self._in.pos
+
+
+def open_stream(path: str) -> BinaryIO:
+    """Open ``path`` (or standard input for ``-``) for sequential reading."""
+    if path == "-":
+        return io.BufferedReader(io.FileIO(0, "rb", closefd=False), buffer_size=1 << 20)
+    return open(path, "rb", buffering=1 << 20)

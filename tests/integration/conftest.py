@@ -1,0 +1,300 @@
+"""Fixtures and helpers for integration tests that run real QEMU, nbdkit and libnbd processes.
+
+Nothing here is mocked: images are made with ``qemu-img``/``qemu-io``, served by ``qemu-nbd`` or
+``nbdkit`` over Unix sockets in a short temporary directory, and compared with
+``qemu-img compare``. Every server started by a test is stopped by its own PID at teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+StrPath = str | os.PathLike[str]
+ImageOp = tuple[str, int, int] | tuple[str, int, int, int]
+
+#: Seconds to wait for a freshly started server to accept connections.
+SERVER_START_TIMEOUT = 10.0
+#: Seconds to wait for a server to exit after SIGTERM before sending SIGKILL.
+SERVER_STOP_TIMEOUT = 5.0
+#: Longest usable Unix socket path (sun_path is 108 bytes including the final NUL).
+MAX_SOCKET_PATH = 107
+
+
+class CommandError(RuntimeError):
+    """A helper command failed; the message carries the command line, exit code and stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+        super().__init__(
+            f"command {self.argv!r} exited with {returncode}:\n{stderr.strip() or '(no stderr)'}"
+        )
+
+
+def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` to completion, raising :class:`CommandError` on a non-zero exit."""
+    proc = subprocess.run(list(argv), capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, proc.stderr + proc.stdout)
+    return proc
+
+
+def _qemu_io_command(op: ImageOp) -> str:
+    """Translate one ``make_image`` operation tuple into a ``qemu-io -c`` command string."""
+    kind = op[0]
+    if kind == "write" and len(op) == 4:
+        _, pattern, offset, length = op
+        if not 0 <= pattern <= 0xFF:
+            raise ValueError(f"write pattern must be a byte value, got {pattern!r}")
+        return f"write -P {pattern:#x} {offset} {length}"
+    if kind == "zero" and len(op) == 3:
+        _, offset, length = op
+        return f"write -z {offset} {length}"
+    if kind == "discard" and len(op) == 3:
+        _, offset, length = op
+        return f"discard {offset} {length}"
+    raise ValueError(
+        f"bad image op {op!r}: expected ('write', pattern, offset, length), "
+        "('zero', offset, length) or ('discard', offset, length)"
+    )
+
+
+def make_image(path: StrPath, fmt: str, size: int | str, ops: Sequence[ImageOp] = ()) -> Path:
+    """Create a disk image and fill it, returning its path.
+
+    Runs ``qemu-img create -f FMT PATH SIZE``, then applies ``ops`` in order with a single
+    ``qemu-io -f FMT`` call. Each op is one of:
+
+    - ``("write", pattern, offset, length)``: ``write -P pattern`` (pattern is a byte value);
+    - ``("zero", offset, length)``: ``write -z`` (write-zeroes);
+    - ``("discard", offset, length)``: ``discard``.
+
+    Raises :class:`CommandError` (with the tool's stderr) if either command fails.
+    """
+    image = Path(path)
+    _run(["qemu-img", "create", "-q", "-f", fmt, str(image), str(size)])
+    if ops:
+        argv = ["qemu-io", "-f", fmt]
+        for op in ops:
+            argv += ["-c", _qemu_io_command(op)]
+        argv.append(str(image))
+        _run(argv)
+    return image
+
+
+def qemu_img_compare(a: StrPath, fmt_a: str, b: StrPath, fmt_b: str, strict: bool = False) -> bool:
+    """Compare the guest-visible contents of two images with ``qemu-img compare``.
+
+    Returns True when identical (exit 0), False when they differ (exit 1); any other exit
+    (missing file, bad format...) raises :class:`CommandError` with qemu-img's stderr. With
+    ``strict`` (``-s``), a size mismatch or allocated-vs-unallocated difference also counts.
+    """
+    argv = ["qemu-img", "compare", "-f", fmt_a, "-F", fmt_b]
+    if strict:
+        argv.append("-s")
+    argv += [str(a), str(b)]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode == 0:
+        return True
+    if proc.returncode == 1:
+        return False
+    raise CommandError(argv, proc.returncode, proc.stderr + proc.stdout)
+
+
+def nbdcopy_to_file(uri: str, path: StrPath) -> Path:
+    """Copy a whole NBD export to a local (raw) file with ``nbdcopy URI PATH``; returns the path."""
+    dest = Path(path)
+    _run(["nbdcopy", uri, str(dest)])
+    return dest
+
+
+@dataclass
+class Server:
+    """One running NBD server process (qemu-nbd or nbdkit) listening on a Unix socket."""
+
+    uri: str
+    """libnbd URI of the export, ``nbd+unix:///?socket=/path``."""
+    socket: str
+    """Path of the server's Unix socket."""
+    pid: int
+    """PID of the server process (it runs in the foreground: this is the server itself)."""
+    proc: subprocess.Popen[bytes]
+    """The process handle; use :meth:`stop`, never kill servers by name."""
+    log: Path = field(repr=False)
+    """File that receives the server's stdout and stderr."""
+
+    def log_text(self) -> str:
+        """Everything the server has written to stdout/stderr so far."""
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def running(self) -> bool:
+        """True while the server process has not exited."""
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = SERVER_STOP_TIMEOUT) -> int:
+        """Stop this server by its own PID: SIGTERM, wait up to ``timeout``, then SIGKILL.
+
+        Idempotent. Removes the socket file. Returns the process's exit status.
+        """
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+        return self.proc.returncode
+
+
+class NbdServerFactory:
+    """Starts NBD servers for one test and stops all of them at teardown.
+
+    Obtained through the ``nbd_server`` fixture. Sockets and server logs go in ``sock_dir``,
+    which must be short enough for Unix socket paths.
+    """
+
+    def __init__(self, sock_dir: Path) -> None:
+        self.sock_dir = sock_dir
+        self.servers: list[Server] = []
+        self._count = 0
+
+    def qemu_nbd(
+        self,
+        image: StrPath,
+        fmt: str,
+        readonly: bool = True,
+        shared: int = 8,
+        extra_args: Sequence[str] = (),
+    ) -> Server:
+        """Serve ``image`` with ``qemu-nbd`` in the foreground and wait until it accepts clients.
+
+        Command: ``qemu-nbd -f FMT --socket=SOCK --persistent --shared=N [-r] [EXTRA] IMAGE``.
+        ``shared`` > 1 makes qemu-nbd advertise multi-conn.
+        """
+        sock = self._new_socket("qemu-nbd")
+        argv = ["qemu-nbd", "-f", fmt, f"--socket={sock}", "--persistent", f"--shared={shared}"]
+        if readonly:
+            argv.append("-r")
+        argv += [*extra_args, str(Path(image).resolve())]
+        return self._start(argv, sock)
+
+    def nbdkit(
+        self,
+        args: Sequence[str],
+        filters: Sequence[str] = (),
+        readonly: bool = False,
+        env: Mapping[str, str] | None = None,
+    ) -> Server:
+        """Run ``nbdkit`` in the foreground on a Unix socket and wait until it accepts clients.
+
+        Command: ``nbdkit --foreground -U SOCK [-r] [--filter=F ...] ARGS``, where ``args`` is
+        the plugin and its parameters, e.g. ``["memory", "size=64M"]`` or
+        ``["file", "disk.raw", "error-pread-rate=100%"]`` with ``filters=["error"]``
+        (``filters`` are bare names; ``--filter=...`` options may also lead ``args``).
+        ``env`` is added to the inherited environment (e.g. PYTHONPATH for the Python plugin).
+        """
+        sock = self._new_socket("nbdkit")
+        argv = ["nbdkit", "--foreground", "-U", sock]
+        if readonly:
+            argv.append("-r")
+        argv += [f"--filter={name}" for name in filters]
+        argv += list(args)
+        full_env = None if env is None else {**os.environ, **env}
+        return self._start(argv, sock, full_env)
+
+    def close(self) -> None:
+        """Stop every server this factory started (each by its own PID). Idempotent."""
+        errors: list[BaseException] = []
+        for server in self.servers:
+            try:
+                server.stop()
+            except Exception as exc:  # keep stopping the others
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def _new_socket(self, kind: str) -> str:
+        """A fresh socket path in ``sock_dir``; checks the Unix socket length limit."""
+        self._count += 1
+        sock = str(self.sock_dir / f"{kind}-{self._count}.sock")
+        if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+            raise ValueError(f"socket path too long for AF_UNIX ({len(sock)} bytes): {sock}")
+        return sock
+
+    def _start(self, argv: list[str], sock: str, env: Mapping[str, str] | None = None) -> Server:
+        """Start ``argv`` with output to a log file, register it, and wait for its socket."""
+        log = Path(sock).with_suffix(".log")
+        with open(log, "wb") as log_file:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env
+            )
+        server = Server(
+            uri=f"nbd+unix:///?socket={sock}", socket=sock, pid=proc.pid, proc=proc, log=log
+        )
+        self.servers.append(server)
+        try:
+            _wait_until_accepting(server, argv)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+
+def _wait_until_accepting(server: Server, argv: Sequence[str]) -> None:
+    """Poll until ``server.socket`` exists and accepts a connection, or fail the test.
+
+    Fails early, with the server's output, if the process exits first.
+    """
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while True:
+        status = server.proc.poll()
+        if status is not None:
+            pytest.fail(
+                f"{argv[0]} exited with {status} before accepting connections\n"
+                f"command: {argv!r}\n{server.log_text()}",
+                pytrace=False,
+            )
+        if os.path.exists(server.socket):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(server.socket)
+                except OSError:
+                    pass
+                else:
+                    return
+        if time.monotonic() >= deadline:
+            pytest.fail(
+                f"{argv[0]} did not accept connections on {server.socket} within "
+                f"{SERVER_START_TIMEOUT:.0f} s\ncommand: {argv!r}\n{server.log_text()}",
+                pytrace=False,
+            )
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def nbd_server(short_tmp: Path) -> Iterator[NbdServerFactory]:
+    """Factory for real NBD servers: ``nbd_server.qemu_nbd(...)`` and ``nbd_server.nbdkit(...)``.
+
+    Every server it started is terminated by its own PID at teardown (before ``short_tmp``,
+    which holds the sockets and logs, is removed).
+    """
+    factory = NbdServerFactory(short_tmp)
+    try:
+        yield factory
+    finally:
+        factory.close()
