@@ -92,7 +92,9 @@ def decompress(
         # check it first: a hostile frame must not make us allocate what it claims.
         claimed = zstandard.frame_content_size(payload)
         if claimed != length:
-            raise ArchiveError(f"{where}: compressed frame claims {claimed} bytes, expected {length}")
+            raise ArchiveError(
+                f"{where}: compressed frame claims {claimed} bytes, expected {length}"
+            )
         out: bytes = _decompressor().decompress(payload, max_output_size=length)
     except zstandard.ZstdError as e:
         raise ArchiveError(f"{where}: cannot decompress: {e}") from e

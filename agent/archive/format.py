@@ -22,10 +22,10 @@ from __future__ import annotations
 import enum
 import re
 import struct
-import uuid
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from uuid import UUID
 
 import blake3
 
@@ -55,6 +55,7 @@ KNOWN_FLAGS = FLAG_OPTIONAL
 MAX_DATA_LENGTH = 32 * 1024 * 1024
 MAX_BODY = MAX_DATA_LENGTH + 64 * 1024  # headroom for an incompressible payload
 MAX_NAME = 255
+MAX_TEXT = 0xFFFF  # other text fields: the writer accepts up to the u16 length, so must we
 MAX_DEVICE_SIZE = 2**63 - 1
 
 
@@ -180,7 +181,7 @@ class _Cursor:
         (count,) = self.unpack(_U16)
         out: dict[str, str] = {}
         for _ in range(count):
-            key = self.text(MAX_NAME)
+            key = self.text(MAX_TEXT)
             (vlen,) = self.unpack(_U32)
             try:
                 out[key] = bytes(self.take(vlen)).decode("utf-8")
@@ -231,11 +232,11 @@ _HEADER = struct.Struct("<16s16sqBBBBI")  # uuid, parent, created_ns, kind, enc,
 
 @dataclass(frozen=True)
 class Header:
-    uuid: uuid.UUID
+    uuid: UUID
     created_ns: int
     tool_version: str
     kind: Kind = Kind.FULL
-    parent_uuid: uuid.UUID | None = None
+    parent_uuid: UUID | None = None
     checkpoint: str = ""
     encryption: Encryption = Encryption.NONE
     hash_algo: HashAlgo = HashAlgo.BLAKE3_128
@@ -264,17 +265,17 @@ class Header:
             raise UnsupportedArchive(f"archive encryption method {enc} is not supported")
         if halgo != HashAlgo.BLAKE3_128:
             raise UnsupportedArchive(f"archive digest algorithm {halgo} is not supported")
-        tool_version = c.text(MAX_NAME)
-        checkpoint = c.text(MAX_NAME)
+        tool_version = c.text(MAX_TEXT)
+        checkpoint = c.text(MAX_TEXT)
         (enc_len,) = c.unpack(_U32)
         c.take(enc_len)
         props = c.props()
         return cls(
-            uuid=uuid.UUID(bytes=bytes(raw_uuid)),
+            uuid=UUID(bytes=bytes(raw_uuid)),
             created_ns=created_ns,
             tool_version=tool_version,
             kind=kind_v,
-            parent_uuid=None if parent == bytes(16) else uuid.UUID(bytes=bytes(parent)),
+            parent_uuid=None if bytes(parent) == bytes(16) else UUID(bytes=bytes(parent)),
             checkpoint=checkpoint,
             props=props,
         )

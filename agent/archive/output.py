@@ -8,6 +8,7 @@ leaves a file that looks like a finished one (and never replaces the last good o
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -102,10 +103,8 @@ class FileOutput(SequentialOutput):
 
     def abort(self) -> None:
         if self.tmp is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.tmp)
-            except FileNotFoundError:
-                pass
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -58,6 +58,7 @@ from agent.archive.intervals import IntervalSet, Overlap
 from agent.errors import ArchiveError, UnsupportedArchive
 
 _METADATA = {RecordType.DEVICE, RecordType.CONFIG, RecordType.CONFIG_DATA}
+_KNOWN = frozenset(RecordType)
 
 
 @dataclass
@@ -161,8 +162,11 @@ class ArchiveReader:
 
         check_preamble(bytes(self._in.read_some(PREAMBLE.size)))
         first = self._next_raw()
-        if first is None or first.rtype != RecordType.HEADER:
+        if first is None:
+            raise ArchiveError(f"the archive ends at byte {self._in.pos}: it is incomplete")
+        if first.rtype != RecordType.HEADER:
             raise ArchiveError("the archive does not start with a header record")
+        self._checked(first, "header record")
         self.header = Header.decode(first.body)
         # Read the metadata up to the first record that is not metadata.
         while True:
@@ -171,6 +175,8 @@ class ArchiveReader:
                 raise ArchiveError(f"the archive ends at byte {self._in.pos}: it is incomplete")
             if raw.rtype in _METADATA:
                 self._metadata(raw)
+            elif raw.flags & FLAG_OPTIONAL and raw.rtype not in _KNOWN:
+                self._checked(raw, f"optional record of type {raw.rtype:#06x}")
             else:
                 self._pending = raw
                 break
@@ -323,7 +329,7 @@ class ArchiveReader:
         try:
             ch = Chunk.decode(raw.body, what)
         except ArchiveError:
-            self._checked(raw, what)
+            self._checked(raw, "data record")
             raise
         dev = self._claim(raw, ch.target, ch.offset, ch.length, "data record")
         rec = DataRecord(dev, ch.offset, ch.length, ch, raw)
@@ -409,4 +415,7 @@ def open_stream(path: str) -> BinaryIO:
     """Open ``path`` (or standard input for ``-``) for sequential reading."""
     if path == "-":
         return io.BufferedReader(io.FileIO(0, "rb", closefd=False), buffer_size=1 << 20)
-    return open(path, "rb", buffering=1 << 20)
+    try:
+        return open(path, "rb", buffering=1 << 20)
+    except OSError as e:
+        raise ArchiveError(f"cannot open {path}: {e.strerror}") from e

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import blake3
+
 from agent.archive import codec
 from agent.archive.format import (
     FLAG_OPTIONAL,
@@ -82,7 +84,9 @@ class ArchiveWriter:
         self.totals.records += 1
         return pos
 
-    def _index_add(self, rtype: RecordType, comp: int, dev: int, off: int, ln: int, pos: int) -> None:
+    def _index_add(
+        self, rtype: RecordType, comp: int, dev: int, off: int, ln: int, pos: int
+    ) -> None:
         self._index += INDEX_ENTRY.pack(rtype & 0xFF, comp, 0, dev, off, ln, pos)
 
     # -- metadata ----------------------------------------------------------------------
@@ -175,9 +179,10 @@ class ArchiveWriter:
         return end
 
 
-def data_body_digest(device: int, offset: int, length: int, comp: Compression, payload: Buf) -> bytes:
+def data_body_digest(
+    device: int, offset: int, length: int, comp: Compression, payload: Buf
+) -> bytes:
     """The digest :meth:`ArchiveWriter.write_data` would compute, for worker threads."""
-    import blake3
 
     h = blake3.blake3(Chunk(device, comp, offset, length).encode())
     h.update(payload)

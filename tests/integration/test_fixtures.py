@@ -8,7 +8,8 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import (
+
+from tests.integration.conftest import (
     CommandError,
     NbdServerFactory,
     Server,

@@ -1,0 +1,60 @@
+"""Argument types shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+
+from agent.archive.codec import CompressionSpec
+
+_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
+
+
+def name_value(text: str) -> tuple[str, str]:
+    """NAME=VALUE, as in ``--source vda=nbd://...``."""
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def compression(text: str) -> CompressionSpec:
+    try:
+        return CompressionSpec.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def byte_size(text: str) -> int:
+    """256M, 1G, 4096; binary units."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M or 1G)")
+    n: int = int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    if n < 1024 * 1024:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small (at least 1M)")
+    return n
+
+
+def positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--progress", choices=["auto", "bar", "json", "none"], default="auto",
+                   help="progress display on stderr (auto: a bar on a terminal, else none)")
+
+
+def progress_mode(mode: str, quiet: bool) -> str:
+    if quiet:
+        return "none"
+    if mode == "auto":
+        return "bar" if os.isatty(2) else "none"
+    return mode

@@ -1,0 +1,26 @@
+"""``backup-agent config``: one stored config blob, to standard output."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from agent.archive.reader import ArchiveReader, open_stream
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("config", parents=[parent], help="print a stored config file",
+                       description="Write one config blob stored in the archive to stdout. "
+                       "Configs sit at the start of the archive: a pipe is not read further.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with open_stream(args.path) as stream:
+        data = ArchiveReader(stream, verify_data=False).config(args.name)
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+    return 0

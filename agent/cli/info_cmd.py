@@ -1,0 +1,53 @@
+"""``backup-agent info``: what an archive holds."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+
+from agent.cli.render import size
+from agent.inspect import archive_info
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               parent: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("info", parents=[parent], help="show what an archive holds",
+                       description="Show an archive's header, devices, configs and totals. "
+                       "A file is read through its index; a pipe (-) is read to its end.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    info = archive_info(args.path).as_dict()
+    if args.json:
+        json.dump(info, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    created = datetime.datetime.fromtimestamp(info["created"], datetime.UTC)
+    t = info["totals"]
+    lines = [
+        f"archive   {info['uuid']}",
+        f"kind      {info['kind']}",
+        f"created   {created:%Y-%m-%d %H:%M:%S} UTC",
+        f"tool      backup-agent {info['tool_version']}",
+        "",
+        f"{'DEVICE':<20} {'SIZE':>12}  PROPERTIES",
+    ]
+    for d in info["devices"]:
+        props = " ".join(f"{k}={v}" for k, v in d["properties"].items())
+        lines.append(f"{d['name']:<20} {size(d['size']):>12}  {props}")
+    if info["configs"]:
+        lines += ["", f"{'CONFIG':<20} {'SIZE':>12}"]
+        lines += [f"{c['name']:<20} {size(c['size']):>12}" for c in info["configs"]]
+    ratio = t["data_bytes"] / t["stored_bytes"] if t["stored_bytes"] else 0.0
+    lines += [
+        "",
+        f"data {size(t['data_bytes'])}, zero {size(t['zero_bytes'])}, "
+        f"stored {size(t['stored_bytes'])} (compression {ratio:.2f}x)",
+    ]
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,71 @@
+"""The ``backup-agent`` command: parse, set up logging, run, map errors to exit codes.
+
+Exit codes: 0 success; 1 failure, with one line ``backup-agent: error: ...`` on
+stderr (a traceback only with ``--debug``); 2 bad usage (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+
+from agent import __version__
+from agent.cli import backup_cmd, config_cmd, info_cmd, restore_cmd, verify_cmd
+from agent.errors import AgentError, Interrupted
+
+log = logging.getLogger("backup-agent")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    common.add_argument("--debug", action="store_true", help="full detail, tracebacks included")
+    parser = argparse.ArgumentParser(
+        prog="backup-agent",
+        description="Back up virtual-machine disks over NBD into one sequential stream, "
+        "and restore them.",
+    )
+    parser.add_argument("--version", action="version", version=f"backup-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for mod in (backup_cmd, restore_cmd, verify_cmd, info_cmd, config_cmd):
+        mod.add_parser(sub, common)
+    return parser
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted("stopped by SIGTERM")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="backup-agent: %(message)s")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        code: int = args.run(args)
+        return code
+    except KeyboardInterrupt:
+        return _fail(args, Interrupted("interrupted"))
+    except AgentError as e:
+        return _fail(args, e)
+    except Exception as e:  # a bug: still one line, the traceback with --debug
+        return _fail(args, e, internal=True)
+
+
+def _fail(args: argparse.Namespace, e: BaseException, internal: bool = False) -> int:
+    if args.debug:
+        log.exception("failed", exc_info=e)
+    msg = str(e) or type(e).__name__
+    if internal:
+        msg = f"internal error: {type(e).__name__}: {msg} (run with --debug for details)"
+    sys.stderr.write(f"backup-agent: error: {msg}\n")
+    sys.stderr.flush()
+    return 1
+
+
+def entry() -> None:
+    sys.exit(main())

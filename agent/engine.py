@@ -1,0 +1,295 @@
+"""The backup pull pipeline: NBD exports in, archive records out, in completion order.
+
+::
+
+    planner ──(block status, one window at a time)──▶ zero ranges ─────────────┐
+        │                                                                      ▼
+        └─▶ read pieces ──▶ reader thread per connection ──▶ worker pool ──▶ writer
+             (byte budget)   (libnbd aio, many in flight)    (zero check,    (one thread,
+                                                              zstd, BLAKE3)   sequential)
+
+- Block status is asked one window at a time as the copy advances, never for the
+  whole disk first, so an 8 TiB sparse disk produces records at once.
+- The byte budget counts every read from its submission until its records are
+  written: a slow output slows the reads, it never grows a buffer.
+- Records are written as they complete. The archive accepts any order, so all
+  connections stay busy even when the output is a pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+
+import nbd
+
+from agent.archive import codec
+from agent.archive.format import Compression, Device
+from agent.archive.writer import ArchiveWriter, data_body_digest
+from agent.errors import SourceError
+from agent.nbd.source import NbdSource
+from agent.pipeline import POLL, ByteBudget, Control, Meter, Progress, ProgressFn
+
+MiB = 1024 * 1024
+ZERO_BLOCK = 64 * 1024  # data that reads as zeros is found and recorded at this grain
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    compression: codec.CompressionSpec = field(default_factory=codec.CompressionSpec)
+    connections: int = 4
+    request_size: int = 2 * MiB
+    memory: int = 128 * MiB  # bytes in flight between read and write
+    workers: int = max(2, os.cpu_count() or 2)
+    inflight_per_connection: int = 16
+    status_window: int = 1024 * MiB
+
+
+@dataclass(frozen=True)
+class _Read:
+    device: Device
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class _Zero:
+    device: Device
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class _Data:
+    device: Device
+    offset: int
+    length: int
+    compression: Compression
+    payload: bytes | bytearray | memoryview
+    digest: bytes
+
+
+_Record = _Data | _Zero
+
+
+class _Planner:
+    """Walks one device: block status window by window, yielding zeros and reads."""
+
+    def __init__(self, device: Device, source: NbdSource, opts: EngineOptions) -> None:
+        self._it = self._walk(device, source, opts)
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _walk(dev: Device, src: NbdSource, opts: EngineOptions) -> Iterator[_Read | _Zero]:
+        pos = 0
+        while pos < dev.size:
+            for ext in src.extents(pos, min(opts.status_window, dev.size - pos)):
+                end = ext.offset + ext.length
+                if ext.zero:
+                    yield _Zero(dev, ext.offset, ext.length)
+                else:
+                    for off in range(ext.offset, end, opts.request_size):
+                        yield _Read(dev, off, min(opts.request_size, end - off))
+                pos = end
+
+    def next(self) -> _Read | _Zero | None:
+        with self._lock:
+            return next(self._it, None)
+
+
+def _prepare(item: _Read, buf: bytearray, spec: codec.CompressionSpec) -> list[_Record]:
+    """Worker: split a read into zero and data runs, compress and digest the data."""
+    nbuf = nbd.Buffer.from_buffer(buf)
+    dev, base = item.device, item.offset
+    if nbuf.is_zero():
+        return [_Zero(dev, base, item.length)]
+    out: list[_Record] = []
+    view = memoryview(buf)
+
+    def data(start: int, end: int) -> None:
+        comp, payload = codec.compress(view[start:end], spec)
+        dig = data_body_digest(dev.id, base + start, end - start, comp, payload)
+        out.append(_Data(dev, base + start, end - start, comp, payload, dig))
+
+    run_start, run_zero = 0, False
+    for off in range(0, item.length, ZERO_BLOCK):
+        z = nbuf.is_zero(off, min(ZERO_BLOCK, item.length - off))
+        if off == 0:
+            run_zero = z
+        elif z != run_zero:
+            if run_zero:
+                out.append(_Zero(dev, base + run_start, off - run_start))
+            else:
+                data(run_start, off)
+            run_start, run_zero = off, z
+    if run_zero:
+        out.append(_Zero(dev, base + run_start, item.length - run_start))
+    else:
+        data(run_start, item.length)
+    return out
+
+
+@dataclass
+class BackupResult:
+    progress: Progress
+    peak_buffer: int  # most bytes in flight at once
+
+
+def _join(t: threading.Thread) -> None:
+    while t.is_alive():
+        t.join(POLL)  # short joins keep Ctrl-C deliverable to the main thread
+
+
+class BackupEngine:
+    """Copies devices from NBD sources into an archive writer."""
+
+    def __init__(
+        self,
+        writer: ArchiveWriter,
+        sources: list[tuple[Device, NbdSource]],
+        opts: EngineOptions,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.writer = writer
+        self.sources = sources
+        self.opts = opts
+        self.control = Control()
+        self.budget = ByteBudget(opts.memory, self.control)
+        self.meter = Meter("backup", sum(d.size for d, _ in sources), progress)
+        self._q: queue.Queue[Future[list[_Record]] | _Zero | None] = queue.Queue()
+        self._pool = ThreadPoolExecutor(opts.workers, thread_name_prefix="ba-work")
+        self._planners = [_Planner(d, s, opts) for d, s in sources]
+
+    def run(self) -> BackupResult:
+        """Run to completion; raises the first error. Interruptible from the main thread."""
+        ctl = self.control
+        # Daemon threads: a writer blocked on a stalled pipe must not keep the process alive.
+        writer_t = threading.Thread(target=ctl.guard(self._write_loop), name="ba-writer",
+                                    daemon=True)
+        nreaders = max((len(s.handles) for _, s in self.sources), default=0)
+        readers = [
+            threading.Thread(target=ctl.guard(partial(self._read_loop, i)), name=f"ba-read{i}",
+                             daemon=True)
+            for i in range(nreaders)
+        ]
+        writer_t.start()
+        try:
+            for t in readers:
+                t.start()
+            for t in readers:
+                _join(t)
+            self._pool.shutdown(wait=True)
+            self._q.put(None)
+            _join(writer_t)
+        except BaseException as e:  # KeyboardInterrupt and SystemExit included
+            ctl.fail(e)
+            raise
+        finally:
+            if ctl.error is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._q.put(None)
+                for t in [*readers, writer_t]:
+                    t.join(5)
+        if ctl.error is not None:
+            raise ctl.error
+        return BackupResult(self.meter.final(), self.budget.peak)
+
+    # -- readers -----------------------------------------------------------------------
+
+    def _read_loop(self, conn: int) -> None:
+        """Connection ``conn`` of every source that has that many: read, hand to workers."""
+        for planner, (dev, src) in zip(self._planners, self.sources, strict=True):
+            if conn < len(src.handles):
+                self._read_source(planner, src.handles[conn], dev)
+            if self.control.stopped():
+                return
+
+    def _read_source(self, planner: _Planner, h: nbd.NBD, dev: Device) -> None:
+        ctl, opts = self.control, self.opts
+        inflight: dict[int, tuple[_Read, bytearray]] = {}
+        pending: _Read | None = None
+        exhausted = False
+        while not ctl.stopped():
+            while not exhausted and len(inflight) < opts.inflight_per_connection:
+                item = pending or planner.next()
+                pending = None
+                if item is None:
+                    exhausted = True
+                    break
+                if isinstance(item, _Zero):
+                    self._q.put(item)
+                    continue
+                if not self.budget.acquire(item.length, block=not inflight):
+                    pending = item  # wait for reads in flight to finish first
+                    break
+                buf = bytearray(item.length)
+                try:
+                    cookie = h.aio_pread(nbd.Buffer.from_buffer(buf), item.offset)
+                except nbd.Error as e:
+                    self.budget.release(item.length)
+                    raise self._read_error(dev, item, e) from e
+                inflight[cookie] = (item, buf)
+            if not inflight:
+                if exhausted or ctl.stopped():
+                    return
+                continue
+            try:
+                h.poll(-1)
+            except nbd.Error as e:
+                raise SourceError(f"device {dev.name!r}: connection failed: {e.string}") from e
+            for cookie in [c for c in inflight if self._completed(h, c, dev, inflight)]:
+                item, buf = inflight.pop(cookie)
+                fut = self._pool.submit(_prepare, item, buf, opts.compression)
+                fut.add_done_callback(self._q.put)
+
+    def _completed(
+        self, h: nbd.NBD, cookie: int, dev: Device, inflight: dict[int, tuple[_Read, bytearray]]
+    ) -> bool:
+        try:
+            return bool(h.aio_command_completed(cookie))
+        except nbd.Error as e:
+            raise self._read_error(dev, inflight[cookie][0], e) from e
+
+    @staticmethod
+    def _read_error(dev: Device, item: _Read, e: nbd.Error) -> SourceError:
+        return SourceError(
+            f"device {dev.name!r}: read of {item.length} bytes at offset {item.offset} "
+            f"failed: {e.string}"
+        )
+
+    # -- writer ------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        w, ctl = self.writer, self.control
+        while True:
+            try:
+                got = self._q.get(timeout=POLL)
+            except queue.Empty:
+                if ctl.stopped():
+                    return
+                continue
+            if got is None:
+                return
+            if ctl.stopped():
+                continue  # drain, so nobody waits on a full budget
+            if isinstance(got, _Zero):
+                w.write_zero(got.device.id, got.offset, got.length)
+                self.meter.add(zero=got.length)
+                continue
+            records = got.result()
+            length = 0
+            for r in records:
+                length += r.length
+                if isinstance(r, _Zero):
+                    w.write_zero(r.device.id, r.offset, r.length)
+                    self.meter.add(zero=r.length)
+                else:
+                    w.write_data(r.device.id, r.offset, r.length, r.compression, r.payload,
+                                 r.digest)
+                    self.meter.add(data=r.length, stored=len(r.payload))
+            self.budget.release(length)

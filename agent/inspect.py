@@ -1,0 +1,60 @@
+"""What an archive holds: header fields, devices, configs and totals, for ``info``."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from typing import Any
+
+from agent.archive.format import Config, Device, End, Header
+from agent.archive.indexed import IndexedArchive
+from agent.archive.reader import ArchiveReader, open_stream
+from agent.errors import AgentError
+
+
+@dataclass(frozen=True)
+class ArchiveInfo:
+    header: Header
+    devices: list[Device]
+    configs: list[Config]
+    end: End
+
+    def as_dict(self) -> dict[str, Any]:
+        h, e = self.header, self.end
+        return {
+            "uuid": str(h.uuid),
+            "created": h.created_ns / 1e9,
+            "kind": h.kind.name.lower(),
+            "parent_uuid": str(h.parent_uuid) if h.parent_uuid else None,
+            "checkpoint": h.checkpoint or None,
+            "tool_version": h.tool_version,
+            "devices": [{"name": d.name, "size": d.size, "properties": dict(d.props)}
+                        for d in self.devices],
+            "configs": [{"name": c.name, "size": c.size} for c in self.configs],
+            "totals": {
+                "device_bytes": sum(d.size for d in self.devices),
+                "data_bytes": e.data_bytes,
+                "zero_bytes": e.zero_bytes,
+                "stored_bytes": e.stored_bytes,
+                "records": e.records,
+            },
+        }
+
+
+def archive_info(path: str) -> ArchiveInfo:
+    """From the index of a seekable file, or by reading a stream to its end."""
+    try:
+        seekable = path != "-" and stat.S_ISREG(os.stat(path).st_mode)
+    except OSError as e:
+        raise AgentError(f"cannot open {path}: {e.strerror}") from e
+    if seekable:
+        with IndexedArchive(path) as arc:
+            return ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end)
+    with open_stream(path) as f:
+        reader = ArchiveReader(f, verify_data=False, keep_configs=False)
+        for _ in reader.records():
+            pass
+        if reader.end is None:  # records() returns only after a good END; be explicit
+            raise AgentError(f"{path}: the archive has no end record")
+        return ArchiveInfo(reader.header, reader.devices, reader.configs, reader.end)

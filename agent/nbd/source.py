@@ -1,0 +1,113 @@
+"""NBD sources: libnbd connections to one export, and its allocation map.
+
+A source opens one connection for block status and, when the server allows
+multi-conn, several more for reads, so reads never queue behind a block-status
+call on the same handle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import nbd
+
+from agent.errors import SourceError
+
+# base:allocation flags
+_HOLE = 1
+_ZERO = 2
+
+
+@dataclass(frozen=True)
+class Extent:
+    offset: int
+    length: int
+    zero: bool  # reads as zeros (a hole or a zero extent): no need to read it
+
+
+CONNECT_TIMEOUT = 30.0
+
+
+def _connect(uri: str, name: str, meta: bool, timeout: float = CONNECT_TIMEOUT) -> nbd.NBD:
+    """Connect with a deadline: a server at its connection limit accepts the socket
+    and then says nothing, and libnbd's synchronous connect would wait forever."""
+    h = nbd.NBD()
+    try:
+        h.set_handle_name(name)
+        if meta:
+            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        h.aio_connect_uri(uri)
+        deadline = time.monotonic() + timeout
+        while not h.aio_is_ready():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                h.shutdown()
+                raise SourceError(f"cannot connect to {uri}: no answer within {timeout:.0f} s "
+                                  "(is the server at its connection limit?)")
+            h.poll(max(1, int(left * 1000)))
+    except nbd.Error as e:
+        raise SourceError(f"cannot connect to {uri}: {e.string}") from e
+    return h
+
+
+class NbdSource:
+    """One NBD export, read by ``connections`` handles when the server allows it."""
+
+    def __init__(self, uri: str, connections: int = 4, label: str = "source") -> None:
+        self.uri = uri
+        self.label = label
+        self._meta = _connect(uri, f"{label}-meta", meta=True)
+        self.handles: list[nbd.NBD] = []
+        try:
+            self.size: int = self._meta.get_size()
+            self.has_block_status = bool(
+                self._meta.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+            )
+            n = max(1, connections) if self._meta.can_multi_conn() else 1
+            for i in range(n):
+                self.handles.append(_connect(uri, f"{label}-{i}", meta=False))
+        except BaseException:
+            self.close()
+            raise
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Allocation of [offset, offset+length), possibly covering less than asked
+        (the server may answer for a shorter range), never empty."""
+        if not self.has_block_status:
+            return [Extent(offset, length, False)]
+        found: list[Extent] = []
+
+        def cb(metacontext: str, off: int, entries: list[int], err: int) -> int:
+            if metacontext != nbd.CONTEXT_BASE_ALLOCATION:
+                return 0
+            pos = off
+            for i in range(0, len(entries), 2):
+                ln, flags = entries[i], entries[i + 1]
+                ln = min(ln, offset + length - pos)
+                if ln <= 0:
+                    break
+                zero = bool(flags & _ZERO)
+                if found and found[-1].zero == zero and found[-1].offset + found[-1].length == pos:
+                    found[-1] = Extent(found[-1].offset, found[-1].length + ln, zero)
+                else:
+                    found.append(Extent(pos, ln, zero))
+                pos += ln
+            return 0
+
+        # NBD requests are 32-bit: ask in pieces under 4 GiB.
+        try:
+            self._meta.block_status(min(length, 2**32 - 2**20), offset, cb)
+        except nbd.Error as e:
+            raise SourceError(f"{self.label}: block status at offset {offset} failed: "
+                              f"{e.string}") from e
+        if not found or found[0].offset != offset:
+            raise SourceError(f"{self.label}: server answered block status for the wrong range")
+        return found
+
+    def close(self) -> None:
+        for h in [*self.handles, self._meta]:
+            with contextlib.suppress(nbd.Error):  # the connection is going away anyway
+                h.shutdown()
+        self.handles = []

@@ -1,0 +1,183 @@
+"""Restore targets: a file or block device, or an NBD export.
+
+Writes come from several worker threads at once and in any order. Zero ranges
+never become written zeros: a freshly created sparse file already reads as zeros,
+an existing file gets holes punched, a block device BLKZEROOUT, an NBD export
+write-zeroes with trim allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+import threading
+from typing import Protocol
+
+import nbd
+
+from agent.errors import TargetError
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_BLKGETSIZE64 = 0x80081272
+_BLKZEROOUT = 0x127F
+_ZERO_CHUNK = 8 * 1024 * 1024
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+class Target(Protocol):
+    name: str
+    size: int
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+    def zero(self, offset: int, length: int) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class FileTarget:
+    """A regular file or a block device, written with pwrite."""
+
+    def __init__(self, path: str, size: int | None = None, *, fresh: bool = False) -> None:
+        self.name = path
+        self.fresh = fresh  # a new sparse file: zero ranges are already holes
+        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if fresh else 0)
+        try:
+            self.fd = os.open(path, flags, 0o600)
+        except OSError as e:
+            raise TargetError(f"cannot open {path}: {e.strerror}") from e
+        st = os.fstat(self.fd)
+        self.block_device = stat.S_ISBLK(st.st_mode)
+        if self.block_device:
+            buf = fcntl.ioctl(self.fd, _BLKGETSIZE64, b"\0" * 8)
+            self.size = struct.unpack("<Q", buf)[0]
+        elif fresh and size is not None:
+            os.ftruncate(self.fd, size)
+            self.size = size
+        else:
+            self.size = st.st_size
+        self._zeros = bytes(_ZERO_CHUNK)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as e:
+            raise TargetError(f"{self.name}: write at offset {offset} failed: {e.strerror}") from e
+
+    def zero(self, offset: int, length: int) -> None:
+        if self.fresh:
+            return
+        if self.block_device:
+            try:
+                fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("<QQ", offset, length))
+                return
+            except OSError:
+                pass  # not supported by this device: write zeros below
+        elif _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+            return
+        elif ctypes.get_errno() not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            err = ctypes.get_errno()
+            raise TargetError(f"{self.name}: punching a hole at {offset} failed: "
+                              f"{os.strerror(err)}")
+        for off in range(offset, offset + length, _ZERO_CHUNK):
+            self.write(off, memoryview(self._zeros)[: min(_ZERO_CHUNK, offset + length - off)])
+
+    def flush(self) -> None:
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise TargetError(f"{self.name}: flush failed: {e.strerror}") from e
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class NbdTarget:
+    """A writable NBD export; each worker thread uses its own connection when allowed."""
+
+    def __init__(self, uri: str, connections: int = 4, *, fresh: bool = False) -> None:
+        self.name = uri
+        self.fresh = fresh
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._handles: list[nbd.NBD] = []
+        first = self._connect()
+        try:
+            if first.is_read_only():
+                raise TargetError(f"{uri}: the NBD export is read-only")
+            self.size: int = first.get_size()
+            self._max = max(1, connections) if first.can_multi_conn() else 1
+            self._can_zero = bool(first.can_zero())
+        except nbd.Error as e:
+            self.close()
+            raise TargetError(f"{uri}: {e.string}") from e
+        except BaseException:
+            self.close()
+            raise
+
+    def _connect(self) -> nbd.NBD:
+        h = nbd.NBD()
+        try:
+            h.connect_uri(self.name)
+        except nbd.Error as e:
+            raise TargetError(f"cannot connect to {self.name}: {e.string}") from e
+        self._handles.append(h)
+        return h
+
+    def _handle(self) -> nbd.NBD:
+        h: nbd.NBD | None = getattr(self._local, "h", None)
+        if h is None:
+            with self._lock:
+                if len(self._handles) < self._max:
+                    h = self._connect()
+                else:
+                    h = self._handles[threading.get_ident() % len(self._handles)]
+            self._local.h = h
+        return h
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._handle().pwrite(data, offset)
+        except nbd.Error as e:
+            raise TargetError(f"{self.name}: write at offset {offset} failed: {e.string}") from e
+
+    def zero(self, offset: int, length: int) -> None:
+        if self.fresh:
+            return
+        h = self._handle()
+        step = 1 << 30  # servers may refuse 4 GiB and over in one request
+        try:
+            for off in range(offset, offset + length, step):
+                n = min(step, offset + length - off)
+                if self._can_zero:
+                    h.zero(n, off, nbd.CMD_FLAG_MAY_TRIM)
+                else:
+                    h.pwrite(bytes(n), off)
+        except nbd.Error as e:
+            raise TargetError(f"{self.name}: zeroing at offset {offset} failed: {e.string}") from e
+
+    def flush(self) -> None:
+        try:
+            for h in self._handles:
+                h.flush()
+        except nbd.Error as e:
+            raise TargetError(f"{self.name}: flush failed: {e.string}") from e
+
+    def close(self) -> None:
+        for h in self._handles:
+            with contextlib.suppress(nbd.Error):
+                h.shutdown()
+        self._handles = []

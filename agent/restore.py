@@ -1,0 +1,253 @@
+"""Restore: archive stream in, devices out, the pull pipeline in reverse.
+
+One thread reads the archive sequentially (it may be a pipe); a pool of workers
+checks each DATA record's digest, decompresses it and writes it to its target
+with pwrite, in parallel and in any order. Zero ranges become holes, trims or
+write-zeroes, never written zeros.
+
+A device restored into a new file (``--to-dir``) is written under a temporary
+name and renamed into place only after the archive's END seal checked out and
+every write succeeded, so a damaged or truncated archive never leaves a file
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Collection
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from agent.archive.format import Device
+from agent.archive.reader import ArchiveReader, DataRecord, ZeroRecord
+from agent.errors import AgentError, InvalidArgument, TargetError
+from agent.nbd.server import QemuNbd
+from agent.nbd.target import FileTarget, NbdTarget, Target
+from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    memory: int = 256 * MiB  # archive bytes read but not yet written
+    workers: int = max(2, os.cpu_count() or 2)
+    connections: int = 4  # per NBD target
+
+
+@dataclass
+class RestoreResult:
+    progress: Progress
+    devices: list[str]  # names restored
+    outputs: list[str]  # where each went
+
+
+class _Sink:
+    """Where one device goes, and how it is committed or thrown away."""
+
+    def __init__(self, device: Device, target: Target, final: Path | None = None,
+                 temp: Path | None = None, server: QemuNbd | None = None) -> None:
+        self.device = device
+        self.target = target
+        self.final = final  # rename temp -> final on commit
+        self.temp = temp
+        self.server = server
+        self.where = str(final) if final else target.name
+
+    def commit(self) -> None:
+        self.target.flush()
+        self.target.close()
+        if self.server is not None:
+            self.server.close()
+        if self.temp is not None and self.final is not None:
+            os.rename(self.temp, self.final)
+
+    def discard(self) -> None:
+        with contextlib.suppress(AgentError, OSError):
+            self.target.close()
+        if self.server is not None:
+            self.server.close()
+        if self.temp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.temp)
+
+
+SinkFactory = Callable[[Device], _Sink | None]
+
+
+def to_dir(directory: Path, fmt: str, names: set[str] | None, opts: RestoreOptions) -> SinkFactory:
+    """Sinks that create ``DIR/NAME.raw`` or ``DIR/NAME.qcow2`` for each device."""
+    if fmt not in ("raw", "qcow2"):
+        raise InvalidArgument(f"unknown output format {fmt!r} (use raw or qcow2)")
+
+    def make(dev: Device) -> _Sink | None:
+        if names is not None and dev.name not in names:
+            return None
+        final = directory / f"{dev.name}.{fmt}"
+        if final.exists():
+            raise TargetError(f"{final} already exists: remove it or restore elsewhere")
+        temp = directory / f".{dev.name}.{fmt}.partial"
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()  # left by an earlier failed restore
+        if fmt == "raw":
+            return _Sink(dev, FileTarget(str(temp), dev.size, fresh=True), final, temp)
+        _create_qcow2(temp, dev.size)
+        server = QemuNbd(str(temp), "qcow2", readonly=False, shared=opts.connections,
+                         extra=("--discard=unmap",))
+        try:
+            return _Sink(dev, NbdTarget(server.uri, opts.connections, fresh=True), final, temp,
+                         server)
+        except BaseException:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            raise
+
+    return make
+
+
+def to_target(name: str, target: str, opts: RestoreOptions) -> SinkFactory:
+    """A sink writing device ``name`` into an existing file, block device or NBD export."""
+
+    def make(dev: Device) -> _Sink | None:
+        if dev.name != name:
+            return None
+        t: Target
+        if "://" in target:
+            t = NbdTarget(target, opts.connections)
+        else:
+            if not os.path.exists(target):
+                raise TargetError(f"{target}: no such file or device (create it first, "
+                                  "or use --to-dir)")
+            t = FileTarget(target)
+        if t.size < dev.size:
+            t.close()
+            raise TargetError(f"{target} holds {t.size} bytes, device {name!r} needs {dev.size}")
+        return _Sink(dev, t)
+
+    return make
+
+
+def _create_qcow2(path: Path, size: int) -> None:
+    import subprocess
+
+    try:
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+                       check=True, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.CalledProcessError) as e:
+        err = getattr(e, "stderr", None) or str(e)
+        raise TargetError(f"cannot create {path}: {err.strip()}") from e
+
+
+class RestoreEngine:
+    def __init__(self, reader: ArchiveReader, make_sink: SinkFactory, opts: RestoreOptions,
+                 progress: ProgressFn | None = None) -> None:
+        self.reader = reader
+        self.opts = opts
+        self.control = Control()
+        self.budget = ByteBudget(opts.memory, self.control)
+        self.sinks: dict[int, _Sink] = {}
+        try:
+            for dev in reader.devices:
+                sink = make_sink(dev)
+                if sink is not None:
+                    self.sinks[dev.id] = sink
+        except BaseException:
+            self._discard()
+            raise
+        total = sum(s.device.size for s in self.sinks.values())
+        self.meter = Meter("restore", total, progress)
+        self._lock = threading.Lock()
+
+    def run(self) -> RestoreResult:
+        pool = ThreadPoolExecutor(self.opts.workers, thread_name_prefix="ba-restore")
+        futures: set[Future[None]] = set()
+        try:
+            for rec in self.reader.records():
+                self.control.check_failed()
+                sink = self.sinks.get(rec.device.id)
+                if sink is None:
+                    continue
+                cost = rec.raw.body.nbytes if isinstance(rec, DataRecord) else 0
+                while not self.budget.acquire(cost):
+                    self.control.check_failed()
+                fut = pool.submit(self.control.guard_call, self._apply, sink, rec, cost)
+                futures.add(fut)
+                fut.add_done_callback(futures.discard)
+            pool.shutdown(wait=True)
+            self.control.check_failed()
+            for sink in self.sinks.values():
+                sink.commit()
+        except BaseException as e:
+            self.control.fail(e)
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._discard()
+            if self.control.error is not e and self.control.error is not None:
+                raise self.control.error from None
+            raise
+        return RestoreResult(self.meter.final(), [s.device.name for s in self.sinks.values()],
+                             [s.where for s in self.sinks.values()])
+
+    def _apply(self, sink: _Sink, rec: DataRecord | ZeroRecord, cost: int) -> None:
+        try:
+            if isinstance(rec, DataRecord):
+                rec.check()
+                sink.target.write(rec.offset, rec.data())
+                with self._lock:
+                    self.meter.add(data=rec.length, stored=cost)
+            else:
+                sink.target.zero(rec.offset, rec.length)
+                with self._lock:
+                    self.meter.add(zero=rec.length)
+        finally:
+            self.budget.release(cost)
+
+    def _discard(self) -> None:
+        for sink in self.sinks.values():
+            sink.discard()
+
+
+def restore(
+    stream: BinaryIO, make_sink: SinkFactory, opts: RestoreOptions,
+    progress: ProgressFn | None = None, wanted: Collection[str] | None = None,
+) -> RestoreResult:
+    """Restore every device the sink factory accepts from one archive stream."""
+    reader = ArchiveReader(stream, verify_data=False, keep_configs=False)
+    if wanted is not None:
+        names = {d.name for d in reader.devices}
+        missing = sorted(set(wanted) - names)
+        if missing:
+            raise InvalidArgument(
+                f"no device named {', '.join(map(repr, missing))} in the archive "
+                f"(it has: {', '.join(sorted(names)) or 'none'})"
+            )
+    return RestoreEngine(reader, make_sink, opts, progress).run()
+
+
+class NullTarget:
+    """Discards everything: restore to it and you have verified the archive."""
+
+    def __init__(self, device: Device) -> None:
+        self.name = f"(verify {device.name})"
+        self.size = device.size
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def zero(self, offset: int, length: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def to_null() -> SinkFactory:
+    """Sinks for verification: every record is checked and decompressed, nothing kept."""
+    return lambda dev: _Sink(dev, NullTarget(dev))

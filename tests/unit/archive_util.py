@@ -1,0 +1,230 @@
+"""Helpers for the archive unit tests: write archives, read them back, take them apart
+into records and put them together again (re-framed, optionally re-sealed).
+
+The re-framing helpers build malformed archives whose *only* defect is the one a test
+is about: frame CRCs, body digests, the END seal and the footer are recomputed unless
+the test asks to keep the original ones.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from agent.archive.format import (
+    CHUNK_FIXED,
+    FRAME,
+    INDEX_ENTRY,
+    NO_INDEX,
+    PREAMBLE,
+    Chain,
+    End,
+    Footer,
+    Header,
+    RecordType,
+    digest,
+    pack_frame,
+    pack_preamble,
+    unpack_frame,
+)
+from agent.archive.output import SequentialOutput
+from agent.archive.reader import ArchiveReader, DataRecord
+from agent.archive.writer import ArchiveWriter
+
+_CHUNK = struct.Struct("<IBBHQII")  # the fixed part of DATA and CONFIG_DATA bodies
+_ZERO = struct.Struct("<IIQQ")
+HEADER = Header(uuid=uuid.UUID(int=0x1234), created_ns=1_000, tool_version="unit-test")
+
+
+def write_archive(build: Callable[[ArchiveWriter], None], header: Header = HEADER) -> bytes:
+    """Run ``build`` on a fresh writer over a real descriptor, finish, return the bytes."""
+    with tempfile.TemporaryFile() as f:
+        w = ArchiveWriter(SequentialOutput(f.fileno(), "test"), header)
+        build(w)
+        w.finish()
+        f.seek(0)
+        return f.read()
+
+
+@dataclass
+class Contents:
+    """Everything a reader hands out, in a form that compares with ``==``."""
+
+    header: Header
+    devices: dict[str, int]  # name -> size
+    configs: dict[str, bytes]
+    data: dict[str, list[tuple[int, bytes]]]  # name -> sorted (offset, bytes)
+    zeros: dict[str, list[tuple[int, int]]]  # name -> sorted (offset, length)
+    end: End
+
+    def image(self, name: str) -> bytes:
+        """The device as restore would write it (ZERO ranges and holes as zero bytes)."""
+        out = bytearray(self.devices[name])
+        for off, chunk in self.data[name]:
+            out[off : off + len(chunk)] = chunk
+        return bytes(out)
+
+
+def read_archive(data: bytes) -> Contents:
+    """Read ``data`` the way every consumer must: exhaust records(), call data() on each."""
+    r = ArchiveReader(io.BytesIO(data))
+    chunks: dict[str, list[tuple[int, bytes]]] = {d.name: [] for d in r.devices}
+    zeros: dict[str, list[tuple[int, int]]] = {d.name: [] for d in r.devices}
+    for rec in r.records():
+        if isinstance(rec, DataRecord):
+            chunks[rec.device.name].append((rec.offset, bytes(rec.data())))
+        else:
+            zeros[rec.device.name].append((rec.offset, rec.length))
+    assert r.end is not None
+    return Contents(
+        header=r.header,
+        devices={d.name: d.size for d in r.devices},
+        configs={c.name: r.config(c.name) for c in r.configs},
+        data={k: sorted(v) for k, v in chunks.items()},
+        zeros={k: sorted(v) for k, v in zeros.items()},
+        end=r.end,
+    )
+
+
+# --- taking archives apart --------------------------------------------------------------
+
+
+@dataclass
+class Rec:
+    """One record as :func:`assemble` will frame it.
+
+    ``seq`` None means "its place in the archive"; ``digest`` None means "the digest of
+    ``body``" (set it to keep a stale or wrong digest); ``pos`` is where :func:`split`
+    found the record, for the tests' expected messages.
+    """
+
+    rtype: int
+    body: bytes
+    flags: int = 0
+    seq: int | None = None
+    digest: bytes | None = None
+    pos: int = -1
+
+
+@dataclass
+class Parts:
+    preamble: bytes
+    records: list[Rec]
+    tail: bytes  # footer and padding, as found
+
+    def find(self, rtype: RecordType, nth: int = 0) -> int:
+        """Index in ``records`` of the ``nth`` record of type ``rtype``."""
+        hits = [i for i, r in enumerate(self.records) if r.rtype == rtype]
+        return hits[nth]
+
+
+def split(data: bytes) -> Parts:
+    """Cut an archive into records, trusting its frames; only the digests are asserted."""
+    pos = PREAMBLE.size
+    recs: list[Rec] = []
+    while True:
+        fr = unpack_frame(data[pos : pos + FRAME.size], pos)
+        start = pos + FRAME.size
+        body = data[start : start + fr.body_len]
+        dig = data[start + fr.body_len : start + fr.body_len + 16]
+        # Keep the seq; the digest is recomputed on assembly unless a test pins it.
+        recs.append(Rec(fr.rtype, body, fr.flags, fr.seq, None, pos))
+        assert digest(body) == dig
+        pos = start + fr.body_len + 16
+        if fr.rtype == RecordType.END:
+            break
+    return Parts(data[: PREAMBLE.size], recs, data[pos:])
+
+
+def renumber(recs: Sequence[Rec]) -> list[Rec]:
+    """The same records with ``seq`` reset to "place in the archive"."""
+    return [replace(r, seq=None) for r in recs]
+
+
+def assemble(
+    recs: Sequence[Rec],
+    *,
+    preamble: bytes | None = None,
+    seal: bool = True,
+    footer: bool = True,
+    tail: bytes = b"",
+    keep_index: bool = False,
+) -> bytes:
+    """Frame ``recs`` into an archive.
+
+    With ``seal`` the END record is rewritten as an honest writer would have written it
+    for exactly these records (count, totals, chained digest) and the INDEX records are
+    replaced by one INDEX that lists the DATA and ZERO records at their new positions
+    (``keep_index`` keeps the INDEX records as given). Without ``seal`` END and INDEX
+    bodies are kept as given. With ``footer`` a matching footer
+    is appended; ``tail`` follows (padding or garbage).
+    """
+    out = bytearray(pack_preamble() if preamble is None else preamble)
+    chain = Chain()
+    index_pos = NO_INDEX
+    end_pos = -1
+    index = bytearray()
+    data_bytes = zero_bytes = stored = devices = configs = 0
+    seen_index = False
+    n = 0  # records framed so far
+    for r in recs:
+        body = r.body
+        if r.rtype == RecordType.DEVICE:
+            devices += 1
+        elif r.rtype == RecordType.CONFIG:
+            configs += 1
+        elif r.rtype == RecordType.DATA and len(body) >= CHUNK_FIXED:
+            # Raw fields, not Chunk.decode: tests frame deliberately invalid bodies too.
+            target, comp, _, _, offset, length, _ = _CHUNK.unpack_from(body)
+            data_bytes += length
+            stored += len(body) - CHUNK_FIXED
+            index += INDEX_ENTRY.pack(r.rtype & 0xFF, comp, 0, target, offset, length,
+                                      len(out))
+        elif r.rtype == RecordType.ZERO and len(body) >= _ZERO.size:
+            device, _, offset, length = _ZERO.unpack_from(body)
+            zero_bytes += length
+            index += INDEX_ENTRY.pack(r.rtype & 0xFF, 0, 0, device, offset, length, len(out))
+        elif r.rtype == RecordType.INDEX:
+            rebuild = seal and not keep_index
+            if rebuild and seen_index:
+                continue
+            seen_index = True
+            if rebuild:
+                body = bytes(index)
+            if index_pos == NO_INDEX:
+                index_pos = len(out)
+        elif r.rtype == RecordType.END:
+            if seal:
+                body = End(n, data_bytes, zero_bytes, stored, devices, configs,
+                           chain.value()).encode()
+            end_pos = len(out)
+        seq = n if r.seq is None else r.seq
+        frame = pack_frame(r.rtype, r.flags, seq, len(body))
+        dig = digest(body) if r.digest is None else r.digest
+        chain.add(frame, dig)
+        out += frame + body + dig
+        n += 1
+    if footer:
+        out += Footer(index_pos, end_pos, len(out) + 48).encode()
+    return bytes(out + tail)
+
+
+def flip(data: bytes, pos: int, mask: int = 0x01) -> bytes:
+    """``data`` with the bits of ``mask`` flipped in byte ``pos``."""
+    b = bytearray(data)
+    b[pos] ^= mask
+    return bytes(b)
+
+
+def reframe(data: bytes, pos: int, **fields: int) -> bytes:
+    """``data`` with the frame header at ``pos`` rewritten (``rtype``, ``flags``, ``seq``,
+    ``body_len``) and given a correct CRC, so only the changed field is wrong."""
+    fr = unpack_frame(data[pos : pos + FRAME.size], pos)
+    new = {"rtype": fr.rtype, "flags": fr.flags, "seq": fr.seq, "body_len": fr.body_len}
+    new.update(fields)
+    frame = pack_frame(new["rtype"], new["flags"], new["seq"], new["body_len"])
+    return data[:pos] + frame + data[pos + FRAME.size :]
