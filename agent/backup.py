@@ -80,8 +80,7 @@ def run_backup(job: BackupJob, progress: ProgressFn | None = None) -> BackupSumm
         for name, path in job.images:
             info = image_info(path)
             fmt = str(info.get("format", "raw"))
-            # one connection more than we read with: block status has its own
-            server = stack.enter_context(QemuNbd(path, fmt, readonly=True, shared=conns + 1))
+            server = stack.enter_context(QemuNbd(path, fmt, readonly=True, shared=conns))
             src = stack.enter_context(contextlib.closing(NbdSource(server.uri, conns, name)))
             props = {"source-format": fmt}
             if "cluster-size" in info:

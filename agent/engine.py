@@ -78,17 +78,21 @@ _Record = _Data | _Zero
 
 
 class _Planner:
-    """Walks one device: block status window by window, yielding zeros and reads."""
+    """Walks one device: block status window by window, yielding zeros and reads.
+
+    Whichever reader thread needs the next window asks block status on its own
+    connection (a handle is never driven by two threads), under the planner's lock.
+    """
 
     def __init__(self, device: Device, source: NbdSource, opts: EngineOptions) -> None:
+        self._handle: nbd.NBD | None = None
         self._it = self._walk(device, source, opts)
         self._lock = threading.Lock()
 
-    @staticmethod
-    def _walk(dev: Device, src: NbdSource, opts: EngineOptions) -> Iterator[_Read | _Zero]:
+    def _walk(self, dev: Device, src: NbdSource, opts: EngineOptions) -> Iterator[_Read | _Zero]:
         pos = 0
         while pos < dev.size:
-            for ext in src.extents(pos, min(opts.status_window, dev.size - pos)):
+            for ext in src.extents(self._handle, pos, min(opts.status_window, dev.size - pos)):
                 end = ext.offset + ext.length
                 if ext.zero:
                     yield _Zero(dev, ext.offset, ext.length)
@@ -97,8 +101,9 @@ class _Planner:
                         yield _Read(dev, off, min(opts.request_size, end - off))
                 pos = end
 
-    def next(self) -> _Read | _Zero | None:
+    def next(self, h: nbd.NBD) -> _Read | _Zero | None:
         with self._lock:
+            self._handle = h
             return next(self._it, None)
 
 
@@ -216,7 +221,7 @@ class BackupEngine:
         exhausted = False
         while not ctl.stopped():
             while not exhausted and len(inflight) < opts.inflight_per_connection:
-                item = pending or planner.next()
+                item = pending or planner.next(h)
                 pending = None
                 if item is None:
                     exhausted = True

@@ -128,7 +128,14 @@ class _Input:
         return view
 
     def read_some(self, n: int) -> bytes:
+        """Up to ``n`` bytes: fewer only at the end of the stream (a raw pipe may
+        return short reads; keep reading until EOF)."""
         data = self.f.read(n)
+        while data and len(data) < n:
+            more = self.f.read(n - len(data))
+            if not more:
+                break
+            data += more
         self.pos += len(data)
         return data
 

@@ -7,10 +7,12 @@ import logging
 import os
 
 from agent.archive.codec import CompressionSpec
+from agent.archive.format import MAX_DATA_LENGTH
 from agent.backup import BackupJob, run_backup
 from agent.cli import common
 from agent.cli.render import ProgressRenderer, size, summary_line
 from agent.engine import EngineOptions
+from agent.errors import InvalidArgument
 
 log = logging.getLogger("backup-agent")
 
@@ -34,13 +36,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="NBD connections per source when the server allows multi-conn (4)")
     p.add_argument("--memory", type=common.byte_size, default=128 * 1024 * 1024,
                    metavar="SIZE", help="cap on bytes in flight between read and write (128M)")
+    p.add_argument("--request-size", type=common.byte_size, default=2 * 1024 * 1024,
+                   metavar="SIZE", help="bytes per NBD read and at most per record (2M, max 32M)")
     common.add_progress(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.request_size > MAX_DATA_LENGTH:
+        raise InvalidArgument(f"--request-size is at most {MAX_DATA_LENGTH // 2**20}M")
     opts = EngineOptions(compression=args.compress, connections=args.connections,
-                         memory=args.memory, workers=max(2, os.cpu_count() or 2))
+                         memory=args.memory, request_size=args.request_size,
+                         workers=max(2, os.cpu_count() or 2))
     job = BackupJob(output=args.output, sources=args.source, images=args.image,
                     configs=args.config, engine=opts)
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))

@@ -27,13 +27,13 @@ def compression(text: str) -> CompressionSpec:
 
 
 def byte_size(text: str) -> int:
-    """256M, 1G, 4096; binary units."""
+    """256M, 1G, 64K, 4096; binary units; at least 4K."""
     m = _SIZE.fullmatch(text.strip())
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M or 1G)")
     n: int = int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
-    if n < 1024 * 1024:
-        raise argparse.ArgumentTypeError(f"{text!r} is too small (at least 1M)")
+    if n < 4096:
+        raise argparse.ArgumentTypeError(f"{text!r} is too small (at least 4K)")
     return n
 
 

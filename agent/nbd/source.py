@@ -1,8 +1,10 @@
 """NBD sources: libnbd connections to one export, and its allocation map.
 
-A source opens one connection for block status and, when the server allows
-multi-conn, several more for reads, so reads never queue behind a block-status
-call on the same handle.
+A source opens one connection, and more when the server advertises multi-conn.
+Every connection negotiates ``base:allocation``, so the thread that owns a
+connection asks block status on that same connection: no handle is ever driven
+by two threads, and a server limited to N clients (``qemu-nbd --shared=N``) is
+served by exactly N connections.
 """
 
 from __future__ import annotations
@@ -58,23 +60,24 @@ class NbdSource:
     def __init__(self, uri: str, connections: int = 4, label: str = "source") -> None:
         self.uri = uri
         self.label = label
-        self._meta = _connect(uri, f"{label}-meta", meta=True)
-        self.handles: list[nbd.NBD] = []
+        first = _connect(uri, f"{label}-0", meta=True)
+        self.handles: list[nbd.NBD] = [first]
         try:
-            self.size: int = self._meta.get_size()
-            self.has_block_status = bool(
-                self._meta.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-            )
-            n = max(1, connections) if self._meta.can_multi_conn() else 1
-            for i in range(n):
-                self.handles.append(_connect(uri, f"{label}-{i}", meta=False))
+            self.size: int = first.get_size()
+            self.has_block_status = bool(first.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
+            n = max(1, connections) if first.can_multi_conn() else 1
+            for i in range(1, n):
+                self.handles.append(_connect(uri, f"{label}-{i}", meta=True))
+        except nbd.Error as e:
+            self.close()
+            raise SourceError(f"{label}: {e.string}") from e
         except BaseException:
             self.close()
             raise
 
-    def extents(self, offset: int, length: int) -> list[Extent]:
-        """Allocation of [offset, offset+length), possibly covering less than asked
-        (the server may answer for a shorter range), never empty."""
+    def extents(self, h: nbd.NBD, offset: int, length: int) -> list[Extent]:
+        """Allocation of [offset, offset+length), asked on handle ``h`` (the caller's own);
+        possibly covering less than asked (servers may answer for less), never empty."""
         if not self.has_block_status:
             return [Extent(offset, length, False)]
         found: list[Extent] = []
@@ -98,7 +101,7 @@ class NbdSource:
 
         # NBD requests are 32-bit: ask in pieces under 4 GiB.
         try:
-            self._meta.block_status(min(length, 2**32 - 2**20), offset, cb)
+            h.block_status(min(length, 2**32 - 2**20), offset, cb)
         except nbd.Error as e:
             raise SourceError(f"{self.label}: block status at offset {offset} failed: "
                               f"{e.string}") from e
@@ -107,7 +110,7 @@ class NbdSource:
         return found
 
     def close(self) -> None:
-        for h in [*self.handles, self._meta]:
+        for h in self.handles:
             with contextlib.suppress(nbd.Error):  # the connection is going away anyway
                 h.shutdown()
         self.handles = []
