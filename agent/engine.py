@@ -5,13 +5,14 @@
     planner ──(block status, one window at a time)──▶ zero ranges ─────────────┐
         │                                                                      ▼
         └─▶ read pieces ──▶ reader thread per connection ──▶ worker pool ──▶ writer
-             (byte budget)   (libnbd aio, many in flight)    (zero check,    (one thread,
+            (buffer pool)    (libnbd aio, many in flight)    (zero check,    (one thread,
                                                               zstd, BLAKE3)   sequential)
 
 - Block status is asked one window at a time as the copy advances, never for the
   whole disk first, so an 8 TiB sparse disk produces records at once.
-- The byte budget counts every read from its submission until its records are
-  written: a slow output slows the reads, it never grows a buffer.
+- Reads go into a fixed pool of reused buffers (``memory / request_size`` of them);
+  a buffer returns to the pool only when its records are written, so a slow output
+  slows the reads and never grows memory.
 - Records are written as they complete. The archive accepts any order, so all
   connections stay busy even when the output is a pipe.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from agent.archive.format import Compression, Device
 from agent.archive.writer import ArchiveWriter, data_body_digest
 from agent.errors import SourceError
 from agent.nbd.source import NbdSource
-from agent.pipeline import POLL, ByteBudget, Control, Meter, Progress, ProgressFn
+from agent.pipeline import POLL, BufferPool, Control, Meter, Progress, ProgressFn
 
 MiB = 1024 * 1024
 ZERO_BLOCK = 64 * 1024  # data that reads as zeros is found and recorded at this grain
@@ -84,15 +86,19 @@ class _Planner:
     connection (a handle is never driven by two threads), under the planner's lock.
     """
 
-    def __init__(self, device: Device, source: NbdSource, opts: EngineOptions) -> None:
+    def __init__(
+        self, device: Device, source: NbdSource, opts: EngineOptions, control: Control
+    ) -> None:
         self._handle: nbd.NBD | None = None
+        self._stopped = control.stopped
         self._it = self._walk(device, source, opts)
         self._lock = threading.Lock()
 
     def _walk(self, dev: Device, src: NbdSource, opts: EngineOptions) -> Iterator[_Read | _Zero]:
         pos = 0
         while pos < dev.size:
-            for ext in src.extents(self._handle, pos, min(opts.status_window, dev.size - pos)):
+            window = min(opts.status_window, dev.size - pos)
+            for ext in src.extents(self._handle, pos, window, self._stopped):
                 end = ext.offset + ext.length
                 if ext.zero:
                     yield _Zero(dev, ext.offset, ext.length)
@@ -107,14 +113,20 @@ class _Planner:
             return next(self._it, None)
 
 
-def _prepare(item: _Read, buf: bytearray, spec: codec.CompressionSpec) -> list[_Record]:
+@dataclass(frozen=True)
+class _Prepared:
+    records: list[_Record]
+    buf: bytearray  # back to the pool once the records are written (payloads may view it)
+
+
+def _prepare(item: _Read, buf: bytearray, spec: codec.CompressionSpec) -> _Prepared:
     """Worker: split a read into zero and data runs, compress and digest the data."""
-    nbuf = nbd.Buffer.from_buffer(buf)
+    view = memoryview(buf)[: item.length]
+    nbuf = nbd.Buffer.from_buffer(view)
     dev, base = item.device, item.offset
     if nbuf.is_zero():
-        return [_Zero(dev, base, item.length)]
+        return _Prepared([_Zero(dev, base, item.length)], buf)
     out: list[_Record] = []
-    view = memoryview(buf)
 
     def data(start: int, end: int) -> None:
         comp, payload = codec.compress(view[start:end], spec)
@@ -136,13 +148,13 @@ def _prepare(item: _Read, buf: bytearray, spec: codec.CompressionSpec) -> list[_
         out.append(_Zero(dev, base + run_start, item.length - run_start))
     else:
         data(run_start, item.length)
-    return out
+    return _Prepared(out, buf)
 
 
 @dataclass
 class BackupResult:
     progress: Progress
-    peak_buffer: int  # most bytes in flight at once
+    peak_buffer: int  # most bytes of read buffers in use at once
 
 
 def _join(t: threading.Thread) -> None:
@@ -164,11 +176,11 @@ class BackupEngine:
         self.sources = sources
         self.opts = opts
         self.control = Control()
-        self.budget = ByteBudget(opts.memory, self.control)
+        self.pool = BufferPool(opts.request_size, opts.memory // opts.request_size, self.control)
         self.meter = Meter("backup", sum(d.size for d, _ in sources), progress)
-        self._q: queue.Queue[Future[list[_Record]] | _Zero | None] = queue.Queue()
+        self._q: queue.Queue[Future[_Prepared] | _Zero | None] = queue.Queue()
         self._pool = ThreadPoolExecutor(opts.workers, thread_name_prefix="ba-work")
-        self._planners = [_Planner(d, s, opts) for d, s in sources]
+        self._planners = [_Planner(d, s, opts, self.control) for d, s in sources]
 
     def run(self) -> BackupResult:
         """Run to completion; raises the first error. Interruptible from the main thread."""
@@ -198,11 +210,14 @@ class BackupEngine:
             if ctl.error is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._q.put(None)
+                # Readers stop within one poll. The writer may sit in a write to a pipe
+                # nobody reads: it is a daemon thread, so do not wait for it long.
+                deadline = time.monotonic() + 2
                 for t in [*readers, writer_t]:
-                    t.join(5)
+                    t.join(max(0.0, deadline - time.monotonic()))
         if ctl.error is not None:
             raise ctl.error
-        return BackupResult(self.meter.final(), self.budget.peak)
+        return BackupResult(self.meter.final(), self.pool.peak * self.pool.size)
 
     # -- readers -----------------------------------------------------------------------
 
@@ -229,28 +244,42 @@ class BackupEngine:
                 if isinstance(item, _Zero):
                     self._q.put(item)
                     continue
-                if not self.budget.acquire(item.length, block=not inflight):
-                    pending = item  # wait for reads in flight to finish first
+                buf = self.pool.get(block=not inflight)
+                if buf is None:
+                    pending = item  # finish the reads in flight first, or stop
                     break
-                buf = bytearray(item.length)
                 try:
-                    cookie = h.aio_pread(nbd.Buffer.from_buffer(buf), item.offset)
+                    view = memoryview(buf)[: item.length]
+                    cookie = h.aio_pread(nbd.Buffer.from_buffer(view), item.offset)
                 except nbd.Error as e:
-                    self.budget.release(item.length)
+                    self.pool.put(buf)
                     raise self._read_error(dev, item, e) from e
                 inflight[cookie] = (item, buf)
             if not inflight:
                 if exhausted or ctl.stopped():
                     return
                 continue
-            try:
-                h.poll(-1)
-            except nbd.Error as e:
-                raise SourceError(f"device {dev.name!r}: connection failed: {e.string}") from e
-            for cookie in [c for c in inflight if self._completed(h, c, dev, inflight)]:
-                item, buf = inflight.pop(cookie)
-                fut = self._pool.submit(_prepare, item, buf, opts.compression)
-                fut.add_done_callback(self._q.put)
+            # Replies may already have been taken in by a block-status call on this
+            # handle: collect those first, or poll() would wait for data that never comes.
+            if not self._harvest(h, dev, inflight):
+                try:
+                    # Bounded, so a stalled server cannot hide the stop flag from this
+                    # thread (or keep its handle locked against shutdown()).
+                    h.poll(int(POLL * 1000))
+                except nbd.Error as e:
+                    raise SourceError(f"device {dev.name!r}: connection failed: "
+                                      f"{e.string}") from e
+                self._harvest(h, dev, inflight)
+
+    def _harvest(self, h: nbd.NBD, dev: Device, inflight: dict[int, tuple[_Read, bytearray]]
+                 ) -> int:
+        """Hand every completed read to the workers; return how many there were."""
+        done = [c for c in inflight if self._completed(h, c, dev, inflight)]
+        for cookie in done:
+            item, buf = inflight.pop(cookie)
+            fut = self._pool.submit(_prepare, item, buf, self.opts.compression)
+            fut.add_done_callback(self._q.put)
+        return len(done)
 
     def _completed(
         self, h: nbd.NBD, cookie: int, dev: Device, inflight: dict[int, tuple[_Read, bytearray]]
@@ -280,21 +309,24 @@ class BackupEngine:
                 continue
             if got is None:
                 return
-            if ctl.stopped():
-                continue  # drain, so nobody waits on a full budget
             if isinstance(got, _Zero):
-                w.write_zero(got.device.id, got.offset, got.length)
-                self.meter.add(zero=got.length)
+                if not ctl.stopped():
+                    w.write_zero(got.device.id, got.offset, got.length)
+                    self.meter.add(zero=got.length)
                 continue
-            records = got.result()
-            length = 0
-            for r in records:
-                length += r.length
-                if isinstance(r, _Zero):
-                    w.write_zero(r.device.id, r.offset, r.length)
-                    self.meter.add(zero=r.length)
-                else:
-                    w.write_data(r.device.id, r.offset, r.length, r.compression, r.payload,
-                                 r.digest)
-                    self.meter.add(data=r.length, stored=len(r.payload))
-            self.budget.release(length)
+            prepared = got.result()
+            try:
+                if not ctl.stopped():
+                    self._write_records(prepared.records)
+            finally:
+                self.pool.put(prepared.buf)
+
+    def _write_records(self, records: list[_Record]) -> None:
+        w = self.writer
+        for r in records:
+            if isinstance(r, _Zero):
+                w.write_zero(r.device.id, r.offset, r.length)
+                self.meter.add(zero=r.length)
+            else:
+                w.write_data(r.device.id, r.offset, r.length, r.compression, r.payload, r.digest)
+                self.meter.add(data=r.length, stored=len(r.payload))

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import nbd
 
-from agent.errors import SourceError
+from agent.errors import AgentError, SourceError
 
 # base:allocation flags
 _HOLE = 1
@@ -30,6 +31,7 @@ class Extent:
 
 
 CONNECT_TIMEOUT = 30.0
+POLL_MS = 200  # no libnbd wait is longer: signals and stop flags are seen promptly
 
 
 def _connect(uri: str, name: str, meta: bool, timeout: float = CONNECT_TIMEOUT) -> nbd.NBD:
@@ -48,7 +50,7 @@ def _connect(uri: str, name: str, meta: bool, timeout: float = CONNECT_TIMEOUT) 
                 h.shutdown()
                 raise SourceError(f"cannot connect to {uri}: no answer within {timeout:.0f} s "
                                   "(is the server at its connection limit?)")
-            h.poll(max(1, int(left * 1000)))
+            h.poll(max(1, min(POLL_MS, int(left * 1000))))
     except nbd.Error as e:
         raise SourceError(f"cannot connect to {uri}: {e.string}") from e
     return h
@@ -75,9 +77,14 @@ class NbdSource:
             self.close()
             raise
 
-    def extents(self, h: nbd.NBD, offset: int, length: int) -> list[Extent]:
+    def extents(
+        self, h: nbd.NBD, offset: int, length: int, stopped: Callable[[], bool] = lambda: False
+    ) -> list[Extent]:
         """Allocation of [offset, offset+length), asked on handle ``h`` (the caller's own);
-        possibly covering less than asked (servers may answer for less), never empty."""
+        possibly covering less than asked (servers may answer for less), never empty.
+
+        Asked asynchronously and waited for in short polls, so that a stalled server
+        cannot keep the caller from noticing ``stopped()``."""
         if not self.has_block_status:
             return [Extent(offset, length, False)]
         found: list[Extent] = []
@@ -101,7 +108,11 @@ class NbdSource:
 
         # NBD requests are 32-bit: ask in pieces under 4 GiB.
         try:
-            h.block_status(min(length, 2**32 - 2**20), offset, cb)
+            cookie = h.aio_block_status(min(length, 2**32 - 2**20), offset, cb)
+            while not h.aio_command_completed(cookie):
+                if stopped():
+                    raise AgentError("stopped")
+                h.poll(POLL_MS)
         except nbd.Error as e:
             raise SourceError(f"{self.label}: block status at offset {offset} failed: "
                               f"{e.string}") from e

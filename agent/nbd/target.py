@@ -163,7 +163,7 @@ class NbdTarget:
             for off in range(offset, offset + length, step):
                 n = min(step, offset + length - off)
                 if self._can_zero:
-                    h.zero(n, off, nbd.CMD_FLAG_MAY_TRIM)
+                    h.zero(n, off)  # without NO_HOLE the server may trim
                 else:
                     h.pwrite(bytes(n), off)
         except nbd.Error as e:

@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Benchmarks of the pull engine against its peers, side by side in one run.
+
+Run with ``make bench`` (or ``.venv/bin/python bench/run.py [--quick]``). Builds
+images with qemu-img under bench/out/ (about 11 GiB of sparse files, removed at
+the end), serves them with qemu-nbd over a Unix socket (``--shared`` so
+multi-conn is allowed) and prints, for each case, the median of several runs,
+the peer's median and the ratio against the target. The machine is shared and
+noisy: only ratios measured in the same run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT = str(Path(sys.executable).parent / "backup-agent")
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+@dataclass
+class Row:
+    case: str
+    agent: float
+    peer: float | None
+    peer_name: str
+    target: str
+    ok: bool
+    note: str = ""
+
+
+def sh(cmd: str) -> float:
+    """Run a shell pipeline (pipefail), return its wall time."""
+    t = time.perf_counter()
+    subprocess.run(["bash", "-o", "pipefail", "-c", cmd], check=True, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def median_time(cmd: str, runs: int, before: str | None = None) -> float:
+    times = []
+    for _ in range(runs):
+        if before:
+            subprocess.run(["bash", "-c", before], check=True)
+        times.append(sh(cmd))
+    return statistics.median(times)
+
+
+def max_rss_of(cmd: list[str]) -> tuple[float, int]:
+    """Wall time and peak RSS (bytes) of one child process."""
+    t = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os.execvp(cmd[0], cmd)
+    _, status, usage = os.wait4(pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return time.perf_counter() - t, usage.ru_maxrss * 1024
+
+
+@contextmanager
+def qemu_nbd(image: Path, fmt: str, shared: int = 8) -> Iterator[str]:
+    d = tempfile.mkdtemp(prefix="ba-bench-")
+    sock = os.path.join(d, "s")
+    proc = subprocess.Popen(["qemu-nbd", "-f", fmt, "-r", "--persistent", f"--shared={shared}",
+                             f"--socket={sock}", str(image)])
+    try:
+        for _ in range(500):
+            if os.path.exists(sock):
+                break
+            time.sleep(0.01)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        proc.terminate()
+        proc.wait()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def make_half_data(path: Path, size: int) -> None:
+    """Half data, half holes, in 32 MiB stripes; of the data, half random, half text-like."""
+    rng = random.Random(42)
+    words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz ") for _ in range(rng.randint(2, 9)))
+             for _ in range(2000)]
+    text = b" ".join(rng.choice(words) for _ in range(600_000))[: 4 * MiB]
+    stripe = 32 * MiB
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for i, off in enumerate(range(0, size, 2 * stripe)):
+            f.seek(off)
+            for _ in range(stripe // (4 * MiB)):
+                f.write(os.urandom(4 * MiB) if i % 2 == 0 else text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="1 run per case, smaller images")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    runs = 1 if args.quick else args.runs
+    out = ROOT / "bench" / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    rows: list[Row] = []
+    try:
+        rows += bench_stream(out, runs, 512 * MiB if args.quick else 2 * GiB)
+        rows += bench_empty(out)
+        rows += bench_rss(out, 1 * GiB if args.quick else 8 * GiB)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    print_table(rows)
+    return 0 if all(r.ok for r in rows) else 1
+
+
+def bench_stream(out: Path, runs: int, size: int) -> list[Row]:
+    img = out / "half.raw"
+    make_half_data(img, size)
+    arc = out / "half.arc"
+    rows = []
+    with qemu_nbd(img, "raw") as uri:
+        src = f"--source disk='{uri}'"
+        a = median_time(f"{AGENT} backup -q {src} --compress none -o - | cat >/dev/null", runs)
+        p = median_time(f"nbdcopy '{uri}' - | cat >/dev/null", runs)
+        rows.append(Row("half-data raw, --compress none, into a pipe", a, p,
+                        "nbdcopy URI - | cat", "<= 1.0x", a <= 1.0 * p))
+        a = median_time(f"{AGENT} backup -q {src} -o - | cat >/dev/null", runs)
+        p = median_time(f"nbdcopy '{uri}' - | zstd -q -1 -T2 >/dev/null", runs)
+        rows.append(Row("half-data raw, default compression, into a pipe", a, p,
+                        "nbdcopy URI - | zstd -1 -T2", "<= 0.7x", a <= 0.7 * p))
+        a = median_time(f"{AGENT} backup -q {src} --compress none -o /dev/null", runs)
+        p = median_time(f"nbdcopy '{uri}' null:", runs)
+        rows.append(Row("half-data raw, --compress none, to /dev/null", a, p,
+                        "nbdcopy URI null:", "<= 1.5x", a <= 1.5 * p))
+        sh(f"{AGENT} backup -q {src} -o {arc}")
+        restored = out / "restored"
+        peer_file = out / "peer.raw"
+        a = median_time(f"cat {arc} | {AGENT} restore -q - --to-dir {restored}", runs,
+                        before=f"rm -rf {restored}")
+        p = median_time(f"nbdcopy '{uri}' {peer_file}", runs,
+                        before=f"rm -f {peer_file} && truncate -s {size} {peer_file}")
+        rows.append(Row("restore of that archive from a pipe to raw", a, p,
+                        "nbdcopy URI file.raw", "<= 1.2x", a <= 1.2 * p))
+    subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(img),
+                    str(restored / "disk.raw")], check=True)
+    for f in (img, arc, peer_file):
+        f.unlink()
+    shutil.rmtree(restored)
+    return rows
+
+
+def bench_empty(out: Path) -> list[Row]:
+    img = out / "empty.qcow2"
+    arc = out / "empty.arc"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1T"], check=True)
+    with qemu_nbd(img, "qcow2") as uri:
+        t = sh(f"{AGENT} backup -q --source disk='{uri}' -o {arc}")
+    n = arc.stat().st_size
+    return [Row("1 TiB empty qcow2, full backup", t, None, "-", "< 2 s, archive < 1 MiB",
+                t < 2 and n < MiB, f"archive {n} bytes")]
+
+
+def bench_rss(out: Path, size: int) -> list[Row]:
+    img = out / "full.raw"
+    with open(img, "wb") as f:
+        block = os.urandom(16 * MiB)
+        for _ in range(size // len(block)):
+            f.write(block)
+    with qemu_nbd(img, "raw") as uri:
+        t, rss = max_rss_of([AGENT, "backup", "-q", "--source", f"disk={uri}",
+                             "-o", "/dev/null"])
+    img.unlink()
+    return [Row(f"{size // GiB} GiB fully written raw, peak RSS", t, None, "-",
+                "RSS < 256 MiB", rss < 256 * MiB, f"peak RSS {rss / MiB:.0f} MiB")]
+
+
+def print_table(rows: list[Row]) -> None:
+    print(f"\nbackup-agent benchmarks: {os.cpu_count()} cores, "
+          f"{resource.getpagesize()} B pages, python {sys.version.split()[0]}\n")
+    print(f"| {'case':<48} | {'agent s':>8} | {'peer s':>8} | {'ratio':>6} | "
+          f"{'target':<22} | {'met':<3} | peer / note")
+    print(f"|{'-' * 50}|{'-' * 10}|{'-' * 10}|{'-' * 8}|{'-' * 24}|{'-' * 5}|------------")
+    for r in rows:
+        ratio = f"{r.agent / r.peer:.2f}x" if r.peer else "-"
+        peer = f"{r.peer:.2f}" if r.peer else "-"
+        note = r.peer_name if r.peer else r.note
+        print(f"| {r.case:<48} | {r.agent:>8.2f} | {peer:>8} | {ratio:>6} | {r.target:<22} | "
+              f"{'yes' if r.ok else 'NO':<3} | {note}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
