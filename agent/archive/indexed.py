@@ -160,6 +160,11 @@ class IndexedArchive:
                 continue
             rec = self._record_at(e.pos)
             ch = Chunk.decode(rec.body, f"data record at byte {e.pos}")
+            if rec.rtype != RecordType.DATA or (ch.target, ch.offset, ch.length) != (
+                e.device, e.offset, e.length
+            ):
+                raise ArchiveError(f"the index entry for byte {e.pos} does not match the "
+                                   "record there: the index is damaged")
             data = codec.decompress(ch.compression, memoryview(rec.body)[CHUNK_FIXED:],
                                     ch.length, f"data record at byte {e.pos}")
             out[lo - offset : hi - offset] = memoryview(data)[lo - e.offset : hi - e.offset]
