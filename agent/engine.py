@@ -31,9 +31,9 @@ from functools import partial
 import nbd
 
 from agent.archive import codec
-from agent.archive.format import Compression, Device
+from agent.archive.format import MAX_DATA_LENGTH, Compression, Device
 from agent.archive.writer import ArchiveWriter, data_body_digest
-from agent.errors import SourceError
+from agent.errors import InvalidArgument, SourceError
 from agent.nbd.source import NbdSource
 from agent.pipeline import POLL, BufferPool, Control, Meter, Progress, ProgressFn
 
@@ -50,6 +50,12 @@ class EngineOptions:
     workers: int = max(2, os.cpu_count() or 2)
     inflight_per_connection: int = 16
     status_window: int = 1024 * MiB
+
+    def __post_init__(self) -> None:
+        if not 0 < self.request_size <= MAX_DATA_LENGTH:
+            raise InvalidArgument(f"request size must be 1..{MAX_DATA_LENGTH} bytes")
+        if self.connections < 1 or self.workers < 1 or self.inflight_per_connection < 1:
+            raise InvalidArgument("connections, workers and reads in flight must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,12 @@ class _Planner:
     def next(self, h: nbd.NBD) -> _Read | _Zero | None:
         with self._lock:
             self._handle = h
-            return next(self._it, None)
+            try:
+                return next(self._it, None)
+            finally:
+                # Hold no handle between calls: dropping the last reference is what
+                # closes a connection whose replies a stalled reader never took.
+                self._handle = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +225,8 @@ class BackupEngine:
                 # nobody reads: it is a daemon thread, so do not wait for it long.
                 deadline = time.monotonic() + 2
                 for t in [*readers, writer_t]:
-                    t.join(max(0.0, deadline - time.monotonic()))
+                    if t.ident is not None:  # a signal may come before all were started
+                        t.join(max(0.0, deadline - time.monotonic()))
         if ctl.error is not None:
             raise ctl.error
         return BackupResult(self.meter.final(), self.pool.peak * self.pool.size)

@@ -10,6 +10,7 @@ served by exactly N connections.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 import nbd
 
 from agent.errors import AgentError, SourceError
+
+log = logging.getLogger("backup-agent")
 
 # base:allocation flags
 _HOLE = 1
@@ -31,6 +34,7 @@ class Extent:
 
 
 CONNECT_TIMEOUT = 30.0
+EXTRA_CONNECT_TIMEOUT = 2.0  # connections beyond the first are optional
 POLL_MS = 200  # no libnbd wait is longer: signals and stop flags are seen promptly
 
 
@@ -47,7 +51,7 @@ def _connect(uri: str, name: str, meta: bool, timeout: float = CONNECT_TIMEOUT) 
         while not h.aio_is_ready():
             left = deadline - time.monotonic()
             if left <= 0:
-                h.shutdown()
+                # The handle is mid-handshake: shutdown() would fail; dropping it closes it.
                 raise SourceError(f"cannot connect to {uri}: no answer within {timeout:.0f} s "
                                   "(is the server at its connection limit?)")
             h.poll(max(1, min(POLL_MS, int(left * 1000))))
@@ -69,10 +73,18 @@ class NbdSource:
             self.has_block_status = bool(first.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
             n = max(1, connections) if first.can_multi_conn() else 1
             for i in range(1, n):
-                self.handles.append(_connect(uri, f"{label}-{i}", meta=True))
+                try:
+                    self.handles.append(
+                        _connect(uri, f"{label}-{i}", meta=True, timeout=EXTRA_CONNECT_TIMEOUT)
+                    )
+                except SourceError as e:
+                    # A server may have fewer client slots than we asked for
+                    # (qemu-nbd --shared=N): read with the connections we have.
+                    log.info("device %r: using %d connection(s): %s", label, i, e)
+                    break
         except nbd.Error as e:
             self.close()
-            raise SourceError(f"{label}: {e.string}") from e
+            raise SourceError(f"device {label!r}: {e.string}") from e
         except BaseException:
             self.close()
             raise
@@ -114,14 +126,18 @@ class NbdSource:
                     raise AgentError("stopped")
                 h.poll(POLL_MS)
         except nbd.Error as e:
-            raise SourceError(f"{self.label}: block status at offset {offset} failed: "
-                              f"{e.string}") from e
+            raise SourceError(f"device {self.label!r}: block status at offset {offset} "
+                              f"failed: {e.string}") from e
         if not found or found[0].offset != offset:
-            raise SourceError(f"{self.label}: server answered block status for the wrong range")
+            raise SourceError(f"device {self.label!r}: the server answered block status for "
+                              "the wrong range")
         return found
 
     def close(self) -> None:
+        """Disconnect politely when idle; after a failure, drop the connection at once
+        (shutdown() would wait for replies a stalled server may never send)."""
         for h in self.handles:
-            with contextlib.suppress(nbd.Error):  # the connection is going away anyway
-                h.shutdown()
-        self.handles = []
+            with contextlib.suppress(nbd.Error):
+                if h.aio_in_flight() == 0:
+                    h.shutdown()
+        self.handles = []  # the last reference: libnbd closes the socket
