@@ -46,7 +46,7 @@ class EngineOptions:
     compression: codec.CompressionSpec = field(default_factory=codec.CompressionSpec)
     connections: int = 4
     request_size: int = 2 * MiB
-    memory: int = 128 * MiB  # bytes in flight between read and write
+    memory: int = 32 * MiB  # read buffers: 16 requests in flight, small enough to stay in cache
     workers: int = max(2, os.cpu_count() or 2)
     inflight_per_connection: int = 16
     status_window: int = 1024 * MiB

@@ -34,7 +34,7 @@ MiB = 1024 * 1024
 
 @dataclass(frozen=True)
 class RestoreOptions:
-    memory: int = 256 * MiB  # archive bytes read but not yet written
+    memory: int = 64 * MiB  # archive bytes read but not yet written
     workers: int = max(2, os.cpu_count() or 2)
     connections: int = 4  # per NBD target
 

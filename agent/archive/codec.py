@@ -23,7 +23,7 @@ class CompressionSpec:
     """What the user chose: zstd at a level, or none."""
 
     method: Compression = Compression.ZSTD
-    level: int = 3
+    level: int = 1  # fast: a backup is bound by time more than space (vzdump uses 1 too)
 
     @classmethod
     def parse(cls, text: str) -> CompressionSpec:

@@ -55,6 +55,7 @@ from agent.archive.format import (
     unpack_frame,
 )
 from agent.archive.intervals import IntervalSet, Overlap
+from agent.archive.output import grow_pipe
 from agent.errors import ArchiveError, UnsupportedArchive
 
 _METADATA = {RecordType.DEVICE, RecordType.CONFIG, RecordType.CONFIG_DATA}
@@ -421,6 +422,7 @@ class ArchiveReader:
 def open_stream(path: str) -> BinaryIO:
     """Open ``path`` (or standard input for ``-``) for sequential reading."""
     if path == "-":
+        grow_pipe(0)
         return io.BufferedReader(io.FileIO(0, "rb", closefd=False), buffer_size=1 << 20)
     try:
         return open(path, "rb", buffering=1 << 20)

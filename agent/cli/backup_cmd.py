@@ -29,13 +29,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--config", metavar="NAME=FILE", type=common.name_value, action="append",
                    default=[], help="a file to store in the archive (VM configuration...)")
     p.add_argument("--compress", metavar="zstd[:LEVEL]|none", type=common.compression,
-                   default=CompressionSpec(), help="per-record compression (default zstd:3)")
+                   default=CompressionSpec(), help="per-record compression (default zstd:1)")
     p.add_argument("-o", "--output", metavar="PATH", required=True,
                    help="where the archive goes; - for standard output")
     p.add_argument("--connections", type=common.positive, default=4,
                    help="NBD connections per source when the server allows multi-conn (4)")
-    p.add_argument("--memory", type=common.byte_size, default=128 * 1024 * 1024,
-                   metavar="SIZE", help="cap on bytes in flight between read and write (128M)")
+    p.add_argument("--memory", type=common.byte_size, default=32 * 1024 * 1024,
+                   metavar="SIZE", help="cap on read buffers between read and write (32M)")
     p.add_argument("--request-size", type=common.byte_size, default=2 * 1024 * 1024,
                    metavar="SIZE", help="bytes per NBD read and at most per record (2M, max 32M)")
     common.add_progress(p)

@@ -44,6 +44,9 @@ def _connect(uri: str, name: str, meta: bool, timeout: float = CONNECT_TIMEOUT) 
     h = nbd.NBD()
     try:
         h.set_handle_name(name)
+        # libnbd zeroes every read buffer first, a guard for careless C callers; we
+        # check every reply's status, and the memset cost about 10% of a backup.
+        h.set_pread_initialize(False)
         if meta:
             h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
         h.aio_connect_uri(uri)

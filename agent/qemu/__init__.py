@@ -1,0 +1,1 @@
+"""Talking to QEMU: the QMP client, block-graph queries (and, later, copy-before-write setup)."""
