@@ -197,6 +197,7 @@ class RestoreEngine:
             if isinstance(rec, DataRecord):
                 rec.check()
                 sink.target.write(rec.offset, rec.data())
+                rec.release()
                 with self._lock:
                     self.meter.add(data=rec.length, stored=cost)
             else:

@@ -24,7 +24,7 @@ spreads the hashing over cores.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -83,6 +83,7 @@ class DataRecord:
     length: int
     chunk: Chunk
     raw: RawRecord
+    _recycle: Callable[[bytearray], None] | None = None
 
     def check(self) -> None:
         if not self.raw.digest_ok():
@@ -90,6 +91,14 @@ class DataRecord:
                 f"device {self.device.name!r}: data record at byte {self.raw.pos} "
                 f"(device offset {self.offset}) fails its checksum"
             )
+
+    def release(self) -> None:
+        """Done with this record's bytes (and with what :meth:`data` returned): the
+        reader may reuse its buffer for a later record."""
+        buf = self.raw.body.obj
+        if isinstance(buf, bytearray) and self._recycle is not None:
+            self._recycle(buf)
+            self._recycle = None
 
     def data(self) -> bytes | bytearray | memoryview:
         """The device bytes, decompressed and length-checked (digest not checked here)."""
@@ -106,16 +115,37 @@ class ZeroRecord:
     length: int
 
 
+_SPARE_GRAIN = 256 * 1024
+_MAX_SPARE = 64
+
+
 class _Input:
-    """Exact reads from a stream, with the byte position for error messages."""
+    """Exact reads from a stream, with the byte position for error messages.
+
+    DATA bodies can be read into reused buffers (``reuse=True``): the consumer hands
+    them back with :meth:`DataRecord.release` once written, which spares a zeroed
+    allocation (and its page faults) per record on the restore path."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
         self.pos = 0
+        self.spare: list[bytearray] = []
 
-    def read(self, n: int, what: str) -> memoryview:
-        buf = bytearray(n)
-        view = memoryview(buf)
+    def recycle(self, buf: bytearray) -> None:
+        if len(self.spare) < _MAX_SPARE:
+            self.spare.append(buf)  # list.append is atomic: workers call this
+
+    def _buffer(self, n: int, reuse: bool) -> bytearray:
+        if not reuse:
+            return bytearray(n)
+        for i, buf in enumerate(self.spare):
+            if len(buf) >= n:
+                return self.spare.pop(i)
+        # Rounded up so that bodies of similar size (compressed ones vary) share buffers.
+        return bytearray(-(-n // _SPARE_GRAIN) * _SPARE_GRAIN)
+
+    def read(self, n: int, what: str, reuse: bool = False) -> memoryview:
+        view = memoryview(self._buffer(n, reuse))[:n]
         got = 0
         while got < n:
             k = self.f.readinto(view[got:])  # type: ignore[attr-defined]
@@ -209,7 +239,7 @@ class ArchiveReader:
             )
         if fr.flags & ~KNOWN_FLAGS:
             raise UnsupportedArchive(f"record at byte {pos} has unknown flags {fr.flags:#x}")
-        body = self._in.read(fr.body_len, f"record {fr.seq}")
+        body = self._in.read(fr.body_len, f"record {fr.seq}", reuse=fr.rtype == RecordType.DATA)
         dig = bytes(self._in.read(DIGEST_SIZE, f"record {fr.seq}"))
         self._seq += 1
         if fr.rtype == RecordType.END:
@@ -340,7 +370,7 @@ class ArchiveReader:
             self._checked(raw, "data record")
             raise
         dev = self._claim(raw, ch.target, ch.offset, ch.length, "data record")
-        rec = DataRecord(dev, ch.offset, ch.length, ch, raw)
+        rec = DataRecord(dev, ch.offset, ch.length, ch, raw, self._in.recycle)
         if self.verify_data:
             rec.check()
         self.data_bytes += ch.length
