@@ -50,13 +50,25 @@ def sh(cmd: str) -> float:
     return time.perf_counter() - t
 
 
-def median_time(cmd: str, runs: int, before: str | None = None) -> float:
-    times = []
+def settle(before: str | None = None) -> None:
+    """Run a reset command, then flush dirty pages so no writeback from set-up (or the
+    previous run) competes with the run measured next."""
+    if before:
+        subprocess.run(["bash", "-c", before], check=True)
+    os.sync()
+
+
+def side_by_side(agent: str, peer: str, runs: int,
+                 before_agent: str | None = None, before_peer: str | None = None
+                 ) -> tuple[float, float]:
+    """Medians of agent and peer, runs interleaved so that noise hits both alike."""
+    a, p = [], []
     for _ in range(runs):
-        if before:
-            subprocess.run(["bash", "-c", before], check=True)
-        times.append(sh(cmd))
-    return statistics.median(times)
+        settle(before_agent)
+        a.append(sh(agent))
+        settle(before_peer)
+        p.append(sh(peer))
+    return statistics.median(a), statistics.median(p)
 
 
 def max_rss_of(cmd: list[str]) -> tuple[float, int]:
@@ -129,29 +141,31 @@ def bench_stream(out: Path, runs: int, size: int) -> list[Row]:
     make_half_data(img, size)
     arc = out / "half.arc"
     rows = []
+    os.sync()
     with qemu_nbd(img, "raw") as uri:
         src = f"--source disk='{uri}'"
-        a = median_time(f"{AGENT} backup -q {src} --compress none -o - | cat >/dev/null", runs)
-        p = median_time(f"nbdcopy '{uri}' - | cat >/dev/null", runs)
+        a, p = side_by_side(f"{AGENT} backup -q {src} --compress none -o - | cat >/dev/null",
+                            f"nbdcopy '{uri}' - | cat >/dev/null", runs)
         rows.append(Row("half-data raw, --compress none, into a pipe", a, p,
                         "nbdcopy URI - | cat", "<= 1.0x", a <= 1.0 * p))
-        a = median_time(f"{AGENT} backup -q {src} -o - | cat >/dev/null", runs)
-        p = median_time(f"nbdcopy '{uri}' - | zstd -q -1 -T2 >/dev/null", runs)
+        a, p = side_by_side(f"{AGENT} backup -q {src} -o - | cat >/dev/null",
+                            f"nbdcopy '{uri}' - | zstd -q -1 -T2 >/dev/null", runs)
         rows.append(Row("half-data raw, default compression, into a pipe", a, p,
                         "nbdcopy URI - | zstd -1 -T2", "<= 0.7x", a <= 0.7 * p))
-        a = median_time(f"{AGENT} backup -q {src} --compress none -o /dev/null", runs)
-        p = median_time(f"nbdcopy '{uri}' null:", runs)
+        a, p = side_by_side(f"{AGENT} backup -q {src} --compress none -o /dev/null",
+                            f"nbdcopy '{uri}' null:", runs)
         rows.append(Row("half-data raw, --compress none, to /dev/null", a, p,
                         "nbdcopy URI null:", "<= 1.5x", a <= 1.5 * p))
         sh(f"{AGENT} backup -q {src} -o {arc}")
         restored = out / "restored"
         peer_file = out / "peer.raw"
-        a = median_time(f"cat {arc} | {AGENT} restore -q - --to-dir {restored}", runs,
-                        before=f"rm -rf {restored}")
-        p = median_time(f"nbdcopy '{uri}' {peer_file}", runs,
-                        before=f"rm -f {peer_file} && truncate -s {size} {peer_file}")
+        a, p = side_by_side(f"cat {arc} | {AGENT} restore -q - --to-dir {restored}",
+                            f"nbdcopy '{uri}' {peer_file}", runs,
+                            before_agent=f"rm -rf {restored}",
+                            before_peer=f"rm -f {peer_file} && truncate -s {size} {peer_file}")
         rows.append(Row("restore of that archive from a pipe to raw", a, p,
-                        "nbdcopy URI file.raw", "<= 1.2x", a <= 1.2 * p))
+                        "nbdcopy URI file.raw", "<= 1.2x", a <= 1.2 * p,
+                        f"archive {arc.stat().st_size / MiB:.0f} MiB, zstd:1"))
     subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", str(img),
                     str(restored / "disk.raw")], check=True)
     for f in (img, arc, peer_file):
@@ -164,6 +178,7 @@ def bench_empty(out: Path) -> list[Row]:
     img = out / "empty.qcow2"
     arc = out / "empty.arc"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(img), "1T"], check=True)
+    os.sync()
     with qemu_nbd(img, "qcow2") as uri:
         t = sh(f"{AGENT} backup -q --source disk='{uri}' -o {arc}")
     n = arc.stat().st_size
@@ -177,6 +192,7 @@ def bench_rss(out: Path, size: int) -> list[Row]:
         block = os.urandom(16 * MiB)
         for _ in range(size // len(block)):
             f.write(block)
+    os.sync()
     with qemu_nbd(img, "raw") as uri:
         t, rss = max_rss_of([AGENT, "backup", "-q", "--source", f"disk={uri}",
                              "-o", "/dev/null"])
@@ -194,7 +210,7 @@ def print_table(rows: list[Row]) -> None:
     for r in rows:
         ratio = f"{r.agent / r.peer:.2f}x" if r.peer else "-"
         peer = f"{r.peer:.2f}" if r.peer else "-"
-        note = r.peer_name if r.peer else r.note
+        note = "; ".join(x for x in (r.peer_name if r.peer else "", r.note) if x)
         print(f"| {r.case:<48} | {r.agent:>8.2f} | {peer:>8} | {ratio:>6} | {r.target:<22} | "
               f"{'yes' if r.ok else 'NO':<3} | {note}")
 

@@ -9,8 +9,6 @@ import json
 import sys
 from typing import Any, TextIO
 
-from tqdm import tqdm
-
 from agent.pipeline import Progress, ProgressFn
 
 
@@ -29,7 +27,7 @@ class ProgressRenderer:
     def __init__(self, mode: str, stream: TextIO = sys.stderr) -> None:
         self.mode = mode
         self.stream = stream
-        self._bar: tqdm | None = None
+        self._bar: Any = None  # a tqdm bar, imported only when one is drawn
 
     def callback(self) -> ProgressFn | None:
         return None if self.mode == "none" else self.update
@@ -40,6 +38,8 @@ class ProgressRenderer:
             self.stream.flush()
             return
         if self._bar is None:
+            from tqdm import tqdm
+
             self._bar = tqdm(total=p.total, unit="B", unit_scale=True, unit_divisor=1024,
                              desc=p.phase, file=self.stream, dynamic_ncols=True, leave=False)
         self._bar.update(p.done - self._bar.n)
