@@ -189,10 +189,10 @@ class BackupEngine:
         self.sources = sources
         self.opts = opts
         self.control = Control()
-        self.pool = BufferPool(opts.request_size, opts.memory // opts.request_size, self.control)
+        self.buffers = BufferPool(opts.request_size, opts.memory // opts.request_size, self.control)
         self.meter = Meter("backup", sum(d.size for d, _ in sources), progress)
         self._q: queue.Queue[Future[_Prepared] | _Zero | None] = queue.Queue()
-        self._pool = ThreadPoolExecutor(opts.workers, thread_name_prefix="ba-work")
+        self._workers = ThreadPoolExecutor(opts.workers, thread_name_prefix="ba-work")
         self._planners = [_Planner(d, s, opts, self.control) for d, s in sources]
 
     def run(self) -> BackupResult:
@@ -213,7 +213,7 @@ class BackupEngine:
                 t.start()
             for t in readers:
                 _join(t)
-            self._pool.shutdown(wait=True)
+            self._workers.shutdown(wait=True)
             self._q.put(None)
             _join(writer_t)
         except BaseException as e:  # KeyboardInterrupt and SystemExit included
@@ -221,7 +221,7 @@ class BackupEngine:
             raise
         finally:
             if ctl.error is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._workers.shutdown(wait=False, cancel_futures=True)
                 self._q.put(None)
                 # Readers stop within one poll. The writer may sit in a write to a pipe
                 # nobody reads: it is a daemon thread, so do not wait for it long.
@@ -231,7 +231,7 @@ class BackupEngine:
                         t.join(max(0.0, deadline - time.monotonic()))
         if ctl.error is not None:
             raise ctl.error
-        return BackupResult(self.meter.final(), self.pool.peak * self.pool.size)
+        return BackupResult(self.meter.final(), self.buffers.peak * self.buffers.size)
 
     # -- readers -----------------------------------------------------------------------
 
@@ -258,7 +258,7 @@ class BackupEngine:
                 if isinstance(item, _Zero):
                     self._q.put(item)
                     continue
-                buf = self.pool.get(block=not inflight)
+                buf = self.buffers.get(block=not inflight)
                 if buf is None:
                     pending = item  # finish the reads in flight first, or stop
                     break
@@ -266,7 +266,7 @@ class BackupEngine:
                     view = memoryview(buf)[: item.length]
                     cookie = h.aio_pread(nbd.Buffer.from_buffer(view), item.offset)
                 except nbd.Error as e:
-                    self.pool.put(buf)
+                    self.buffers.put(buf)
                     raise self._read_error(dev, item, e) from e
                 inflight[cookie] = (item, buf)
             if not inflight:
@@ -295,9 +295,9 @@ class BackupEngine:
             try:
                 h.aio_command_completed(cookie)  # retires it; raises if the read failed
             except nbd.Error as e:
-                self.pool.put(buf)
+                self.buffers.put(buf)
                 raise self._read_error(dev, item, e) from e
-            fut = self._pool.submit(_prepare, item, buf, self.opts.compression)
+            fut = self._workers.submit(_prepare, item, buf, self.opts.compression)
             fut.add_done_callback(self._q.put)
             done += 1
         return done
@@ -332,7 +332,7 @@ class BackupEngine:
                 if not ctl.stopped():
                     self._write_records(prepared.records)
             finally:
-                self.pool.put(prepared.buf)
+                self.buffers.put(prepared.buf)
 
     def _write_records(self, records: list[_Record]) -> None:
         w = self.writer

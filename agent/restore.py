@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import threading
 from collections.abc import Callable, Collection
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -133,8 +134,6 @@ def to_target(name: str, target: str, opts: RestoreOptions) -> SinkFactory:
 
 
 def _create_qcow2(path: Path, size: int) -> None:
-    import subprocess
-
     try:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
                        check=True, capture_output=True, text=True, timeout=60)
@@ -165,7 +164,6 @@ class RestoreEngine:
 
     def run(self) -> RestoreResult:
         pool = ThreadPoolExecutor(self.opts.workers, thread_name_prefix="ba-restore")
-        futures: set[Future[None]] = set()
         try:
             for rec in self.reader.records():
                 self.control.check_failed()
@@ -175,9 +173,7 @@ class RestoreEngine:
                 cost = rec.raw.body.nbytes if isinstance(rec, DataRecord) else 0
                 while not self.budget.acquire(cost):
                     self.control.check_failed()
-                fut = pool.submit(self.control.guard_call, self._apply, sink, rec, cost)
-                futures.add(fut)
-                fut.add_done_callback(futures.discard)
+                pool.submit(self.control.guard_call, self._apply, sink, rec, cost)
             pool.shutdown(wait=True)
             self.control.check_failed()
             for sink in self.sinks.values():
