@@ -32,6 +32,7 @@ class ArchiveInfo:
             "devices": [{"name": d.name, "size": d.size, "properties": dict(d.props)}
                         for d in self.devices],
             "configs": [{"name": c.name, "size": c.size} for c in self.configs],
+            "seal": e.chain.hex(),  # BLAKE3-256 over every record: keep it to detect tampering
             "totals": {
                 "device_bytes": sum(d.size for d in self.devices),
                 "data_bytes": e.data_bytes,

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         f"kind      {info['kind']}",
         f"created   {created:%Y-%m-%d %H:%M:%S} UTC",
         f"tool      backup-agent {info['tool_version']}",
+        f"seal      {info['seal']}",
         "",
         f"{'DEVICE':<20} {'SIZE':>12}  PROPERTIES",
     ]

@@ -24,6 +24,7 @@ from typing import Any
 import nbd
 import pytest
 
+from agent.archive.reader import ArchiveReader
 from tests.integration.cli_util import (
     AGENT,
     MiB,
@@ -219,6 +220,11 @@ def test_info_json(built: Built) -> None:
     assert t["data_bytes"] + t["zero_bytes"] == sum(sizes.values())
     assert 0 < t["data_bytes"] < sum(sizes.values())
     assert 0 < t["stored_bytes"] < built.archive.stat().st_size
+    with open(built.archive, "rb") as f:  # the seal is END's chain, read the long way
+        reader = ArchiveReader(f, keep_configs=False)
+        for _ in reader.records():
+            pass
+    assert reader.end is not None and info["seal"] == reader.end.chain.hex()
 
 
 def test_info_json_from_pipe_is_the_same(built: Built) -> None:
