@@ -1,0 +1,69 @@
+"""Names of everything backup-agent adds to a QEMU: block nodes, exports, marker objects.
+
+Every name starts with :data:`PREFIX` and the backup's tag, so that a later run (or a person)
+can find and remove what a killed agent left behind (:func:`agent.qemu.graph.cleanup`)::
+
+    ba-<tag>-<dev>-tgt       copy-before-write target (old clusters go there)
+    ba-<tag>-<dev>-cbw       copy-before-write filter, put between the device and its disk
+    ba-<tag>-<dev>-snap      snapshot-access node: the point-in-time view, exported over NBD
+    ba-<tag>-<dev>           block export id of the snapshot node (its NBD name is <dev>)
+    ba-<tag>-nbd-server      object (a ``secret``): "this backup started the NBD server"
+
+QEMU takes node names and ids of at most 31 characters, starting with a letter, made of letters,
+digits, ``-``, ``.`` and ``_``. A device id that does not fit (``virtio-disk-with-a-long-id``)
+is replaced by its index in the backup: ``ba-<tag>-d0-cbw``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from agent.errors import InvalidArgument
+
+#: Start of every name backup-agent gives a node, export or object.
+PREFIX = "ba-"
+#: Longest node name / id QEMU accepts (``char node_name[32]`` with its NUL).
+MAX_NAME = 31
+#: Suffix of the marker object that says the NBD server is ours.
+NBD_MARKER_SUFFIX = "-nbd-server"
+
+_TAG = re.compile(r"[A-Za-z0-9]{1,12}")
+_QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+
+
+def check_tag(tag: str) -> str:
+    """``tag`` if usable in names (1-12 letters or digits); else :class:`InvalidArgument`."""
+    if not _TAG.fullmatch(tag):
+        raise InvalidArgument(f"bad snapshot tag {tag!r}: use 1 to 12 letters or digits")
+    return tag
+
+
+@dataclass(frozen=True)
+class DeviceNames:
+    """Names of the nodes and the export backup-agent adds for one device."""
+
+    target: str
+    cbw: str
+    snap: str
+    export_id: str
+
+
+def device_names(tag: str, dev_id: str, index: int) -> DeviceNames:
+    """The names for device ``dev_id``, the ``index``-th device of backup ``tag``."""
+    base = f"{PREFIX}{check_tag(tag)}-{dev_id}"
+    if not _QEMU_ID.fullmatch(dev_id) or len(base) + len("-snap") > MAX_NAME:
+        base = f"{PREFIX}{tag}-d{index}"
+    return DeviceNames(target=f"{base}-tgt", cbw=f"{base}-cbw", snap=f"{base}-snap",
+                       export_id=base)
+
+
+def nbd_marker(tag: str) -> str:
+    """Id of the object that marks the NBD server as started by backup ``tag``."""
+    return f"{PREFIX}{check_tag(tag)}{NBD_MARKER_SUFFIX}"
+
+
+def is_ours(name: str, tag: str | None = None) -> bool:
+    """True if ``name`` was given by backup-agent (by backup ``tag``, if given)."""
+    start = PREFIX if tag is None else f"{PREFIX}{tag}-"
+    return name.startswith(start)
