@@ -1,0 +1,6 @@
+"""The copy-before-write target: the logic behind ``nbd-plugins/cbw_target.py``.
+
+- :mod:`agent.cbw.store`: the bounded cluster store (memory, then a spool file);
+- :mod:`agent.cbw.control`: the Unix control socket (stored-range events, stats) and its client;
+- :mod:`agent.cbw.plugin`: the nbdkit callbacks' logic (configuration, request handling).
+"""

@@ -1,0 +1,246 @@
+"""The copy-before-write target's control socket: stored-range events and stats.
+
+The plugin listens on a Unix socket (``control=PATH``, mode 0600). A client connects and
+sends one command line; the protocol is ASCII lines, so ``socat - UNIX:PATH`` can debug it::
+
+    client: events\\n        server: R <offset> <length>\\n   for every range stored: first
+                                    everything stored now (not yet trimmed), then each
+                                    later write, in the order QEMU made them; the stream
+                                    lasts until either side closes
+    client: stats\\n         server: {json}\\n                 the store's counters, then closes
+    anything else           server: E <message>\\n            then closes
+
+Why a pushed stream rather than asking the store what it holds: the agent must learn of a
+copy soon after QEMU makes it (those clusters cost memory) without polling or scanning; one
+line per QEMU write (64 KiB to 1 MiB) is cheap, and the store journals only for connected
+clients. A range trimmed before its line is sent is not announced; a line is a hint that data
+is there, and reading it may still fail if the agent itself trimmed it meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import socket
+import threading
+from collections.abc import Iterator
+from types import TracebackType
+
+from agent.cbw.store import ClusterStore, Subscription
+from agent.errors import AgentError
+
+#: How often server threads look at their stop flag, in seconds.
+POLL_INTERVAL = 0.2
+
+
+class ControlError(AgentError):
+    """The copy-before-write plugin's control socket failed or sent something unexpected."""
+
+
+class ControlServer:
+    """Serves :mod:`agent.cbw.control`'s protocol for one store, from daemon threads."""
+
+    def __init__(self, path: str, store: ClusterStore) -> None:
+        self.path = path
+        self.store = store
+        self._stop = threading.Event()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self._sock.bind(path)
+            os.chmod(path, 0o600)
+            self._sock.listen(8)
+            self._sock.settimeout(POLL_INTERVAL)
+        except OSError as e:
+            self._sock.close()
+            raise ControlError(f"control socket {path}: {e.strerror or e}") from e
+        self._thread = threading.Thread(target=self._accept_loop, name="cbw-control", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop accepting, end every client's stream, remove the socket. Idempotent."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self._sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(
+                target=self._serve, args=(conn,), name="cbw-control-client", daemon=True
+            ).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(5)
+                command = _read_line(conn)
+                if command == "events":
+                    conn.settimeout(None)
+                    self._stream_events(conn)
+                elif command == "stats":
+                    conn.sendall(json.dumps(self.stats()).encode() + b"\n")
+                else:
+                    conn.sendall(f"E unknown command {command!r}\n".encode())
+            except OSError:
+                pass  # the client went away; nothing to tell anyone
+
+    def stats(self) -> dict[str, int]:
+        return dict(vars(self.store.stats()))
+
+    def _stream_events(self, conn: socket.socket) -> None:
+        sub: Subscription = self.store.subscribe()
+        try:
+            while not self._stop.is_set():
+                batch = sub.get(timeout=POLL_INTERVAL)
+                if batch is None:
+                    return
+                if batch:
+                    conn.sendall("".join(f"R {o} {n}\n" for o, n in batch).encode())
+                elif _peer_closed(conn):
+                    return
+        finally:
+            sub.close()
+
+
+def _read_line(conn: socket.socket, limit: int = 256) -> str:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def _peer_closed(conn: socket.socket) -> bool:
+    """True when the client has closed its end (readable with nothing to read)."""
+    readable, _, _ = select.select([conn], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+class ControlClient:
+    """The agent's side of the control socket.
+
+    ``events()`` blocks and yields ``(offset, length)`` ranges; ``poll_events(timeout)``
+    returns what has arrived so far. Both share one ``events`` connection, opened on first use.
+    ``stats()`` uses a connection of its own.
+    """
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._events: socket.socket | None = None
+        self._buf = b""
+
+    def _connect(self, command: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.path)
+            sock.sendall(command.encode() + b"\n")
+        except OSError as e:
+            sock.close()
+            raise ControlError(
+                f"copy-before-write plugin control socket {self.path}: {e.strerror or e} "
+                "(is the plugin running?)"
+            ) from e
+        return sock
+
+    def stats(self) -> dict[str, int]:
+        """The store's counters (see :class:`agent.cbw.store.StoreStats`)."""
+        sock = self._connect("stats")
+        with sock:
+            data = b""
+            try:
+                while not data.endswith(b"\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError as e:
+                raise ControlError(f"control socket {self.path}: {e.strerror or e}") from e
+        try:
+            stats: dict[str, int] = json.loads(data)
+        except ValueError as e:
+            raise ControlError(f"control socket {self.path}: bad stats reply {data!r}") from e
+        return stats
+
+    def _events_socket(self) -> socket.socket:
+        if self._events is None:
+            self._events = self._connect("events")
+        return self._events
+
+    def _take_lines(self) -> list[tuple[int, int]]:
+        *lines, self._buf = self._buf.split(b"\n")
+        ranges = []
+        for line in lines:
+            parts = line.split()
+            if len(parts) != 3 or parts[0] != b"R":
+                raise ControlError(f"control socket {self.path}: unexpected line {line!r}")
+            ranges.append((int(parts[1]), int(parts[2])))
+        return ranges
+
+    def _receive(self, sock: socket.socket) -> bool:
+        """Append what the socket has to the buffer; False at end of stream."""
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            return True
+        except OSError as e:
+            raise ControlError(f"control socket {self.path}: {e.strerror or e}") from e
+        self._buf += chunk
+        return bool(chunk)
+
+    def poll_events(self, timeout: float = 0.0) -> list[tuple[int, int]]:
+        """Ranges received so far, waiting up to ``timeout`` seconds for the first one."""
+        sock = self._events_socket()
+        ranges = self._take_lines()
+        if ranges:
+            return ranges
+        readable, _, _ = select.select([sock], [], [], timeout)
+        if readable and not self._receive(sock):
+            raise ControlError(f"control socket {self.path}: the plugin closed the stream")
+        while select.select([sock], [], [], 0)[0] and self._receive(sock):
+            pass
+        return self._take_lines()
+
+    def events(self) -> Iterator[tuple[int, int]]:
+        """Every stored range, as it arrives; ends when the plugin closes the stream."""
+        sock = self._events_socket()
+        sock.settimeout(None)
+        while True:
+            yield from self._take_lines()
+            if not self._receive(sock):
+                return
+
+    def close(self) -> None:
+        sock, self._events = self._events, None
+        if sock is not None:
+            sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

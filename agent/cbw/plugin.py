@@ -1,0 +1,119 @@
+"""Configuration and request handling of the copy-before-write target nbdkit plugin.
+
+``nbd-plugins/cbw_target.py`` only forwards nbdkit's callbacks here and turns errors into
+errno values (``StoreFull`` -> ENOSPC, ``NotStored`` -> EIO, other errors -> EINVAL/EIO).
+Parameters::
+
+    size=SIZE           export size, the size of the disk being backed up (required)
+    memory=SIZE         bytes of copied clusters kept in memory (default 256M)
+    spool-dir=DIR       directory of the spool file (default: $TMPDIR)
+    spool-limit=SIZE    bytes of copied clusters kept in the spool file (default 0: none)
+    control=PATH        Unix socket for stored-range events and stats (optional)
+    cluster=SIZE        copy cluster size (default 64K, QEMU's for an NBD target)
+
+SIZE takes a suffix K, M, G or T (powers of 1024), as nbdkit's own parameters do.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from agent.cbw.control import ControlServer
+from agent.cbw.store import CLUSTER, ClusterStore, Extent
+from agent.errors import InvalidArgument
+
+_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(key: str, text: str) -> int:
+    """``64M`` -> 67108864; raises InvalidArgument naming the parameter."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if m is None:
+        raise InvalidArgument(f"cbw_target: {key}={text!r} is not a size (e.g. 512M, 4G)")
+    return int(m.group(1)) * _SUFFIX[m.group(2).lower()]
+
+
+@dataclass
+class Config:
+    size: int | None = None
+    memory: int = 256 << 20
+    spool_dir: str | None = None
+    spool_limit: int = 0
+    control: str | None = None
+    cluster: int = CLUSTER
+
+
+class CbwTarget:
+    """One plugin instance: parameters, then the store and its control socket."""
+
+    def __init__(self) -> None:
+        self.config = Config()
+        self._store: ClusterStore | None = None
+        self._control: ControlServer | None = None
+
+    def set(self, key: str, value: str) -> None:
+        c = self.config
+        if key == "size":
+            c.size = parse_size(key, value)
+        elif key == "memory":
+            c.memory = parse_size(key, value)
+        elif key == "spool-limit":
+            c.spool_limit = parse_size(key, value)
+        elif key == "cluster":
+            c.cluster = parse_size(key, value)
+        elif key == "spool-dir":
+            c.spool_dir = value
+        elif key == "control":
+            c.control = value
+        else:
+            raise InvalidArgument(
+                f"cbw_target: unknown parameter {key!r} "
+                "(size, memory, spool-dir, spool-limit, control, cluster)"
+            )
+
+    def complete(self) -> None:
+        """Check the parameters and make the store (before nbdkit forks or serves)."""
+        if self.config.size is None:
+            raise InvalidArgument("cbw_target: size=SIZE is required (the disk's size)")
+        c = self.config
+        self._store = ClusterStore(c.memory, c.spool_dir, c.spool_limit, c.cluster, size=c.size)
+
+    def start(self) -> None:
+        """Start the control socket's thread (nbdkit's after_fork: threads do not survive
+        a fork, and nbdkit forks when it daemonizes)."""
+        if self.config.control is not None and self._control is None:
+            self._control = ControlServer(self.config.control, self.store)
+            self._control.start()
+
+    def stop(self) -> None:
+        control, self._control = self._control, None
+        if control is not None:
+            control.close()
+        if self._store is not None:
+            self._store.close()
+
+    @property
+    def store(self) -> ClusterStore:
+        if self._store is None:
+            raise InvalidArgument("cbw_target: used before its configuration was complete")
+        return self._store
+
+    @property
+    def size(self) -> int:
+        return self.store.size or 0
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self.store.read(offset, length)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.store.write(offset, data)
+
+    def zero(self, offset: int, length: int) -> None:
+        self.store.write_zeroes(offset, length)
+
+    def trim(self, offset: int, length: int) -> None:
+        self.store.trim(offset, length)
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        return self.store.extents(offset, length)

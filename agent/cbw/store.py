@@ -1,0 +1,482 @@
+"""The copy-before-write target's cluster store: bounded memory, then a bounded spool file.
+
+QEMU's copy-before-write filter writes the *old* contents of a cluster to its target just
+before a guest write overwrites it. The target (our nbdkit plugin) keeps those clusters
+here until the agent has appended them to the archive and trims them.
+
+::
+
+    write(offset, data)      whole clusters, aligned (1 MiB pieces = 16 clusters); the last
+                             cluster of the disk may be short (offset + len == size)
+        │
+        ├── all-zero cluster ──▶ shared zero marker (costs no memory, reported as zero)
+        ├── memory has room  ──▶ dict  index -> bytes
+        ├── spool has room   ──▶ dict  index -> (slot, length); slot i at byte i*cluster of
+        │                        one unlinked temporary file; trimmed slots are reused
+        └── neither          ──▶ StoreFull  (the plugin answers ENOSPC: QEMU breaks the
+                                 snapshot, never the guest's write)
+
+Every lookup is a dict access by cluster index (``offset // cluster``); nothing scans a
+list per request. A write of clusters already stored replaces them.
+
+Subscribers (the control socket's ``events`` clients, see :mod:`agent.cbw.control`) learn of
+stored ranges through an append-only journal: a subscription starts with every range stored
+at that moment, then receives each later write. Delivered ranges are filtered to what is still
+stored at delivery time, so a range trimmed in between is not announced. The journal keeps only
+entries some subscriber has not read yet; without subscribers nothing is journaled.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from agent.errors import AgentError
+
+CLUSTER = 64 * 1024
+
+
+class StoreError(AgentError):
+    """A request the copy-before-write store cannot serve."""
+
+
+class StoreFull(StoreError):
+    """Memory and spool are both full: the copy cannot be kept."""
+
+
+class NotStored(StoreError):
+    """A read of a range that was never copied, or was already released."""
+
+
+class Misaligned(StoreError):
+    """A write that does not cover whole clusters."""
+
+
+class Extent(NamedTuple):
+    """One run of clusters with the same state, for block status."""
+
+    offset: int
+    length: int
+    stored: bool
+    zero: bool
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    """Counters of a :class:`ClusterStore`; byte values unless named ``clusters_*``."""
+
+    cluster: int
+    memory_limit: int
+    spool_limit: int
+    memory_used: int
+    spool_used: int
+    peak_memory: int
+    peak_spool: int
+    clusters_stored: int
+    clusters_copied: int
+    zero_clusters_copied: int
+    clusters_trimmed: int
+    bytes_copied: int
+    bytes_spilled: int
+    full_errors: int
+
+
+class _Spooled(NamedTuple):
+    slot: int
+    length: int
+
+
+class ClusterStore:
+    """Old clusters copied by QEMU, kept in memory up to a bound, then in a spool file.
+
+    Thread-safe: nbdkit's parallel thread model calls in from several threads.
+    ``size`` (the export size) allows a short last cluster when the disk size is not a
+    multiple of ``cluster``.
+    """
+
+    def __init__(
+        self,
+        memory_limit: int,
+        spool_dir: str | None,
+        spool_limit: int,
+        cluster: int = CLUSTER,
+        *,
+        size: int | None = None,
+    ) -> None:
+        if cluster <= 0 or cluster & (cluster - 1):
+            raise StoreError(f"cluster size must be a power of two, got {cluster}")
+        if memory_limit < 0 or spool_limit < 0:
+            raise StoreError("memory and spool limits must not be negative")
+        self.cluster = cluster
+        self.size = size
+        self.memory_limit = memory_limit
+        self.spool_limit = spool_limit
+        self._spool_slots = spool_limit // cluster
+        self._zero = bytes(cluster)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._mem: dict[int, bytes] = {}
+        self._zeros: dict[int, int] = {}  # index -> length of an all-zero cluster
+        self._spool: dict[int, _Spooled] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._mem_used = 0
+        self._peak_mem = 0
+        self._peak_spool = 0
+        self._copied = 0
+        self._zero_copied = 0
+        self._trimmed = 0
+        self._bytes_copied = 0
+        self._bytes_spilled = 0
+        self._full_errors = 0
+        self._journal: deque[tuple[int, int, int]] = deque()  # (seq, offset, length)
+        self._seq = 0
+        self._subs: set[Subscription] = set()
+        self._closed = False
+        self._spool_fd = -1
+        if self._spool_slots:
+            try:
+                spool = tempfile.TemporaryFile(prefix="cbw-spool-", dir=spool_dir)  # noqa: SIM115
+            except OSError as e:
+                where = spool_dir or tempfile.gettempdir()
+                raise StoreError(f"spool directory {where}: {e.strerror or e}") from e
+            self._spool_fd = os.dup(spool.fileno())
+            spool.close()  # the dup keeps the (already unlinked) file open
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Store ``data`` (whole clusters, cluster-aligned) at ``offset``.
+
+        Raises :class:`Misaligned` for a partial cluster and :class:`StoreFull` when memory and
+        spool cannot take the data; after StoreFull the range holds nothing.
+        """
+        view = memoryview(data).cast("B")
+        pieces = [
+            (index, view[index * self.cluster - offset:][:length])
+            for index, length in self._split(offset, len(view))
+        ]
+        zero = [chunk == self._zero[: len(chunk)] for _, chunk in pieces]
+        with self._lock:
+            self._check_open()
+            for index, _ in pieces:
+                self._drop(index)
+            self._reserve([len(c) for (_, c), z in zip(pieces, zero, strict=True) if not z])
+            for (index, chunk), is_zero in zip(pieces, zero, strict=True):
+                if is_zero:
+                    self._zeros[index] = len(chunk)
+                elif self._mem_used + len(chunk) <= self.memory_limit:
+                    self._mem[index] = bytes(chunk)
+                    self._mem_used += len(chunk)
+                else:
+                    slot = self._free_slots.pop() if self._free_slots else self._new_slot()
+                    os.pwrite(self._spool_fd, chunk, slot * self.cluster)
+                    self._spool[index] = _Spooled(slot, len(chunk))
+                    self._bytes_spilled += len(chunk)
+            self._stored(offset, len(view), len(pieces), sum(zero))
+
+    def _stored(self, offset: int, length: int, clusters: int, zero_clusters: int) -> None:
+        """Count a completed write and journal it for subscribers (lock held)."""
+        self._copied += clusters
+        self._zero_copied += zero_clusters
+        self._bytes_copied += length
+        self._peak_mem = max(self._peak_mem, self._mem_used)
+        self._peak_spool = max(self._peak_spool, len(self._spool) * self.cluster)
+        if self._subs:
+            self._journal.append((self._seq, offset, length))
+            self._seq += 1
+            self._changed.notify_all()
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Store zero clusters (a write-zeroes request): costs no memory."""
+        pieces = self._split(offset, length)
+        with self._lock:
+            self._check_open()
+            for index, n in pieces:
+                self._drop(index)
+                self._zeros[index] = n
+            self._stored(offset, length, len(pieces), len(pieces))
+
+    def _split(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """(cluster index, length) of each cluster in an aligned write; raises Misaligned."""
+        c = self.cluster
+        end = offset + length
+        if self.size is not None and (offset < 0 or end > self.size):
+            raise Misaligned(
+                f"copy-before-write target: write of {length} bytes at offset {offset} "
+                f"goes past the end ({self.size})"
+            )
+        tail_ok = self.size is not None and end == self.size
+        if offset % c or length <= 0 or (length % c and not tail_ok):
+            raise Misaligned(
+                f"copy-before-write target: write of {length} bytes at offset {offset} is not "
+                f"aligned to the {c // 1024} KiB copy cluster"
+            )
+        return [(i, min(c, end - i * c)) for i in range(offset // c, (end + c - 1) // c)]
+
+    def _reserve(self, lengths: list[int]) -> None:
+        """Raise StoreFull unless memory plus free spool slots can take ``lengths``."""
+        mem_free = self.memory_limit - self._mem_used
+        spill = 0
+        for length in lengths:
+            if length <= mem_free:
+                mem_free -= length
+            else:
+                spill += 1
+        slots_free = self._spool_slots - len(self._spool)
+        if spill > slots_free:
+            self._full_errors += 1
+            raise StoreFull(
+                f"copy-before-write store is full: {self._mem_used} of {self.memory_limit} "
+                f"bytes of memory and {len(self._spool) * self.cluster} of {self.spool_limit} "
+                f"bytes of spool in use, {sum(lengths)} more bytes needed"
+            )
+
+    def _new_slot(self) -> int:
+        slot = self._next_slot
+        self._next_slot += 1
+        return slot
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The stored bytes of ``[offset, offset+length)``; raises NotStored for any gap."""
+        c = self.cluster
+        end = offset + length
+        out = bytearray()
+        with self._lock:
+            self._check_open()
+            for index in range(offset // c, (end + c - 1) // c):
+                start = max(offset, index * c) - index * c
+                stop = min(end, (index + 1) * c) - index * c
+                data = self._cluster_data(index)
+                if data is None or stop > len(data):
+                    raise NotStored(
+                        f"copy-before-write target: no data stored at offset "
+                        f"{index * c + (len(data) if data is not None else 0)} "
+                        f"(read of {length} bytes at {offset})"
+                    )
+                out += data[start:stop]
+        return bytes(out)
+
+    def _cluster_data(self, index: int) -> bytes | None:
+        data = self._mem.get(index)
+        if data is not None:
+            return data
+        zero = self._zeros.get(index)
+        if zero is not None:
+            return self._zero[:zero]
+        spooled = self._spool.get(index)
+        if spooled is None:
+            return None
+        return os.pread(self._spool_fd, spooled.length, spooled.slot * self.cluster)
+
+    def _present(self, index: int) -> bool:
+        return index in self._mem or index in self._zeros or index in self._spool
+
+    def _count(self) -> int:
+        return len(self._mem) + len(self._zeros) + len(self._spool)
+
+    def _all_indices(self) -> list[int]:
+        return [*self._mem, *self._zeros, *self._spool]
+
+    # -- release --------------------------------------------------------------------------
+
+    def trim(self, offset: int, length: int) -> int:
+        """Free every whole cluster inside the range; returns how many were freed.
+
+        Partial clusters at either end are kept (the range is rounded inward), except a short
+        last cluster of the disk, which a range up to the end covers whole.
+        """
+        c = self.cluster
+        end = offset + length
+        first = -(-offset // c)
+        last = end // c  # exclusive
+        if self.size is not None and end >= self.size and self.size % c:
+            last = self.size // c + 1
+        freed = 0
+        with self._lock:
+            self._check_open()
+            if last - first > self._count():
+                candidates: Iterable[int] = [
+                    i for i in self._all_indices() if first <= i < last
+                ]
+            else:
+                candidates = range(first, last)
+            for index in candidates:
+                freed += self._drop(index)
+            self._trimmed += freed
+            if not self._spool and self._next_slot:
+                # Everything spilled has been released: give the disk space back.
+                os.ftruncate(self._spool_fd, 0)
+                self._free_slots.clear()
+                self._next_slot = 0
+        return freed
+
+    def _drop(self, index: int) -> int:
+        data = self._mem.pop(index, None)
+        if data is not None:
+            self._mem_used -= len(data)
+            return 1
+        if self._zeros.pop(index, None) is not None:
+            return 1
+        spooled = self._spool.pop(index, None)
+        if spooled is not None:
+            self._free_slots.append(spooled.slot)
+            return 1
+        return 0
+
+    # -- block status ---------------------------------------------------------------------
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Contiguous, ascending runs covering ``[offset, offset+length)``.
+
+        Stored clusters are ``stored`` (and ``zero`` when all-zero), the rest are holes.
+        """
+        c = self.cluster
+        end = offset + length
+        first, last = offset // c, (end + c - 1) // c
+        with self._lock:
+            if last - first > self._count():
+                indices = sorted(i for i in self._all_indices() if first <= i < last)
+            else:
+                indices = [i for i in range(first, last) if self._present(i)]
+            states = [(i, i in self._zeros) for i in indices]
+        runs: list[Extent] = []
+        pos = offset
+        for index, zero in states:
+            start, stop = max(offset, index * c), min(end, (index + 1) * c)
+            if start > pos:
+                _append(runs, Extent(pos, start - pos, False, False))
+            _append(runs, Extent(start, stop - start, True, zero))
+            pos = stop
+        if pos < end:
+            _append(runs, Extent(pos, end - pos, False, False))
+        return runs
+
+    # -- stats, subscriptions, close ------------------------------------------------------
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(
+                cluster=self.cluster,
+                memory_limit=self.memory_limit,
+                spool_limit=self.spool_limit,
+                memory_used=self._mem_used,
+                spool_used=len(self._spool) * self.cluster,
+                peak_memory=self._peak_mem,
+                peak_spool=self._peak_spool,
+                clusters_stored=self._count(),
+                clusters_copied=self._copied,
+                zero_clusters_copied=self._zero_copied,
+                clusters_trimmed=self._trimmed,
+                bytes_copied=self._bytes_copied,
+                bytes_spilled=self._bytes_spilled,
+                full_errors=self._full_errors,
+            )
+
+    def subscribe(self) -> Subscription:
+        """Start receiving stored ranges: everything stored now, then every later write."""
+        with self._lock:
+            self._check_open()
+            backlog = self._runs(sorted(self._all_indices()))
+            sub = Subscription(self, backlog, self._seq)
+            self._subs.add(sub)
+            return sub
+
+    def close(self) -> None:
+        """Drop all data, close the spool file and wake every subscriber. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._mem.clear()
+            self._zeros.clear()
+            self._spool.clear()
+            self._journal.clear()
+            self._changed.notify_all()
+            if self._spool_fd >= 0:
+                os.close(self._spool_fd)
+                self._spool_fd = -1
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("copy-before-write store is closed")
+
+    def _next_batch(self, sub: Subscription, timeout: float | None) -> list[tuple[int, int]] | None:
+        with self._lock:
+            if sub.backlog:
+                batch, sub.backlog = sub.backlog, []
+                return batch
+            if not self._closed and sub.active and sub.cursor == self._seq:
+                self._changed.wait(timeout)
+            if self._closed or not sub.active:
+                return None
+            first = self._journal[0][0] if self._journal else self._seq
+            entries = list(self._journal)[sub.cursor - first:]
+            sub.cursor = self._seq
+            self._compact()
+            ranges: list[tuple[int, int]] = []
+            for _, offset, length in entries:
+                ranges += self._still_stored(offset, length)
+            return ranges
+
+    def _still_stored(self, offset: int, length: int) -> list[tuple[int, int]]:
+        c = self.cluster
+        end = offset + length
+        present = [i for i in range(offset // c, (end + c - 1) // c) if self._present(i)]
+        return self._runs(present)
+
+    def _runs(self, indices: list[int]) -> list[tuple[int, int]]:
+        """Coalesce ascending cluster indices into (offset, length) runs, clipped to size."""
+        c = self.cluster
+        runs: list[tuple[int, int]] = []
+        for index in indices:
+            length = c if self.size is None else min(c, self.size - index * c)
+            if runs and runs[-1][0] + runs[-1][1] == index * c:
+                runs[-1] = (runs[-1][0], runs[-1][1] + length)
+            else:
+                runs.append((index * c, length))
+        return runs
+
+    def _compact(self) -> None:
+        low = min((s.cursor for s in self._subs), default=self._seq)
+        while self._journal and self._journal[0][0] < low:
+            self._journal.popleft()
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with self._lock:
+            sub.active = False
+            self._subs.discard(sub)
+            self._compact()
+            self._changed.notify_all()
+
+
+class Subscription:
+    """One reader of stored ranges; see :meth:`ClusterStore.subscribe`."""
+
+    def __init__(self, store: ClusterStore, backlog: list[tuple[int, int]], cursor: int) -> None:
+        self._store = store
+        self.backlog = backlog
+        self.cursor = cursor
+        self.active = True
+
+    def get(self, timeout: float | None = None) -> list[tuple[int, int]] | None:
+        """Ranges ``(offset, length)`` stored since the last call (possibly empty after
+        ``timeout``); None once the store or the subscription is closed."""
+        return self._store._next_batch(self, timeout)
+
+    def close(self) -> None:
+        self._store._unsubscribe(self)
+
+
+def _append(runs: list[Extent], ext: Extent) -> None:
+    if runs and runs[-1].stored == ext.stored and runs[-1].zero == ext.zero:
+        runs[-1] = runs[-1]._replace(length=runs[-1].length + ext.length)
+    else:
+        runs.append(ext)
