@@ -41,6 +41,7 @@ class BackupSummary:
     progress: Progress
     archive_bytes: int
     peak_buffer: int
+    extra: dict[str, float] = field(default_factory=dict)  # live backups: what the guest cost
 
 
 def _check_names(job: BackupJob) -> None:
@@ -51,16 +52,16 @@ def _check_names(job: BackupJob) -> None:
         seen.add(name)
     if not seen:
         raise InvalidArgument("nothing to back up: give at least one --source or --image")
-    cfgs: set[str] = set()
-    for name, _ in job.configs:
-        if name in cfgs:
-            raise InvalidArgument(f"config name {name!r} is given twice")
-        cfgs.add(name)
 
 
-def _read_configs(job: BackupJob) -> list[tuple[str, bytes]]:
+def read_configs(configs: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
+    """Every --config file's bytes, read before anything starts; names checked once."""
+    seen: set[str] = set()
     out = []
-    for name, path in job.configs:
+    for name, path in configs:
+        if name in seen:
+            raise InvalidArgument(f"config name {name!r} is given twice")
+        seen.add(name)
         try:
             out.append((name, Path(path).read_bytes()))
         except OSError as e:
@@ -70,7 +71,7 @@ def _read_configs(job: BackupJob) -> list[tuple[str, bytes]]:
 
 def run_backup(job: BackupJob, progress: ProgressFn | None = None) -> BackupSummary:
     _check_names(job)
-    configs = _read_configs(job)
+    configs = read_configs(job.configs)
     conns = job.engine.connections
     with contextlib.ExitStack() as stack:
         opened: list[tuple[str, NbdSource, dict[str, str]]] = []

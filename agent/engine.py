@@ -23,7 +23,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -36,6 +37,7 @@ from agent.archive.writer import ArchiveWriter, data_body_digest
 from agent.errors import InvalidArgument, SourceError
 from agent.nbd.source import NbdSource
 from agent.pipeline import POLL, BufferPool, Control, Meter, Progress, ProgressFn
+from agent.tracker import DeviceTracker
 
 MiB = 1024 * 1024
 ZERO_BLOCK = 64 * 1024  # data that reads as zeros is found and recorded at this grain
@@ -95,12 +97,17 @@ class _Planner:
     """
 
     def __init__(
-        self, device: Device, source: NbdSource, opts: EngineOptions, control: Control
+        self, device: Device, source: NbdSource, opts: EngineOptions, control: Control,
+        tracker: DeviceTracker | None = None,
     ) -> None:
         self._handle: nbd.NBD | None = None
         self._stopped = control.stopped
         self._it = self._walk(device, source, opts)
         self._lock = threading.Lock()
+        self._device = device
+        self._request = opts.request_size
+        self._tracker = tracker
+        self._ready: deque[_Read | _Zero] = deque()
 
     def _walk(self, dev: Device, src: NbdSource, opts: EngineOptions) -> Iterator[_Read | _Zero]:
         pos = 0
@@ -119,11 +126,30 @@ class _Planner:
         with self._lock:
             self._handle = h
             try:
-                return next(self._it, None)
+                return self._next()
             finally:
                 # Hold no handle between calls: dropping the last reference is what
                 # closes a connection whose replies a stalled reader never took.
                 self._handle = None
+
+
+    def _next(self) -> _Read | _Zero | None:
+        t = self._tracker
+        if t is None:
+            return next(self._it, None)
+        # A live backup: clusters QEMU copied before a guest write first (they cost
+        # memory in the target), then the sweep; every range is claimed before it is
+        # read, so nothing is read twice.
+        for start, end in t.take_copied():
+            for off in range(start, end, self._request):
+                self._ready.appendleft(_Read(self._device, off, min(self._request, end - off)))
+        while not self._ready:
+            item = next(self._it, None)
+            if item is None:
+                return None
+            for start, end in t.claim(item.offset, item.offset + item.length):
+                self._ready.append(type(item)(self._device, start, end - start))
+        return self._ready.popleft()
 
 
 @dataclass(frozen=True)
@@ -184,8 +210,10 @@ class BackupEngine:
         sources: list[tuple[Device, NbdSource]],
         opts: EngineOptions,
         progress: ProgressFn | None = None,
+        trackers: Mapping[int, DeviceTracker] | None = None,
     ) -> None:
         self.writer = writer
+        self.trackers = dict(trackers or {})  # device id -> live-backup bookkeeping
         self.sources = sources
         self.opts = opts
         self.control = Control()
@@ -193,7 +221,8 @@ class BackupEngine:
         self.meter = Meter("backup", sum(d.size for d, _ in sources), progress)
         self._q: queue.Queue[Future[_Prepared] | _Zero | None] = queue.Queue()
         self._workers = ThreadPoolExecutor(opts.workers, thread_name_prefix="ba-work")
-        self._planners = [_Planner(d, s, opts, self.control) for d, s in sources]
+        self._planners = [_Planner(d, s, opts, self.control, self.trackers.get(d.id))
+                          for d, s in sources]
 
     def run(self) -> BackupResult:
         """Run to completion; raises the first error. Interruptible from the main thread."""
@@ -312,7 +341,7 @@ class BackupEngine:
     # -- writer ------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        w, ctl = self.writer, self.control
+        ctl = self.control
         while True:
             try:
                 got = self._q.get(timeout=POLL)
@@ -324,8 +353,7 @@ class BackupEngine:
                 return
             if isinstance(got, _Zero):
                 if not ctl.stopped():
-                    w.write_zero(got.device.id, got.offset, got.length)
-                    self.meter.add(zero=got.length)
+                    self._write_records([got])
                 continue
             prepared = got.result()
             try:
@@ -343,3 +371,6 @@ class BackupEngine:
             else:
                 w.write_data(r.device.id, r.offset, r.length, r.compression, r.payload, r.digest)
                 self.meter.add(data=r.length, stored=len(r.payload))
+            tracker = self.trackers.get(r.device.id)
+            if tracker is not None:
+                tracker.written(r.offset, r.length)  # in the archive: release it in QEMU

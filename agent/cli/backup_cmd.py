@@ -13,6 +13,7 @@ from agent.cli import common
 from agent.cli.render import ProgressRenderer, size, summary_line
 from agent.engine import EngineOptions
 from agent.errors import InvalidArgument
+from agent.live import LiveJob, run_live_backup
 
 log = logging.getLogger("backup-agent")
 
@@ -40,6 +41,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    metavar="SIZE", help="cap on read buffers between read and write (32M)")
     p.add_argument("--request-size", type=common.byte_size, default=2 * 1024 * 1024,
                    metavar="SIZE", help="bytes per NBD read and at most per record (2M, max 32M)")
+    live = p.add_argument_group("live backup of a running QEMU VM")
+    live.add_argument("--qmp", metavar="SOCKET",
+                      help="the VM's QMP monitor for the agent (a Unix socket or HOST:PORT); "
+                      "backs up its disks at one point in time while it runs")
+    live.add_argument("--drive", metavar="ID", action="append", default=[],
+                      help="back up only this disk (device id or node name; repeatable)")
+    live.add_argument("--cbw-timeout", type=common.positive, default=5, metavar="SECONDS",
+                      help="longest a guest write waits for its copy before the backup (not "
+                      "the guest) fails (5)")
+    live.add_argument("--cbw-memory", type=common.byte_size, default=256 * 1024 * 1024,
+                      metavar="SIZE", help="per disk, old clusters kept in memory (256M)")
+    live.add_argument("--spool-dir", metavar="DIR",
+                      help="where old clusters spill when memory is full ($TMPDIR)")
+    live.add_argument("--spool-limit", type=common.byte_size, default=1024 * 1024 * 1024,
+                      metavar="SIZE", help="per disk, old clusters spilled to the spool (1G)")
     common.add_progress(p)
     p.set_defaults(run=run)
 
@@ -50,14 +66,32 @@ def run(args: argparse.Namespace) -> int:
     opts = EngineOptions(compression=args.compress, connections=args.connections,
                          memory=args.memory, request_size=args.request_size,
                          workers=max(2, os.cpu_count() or 2))
-    job = BackupJob(output=args.output, sources=args.source, images=args.image,
-                    configs=args.config, engine=opts)
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
     try:
-        result = run_backup(job, renderer.callback())
+        if args.qmp:
+            if args.source or args.image:
+                raise InvalidArgument("--qmp backs up a VM's disks: do not add --source or "
+                                      "--image")
+            result = run_live_backup(LiveJob(
+                qmp=args.qmp, output=args.output, drives=args.drive, configs=args.config,
+                engine=opts, cbw_timeout=args.cbw_timeout, cbw_memory=args.cbw_memory,
+                spool_dir=args.spool_dir, spool_limit=args.spool_limit,
+            ), renderer.callback())
+        else:
+            if args.drive:
+                raise InvalidArgument("--drive picks disks of a VM: it needs --qmp")
+            result = run_backup(BackupJob(output=args.output, sources=args.source,
+                                          images=args.image, configs=args.config,
+                                          engine=opts), renderer.callback())
     finally:
         renderer.close()
     log.info("%s", summary_line(result.progress, f"backed up {len(result.devices)} device(s)"))
     log.info("archive %s: %s written, %s of buffer at peak", result.uuid,
              size(result.archive_bytes), size(result.peak_buffer))
+    if result.extra:
+        x = result.extra
+        log.info("guest writes: %d cluster(s) copied before write (%d read ahead of the "
+                 "sweep), %s spilled, %s peak in the copy-before-write target",
+                 x["clusters_copied"], x["copied_read_first"], size(x["bytes_spilled"]),
+                 size(x["peak_plugin_memory"]))
     return 0

@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from types import FrameType
 
 from agent import __version__
-from agent.cli import backup_cmd, config_cmd, info_cmd, restore_cmd, verify_cmd
+from agent.cli import (
+    backup_cmd,
+    cleanup_cmd,
+    config_cmd,
+    info_cmd,
+    restore_cmd,
+    verify_cmd,
+)
 from agent.errors import AgentError, Interrupted
 
 log = logging.getLogger("backup-agent")
@@ -31,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"backup-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in (backup_cmd, restore_cmd, verify_cmd, info_cmd, config_cmd):
+    for mod in (backup_cmd, restore_cmd, verify_cmd, info_cmd, config_cmd, cleanup_cmd):
         mod.add_parser(sub, common)
     return parser
 

@@ -1,0 +1,194 @@
+"""A live backup of a running QEMU VM: one point in time across its disks.
+
+Order of the set-up (and, reversed, of the teardown on every way out)::
+
+    QMP monitor ─▶ nbdkit + our plugin per disk (the copy-before-write targets)
+                ─▶ LiveSnapshot: filters inserted under all disks at one instant,
+                   snapshot-access nodes exported over QEMU's NBD server
+                ─▶ NBD sources on those exports ─▶ the archive output
+
+While the engine sweeps the point-in-time view, a listener thread per disk hears from
+the plugin which clusters QEMU copied before a guest write; the engine reads those first
+(they cost memory in the target) and, once any range is in the archive, trims it on the
+snapshot view so QEMU stops copying it and the plugin frees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent import __version__
+from agent.archive.format import Header
+from agent.archive.output import open_output
+from agent.archive.writer import ArchiveWriter
+from agent.backup import BackupSummary, read_configs
+from agent.cbw.control import ControlError
+from agent.cbw.server import CbwTargetServer
+from agent.engine import BackupEngine, EngineOptions
+from agent.errors import AgentError, InvalidArgument
+from agent.nbd.source import NbdSource
+from agent.pipeline import ProgressFn
+from agent.qemu.block import BlockDevice, query_block_devices
+from agent.qemu.graph import LiveSnapshot, SnapshotSpec
+from agent.qemu.qmp import Monitor
+from agent.tracker import DeviceTracker
+
+log = logging.getLogger("backup-agent")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LiveJob:
+    qmp: str  # the agent's own QMP monitor: a Unix socket path or HOST:PORT
+    output: str
+    drives: list[str] = field(default_factory=list)  # device ids or node names; [] = all
+    configs: list[tuple[str, str]] = field(default_factory=list)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    cbw_timeout: int = 5  # seconds a guest write may wait for its copy
+    cbw_memory: int = 256 * MiB  # per disk, old clusters kept in memory
+    spool_dir: str | None = None
+    spool_limit: int = 1024 * MiB  # per disk, old clusters spilled to a file
+
+
+def select_devices(found: list[BlockDevice], wanted: list[str]) -> list[BlockDevice]:
+    """The disks to back up: all, or those named by device id or node name, once each."""
+    if not found:
+        raise AgentError("the VM has no disks to back up")
+    if not wanted:
+        return found
+    chosen: list[BlockDevice] = []
+    for name in wanted:
+        match = [d for d in found if name in (d.id, d.node_name)]
+        if not match:
+            have = ", ".join(d.id or d.node_name for d in found)
+            raise InvalidArgument(f"no disk {name!r} in the VM (it has: {have})")
+        if match[0] in chosen:
+            raise InvalidArgument(f"disk {name!r} is given twice")
+        chosen.append(match[0])
+    return chosen
+
+
+def _listen(servers: dict[str, CbwTargetServer], trackers: dict[str, DeviceTracker],
+            stop: threading.Event, failed: Callable[[BaseException], None]) -> None:
+    """Feed the copy-before-write events of every disk to its tracker."""
+    try:
+        while not stop.is_set():
+            for name, server in servers.items():
+                for off, length in server.control.poll_events(timeout=0.05):
+                    trackers[name].copied(off, length)
+    except ControlError as e:
+        if not stop.is_set():
+            failed(e)
+
+
+def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupSummary:
+    configs = read_configs(job.configs)
+    with contextlib.ExitStack() as stack:
+        mon = stack.enter_context(Monitor(job.qmp))
+        devices = select_devices(query_block_devices(mon), job.drives)
+        tag = secrets.token_hex(4)
+        work = tempfile.mkdtemp(prefix="ba-live-")
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+
+        servers: dict[str, CbwTargetServer] = {}
+        for d in devices:
+            servers[d.id] = stack.enter_context(CbwTargetServer(
+                d.virtual_size, memory=job.cbw_memory, spool_dir=job.spool_dir,
+                spool_limit=job.spool_limit, label=d.id))
+        snap = LiveSnapshot(mon, [SnapshotSpec(d, servers[d.id].blockdev()) for d in devices],
+                            tag=tag, nbd_socket=f"{work}/qemu-nbd.sock",
+                            cbw_timeout=job.cbw_timeout)
+        stack.enter_context(snap)
+        started = time.monotonic()
+
+        try:
+            return _stream(job, stack, snap, devices, servers, configs, progress, started)
+        except AgentError as e:
+            raise _explain(e, servers) from e
+    raise AssertionError("unreachable")  # for mypy: the with block returns or raises
+
+
+def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
+            devices: list[BlockDevice], servers: dict[str, CbwTargetServer],
+            configs: list[tuple[str, bytes]], progress: ProgressFn | None,
+            started: float) -> BackupSummary:
+    conns = job.engine.connections
+    sources = {
+        d.id: stack.enter_context(contextlib.closing(NbdSource(
+            f"nbd+unix:///{snap.export_name(d.id)}?socket={snap.nbd_socket}", conns, d.id)))
+        for d in devices
+    }
+    out = open_output(job.output)
+    stack.callback(out.close)
+    try:
+        header = Header(uuid=uuid.uuid4(), created_ns=time.time_ns(), tool_version=__version__)
+        writer = ArchiveWriter(out, header)
+        pairs = []
+        trackers: dict[int, DeviceTracker] = {}
+        by_name: dict[str, DeviceTracker] = {}
+        for d in devices:
+            props = {"source-format": d.format, "source": "qemu-live"}
+            dev = writer.add_device(d.id, sources[d.id].size, props)
+            release = _releaser(snap, d.id)
+            by_name[d.id] = trackers[dev.id] = DeviceTracker(
+                dev.size, snap.cluster_size(d.id), release)
+            pairs.append((dev, sources[d.id]))
+        for name, data in configs:
+            writer.add_config(name, data, job.engine.compression)
+
+        engine = BackupEngine(writer, pairs, job.engine, progress, trackers)
+        stop = threading.Event()
+        listener = threading.Thread(target=_listen, args=(servers, by_name, stop,
+                                    engine.control.fail), name="ba-cbw-events", daemon=True)
+        listener.start()
+        try:
+            result = engine.run()
+        finally:
+            stop.set()
+            listener.join(2)
+        writer.finish()
+        out.commit()
+    except BaseException:
+        out.abort()
+        raise
+    stats = {name: s.stats() for name, s in servers.items()}
+    extra = {
+        "clusters_copied": sum(s.get("clusters_copied", 0) for s in stats.values()),
+        "copied_read_first": sum(t.copied_first for t in by_name.values()),
+        "bytes_spilled": sum(s.get("bytes_spilled", 0) for s in stats.values()),
+        "peak_plugin_memory": max((s.get("peak_memory", 0) for s in stats.values()),
+                                  default=0),
+        "released_bytes": sum(t.released_bytes for t in by_name.values()),
+        "snapshot_seconds": round(time.monotonic() - started, 3),
+    }
+    return BackupSummary(header.uuid, writer.devices, result.progress, out.position,
+                         result.peak_buffer, extra)
+
+
+def _releaser(snap: LiveSnapshot, device_id: str) -> Callable[[int, int], None]:
+    return lambda off, length: snap.release(device_id, off, length)
+
+
+def _explain(e: AgentError, servers: dict[str, CbwTargetServer]) -> AgentError:
+    """A broken snapshot shows up as failed reads: say why, when the plugin knows."""
+    for name, server in servers.items():
+        try:
+            full = server.stats().get("full_errors", 0)
+        except AgentError:
+            continue
+        if full:
+            return AgentError(
+                f"disk {name!r}: the guest wrote faster than the backup could keep up and the "
+                "copy-before-write target ran out of room (raise --cbw-memory or "
+                f"--spool-limit, or use a faster output); the guest was not affected ({e})"
+            )
+    return e

@@ -1,0 +1,77 @@
+"""Bookkeeping of a live backup, per device: what is claimed, written and released.
+
+During a live backup two producers want the same bytes: the sweep over the
+point-in-time view, and QEMU's copy-before-write, which announces every cluster it
+saved just before a guest write (those cost memory in the target, so they go first).
+Each range is *claimed* before it is read, by whichever comes first, so no byte is read
+or recorded twice. Once a range is in the archive it is *released*: trimmed on the
+snapshot view, so QEMU stops copying it and the target frees it. Releases cover whole
+copy clusters only (an unaligned trim aborts QEMU 7.2), so a cluster is released when
+the last of its bytes is written, whichever records they came in.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from agent.archive.intervals import IntervalSet
+
+ReleaseFn = Callable[[int, int], None]  # (offset, length), whole clusters
+
+
+class DeviceTracker:
+    def __init__(self, size: int, cluster: int, release: ReleaseFn) -> None:
+        self.size = size
+        self.cluster = cluster
+        self._release = release
+        self._lock = threading.Lock()
+        self._claimed = IntervalSet()
+        self._written = IntervalSet()
+        self._copied: deque[tuple[int, int]] = deque()
+        self.copied_ranges = 0  # announced by copy-before-write
+        self.copied_first = 0  # of those, read ahead of the sweep
+        self.released_bytes = 0
+
+    # -- producers ---------------------------------------------------------------------
+
+    def copied(self, offset: int, length: int) -> None:
+        """QEMU saved [offset, offset+length) in the target (the event listener calls this)."""
+        end = min(offset + length, self.size)
+        if offset < end:
+            with self._lock:
+                self._copied.append((offset, end))
+                self.copied_ranges += 1
+
+    def take_copied(self) -> list[tuple[int, int]]:
+        """Claim the copied ranges announced so far; return the parts nobody claimed yet."""
+        with self._lock:
+            out: list[tuple[int, int]] = []
+            while self._copied:
+                out += self._claimed.claim(*self._copied.popleft())
+            self.copied_first += len(out)
+            return out
+
+    def claim(self, start: int, end: int) -> list[tuple[int, int]]:
+        with self._lock:
+            return self._claimed.claim(start, end)
+
+    # -- the writer --------------------------------------------------------------------
+
+    def written(self, offset: int, length: int) -> None:
+        """Bytes are in the archive: release every cluster this completes."""
+        c = self.cluster
+        with self._lock:
+            self._written.add(offset, offset + length)
+            run = self._written.run_containing(offset)
+            if run is None:  # cannot happen: the range was just added
+                return
+            lo = max(run[0], offset - offset % c)
+            hi = min(run[1], -(-(offset + length) // c) * c)
+            lo = -(-lo // c) * c  # whole clusters only: round inward
+            hi -= hi % c
+            if hi <= lo:
+                return
+            self.released_bytes += hi - lo
+        self._release(lo, hi - lo)

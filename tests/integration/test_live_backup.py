@@ -1,0 +1,163 @@
+"""Live backup of a running QEMU VM (backup --qmp): real QEMU, real nbdkit plugin.
+
+The archive must hold each disk exactly as it was when the backup started, whatever the
+guest writes while the backup runs; the running disks must hold every guest write; and the
+VM's block graph must be exactly as before, on success and on failure.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.qemu.qmp import Monitor
+from tests.integration.cli_util import AGENT, agent, agent_from_file, assert_error, describe
+from tests.integration.conftest import make_image, qemu_img_compare
+from tests.integration.vm import Disk, Vm, VmFactory
+
+pytestmark = pytest.mark.integration
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@pytest.fixture
+def vms(short_tmp: Path) -> Iterator[VmFactory]:
+    with VmFactory(short_tmp) as factory:
+        yield factory
+
+
+def _graph(vm: Vm) -> tuple[list[str], list[object]]:
+    nodes = sorted(n["node-name"] for n in vm.monitor.execute("query-named-block-nodes"))
+    return nodes, vm.monitor.execute("query-block-exports")
+
+
+@pytest.fixture
+def two_disks(vms: VmFactory, tmp_path: Path) -> tuple[Vm, dict[str, Path]]:
+    """A VM with a qcow2 and a raw disk full of patterns, and copies of both taken before
+    the VM started (the point in time a backup must reproduce)."""
+    vda = make_image(tmp_path / "vda.qcow2", "qcow2", 48 * MiB, [
+        ("write", 0x11, 0, 20 * MiB), ("write", 0x22, 24 * MiB, 20 * MiB),
+        ("zero", 44 * MiB, MiB)])
+    vdb = make_image(tmp_path / "vdb.raw", "raw", 8 * MiB + 4608, [
+        ("write", 0x33, 0, 8 * MiB + 4608)])
+    before = {"vda": tmp_path / "before-vda.qcow2", "vdb": tmp_path / "before-vdb.raw"}
+    shutil.copy(vda, before["vda"])
+    shutil.copy(vdb, before["vdb"])
+    vm = vms.start([Disk(vda, "qcow2", "vda"), Disk(vdb, "raw", "vdb")])
+    vm.monitor.execute("cont")
+    return vm, before
+
+
+def test_guest_writes_during_backup_do_not_reach_the_archive(
+    two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path
+) -> None:
+    vm, before = two_disks
+    graph_before = _graph(vm)
+    proc = subprocess.Popen(
+        [AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-",
+         "--connections", "1", "--memory", "4M", "--request-size", "1M"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        # The archive's first bytes come after the snapshot exists. The backup then stalls
+        # on the pipe we do not read: the sweep cannot overtake the writes below.
+        head = proc.stdout.read(4096)
+        assert head.startswith(b"\x89BAGENT\n"), proc.stderr.read().decode()
+        writes = [("vda", 0xA1, 0, 64 * KiB), ("vda", 0xA2, 30 * MiB + 4 * KiB, 4 * KiB),
+                  ("vda", 0xA3, 40 * MiB, 2 * MiB), ("vda", 0xA4, 44 * MiB, 64 * KiB),
+                  ("vdb", 0xB1, 8 * MiB, 4608), ("vdb", 0xB2, 4 * MiB, 1 * MiB)]
+        for dev, pattern, off, length in writes:
+            vm.guest_write(dev, pattern, off, length)
+        rest: list[bytes] = []
+        reader = threading.Thread(target=lambda: rest.append(proc.stdout.read()))  # type: ignore[union-attr]
+        reader.start()
+        err = proc.stderr.read()
+        reader.join(120)
+        assert proc.wait(120) == 0, err.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    arc = short_tmp / "live.arc"
+    arc.write_bytes(head + rest[0])
+    out = short_tmp / "restored"
+    done = agent_from_file(arc, "restore", "-", "--to-dir", out)
+    assert done.returncode == 0, describe(done)
+    assert qemu_img_compare(before["vda"], "qcow2", out / "vda.raw", "raw", strict=False)
+    assert qemu_img_compare(before["vdb"], "raw", out / "vdb.raw", "raw", strict=True)
+    for dev, pattern, off, length in writes:
+        vm.guest_verify(dev, pattern, off, length)  # the running disks have every write
+    assert _graph(vm) == graph_before
+    copied = int(err.split(b"guest writes: ")[1].split(b" ")[0])
+    assert copied > 0, err.decode()  # the writes really raced the backup
+
+
+def test_one_drive_only(two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path) -> None:
+    vm, before = two_disks
+    arc = short_tmp / "vdb.arc"
+    made = agent("backup", "--qmp", vm.agent_qmp, "--drive", "vdb", "-o", arc)
+    assert made.returncode == 0, describe(made)
+    done = agent("restore", arc, "--to-dir", short_tmp / "r")
+    assert done.returncode == 0, describe(done)
+    assert sorted(p.name for p in (short_tmp / "r").iterdir()) == ["vdb.raw"]
+    assert qemu_img_compare(before["vdb"], "raw", short_tmp / "r" / "vdb.raw", "raw",
+                            strict=True)
+
+
+def test_unknown_drive_and_busy_monitor(two_disks: tuple[Vm, dict[str, Path]],
+                                        short_tmp: Path) -> None:
+    vm, _ = two_disks
+    graph_before = _graph(vm)
+    bad = agent("backup", "--qmp", vm.agent_qmp, "--drive", "vdz", "-o", short_tmp / "x.arc")
+    assert "vdz" in assert_error(bad)
+    with Monitor(str(vm.agent_qmp)):  # somebody else holds the agent's monitor
+        busy = agent("backup", "--qmp", vm.agent_qmp, "-o", short_tmp / "y.arc")
+    assert "busy" in assert_error(busy)
+    assert not (short_tmp / "x.arc").exists() and not (short_tmp / "y.arc").exists()
+    assert _graph(vm) == graph_before
+
+
+def test_output_closed_early_leaves_the_graph_as_before(
+    two_disks: tuple[Vm, dict[str, Path]]
+) -> None:
+    vm, _ = two_disks
+    graph_before = _graph(vm)
+    proc = subprocess.Popen([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none",
+                             "-o", "-"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(1000)
+    proc.stdout.close()  # the reader goes away
+    err = proc.stderr.read()
+    assert proc.wait(60) == 1
+    assert "closed the pipe" in assert_error((1, err))
+    assert _graph(vm) == graph_before
+    vm.guest_write("vda", 0x5C, 0, 64 * KiB)  # the guest is unharmed
+    vm.guest_verify("vda", 0x5C, 0, 64 * KiB)
+
+
+def test_cleanup_after_a_killed_agent(two_disks: tuple[Vm, dict[str, Path]]) -> None:
+    vm, _ = two_disks
+    graph_before = _graph(vm)
+    proc = subprocess.Popen([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none",
+                             "-o", "-"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    proc.stdout.read(1000)  # the snapshot exists; the backup now stalls on the pipe
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    assert _graph(vm) != graph_before  # what the agent left behind
+    vm.guest_write("vda", 0x6D, 8 * MiB, 64 * KiB)  # the guest still writes (break-snapshot)
+    vm.guest_verify("vda", 0x6D, 8 * MiB, 64 * KiB)
+    done = agent("cleanup", "--qmp", vm.agent_qmp)
+    assert done.returncode == 0, describe(done)
+    assert _graph(vm) == graph_before
+    again = agent("cleanup", "--qmp", vm.agent_qmp)
+    assert again.returncode == 0 and b"nothing to clean up" in again.stderr
