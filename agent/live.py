@@ -168,6 +168,8 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
         "peak_plugin_memory": max((s.get("peak_memory", 0) for s in stats.values()),
                                   default=0),
         "released_bytes": sum(t.released_bytes for t in by_name.values()),
+        "longest_copy_store_us": max((s.get("longest_write_us", 0) for s in stats.values()),
+                                     default=0),
         "snapshot_seconds": round(time.monotonic() - started, 3),
     }
     return BackupSummary(header.uuid, writer.devices, result.progress, out.position,

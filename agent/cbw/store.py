@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ class StoreStats:
     bytes_copied: int
     bytes_spilled: int
     full_errors: int
+    longest_write_us: int  # the longest one copy took to store here: part of a guest's wait
 
 
 class _Spooled(NamedTuple):
@@ -134,6 +136,7 @@ class ClusterStore:
         self._bytes_copied = 0
         self._bytes_spilled = 0
         self._full_errors = 0
+        self._longest_write_ns = 0
         self._journal: deque[tuple[int, int, int]] = deque()  # (seq, offset, length)
         self._seq = 0
         self._subs: set[Subscription] = set()
@@ -156,6 +159,7 @@ class ClusterStore:
         Raises :class:`Misaligned` for a partial cluster and :class:`StoreFull` when memory and
         spool cannot take the data; after StoreFull the range holds nothing.
         """
+        started = time.monotonic_ns()
         view = memoryview(data).cast("B")
         pieces = [
             (index, view[index * self.cluster - offset:][:length])
@@ -179,6 +183,8 @@ class ClusterStore:
                     self._spool[index] = _Spooled(slot, len(chunk))
                     self._bytes_spilled += len(chunk)
             self._stored(offset, len(view), len(pieces), sum(zero))
+            self._longest_write_ns = max(self._longest_write_ns,
+                                         time.monotonic_ns() - started)
 
     def _stored(self, offset: int, length: int, clusters: int, zero_clusters: int) -> None:
         """Count a completed write and journal it for subscribers (lock held)."""
@@ -378,6 +384,7 @@ class ClusterStore:
                 bytes_copied=self._bytes_copied,
                 bytes_spilled=self._bytes_spilled,
                 full_errors=self._full_errors,
+                longest_write_us=self._longest_write_ns // 1000,
             )
 
     def subscribe(self) -> Subscription:

@@ -91,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     if result.extra:
         x = result.extra
         log.info("guest writes: %d cluster(s) copied before write (%d read ahead of the "
-                 "sweep), %s spilled, %s peak in the copy-before-write target",
-                 x["clusters_copied"], x["copied_read_first"], size(x["bytes_spilled"]),
-                 size(x["peak_plugin_memory"]))
+                 "sweep), %s spilled, %s peak in the copy-before-write target, longest "
+                 "store of a copy %.1f ms", x["clusters_copied"], x["copied_read_first"],
+                 size(x["bytes_spilled"]), size(x["peak_plugin_memory"]),
+                 x["longest_copy_store_us"] / 1000)
     return 0
