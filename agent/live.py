@@ -34,12 +34,12 @@ from agent.backup import BackupSummary, read_configs
 from agent.cbw.control import ControlError
 from agent.cbw.server import CbwTargetServer
 from agent.engine import BackupEngine, EngineOptions
-from agent.errors import AgentError, InvalidArgument
+from agent.errors import AgentError, InvalidArgument, SourceError
 from agent.nbd.source import NbdSource
 from agent.pipeline import ProgressFn
 from agent.qemu.block import BlockDevice, query_block_devices
 from agent.qemu.graph import LiveSnapshot, SnapshotSpec
-from agent.qemu.qmp import Monitor
+from agent.qemu.qmp import Monitor, MonitorGone, QmpError
 from agent.tracker import DeviceTracker
 
 log = logging.getLogger("backup-agent")
@@ -113,7 +113,7 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
         try:
             return _stream(job, stack, snap, devices, servers, configs, progress, started)
         except AgentError as e:
-            raise _explain(e, servers) from e
+            raise _explain(e, job, mon, servers) from e
     raise AssertionError("unreachable")  # for mypy: the with block returns or raises
 
 
@@ -180,8 +180,17 @@ def _releaser(snap: LiveSnapshot, device_id: str) -> Callable[[int, int], None]:
     return lambda off, length: snap.release(device_id, off, length)
 
 
-def _explain(e: AgentError, servers: dict[str, CbwTargetServer]) -> AgentError:
-    """A broken snapshot shows up as failed reads: say why, when the plugin knows."""
+def _explain(e: AgentError, job: LiveJob, mon: Monitor,
+             servers: dict[str, CbwTargetServer]) -> AgentError:
+    """Failures of a live backup show up as failed reads or trims: say what really
+    happened when it can be found out."""
+    try:
+        mon.execute("query-status", timeout=2)
+    except MonitorGone:
+        return AgentError(f"QEMU exited during the backup (its monitor at {job.qmp} closed); "
+                          "no archive was written")
+    except QmpError:
+        pass  # QEMU is there but slow to answer: keep the original error
     for name, server in servers.items():
         try:
             full = server.stats().get("full_errors", 0)
@@ -193,4 +202,11 @@ def _explain(e: AgentError, servers: dict[str, CbwTargetServer]) -> AgentError:
                 "copy-before-write target ran out of room (raise --cbw-memory or "
                 f"--spool-limit, or use a faster output); the guest was not affected ({e})"
             )
+    if isinstance(e, SourceError) and "Invalid argument" in str(e):
+        # QEMU answers reads of a broken snapshot with EACCES, which NBD carries as EINVAL.
+        return AgentError(
+            f"the snapshot broke: QEMU could not store a copy in the copy-before-write "
+            f"target within --cbw-timeout ({job.cbw_timeout} s) and dropped the snapshot to "
+            f"keep the guest writing; the guest was not affected ({e})"
+        )
     return e

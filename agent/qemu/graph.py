@@ -51,7 +51,7 @@ import nbd
 from agent.errors import InvalidArgument
 from agent.qemu import names
 from agent.qemu.block import BlockDevice
-from agent.qemu.qmp import Monitor, QmpError
+from agent.qemu.qmp import Monitor, MonitorGone, QmpError
 
 log = logging.getLogger(__name__)
 
@@ -311,10 +311,25 @@ class LiveSnapshot:
             try:
                 undo()
             except Exception as e:  # keep undoing the rest
-                log.error("snapshot %s: cannot %s: %s", self.tag, what, e)
                 errors.append(e)
+                if _monitor_gone(e):
+                    # QEMU exited (or its monitor went away): nothing left to undo here;
+                    # what a live QEMU still holds, `backup-agent cleanup` removes.
+                    log.debug("snapshot %s: monitor gone while undoing: %s", self.tag, e)
+                    self._undo.clear()
+                else:
+                    log.error("snapshot %s: cannot %s: %s", self.tag, what, e)
         if errors and first is None:
             raise errors[0]
+
+
+def _monitor_gone(e: BaseException | None) -> bool:
+    """Whether ``e``, or an error it wraps, says the monitor connection is closed."""
+    while e is not None:
+        if isinstance(e, MonitorGone):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 class _Paused:

@@ -81,6 +81,10 @@ class MonitorBusy(QmpError):
     """The monitor serves another client already; QEMU's monitors take one client at a time."""
 
 
+class MonitorGone(QmpError):
+    """The connection to the monitor is closed: QEMU most likely exited."""
+
+
 def parse_address(address: str) -> str | tuple[str, int]:
     """A monitor address as ``QMPClient`` takes it: a Unix socket path, or ``(host, port)``.
 
@@ -249,7 +253,7 @@ class Monitor:
         """
         client = self._client
         if client is None:
-            raise QmpError(f"QMP command '{cmd}' not sent: the monitor connection was closed")
+            raise MonitorGone(f"QMP command '{cmd}' not sent: the monitor connection was closed")
         wait = self.timeout if timeout is None else timeout
         try:
             return self._loop.run(_execute(client, cmd, args, wait))
@@ -259,12 +263,12 @@ class Monitor:
                 command=cmd, error_class=e.error_class, desc=e.error.error.desc,
             ) from e
         except ExecInterruptedError as e:
-            raise QmpError(
+            raise MonitorGone(
                 f"QMP command '{cmd}' got no reply: the monitor at {self.address} closed the "
                 "connection (did QEMU exit?)", command=cmd,
             ) from e
         except _StateError as e:
-            raise QmpError(
+            raise MonitorGone(
                 f"QMP command '{cmd}' not sent: the connection to the monitor at "
                 f"{self.address} is closed (did QEMU exit?)", command=cmd,
             ) from e
