@@ -9,7 +9,7 @@ VENV := .venv
 
 help:
 	@echo "make setup   install Debian packages, create $(VENV), install the project"
-	@echo "make demo    setup, then back up sample disks through a pipe, verify, restore, compare"
+	@echo "make demo    setup, then back up sample disks and a running VM through pipes, restore, check"
 	@echo "make test    setup, then ruff, mypy and pytest"
 	@echo "make lint    setup, then ruff and mypy only"
 	@echo "make bench   setup, then run the benchmarks (bench/run.py)"
@@ -20,6 +20,7 @@ setup:
 
 demo: setup
 	bash scripts/demo.sh
+	bash scripts/demo-live.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from agent.archive.format import Device
+from agent.archive.format import CHUNK_FIXED, Device
 from agent.archive.reader import ArchiveReader, DataRecord, ZeroRecord
 from agent.errors import AgentError, InvalidArgument, TargetError
 from agent.nbd.server import QemuNbd
@@ -195,7 +195,8 @@ class RestoreEngine:
                 sink.target.write(rec.offset, rec.data())
                 rec.release()
                 with self._lock:
-                    self.meter.add(data=rec.length, stored=cost)
+                    # payload bytes, as the backup counts them
+                    self.meter.add(data=rec.length, stored=cost - CHUNK_FIXED)
             else:
                 sink.target.zero(rec.offset, rec.length)
                 with self._lock:
