@@ -25,16 +25,17 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from agent import __version__
-from agent.archive.format import Header
+from agent.archive.format import Header, check_name
 from agent.archive.output import open_output
 from agent.archive.writer import ArchiveWriter
 from agent.backup import BackupSummary, read_configs
 from agent.cbw.control import ControlError
 from agent.cbw.server import CbwTargetServer
 from agent.engine import BackupEngine, EngineOptions
-from agent.errors import AgentError, InvalidArgument, SourceError
+from agent.errors import AgentError, ArchiveError, InvalidArgument, SourceError
 from agent.nbd.source import NbdSource
 from agent.pipeline import ProgressFn
 from agent.qemu.block import BlockDevice, query_block_devices
@@ -75,6 +76,16 @@ def select_devices(found: list[BlockDevice], wanted: list[str]) -> list[BlockDev
             raise InvalidArgument(f"disk {name!r} is given twice")
         chosen.append(match[0])
     return chosen
+
+
+def archive_name(d: BlockDevice) -> str:
+    """A disk's name in the archive: the guest device's id (``vda``), or its node name when
+    the device has no id (QEMU then reports a QOM path, no good as a file name)."""
+    try:
+        check_name(d.id, "device")
+        return d.id
+    except ArchiveError:
+        return d.node_name
 
 
 def _listen(servers: dict[str, CbwTargetServer], trackers: dict[str, DeviceTracker],
@@ -124,7 +135,8 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
     conns = job.engine.connections
     sources = {
         d.id: stack.enter_context(contextlib.closing(NbdSource(
-            f"nbd+unix:///{snap.export_name(d.id)}?socket={snap.nbd_socket}", conns, d.id)))
+            f"nbd+unix:///{quote(snap.export_name(d.id), safe='')}?socket={snap.nbd_socket}",
+            conns, archive_name(d))))
         for d in devices
     }
     out = open_output(job.output)
@@ -137,7 +149,7 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
         by_name: dict[str, DeviceTracker] = {}
         for d in devices:
             props = {"source-format": d.format, "source": "qemu-live"}
-            dev = writer.add_device(d.id, sources[d.id].size, props)
+            dev = writer.add_device(archive_name(d), sources[d.id].size, props)
             release = _releaser(snap, d.id)
             by_name[d.id] = trackers[dev.id] = DeviceTracker(
                 dev.size, snap.cluster_size(d.id), release)

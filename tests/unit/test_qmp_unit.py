@@ -132,3 +132,15 @@ def test_monitor_hangs_up_before_greeting(listener: socket.socket) -> None:
     with pytest.raises(QmpError, match="closed the connection before the session began"):
         Monitor(path, timeout=5)
     thread.join(5)
+
+
+def test_archive_name_falls_back_to_the_node_name() -> None:
+    from agent.live import archive_name
+    from agent.qemu.block import BlockDevice
+
+    def dev(id_: str) -> BlockDevice:
+        return BlockDevice(id=id_, qdev="", device="", node_name="disk0-fmt", format="qcow2",
+                           virtual_size=1 << 20, filename="/x.qcow2", read_only=False)
+
+    assert archive_name(dev("vda")) == "vda"
+    assert archive_name(dev("/machine/peripheral-anon/device[0]/virtio-backend")) == "disk0-fmt"
