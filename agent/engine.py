@@ -110,17 +110,27 @@ class _Planner:
         self._ready: deque[_Read | _Zero] = deque()
 
     def _walk(self, dev: Device, src: NbdSource, opts: EngineOptions) -> Iterator[_Read | _Zero]:
-        pos = 0
-        while pos < dev.size:
-            window = min(opts.status_window, dev.size - pos)
-            for ext in src.extents(self._handle, pos, window, self._stopped):
-                end = ext.offset + ext.length
-                if ext.zero:
-                    yield _Zero(dev, ext.offset, ext.length)
-                else:
-                    for off in range(ext.offset, end, opts.request_size):
-                        yield _Read(dev, off, min(opts.request_size, end - off))
-                pos = end
+        t = self._tracker
+        for pos in range(0, dev.size, opts.status_window):
+            end = min(pos + opts.status_window, dev.size)
+            q = pos
+            while q < end:
+                # In a live backup, ask only about ranges nobody claimed: a claimed range
+                # may be released already, and QEMU refuses any request touching one.
+                # (Claims happen only under the planner's lock, which we hold here.)
+                gaps = [(q, end)] if t is None else t.unclaimed(q, end)
+                if not gaps:
+                    break
+                a, b = gaps[0]
+                extents = src.extents(self._handle, a, b - a, self._stopped)
+                for ext in extents:
+                    e = ext.offset + ext.length
+                    if ext.zero:
+                        yield _Zero(dev, ext.offset, ext.length)
+                    else:
+                        for off in range(ext.offset, e, opts.request_size):
+                            yield _Read(dev, off, min(opts.request_size, e - off))
+                q = extents[-1].offset + extents[-1].length  # maybe less than asked
 
     def next(self, h: nbd.NBD) -> _Read | _Zero | None:
         with self._lock:

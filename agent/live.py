@@ -58,6 +58,9 @@ class LiveJob:
     cbw_memory: int = 256 * MiB  # per disk, old clusters kept in memory
     spool_dir: str | None = None
     spool_limit: int = 1024 * MiB  # per disk, old clusters spilled to a file
+    # Where QEMU's NBD server listens when something else started it already (QEMU 7.2
+    # cannot tell); None: the agent starts one on a private socket.
+    nbd_socket: str | None = None
 
 
 def select_devices(found: list[BlockDevice], wanted: list[str]) -> list[BlockDevice]:
@@ -116,9 +119,14 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
                 d.virtual_size, memory=job.cbw_memory, spool_dir=job.spool_dir,
                 spool_limit=job.spool_limit, label=d.id))
         snap = LiveSnapshot(mon, [SnapshotSpec(d, servers[d.id].blockdev()) for d in devices],
-                            tag=tag, nbd_socket=f"{work}/qemu-nbd.sock",
+                            tag=tag, nbd_socket=job.nbd_socket or f"{work}/qemu-nbd.sock",
                             cbw_timeout=job.cbw_timeout)
         stack.enter_context(snap)
+        if not snap.nbd_server_owned and job.nbd_socket is None:
+            raise AgentError(
+                "QEMU already runs an NBD server that the agent did not start, and QEMU 7.2 "
+                "cannot tell where it listens: give its Unix socket with --qemu-nbd-socket PATH"
+            )
         started = time.monotonic()
 
         try:
@@ -217,8 +225,9 @@ def _explain(e: AgentError, job: LiveJob, mon: Monitor,
     if isinstance(e, SourceError) and "Invalid argument" in str(e):
         # QEMU answers reads of a broken snapshot with EACCES, which NBD carries as EINVAL.
         return AgentError(
-            f"the snapshot broke: QEMU could not store a copy in the copy-before-write "
-            f"target within --cbw-timeout ({job.cbw_timeout} s) and dropped the snapshot to "
-            f"keep the guest writing; the guest was not affected ({e})"
+            f"the snapshot broke: QEMU stopped serving the point-in-time view, which it does "
+            f"when a copy to the copy-before-write target fails or takes longer than "
+            f"--cbw-timeout ({job.cbw_timeout} s), to keep the guest writing; the guest was "
+            f"not affected ({e})"
         )
     return e

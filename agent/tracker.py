@@ -57,6 +57,13 @@ class DeviceTracker:
         with self._lock:
             return self._claimed.claim(start, end)
 
+    def unclaimed(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Parts of [start, end) nobody claimed. Only those may be asked for block status:
+        a claimed range may be released already, and QEMU refuses any request (block
+        status included) that touches a released range of the snapshot."""
+        with self._lock:
+            return self._claimed.missing(start, end)
+
     # -- the writer --------------------------------------------------------------------
 
     def written(self, offset: int, length: int) -> None:

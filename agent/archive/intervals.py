@@ -47,27 +47,31 @@ class IntervalSet:
             self._starts.insert(i, start)
             self._ends.insert(i, end)
 
+    def missing(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The parts of [start, end) not in the set."""
+        out: list[tuple[int, int]] = []
+        pos = start
+        i = max(0, bisect.bisect_right(self._starts, start) - 1)
+        while pos < end and i < len(self._starts):
+            s, e = self._starts[i], self._ends[i]
+            i += 1
+            if e <= pos:
+                continue
+            if s >= end:
+                break
+            if s > pos:
+                out.append((pos, s))
+            pos = max(pos, e)
+        if pos < end:
+            out.append((pos, end))
+        return out
+
     def claim(self, start: int, end: int) -> list[tuple[int, int]]:
         """Add whatever part of [start, end) is not in the set yet; return those parts.
 
         A live backup claims each range before reading it, from the sweep and from the
         copy-before-write events alike, so no byte is read (or recorded) twice."""
-        new: list[tuple[int, int]] = []
-        pos = start
-        i = max(0, bisect.bisect_right(self._starts, start) - 1)
-        while pos < end and i < len(self._starts):
-            s, e = self._starts[i], self._ends[i]
-            if e <= pos:
-                i += 1
-                continue
-            if s >= end:
-                break
-            if s > pos:
-                new.append((pos, s))
-            pos = max(pos, e)
-            i += 1
-        if pos < end:
-            new.append((pos, end))
+        new = self.missing(start, end)
         for s, e in new:
             self.add(s, e)
         return new

@@ -56,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                       help="where old clusters spill when memory is full ($TMPDIR)")
     live.add_argument("--spool-limit", type=common.byte_size, default=1024 * 1024 * 1024,
                       metavar="SIZE", help="per disk, old clusters spilled to the spool (1G)")
+    live.add_argument("--qemu-nbd-socket", metavar="PATH",
+                      help="if QEMU already runs an NBD server (started by a management "
+                      "tool), the Unix socket it listens on; otherwise the agent starts one")
     common.add_progress(p)
     p.set_defaults(run=run)
 
@@ -76,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
                 qmp=args.qmp, output=args.output, drives=args.drive, configs=args.config,
                 engine=opts, cbw_timeout=args.cbw_timeout, cbw_memory=args.cbw_memory,
                 spool_dir=args.spool_dir, spool_limit=args.spool_limit,
+                nbd_socket=args.qemu_nbd_socket,
             ), renderer.callback())
         else:
             if args.drive:

@@ -325,9 +325,11 @@ class LiveSnapshot:
 
 def _monitor_gone(e: BaseException | None) -> bool:
     """Whether ``e``, or an error it wraps, says the monitor connection is closed."""
-    while e is not None:
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:  # context chains can loop
         if isinstance(e, MonitorGone):
             return True
+        seen.add(id(e))
         e = e.__cause__ or e.__context__
     return False
 
