@@ -85,15 +85,7 @@ class IntervalSet:
 
     def gaps(self, size: int) -> list[tuple[int, int]]:
         """The ranges of [0, size) not in the set."""
-        out = []
-        pos = 0
-        for s, e in zip(self._starts, self._ends, strict=True):
-            if s > pos:
-                out.append((pos, s))
-            pos = max(pos, e)
-        if pos < size:
-            out.append((pos, size))
-        return out
+        return self.missing(0, size)
 
     def __len__(self) -> int:
         return len(self._starts)

@@ -9,21 +9,17 @@ process gets a PYTHONPATH holding this package's root and the site-packages we r
 from __future__ import annotations
 
 import os
-import shutil
 import site
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 
 import agent
 from agent.cbw.control import ControlClient
 from agent.errors import AgentError
+from agent.process import HelperProcess, accepts
 
 PLUGIN = Path(agent.__file__).resolve().parent.parent / "nbd-plugins" / "cbw_target.py"
-START_TIMEOUT = 15.0
 
 
 def _pythonpath() -> str:
@@ -40,46 +36,28 @@ class CbwTargetServer:
         if not PLUGIN.exists():
             raise AgentError(f"the copy-before-write plugin is missing: {PLUGIN}")
         self.label = label
-        self._dir = tempfile.mkdtemp(prefix="ba-cbw-")
-        self.socket = os.path.join(self._dir, "nbd.sock")
-        self.control_path = os.path.join(self._dir, "ctl.sock")
+        self._proc = HelperProcess("ba-cbw-")
+        self.socket = os.path.join(self._proc.dir, "nbd.sock")
+        self.control_path = os.path.join(self._proc.dir, "ctl.sock")
+        self.control = ControlClient(self.control_path)
         args = ["nbdkit", "--foreground", "--exit-with-parent", "-U", self.socket,
                 "python", str(PLUGIN), f"size={size}", f"memory={memory}",
                 f"spool-limit={spool_limit}", f"control={self.control_path}"]
         if spool_dir:
             args.append(f"spool-dir={spool_dir}")
-        env = {**os.environ, "PYTHONPATH": _pythonpath()}
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
-        self.proc: subprocess.Popen[bytes] | None = None
         try:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
-                                         stderr=self._log, env=env)
-            self._wait_ready()
-            self.control = ControlClient(self.control_path)
-        except FileNotFoundError as e:
-            self.close()
-            raise AgentError("nbdkit is not installed (Debian packages nbdkit, "
-                             "nbdkit-plugin-python)") from e
+            self._proc.start(args, env={**os.environ, "PYTHONPATH": _pythonpath()},
+                             missing="nbdkit is not installed (Debian packages nbdkit, "
+                             "nbdkit-plugin-python)")
+            self._proc.wait_until(
+                lambda: accepts(self.socket) and os.path.exists(self.control_path),
+                f"device {label!r}: the copy-before-write target did not start")
         except BaseException:
             self.close()
             raise
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise AgentError(f"device {self.label!r}: the copy-before-write target did "
-                                 f"not start: {self.output()}")
-            if os.path.exists(self.socket) and os.path.exists(self.control_path):
-                return
-            time.sleep(0.02)
-        raise AgentError(f"device {self.label!r}: the copy-before-write target did not start "
-                         f"within {START_TIMEOUT:.0f} s")
-
     def output(self) -> str:
-        self._log.seek(0)
-        text = self._log.read().decode(errors="replace").strip()
-        return text.splitlines()[-1] if text else "no message"
+        return self._proc.output()
 
     def stats(self) -> dict[str, int]:
         """The store's counters (clusters copied, bytes spilled, peaks, full errors)."""
@@ -90,19 +68,8 @@ class CbwTargetServer:
         return {"driver": "nbd", "server": {"type": "unix", "path": self.socket}}
 
     def close(self) -> None:
-        control = getattr(self, "control", None)
-        if control is not None:
-            control.close()
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._log.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self.control.close()
+        self._proc.close()
 
     def __enter__(self) -> CbwTargetServer:
         return self

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
-import tempfile
-import time
 from types import TracebackType
 
 from agent.errors import AgentError
-
-START_TIMEOUT = 15.0
+from agent.process import HelperProcess, accepts
 
 
 def image_info(path: str) -> dict[str, object]:
@@ -47,61 +42,25 @@ class QemuNbd:
     ) -> None:
         self.image = image
         self.fmt = fmt
-        self._dir = tempfile.mkdtemp(prefix="ba-nbd-")
-        self.socket = os.path.join(self._dir, "nbd.sock")
+        self._proc = HelperProcess("ba-nbd-")
+        self.socket = os.path.join(self._proc.dir, "nbd.sock")
         self.uri = f"nbd+unix:///?socket={self.socket}"
         args = ["qemu-nbd", "-f", fmt, f"--socket={self.socket}", "--persistent",
                 f"--shared={shared}", *extra]
         if readonly:
             args.append("--read-only")
         args.append(image)
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
         try:
-            self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log
-            )
-        except FileNotFoundError as e:
-            self.close()
-            raise AgentError("qemu-nbd is not installed (Debian package qemu-utils)") from e
-        try:
-            self._wait_ready()
+            self._proc.start(args, missing="qemu-nbd is not installed (Debian package "
+                             "qemu-utils)")
+            self._proc.wait_until(lambda: accepts(self.socket),
+                                  f"qemu-nbd could not serve {self.image}")
         except BaseException:
             self.close()
             raise
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise AgentError(f"qemu-nbd could not serve {self.image}: {self._output()}")
-            if os.path.exists(self.socket):
-                s = socket.socket(socket.AF_UNIX)
-                try:
-                    s.connect(self.socket)
-                    return
-                except OSError:
-                    pass
-                finally:
-                    s.close()
-            time.sleep(0.02)
-        raise AgentError(f"qemu-nbd did not start serving {self.image} within {START_TIMEOUT}s")
-
-    def _output(self) -> str:
-        self._log.seek(0)
-        text = self._log.read().decode(errors="replace").strip()
-        return text.splitlines()[-1] if text else "no error message"
-
     def close(self) -> None:
-        proc, self.proc = getattr(self, "proc", None), None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._log.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._proc.close()
 
     def __enter__(self) -> QemuNbd:
         return self

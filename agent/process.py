@@ -1,0 +1,78 @@
+"""Helper processes the agent runs (qemu-nbd, nbdkit): each in a private temporary
+directory (for its sockets), its output kept for error messages, and stopped by its
+own pid on every way out."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from agent.errors import AgentError
+
+START_TIMEOUT = 15.0
+
+
+def accepts(path: str) -> bool:
+    """Whether a Unix socket accepts connections (its file appears before it listens)."""
+    if not os.path.exists(path):
+        return False
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+            return True
+        except OSError:
+            return False
+
+
+class HelperProcess:
+    """Make the directory first (:attr:`dir`, for the sockets named in the command
+    line), then :meth:`start`, :meth:`wait_until` ready; :meth:`close` always."""
+
+    def __init__(self, prefix: str) -> None:
+        self.dir = tempfile.mkdtemp(prefix=prefix)
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, args: Sequence[str], *, missing: str,
+              env: Mapping[str, str] | None = None) -> None:
+        """Start ``args``; ``missing`` is the error when the program is not installed."""
+        try:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
+                                         stderr=self._log, env=env)
+        except FileNotFoundError as e:
+            raise AgentError(missing) from e
+
+    def wait_until(self, ready: Callable[[], bool], what: str,
+                   timeout: float = START_TIMEOUT) -> None:
+        """Wait for ``ready()``; ``what`` says what did not happen, in the error."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise AgentError(f"{what}: {self.output()}")
+            if ready():
+                return
+            time.sleep(0.02)
+        raise AgentError(f"{what} within {timeout:.0f} s")
+
+    def output(self) -> str:
+        """The last line the process printed."""
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace").strip()
+        return text.splitlines()[-1] if text else "no message"
+
+    def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
