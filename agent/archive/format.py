@@ -45,7 +45,6 @@ FRAME_MAGIC = b"BREC"
 FRAME = struct.Struct("<4sHHQII")  # magic, type, flags, seq, body_len, header_crc
 assert FRAME.size == 24
 DIGEST_SIZE = 16
-FRAME_OVERHEAD = FRAME.size + DIGEST_SIZE
 
 FLAG_OPTIONAL = 0x0001  # a reader that does not know this type may skip the record
 KNOWN_FLAGS = FLAG_OPTIONAL
@@ -189,9 +188,8 @@ class _Cursor:
                 raise ArchiveError(f"{self.what} has a property that is not UTF-8") from e
         return out
 
-    def end(self) -> None:
-        # Trailing bytes are allowed: later minor versions may append fields.
-        pass
+    # Trailing bytes after the known fields are allowed: later minor versions may append
+    # fields, so decoders never check that a body was consumed to its end.
 
 
 _U16 = struct.Struct("<H")
