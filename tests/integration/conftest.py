@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.vm import Guest, VmFactory, build_guest
+
 StrPath = str | os.PathLike[str]
 ImageOp = tuple[str, int, int] | tuple[str, int, int, int]
 
@@ -298,3 +300,20 @@ def nbd_server(short_tmp: Path) -> Iterator[NbdServerFactory]:
         yield factory
     finally:
         factory.close()
+
+
+# -- virtual machines (tests/integration/vm.py) -------------------------------------------
+
+
+@pytest.fixture
+def vms(short_tmp: Path) -> Iterator[VmFactory]:
+    """Factory for real VMs: ``vms.start([Disk(...)])``; each is stopped by its pid at the end."""
+    with VmFactory(short_tmp) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="session")
+def guest() -> Guest:
+    """The tiny test guest, built by scripts/build-guest.sh on first use (downloads Debian's
+    cloud kernel: give it time on a fresh machine)."""
+    return build_guest()

@@ -3,7 +3,6 @@ old data through the NBD export, new data on the disk, releases, crash cleanup, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +50,6 @@ def test_round_inward_rejects_bad_input() -> None:
 
 # -- helpers ------------------------------------------------------------------------------------
 
-
-@pytest.fixture
-def vms(short_tmp: Path) -> Iterator[VmFactory]:
-    with VmFactory(short_tmp) as factory:
-        yield factory
 
 
 def disk(tmp_path: Path, dev_id: str, fmt: str, size: int, pattern: int) -> Disk:

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,11 +29,6 @@ pytestmark = pytest.mark.integration
 KiB = 1024
 MiB = 1024 * KiB
 
-
-@pytest.fixture
-def vms(short_tmp: Path) -> Iterator[VmFactory]:
-    with VmFactory(short_tmp) as factory:
-        yield factory
 
 
 def _graph(vm: Vm) -> tuple[list[str], list[object]]:

@@ -50,11 +50,6 @@ HANG = 60.0
 SLOW = ["--compress", "none", "--connections", "1", "--memory", "4M", "--request-size", "1M"]
 
 
-@pytest.fixture
-def vms(short_tmp: Path) -> Iterator[VmFactory]:
-    with VmFactory(short_tmp) as factory:
-        yield factory
-
 
 @pytest.fixture
 def vm(vms: VmFactory, tmp_path: Path) -> Vm:

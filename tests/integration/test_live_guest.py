@@ -15,14 +15,13 @@ import base64
 import re
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.integration.cli_util import AGENT, agent_from_file, describe
 from tests.integration.conftest import make_image
-from tests.integration.vm import Disk, Guest, Vm, VmFactory, build_guest
+from tests.integration.vm import Disk, Guest, Vm, VmFactory
 
 pytestmark = pytest.mark.integration
 
@@ -94,16 +93,6 @@ def wait_block(vm: Vm, block: int, timeout: float = 60.0) -> None:
     vm.wait_serial(f"BA-GUEST: seq block={block}\n", timeout=timeout)
 
 
-@pytest.fixture
-def vms(short_tmp: Path) -> Iterator[VmFactory]:
-    with VmFactory(short_tmp) as factory:
-        yield factory
-
-
-@pytest.fixture(scope="session")
-def guest() -> Guest:
-    """The tiny test guest, built by scripts/build-guest.sh on first use."""
-    return build_guest()
 
 
 @pytest.mark.timeout(900)  # the first run builds the guest: a 27 MB download

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import nbd
@@ -14,7 +13,7 @@ import pytest
 from agent.qemu.block import BlockDevice, query_block_devices
 from agent.qemu.qmp import Monitor, MonitorBusy, QmpError
 from tests.integration.conftest import make_image
-from tests.integration.vm import Disk, Guest, Vm, VmError, VmFactory, build_guest
+from tests.integration.vm import Disk, Guest, Vm, VmError, VmFactory
 
 pytestmark = pytest.mark.integration
 
@@ -22,18 +21,6 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-@pytest.fixture
-def vms(short_tmp: Path) -> Iterator[VmFactory]:
-    """Factory for real VMs: ``vms.start([Disk(...)])``; each is stopped by its pid at the end."""
-    with VmFactory(short_tmp) as factory:
-        yield factory
-
-
-@pytest.fixture(scope="session")
-def guest() -> Guest:
-    """The tiny test guest, built by scripts/build-guest.sh on first use (downloads Debian's
-    cloud kernel: give it time on a fresh machine)."""
-    return build_guest()
 
 
 @pytest.fixture
