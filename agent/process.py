@@ -17,16 +17,31 @@ from agent.errors import AgentError
 START_TIMEOUT = 15.0
 
 
-def accepts(path: str) -> bool:
-    """Whether a Unix socket accepts connections (its file appears before it listens)."""
+NBD_GREETING = b"NBDMAGIC"
+
+
+def accepts(path: str, timeout: float = 1.0) -> bool:
+    """Whether an NBD server on Unix socket ``path`` is serving.
+
+    A successful connect() is not enough: qemu-nbd listens before it opens its image and
+    exits if that fails, and the kernel completes connects to a listening socket on its own.
+    Only a server that is really serving sends the greeting.
+    """
     if not os.path.exists(path):
         return False
     with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
         try:
             s.connect(path)
-            return True
-        except OSError:
+            greeting = b""
+            while len(greeting) < len(NBD_GREETING):
+                chunk = s.recv(len(NBD_GREETING) - len(greeting))
+                if not chunk:
+                    return False
+                greeting += chunk
+        except OSError:  # includes the timeout: not serving yet
             return False
+        return greeting == NBD_GREETING
 
 
 class HelperProcess:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.process import accepts
 from tests.integration.vm import Guest, VmFactory, build_guest
 
 StrPath = str | os.PathLike[str]
@@ -258,7 +258,7 @@ class NbdServerFactory:
 
 
 def _wait_until_accepting(server: Server, argv: Sequence[str]) -> None:
-    """Poll until ``server.socket`` exists and accepts a connection, or fail the test.
+    """Poll until the server on ``server.socket`` sends its NBD greeting, or fail the test.
 
     Fails early, with the server's output, if the process exits first.
     """
@@ -271,14 +271,8 @@ def _wait_until_accepting(server: Server, argv: Sequence[str]) -> None:
                 f"command: {argv!r}\n{server.log_text()}",
                 pytrace=False,
             )
-        if os.path.exists(server.socket):
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(server.socket)
-                except OSError:
-                    pass
-                else:
-                    return
+        if accepts(server.socket, timeout=0.5):  # the NBD greeting, not just a connect
+            return
         if time.monotonic() >= deadline:
             pytest.fail(
                 f"{argv[0]} did not accept connections on {server.socket} within "

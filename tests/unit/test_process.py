@@ -1,0 +1,81 @@
+"""accepts(): a server is ready when it sends the NBD greeting, not when connect() succeeds."""
+
+from __future__ import annotations
+
+import socket
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.process import accepts
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    with tempfile.TemporaryDirectory(prefix="ba-") as d:
+        yield str(Path(d) / "s.sock")
+
+
+def test_missing_socket(sock_path: str) -> None:
+    assert not accepts(sock_path)
+
+
+def test_listening_but_silent_is_not_ready(sock_path: str) -> None:
+    # What qemu-nbd looks like between listen() and opening its image: the kernel completes
+    # the connect, nobody answers. This once let a failing qemu-nbd pass as started.
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(sock_path)
+        server.listen(4)
+        assert not accepts(sock_path, timeout=0.1)
+
+
+def test_closed_without_greeting_is_not_ready(sock_path: str) -> None:
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(sock_path)
+        server.listen(4)
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            conn.close()
+
+        t = threading.Thread(target=answer)
+        t.start()
+        assert not accepts(sock_path, timeout=5)
+        t.join()
+
+
+@pytest.mark.parametrize("reply", [b"NBDMAGIC", b"NBDMAGIC\x49\x48\x41\x56\x45\x4f\x50\x54"])
+def test_greeting_is_ready(sock_path: str, reply: bytes) -> None:
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(sock_path)
+        server.listen(4)
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            for b in reply:  # one byte at a time: recv may return short reads
+                conn.send(bytes([b]))
+            conn.close()
+
+        t = threading.Thread(target=answer)
+        t.start()
+        assert accepts(sock_path, timeout=5)
+        t.join()
+
+
+def test_wrong_greeting_is_not_ready(sock_path: str) -> None:
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(sock_path)
+        server.listen(4)
+
+        def answer() -> None:
+            conn, _ = server.accept()
+            conn.sendall(b"HTTP/1.1")
+            conn.close()
+
+        t = threading.Thread(target=answer)
+        t.start()
+        assert not accepts(sock_path, timeout=5)
+        t.join()
