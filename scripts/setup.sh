@@ -21,6 +21,12 @@ PACKAGES=(
     zstd
     cpio                   # building test initramfs images
     busybox-static         # test guest userland
+    fio                    # bench/guest_cost.py: guest write latency during a backup
+    openssh-server         # tests: a backup carried over a real ssh connection
+    openssh-client
+    mbuffer                # tests: writing an archive onto "tape" in fixed blocks
+    systemd                # tests: systemd-analyze verify of the units in deploy/
+    iproute2               # tests: network namespaces joined by a veth pair
 )
 VENV=.venv
 STAMP="$VENV/.installed-stamp"
