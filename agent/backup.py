@@ -13,9 +13,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from uuid import UUID
 
 from agent import __version__
-from agent.archive.format import Device, Header
+from agent.archive.format import Device, Header, Kind, new_archive_uuid
 from agent.archive.output import SequentialOutput, open_output
 from agent.archive.writer import ArchiveWriter
 from agent.engine import BackupEngine, EngineOptions
@@ -42,6 +43,9 @@ class BackupSummary:
     archive_bytes: int
     peak_buffer: int
     extra: dict[str, float] = field(default_factory=dict)  # live backups: what the guest cost
+    kind: Kind = Kind.FULL
+    parent: UUID | None = None  # the archive an incremental or differential builds on
+    note: str = ""  # why the kind is not the one asked for, or why no checkpoint was started
 
 
 def _check_names(job: BackupJob) -> None:
@@ -105,7 +109,7 @@ def _write(
     configs: list[tuple[str, bytes]],
     progress: ProgressFn | None,
 ) -> BackupSummary:
-    header = Header(uuid=uuid.uuid4(), created_ns=time.time_ns(), tool_version=__version__)
+    header = Header(uuid=new_archive_uuid(), created_ns=time.time_ns(), tool_version=__version__)
     writer = ArchiveWriter(out, header)
     pairs = [(writer.add_device(name, src.size, props), src) for name, src, props in opened]
     for name, data in configs:

@@ -110,27 +110,35 @@ class _Planner:
         self._ready: deque[_Read | _Zero] = deque()
 
     def _walk(self, dev: Device, src: NbdSource, opts: EngineOptions) -> Iterator[_Read | _Zero]:
-        t = self._tracker
         for pos in range(0, dev.size, opts.status_window):
             end = min(pos + opts.status_window, dev.size)
             q = pos
             while q < end:
-                # In a live backup, ask only about ranges nobody claimed: a claimed range
-                # may be released already, and QEMU refuses any request touching one.
-                # (Claims happen only under the planner's lock, which we hold here.)
-                gaps = [(q, end)] if t is None else t.unclaimed(q, end)
-                if not gaps:
-                    break
-                a, b = gaps[0]
-                extents = src.extents(self._handle, a, b - a, self._stopped)
-                for ext in extents:
-                    e = ext.offset + ext.length
-                    if ext.zero:
-                        yield _Zero(dev, ext.offset, ext.length)
-                    else:
-                        for off in range(ext.offset, e, opts.request_size):
-                            yield _Read(dev, off, min(opts.request_size, e - off))
-                q = extents[-1].offset + extents[-1].length  # maybe less than asked
+                # An incremental backup copies only the changed runs (all of it otherwise).
+                runs, q = src.changed(q, end - q, self._stopped)
+                for start, stop in runs:
+                    yield from self._run(dev, src, opts, start, stop)
+
+    def _run(self, dev: Device, src: NbdSource, opts: EngineOptions,
+             q: int, end: int) -> Iterator[_Read | _Zero]:
+        t = self._tracker
+        while q < end:
+            # In a live backup, ask only about ranges nobody claimed: a claimed range
+            # may be released already, and QEMU refuses any request touching one.
+            # (Claims happen only under the planner's lock, which we hold here.)
+            gaps = [(q, end)] if t is None else t.unclaimed(q, end)
+            if not gaps:
+                break
+            a, b = gaps[0]
+            extents = src.extents(self._handle, a, b - a, self._stopped)
+            for ext in extents:
+                e = ext.offset + ext.length
+                if ext.zero:
+                    yield _Zero(dev, ext.offset, ext.length)
+                else:
+                    for off in range(ext.offset, e, opts.request_size):
+                        yield _Read(dev, off, min(opts.request_size, e - off))
+            q = extents[-1].offset + extents[-1].length  # maybe less than asked
 
     def next(self, h: nbd.NBD) -> _Read | _Zero | None:
         with self._lock:
@@ -221,14 +229,18 @@ class BackupEngine:
         opts: EngineOptions,
         progress: ProgressFn | None = None,
         trackers: Mapping[int, DeviceTracker] | None = None,
+        total: int | None = None,
     ) -> None:
+        """``total``: bytes the backup will cover, for progress (default: every byte of
+        every device; an incremental covers only the changes)."""
         self.writer = writer
         self.trackers = dict(trackers or {})  # device id -> live-backup bookkeeping
         self.sources = sources
         self.opts = opts
         self.control = Control()
         self.buffers = BufferPool(opts.request_size, opts.memory // opts.request_size, self.control)
-        self.meter = Meter("backup", sum(d.size for d, _ in sources), progress)
+        self.meter = Meter("backup", sum(d.size for d, _ in sources) if total is None else total,
+                           progress)
         self._q: queue.Queue[Future[_Prepared] | _Zero | None] = queue.Queue()
         self._workers = ThreadPoolExecutor(opts.workers, thread_name_prefix="ba-work")
         self._planners = [_Planner(d, s, opts, self.control, self.trackers.get(d.id))

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from agent import __version__
-from agent.archive.format import Header, check_name
+from agent.archive.format import Header, check_name, new_archive_uuid
 from agent.archive.output import open_output
 from agent.archive.writer import ArchiveWriter
 from agent.backup import BackupSummary, read_configs
@@ -38,7 +38,9 @@ from agent.engine import BackupEngine, EngineOptions
 from agent.errors import AgentError, ArchiveError, InvalidArgument, SourceError
 from agent.nbd.source import NbdSource
 from agent.pipeline import ProgressFn
+from agent.qemu import checkpoints, names
 from agent.qemu.block import BlockDevice, query_block_devices
+from agent.qemu.checkpoints import Mode
 from agent.qemu.graph import LiveSnapshot, SnapshotSpec
 from agent.qemu.qmp import Monitor, MonitorGone, QmpError
 from agent.tracker import DeviceTracker
@@ -61,6 +63,7 @@ class LiveJob:
     # Where QEMU's NBD server listens when something else started it already (QEMU 7.2
     # cannot tell); None: the agent starts one on a private socket.
     nbd_socket: str | None = None
+    mode: Mode = Mode.FULL  # see agent.qemu.checkpoints
 
 
 def select_devices(found: list[BlockDevice], wanted: list[str]) -> list[BlockDevice]:
@@ -109,6 +112,14 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
     with contextlib.ExitStack() as stack:
         mon = stack.enter_context(Monitor(job.qmp))
         devices = select_devices(query_block_devices(mon), job.drives)
+        # Decided before anything is added to the VM: a refused incremental changes nothing.
+        plan = checkpoints.choose(job.mode, checkpoints.read(mon, devices))
+        if plan.note:
+            # Asked for a full backup, the user needs no warning that it starts no
+            # checkpoint; whoever relies on checkpoints (auto) does.
+            log.log(logging.DEBUG if job.mode is Mode.FULL else logging.WARNING, "%s",
+                    plan.note)
+        archive = new_archive_uuid()
         tag = secrets.token_hex(4)
         work = tempfile.mkdtemp(prefix="ba-live-")
         stack.callback(shutil.rmtree, work, ignore_errors=True)
@@ -120,7 +131,9 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
                 spool_limit=job.spool_limit, label=d.id))
         snap = LiveSnapshot(mon, [SnapshotSpec(d, servers[d.id].blockdev()) for d in devices],
                             tag=tag, nbd_socket=job.nbd_socket or f"{work}/qemu-nbd.sock",
-                            cbw_timeout=job.cbw_timeout)
+                            cbw_timeout=job.cbw_timeout,
+                            transaction=checkpoints.transaction(plan, archive, tag, devices),
+                            changes=names.changes_bitmap(tag) if plan.base else None)
         stack.enter_context(snap)
         if not snap.nbd_server_owned and job.nbd_socket is None:
             raise AgentError(
@@ -130,7 +143,8 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
         started = time.monotonic()
 
         try:
-            return _stream(job, stack, snap, devices, servers, configs, progress, started)
+            return _stream(job, stack, snap, devices, servers, configs, progress, started,
+                           plan, archive)
         except AgentError as e:
             raise _explain(e, job, mon, servers) from e
     raise AssertionError("unreachable")  # for mypy: the with block returns or raises
@@ -139,18 +153,25 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
 def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
             devices: list[BlockDevice], servers: dict[str, CbwTargetServer],
             configs: list[tuple[str, bytes]], progress: ProgressFn | None,
-            started: float) -> BackupSummary:
+            started: float, plan: checkpoints.Plan, archive: uuid.UUID) -> BackupSummary:
     conns = job.engine.connections
     sources = {
         d.id: stack.enter_context(contextlib.closing(NbdSource(
             f"nbd+unix:///{quote(snap.export_name(d.id), safe='')}?socket={snap.nbd_socket}",
-            conns, archive_name(d))))
+            conns, archive_name(d), changes=snap.changes)))
         for d in devices
     }
+    total = None
+    if snap.changes is not None:  # progress counts the changed bytes only
+        total = sum(b.count for disk in checkpoints.read(snap.monitor, devices)
+                    for b in disk.bitmaps if b.name == snap.changes)
     out = open_output(job.output)
     stack.callback(out.close)
     try:
-        header = Header(uuid=uuid.uuid4(), created_ns=time.time_ns(), tool_version=__version__)
+        new = checkpoints.new_checkpoints(plan, archive)
+        header = Header(uuid=archive, created_ns=time.time_ns(), tool_version=__version__,
+                        kind=plan.kind, parent_uuid=plan.parent,
+                        checkpoint=new[0] if new else "")
         writer = ArchiveWriter(out, header)
         pairs = []
         trackers: dict[int, DeviceTracker] = {}
@@ -165,7 +186,7 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
         for name, data in configs:
             writer.add_config(name, data, job.engine.compression)
 
-        engine = BackupEngine(writer, pairs, job.engine, progress, trackers)
+        engine = BackupEngine(writer, pairs, job.engine, progress, trackers, total)
         stop = threading.Event()
         listener = threading.Thread(target=_listen, args=(servers, by_name, stop,
                                     engine.control.fail), name="ba-cbw-events", daemon=True)
@@ -180,6 +201,9 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
     except BaseException:
         out.abort()
         raise
+    # The archive is complete: its checkpoints stay, the ones it supersedes go.
+    snap.commit()
+    checkpoints.retire(snap.monitor, plan, archive, devices)
     stats = {name: s.stats() for name, s in servers.items()}
     extra = {
         "clusters_copied": sum(s.get("clusters_copied", 0) for s in stats.values()),
@@ -193,7 +217,7 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
         "snapshot_seconds": round(time.monotonic() - started, 3),
     }
     return BackupSummary(header.uuid, writer.devices, result.progress, out.position,
-                         result.peak_buffer, extra)
+                         result.peak_buffer, extra, plan.kind, plan.parent, plan.note)
 
 
 def _releaser(snap: LiveSnapshot, device_id: str) -> Callable[[int, int], None]:

@@ -17,7 +17,8 @@ import contextlib
 import os
 import subprocess
 import threading
-from collections.abc import Callable, Collection
+import time
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import BinaryIO
 
 from agent.archive.format import CHUNK_FIXED, Device
 from agent.archive.reader import ArchiveReader, DataRecord, ZeroRecord
+from agent.chain import Link, check_chain
 from agent.errors import AgentError, InvalidArgument, TargetError
 from agent.nbd.server import QemuNbd
 from agent.nbd.target import FileTarget, NbdTarget, Target
@@ -143,31 +145,66 @@ def _create_qcow2(path: Path, size: int) -> None:
 
 
 class RestoreEngine:
-    def __init__(self, reader: ArchiveReader, make_sink: SinkFactory, opts: RestoreOptions,
-                 progress: ProgressFn | None = None) -> None:
-        self.reader = reader
+    """Applies archives in order onto the sinks made for the first one's devices.
+
+    Each archive's records are written in parallel; the next archive starts only when all of
+    them are on the targets, so a later archive's record always lands over an earlier one's.
+    Targets are committed once, after the last archive's seal checked out.
+    """
+
+    def __init__(self, readers: Sequence[ArchiveReader], make_sink: SinkFactory,
+                 opts: RestoreOptions, progress: ProgressFn | None = None) -> None:
+        self.readers = list(readers)
         self.opts = opts
+        self.progress = progress
         self.control = Control()
         self.budget = ByteBudget(opts.memory, self.control)
-        self.sinks: dict[int, _Sink] = {}
+        self.sinks: dict[str, _Sink] = {}  # by device name: ids differ between archives
         try:
-            for dev in reader.devices:
+            for dev in self.readers[0].devices:
                 sink = make_sink(dev)
                 if sink is not None:
-                    self.sinks[dev.id] = sink
+                    self.sinks[dev.name] = sink
+        except BaseException:
+            self._discard()
+            raise
+        self._lock = threading.Lock()
+        self.meter = self._meter(0)
+
+    def _meter(self, i: int) -> Meter:
+        n = len(self.readers)
+        phase = "restore" if n == 1 else f"restore {i + 1}/{n}"
+        # Only a full backup's size is known before its end: later archives hold the changes.
+        total = sum(s.device.size for s in self.sinks.values()) if i == 0 else 0
+        return Meter(phase, total, self.progress)
+
+    def run(self) -> RestoreResult:
+        started = time.monotonic()
+        done = [0, 0, 0, 0]  # done, data, zero, stored: over all archives
+        try:
+            for i, reader in enumerate(self.readers):
+                if i:
+                    self.meter = self._meter(i)
+                self._apply_archive(reader)
+                p = self.meter.final()
+                for k, v in enumerate((p.done, p.data_bytes, p.zero_bytes, p.stored_bytes)):
+                    done[k] += v
+            for sink in self.sinks.values():
+                sink.commit()
         except BaseException:
             self._discard()
             raise
         total = sum(s.device.size for s in self.sinks.values())
-        self.meter = Meter("restore", total, progress)
-        self._lock = threading.Lock()
+        progress = Progress("restore", done[0], total, done[1], done[2], done[3],
+                            time.monotonic() - started)
+        return RestoreResult(progress, list(self.sinks), [s.where for s in self.sinks.values()])
 
-    def run(self) -> RestoreResult:
+    def _apply_archive(self, reader: ArchiveReader) -> None:
         pool = ThreadPoolExecutor(self.opts.workers, thread_name_prefix="ba-restore")
         try:
-            for rec in self.reader.records():
+            for rec in reader.records():
                 self.control.check_failed()
-                sink = self.sinks.get(rec.device.id)
+                sink = self.sinks.get(rec.device.name)
                 if sink is None:
                     continue
                 cost = rec.raw.body.nbytes if isinstance(rec, DataRecord) else 0
@@ -176,17 +213,12 @@ class RestoreEngine:
                 pool.submit(self.control.guard_call, self._apply, sink, rec, cost)
             pool.shutdown(wait=True)
             self.control.check_failed()
-            for sink in self.sinks.values():
-                sink.commit()
         except BaseException as e:
             self.control.fail(e)
             pool.shutdown(wait=True, cancel_futures=True)
-            self._discard()
             if self.control.error is not e and self.control.error is not None:
                 raise self.control.error from None
             raise
-        return RestoreResult(self.meter.final(), [s.device.name for s in self.sinks.values()],
-                             [s.where for s in self.sinks.values()])
 
     def _apply(self, sink: _Sink, rec: DataRecord | ZeroRecord, cost: int) -> None:
         try:
@@ -214,16 +246,32 @@ def restore(
     progress: ProgressFn | None = None, wanted: Collection[str] | None = None,
 ) -> RestoreResult:
     """Restore every device the sink factory accepts from one archive stream."""
-    reader = ArchiveReader(stream, verify_data=False, keep_configs=False)
+    return restore_chain([(stream, "the archive")], make_sink, opts, progress, wanted,
+                         single=True)
+
+
+def restore_chain(
+    streams: Sequence[tuple[BinaryIO, str]], make_sink: SinkFactory, opts: RestoreOptions,
+    progress: ProgressFn | None = None, wanted: Collection[str] | None = None,
+    single: bool = False,
+) -> RestoreResult:
+    """Restore a chain: a full backup, then each incremental or differential over it, in
+    order. ``streams`` pairs each archive with how the user named it (for messages). Every
+    archive's header is read and the chain checked before anything is written. ``single``:
+    a lone archive of any kind (``verify`` checks an incremental on its own)."""
+    readers = [ArchiveReader(s, verify_data=False, keep_configs=False) for s, _ in streams]
+    if not single:
+        check_chain([Link(label, r.header, r.devices)
+                     for r, (_, label) in zip(readers, streams, strict=True)], wanted)
     if wanted is not None:
-        names = {d.name for d in reader.devices}
+        names = {d.name for d in readers[0].devices}
         missing = sorted(set(wanted) - names)
         if missing:
             raise InvalidArgument(
                 f"no device named {', '.join(map(repr, missing))} in the archive "
                 f"(it has: {', '.join(sorted(names)) or 'none'})"
             )
-    return RestoreEngine(reader, make_sink, opts, progress).run()
+    return RestoreEngine(readers, make_sink, opts, progress).run()
 
 
 class NullTarget:

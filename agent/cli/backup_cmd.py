@@ -14,6 +14,7 @@ from agent.cli.render import ProgressRenderer, size, summary_line
 from agent.engine import EngineOptions
 from agent.errors import InvalidArgument
 from agent.live import LiveJob, run_live_backup
+from agent.qemu.checkpoints import Mode
 
 log = logging.getLogger("backup-agent")
 
@@ -45,6 +46,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     live.add_argument("--qmp", metavar="SOCKET",
                       help="the VM's QMP monitor for the agent (a Unix socket or HOST:PORT); "
                       "backs up its disks at one point in time while it runs")
+    live.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.FULL.value,
+                      help="full (default; starts a checkpoint on qcow2 disks), incremental "
+                      "(what changed since the last backup), differential (since the last "
+                      "full), or auto (incremental when possible, else full, saying why)")
     live.add_argument("--drive", metavar="ID", action="append", default=[],
                       help="back up only this disk (device id or node name; repeatable)")
     live.add_argument("--cbw-timeout", type=common.positive, default=5, metavar="SECONDS",
@@ -79,19 +84,24 @@ def run(args: argparse.Namespace) -> int:
                 qmp=args.qmp, output=args.output, drives=args.drive, configs=args.config,
                 engine=opts, cbw_timeout=args.cbw_timeout, cbw_memory=args.cbw_memory,
                 spool_dir=args.spool_dir, spool_limit=args.spool_limit,
-                nbd_socket=args.qemu_nbd_socket,
+                nbd_socket=args.qemu_nbd_socket, mode=Mode(args.mode),
             ), renderer.callback())
         else:
             if args.drive:
                 raise InvalidArgument("--drive picks disks of a VM: it needs --qmp")
+            if args.mode != Mode.FULL.value:
+                raise InvalidArgument("--mode incremental, differential and auto need the "
+                                      "VM's dirty bitmaps: use them with --qmp")
             result = run_backup(BackupJob(output=args.output, sources=args.source,
                                           images=args.image, configs=args.config,
                                           engine=opts), renderer.callback())
     finally:
         renderer.close()
     log.info("%s", summary_line(result.progress, f"backed up {len(result.devices)} device(s)"))
-    log.info("archive %s: %s written, %s of buffer at peak", result.uuid,
-             size(result.archive_bytes), size(result.peak_buffer))
+    parent = f" of {result.parent}" if result.parent else ""
+    log.info("archive %s (%s%s): %s written, %s of buffer at peak", result.uuid,
+             result.kind.name.lower(), parent, size(result.archive_bytes),
+             size(result.peak_buffer))
     if result.extra:
         x = result.extra
         log.info("guest writes: %d cluster(s) copied before write (%d read ahead of the "

@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     lines = [
         f"archive   {info['uuid']}",
         f"kind      {info['kind']}",
+        *([f"parent    {info['parent_uuid']}"] if info["parent_uuid"] else []),
+        *([f"starts    checkpoint {info['checkpoint']}"] if info["checkpoint"] else []),
         f"created   {created:%Y-%m-%d %H:%M:%S} UTC",
         f"tool      backup-agent {info['tool_version']}",
         f"seal      {info['seal']}",

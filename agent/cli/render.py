@@ -37,11 +37,15 @@ class ProgressRenderer:
             self.stream.write(json.dumps({"event": "progress", **progress_dict(p)}) + "\n")
             self.stream.flush()
             return
+        if self._bar is not None and self._bar.desc != p.phase:
+            self.close()  # the next archive of a chain: a bar of its own
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=p.total, unit="B", unit_scale=True, unit_divisor=1024,
-                             desc=p.phase, file=self.stream, dynamic_ncols=True, leave=False)
+            # total 0: not known ahead (an incremental's changes): rate without ETA
+            self._bar = tqdm(total=p.total or None, unit="B", unit_scale=True,
+                             unit_divisor=1024, desc=p.phase, file=self.stream,
+                             dynamic_ncols=True, leave=False)
         self._bar.update(p.done - self._bar.n)
 
     def close(self) -> None:

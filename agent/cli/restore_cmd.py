@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ from agent.archive.reader import open_stream
 from agent.cli import common
 from agent.cli.render import ProgressRenderer, summary_line
 from agent.errors import InvalidArgument, TargetError
-from agent.restore import RestoreOptions, SinkFactory, restore, to_dir, to_target
+from agent.restore import RestoreOptions, SinkFactory, restore_chain, to_dir, to_target
 
 log = logging.getLogger("backup-agent")
 
@@ -19,8 +20,13 @@ log = logging.getLogger("backup-agent")
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("restore", parents=[parent], help="restore disks from an archive",
-                       description="Restore devices from an archive; PATH may be - (a pipe).")
-    p.add_argument("path", metavar="PATH", help="the archive, or - for standard input")
+                       description="Restore devices from an archive, or from a chain of archives "
+                       "(a full backup and the incrementals after it); a PATH may be - (a "
+                       "pipe).")
+    p.add_argument("paths", metavar="PATH", nargs="+",
+                   help="the archive, or a chain: the full backup, then each incremental or "
+                   "differential built on it, oldest first; one of them may be - (standard "
+                   "input)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--to-dir", metavar="DIR", type=Path,
                        help="write every device as DIR/NAME.raw (or .qcow2)")
@@ -51,10 +57,15 @@ def run(args: argparse.Namespace) -> int:
                 raise TargetError(f"cannot create {args.to_dir}: {e.strerror}") from e
         names = set(args.device) if args.device else None
         factory = to_dir(args.to_dir, args.format, names, opts)
+    if args.paths.count("-") > 1:
+        raise InvalidArgument("only one archive of a chain can come from standard input (-)")
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
-    with open_stream(args.path) as stream:
+    with contextlib.ExitStack() as stack:
+        streams = [(stack.enter_context(open_stream(p)), "standard input" if p == "-" else p)
+                   for p in args.paths]
         try:
-            result = restore(stream, factory, opts, renderer.callback(), wanted=args.device)
+            result = restore_chain(streams, factory, opts, renderer.callback(),
+                                   wanted=args.device)
         finally:
             renderer.close()
     for name, where in zip(result.devices, result.outputs, strict=True):

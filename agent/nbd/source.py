@@ -24,6 +24,9 @@ log = logging.getLogger("backup-agent")
 # base:allocation flags
 _HOLE = 1
 _ZERO = 2
+# qemu:dirty-bitmap:NAME flags
+DIRTY_BITMAP = "qemu:dirty-bitmap:"
+_DIRTY = 1
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ EXTRA_CONNECT_TIMEOUT = 2.0  # connections beyond the first are optional
 POLL_MS = 200  # no libnbd wait is longer: signals and stop flags are seen promptly
 
 
-def _connect(uri: str, name: str, meta: bool, timeout: float = CONNECT_TIMEOUT) -> nbd.NBD:
+def _connect(uri: str, name: str, meta: bool | str, timeout: float = CONNECT_TIMEOUT) -> nbd.NBD:
     """Connect with a deadline: a server at its connection limit accepts the socket
     and then says nothing, and libnbd's synchronous connect would wait forever."""
     h = nbd.NBD()
@@ -48,7 +51,7 @@ def _connect(uri: str, name: str, meta: bool, timeout: float = CONNECT_TIMEOUT) 
         # check every reply's status, and the memset cost about 10% of a backup.
         h.set_pread_initialize(False)
         if meta:
-            h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+            h.add_meta_context(meta if isinstance(meta, str) else nbd.CONTEXT_BASE_ALLOCATION)
         h.aio_connect_uri(uri)
         deadline = time.monotonic() + timeout
         while not h.aio_is_ready():
@@ -64,14 +67,30 @@ def _connect(uri: str, name: str, meta: bool, timeout: float = CONNECT_TIMEOUT) 
 
 
 class NbdSource:
-    """One NBD export, read by ``connections`` handles when the server allows it."""
+    """One NBD export, read by ``connections`` handles when the server allows it.
 
-    def __init__(self, uri: str, connections: int = 4, label: str = "source") -> None:
+    With ``changes`` (a dirty bitmap the server exports, as QEMU does for an incremental
+    backup), :meth:`changed` tells which ranges to back up. It is asked on a connection of
+    its own that negotiates only that bitmap's context: QEMU answers ``base:allocation`` on
+    a copy-before-write snapshot only inside the changed ranges (elsewhere the request fails
+    and, asked together with the bitmap, breaks the connection).
+    """
+
+    def __init__(self, uri: str, connections: int = 4, label: str = "source",
+                 changes: str | None = None) -> None:
         self.uri = uri
         self.label = label
+        self.changes = changes
+        self._map: nbd.NBD | None = None
         first = _connect(uri, f"{label}-0", meta=True)
         self.handles: list[nbd.NBD] = [first]
         try:
+            if changes is not None:
+                context = DIRTY_BITMAP + changes
+                self._map = _connect(uri, f"{label}-map", meta=context)
+                if not self._map.can_meta_context(context):
+                    raise SourceError(f"device {label!r}: the server does not offer the "
+                                      f"dirty bitmap {changes!r} ({context})")
             self.size: int = first.get_size()
             self.has_block_status = bool(first.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION))
             n = max(1, connections) if first.can_multi_conn() else 1
@@ -121,6 +140,51 @@ class NbdSource:
                 pos += ln
             return 0
 
+        self._block_status(h, offset, length, cb, stopped)
+        if not found or found[0].offset != offset:
+            raise SourceError(f"device {self.label!r}: the server answered block status for "
+                              "the wrong range")
+        return found
+
+    def changed(
+        self, offset: int, length: int, stopped: Callable[[], bool] = lambda: False
+    ) -> tuple[list[tuple[int, int]], int]:
+        """The changed ``(start, end)`` runs in ``[offset, offset+length)`` and the end of
+        the range the server answered for (it may answer for less than asked). Without
+        ``changes``, everything has changed. Callers serialize calls (one planner each)."""
+        if self._map is None:
+            return [(offset, offset + length)], offset + length
+        context = DIRTY_BITMAP + (self.changes or "")
+        runs: list[tuple[int, int]] = []
+        reach = offset
+
+        def cb(metacontext: str, off: int, entries: list[int], err: int) -> int:
+            nonlocal reach
+            if metacontext != context:
+                return 0
+            pos = off
+            for i in range(0, len(entries), 2):
+                ln = min(entries[i], offset + length - pos)
+                if ln <= 0:
+                    break
+                if entries[i + 1] & _DIRTY:
+                    if runs and runs[-1][1] == pos:
+                        runs[-1] = (runs[-1][0], pos + ln)
+                    else:
+                        runs.append((pos, pos + ln))
+                pos += ln
+            reach = pos
+            return 0
+
+        self._block_status(self._map, offset, length, cb, stopped)
+        if reach <= offset:
+            raise SourceError(f"device {self.label!r}: the server sent no dirty bitmap for "
+                              f"offset {offset}")
+        return runs, reach
+
+    def _block_status(self, h: nbd.NBD, offset: int, length: int,
+                      cb: Callable[[str, int, list[int], int], int],
+                      stopped: Callable[[], bool]) -> None:
         # NBD requests are 32-bit: ask in pieces under 4 GiB.
         try:
             cookie = h.aio_block_status(min(length, 2**32 - 2**20), offset, cb)
@@ -131,16 +195,13 @@ class NbdSource:
         except nbd.Error as e:
             raise SourceError(f"device {self.label!r}: block status at offset {offset} "
                               f"failed: {e.string}") from e
-        if not found or found[0].offset != offset:
-            raise SourceError(f"device {self.label!r}: the server answered block status for "
-                              "the wrong range")
-        return found
 
     def close(self) -> None:
         """Disconnect politely when idle; after a failure, drop the connection at once
         (shutdown() would wait for replies a stalled server may never send)."""
-        for h in self.handles:
+        for h in [*self.handles, *([self._map] if self._map else [])]:
             with contextlib.suppress(nbd.Error):
                 if h.aio_in_flight() == 0:
                     h.shutdown()
         self.handles = []  # the last reference: libnbd closes the socket
+        self._map = None

@@ -15,22 +15,29 @@ For each device, at one point in time for all of them (:meth:`LiveSnapshot.setup
 Steps, each undone in reverse order by :meth:`LiveSnapshot.teardown`:
 
 1. ``blockdev-add`` every target node (the caller's options plus our node name);
-2. ``blockdev-add`` every filter (``on-cbw-error: break-snapshot``: a failing target breaks the
-   backup, never a guest write);
-3. ``stop`` (only if the VM runs), ``qom-set drive`` of every device to its filter, ``cont``:
-   all disks switch while no guest code runs, so all snapshots show one point in time.
-   (``transaction`` cannot do this: ``qom-set`` is no transaction action, and the
-   ``blockdev-backup`` action that inserts a filter takes neither ``on-cbw-error`` nor
-   ``cbw-timeout`` in QEMU 7.2, so a slow target would fail guest writes.)
-4. ``blockdev-add`` every snapshot-access node;
-5. ``nbd-server-start`` on ``nbd_socket`` unless QEMU already has an NBD server (then it is
+2. ``stop`` (only if the VM runs; it drains every request in flight), then, while no guest
+   code runs, so that all of it is one point in time for all disks:
+   a. the caller's ``transaction``, if any: dirty bitmaps of incremental backups
+      (:mod:`agent.qemu.checkpoints`);
+   b. ``blockdev-add`` every filter (``on-cbw-error: break-snapshot``: a failing target breaks
+      the backup, never a guest write; for an incremental, ``bitmap``: copy only the changed
+      clusters — the filter copies the bitmap when it is created, hence after a.);
+   c. ``qom-set drive`` of every device to its filter;
+   then ``cont``. (One ``transaction`` cannot do all this: ``qom-set`` is no transaction
+   action, and the ``blockdev-backup`` action that inserts a filter takes neither
+   ``on-cbw-error`` nor ``cbw-timeout`` in QEMU 7.2, so a slow target would fail guest
+   writes.)
+3. ``blockdev-add`` every snapshot-access node;
+4. ``nbd-server-start`` on ``nbd_socket`` unless QEMU already has an NBD server (then it is
    reused and left running; the caller's ``nbd_socket`` should then be that server's address);
-6. ``block-export-add`` every snapshot node, writable, named after the device.
+5. ``block-export-add`` every snapshot node, writable, named after the device (offering the
+   changes bitmap as meta context ``qemu:dirty-bitmap:<name>`` for an incremental).
 
 A killed agent leaves all this behind; :func:`cleanup` finds it by name (see
 :mod:`agent.qemu.names`): exports, snapshot nodes, filters (each device put back on the filter's
 ``file`` child, read from ``x-debug-query-block-graph``: 7.2 names no children elsewhere),
-targets, and the NBD server when a ``ba-<tag>-nbd-server`` marker object says we started it.
+targets, the changes bitmaps, and the NBD server when a ``ba-<tag>-nbd-server`` marker
+object says we started it.
 
 Trims on the snapshot view (:meth:`LiveSnapshot.release`) must be aligned to the copy cluster:
 an unaligned one aborts QEMU 7.2 (an assertion in ``hbitmap_reset``), so :func:`round_inward`.
@@ -110,7 +117,8 @@ class LiveSnapshot:
 
     def __init__(
         self, monitor: Monitor, specs: Sequence[SnapshotSpec], *, tag: str, nbd_socket: str,
-        cbw_timeout: int = 5,
+        cbw_timeout: int = 5, transaction: Sequence[Mapping[str, Any]] = (),
+        changes: str | None = None,
     ) -> None:
         names.check_tag(tag)
         ids = [s.device.id for s in specs]
@@ -122,6 +130,14 @@ class LiveSnapshot:
         self.cbw_timeout = cbw_timeout
         self.nbd_server_owned = False
         """True when this snapshot started QEMU's NBD server (and so stops it)."""
+        self.transaction = list(transaction)
+        """QMP ``transaction`` actions run at the point in time (dirty bitmaps: see
+        :mod:`agent.qemu.checkpoints`); every bitmap they add is removed at teardown, the
+        persistent ones only if :meth:`commit` was not called."""
+        self.changes = changes
+        """A bitmap on every device's root node: the filter copies, and the export offers
+        (meta context ``qemu:dirty-bitmap:<name>``), only the clusters it marks."""
+        self._committed = False
         self._devices = {
             s.device.id: _Device(s, names.device_names(tag, s.device.id, i))
             for i, s in enumerate(specs)
@@ -148,6 +164,10 @@ class LiveSnapshot:
         failures are logged and the first one is raised."""
         self._set_up = False
         self._unwind(first=None)
+
+    def commit(self) -> None:
+        """The backup is complete: keep the persistent bitmaps the transaction added."""
+        self._committed = True
 
     def export_name(self, device_id: str) -> str:
         """NBD export name of a device's snapshot (its id)."""
@@ -214,15 +234,6 @@ class LiveSnapshot:
                        "blockdev-add", opts)
             self._push(f"delete node {d.names.target}", _blockdev_del(mon, d.names.target))
             d.cluster = max(MIN_CLUSTER, _cluster_size(mon, d.names.target))
-        for d in devs:
-            self._step(
-                f"cannot add the copy-before-write filter for device '{d.spec.device.id}'",
-                "blockdev-add",
-                {"driver": "copy-before-write", "node-name": d.names.cbw,
-                 "file": d.spec.device.node_name, "target": d.names.target,
-                 "on-cbw-error": "break-snapshot", "cbw-timeout": self.cbw_timeout},
-            )
-            self._push(f"delete node {d.names.cbw}", _blockdev_del(mon, d.names.cbw))
         self._insert_filters(devs)
         for d in devs:
             self._step(f"cannot add the snapshot view of device '{d.spec.device.id}'",
@@ -234,15 +245,38 @@ class LiveSnapshot:
             self._step(f"cannot export the snapshot of device '{d.spec.device.id}'",
                        "block-export-add",
                        {"type": "nbd", "id": d.names.export_id, "node-name": d.names.snap,
-                        "name": d.spec.device.id, "writable": True})
+                        "name": d.spec.device.id, "writable": True,
+                        **({"bitmaps": [{"node": d.spec.device.node_name,
+                                         "name": self.changes}]} if self.changes else {})})
             self._push(f"delete export {d.names.export_id}", self._export_del(d))
 
     def _insert_filters(self, devs: list[_Device]) -> None:
-        """Switch every device to its filter while the VM is stopped (one point in time)."""
+        """While the VM is paused (one point in time for all disks, no write in flight):
+        run the transaction, add the filters (a filter copies its bitmap when it is
+        created, so after the transaction), switch every device to its filter."""
+        mon = self.monitor
         switched: list[tuple[str, str]] = []  # (qom path, original root node)
-        self._push("put the devices back on their disks",
-                   lambda: _switch_drives(self.monitor, list(reversed(switched))))
-        with _Paused(self.monitor):
+        with _Paused(mon):
+            if self.transaction:
+                self._step("cannot start the backup's dirty bitmaps", "transaction",
+                           {"actions": self.transaction})
+                for act in self.transaction:
+                    if act["type"] == "block-dirty-bitmap-add":
+                        self._push(f"remove bitmap {act['data']['name']}",
+                                   self._bitmap_remove(act["data"]))
+            for d in devs:
+                self._step(
+                    f"cannot add the copy-before-write filter for device '{d.spec.device.id}'",
+                    "blockdev-add",
+                    {"driver": "copy-before-write", "node-name": d.names.cbw,
+                     "file": d.spec.device.node_name, "target": d.names.target,
+                     "on-cbw-error": "break-snapshot", "cbw-timeout": self.cbw_timeout,
+                     **({"bitmap": {"node": d.spec.device.node_name, "name": self.changes}}
+                        if self.changes else {})},
+                )
+                self._push(f"delete node {d.names.cbw}", _blockdev_del(mon, d.names.cbw))
+            self._push("put the devices back on their disks",
+                       lambda: _switch_drives(mon, list(reversed(switched))))
             for d in devs:
                 dev = d.spec.device
                 qom = dev.qom_path
@@ -272,6 +306,13 @@ class LiveSnapshot:
             raise _wrap(f"cannot start QEMU's NBD server on {self.nbd_socket}", e) from e
         self.nbd_server_owned = True
         self._push("stop the NBD server", lambda: _stop_nbd_server(mon))
+
+    def _bitmap_remove(self, add: Mapping[str, Any]) -> Callable[[], None]:
+        def undo() -> None:
+            if add.get("persistent") and self._committed:
+                return  # a checkpoint of the complete backup: it stays
+            _bitmap_remove(self.monitor, add["node"], add["name"])
+        return undo
 
     def _export_del(self, d: _Device) -> Callable[[], None]:
         def undo() -> None:
@@ -397,6 +438,13 @@ def _blockdev_del(mon: Monitor, node: str) -> Callable[[], None]:
     return undo
 
 
+def _bitmap_remove(mon: Monitor, node: str, name: str) -> None:
+    try:
+        mon.execute("block-dirty-bitmap-remove", {"node": node, "name": name})
+    except QmpError as e:
+        raise _wrap(f"cannot remove bitmap '{name}' from node '{node}'", e) from e
+
+
 def _object_del(mon: Monitor, obj: str) -> None:
     try:
         mon.execute("object-del", {"id": obj})
@@ -468,6 +516,15 @@ def cleanup(mon: Monitor, tag: str | None = None) -> list[str]:
         attempt(f"put devices back: {moves}", functools.partial(_switch_drives, mon, moves))
     for node in (n for n in ordered if nodes[n] != "snapshot-access"):
         attempt(f"delete node {node}", _blockdev_del(mon, node))
+
+    # The frozen changes of an incremental: free once its filter and export are gone.
+    for n in mon.execute("query-named-block-nodes", {"flat": True}):
+        for b in n.get("dirty-bitmaps") or ():
+            name = b.get("name") or ""
+            if (names.is_ours(name, tag) and name.endswith(names.CHANGES_SUFFIX)
+                    and not b.get("persistent")):
+                attempt(f"remove bitmap {name} from node {n['node-name']}",
+                        functools.partial(_bitmap_remove, mon, n["node-name"], name))
 
     for obj in mon.execute("qom-list", {"path": "/objects"}):
         name = obj.get("name", "")

@@ -8,6 +8,11 @@ can find and remove what a killed agent left behind (:func:`agent.qemu.graph.cle
     ba-<tag>-<dev>-snap      snapshot-access node: the point-in-time view, exported over NBD
     ba-<tag>-<dev>           block export id of the snapshot node (its NBD name is <dev>)
     ba-<tag>-nbd-server      object (a ``secret``): "this backup started the NBD server"
+    ba-<tag>-chg             dirty bitmap (not persistent) on each disk's root node: the
+                             frozen changes an incremental or differential backup copies
+
+(The checkpoints that stay between backups, ``ba-inc-<uuid>`` and ``ba-full-<uuid>``, are named
+by :mod:`agent.qemu.checkpoints`; cleanup never touches them.)
 
 QEMU takes node names and ids of at most 31 characters, starting with a letter, made of letters,
 digits, ``-``, ``.`` and ``_``. A device id that does not fit (``virtio-disk-with-a-long-id``)
@@ -27,6 +32,8 @@ PREFIX = "ba-"
 MAX_NAME = 31
 #: Suffix of the marker object that says the NBD server is ours.
 NBD_MARKER_SUFFIX = "-nbd-server"
+#: Suffix of the frozen-changes bitmap of a backup.
+CHANGES_SUFFIX = "-chg"
 
 _TAG = re.compile(r"[A-Za-z0-9]{1,12}")
 _QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
@@ -61,6 +68,11 @@ def device_names(tag: str, dev_id: str, index: int) -> DeviceNames:
 def nbd_marker(tag: str) -> str:
     """Id of the object that marks the NBD server as started by backup ``tag``."""
     return f"{PREFIX}{check_tag(tag)}{NBD_MARKER_SUFFIX}"
+
+
+def changes_bitmap(tag: str) -> str:
+    """Name of the bitmap holding the changes backup ``tag`` copies."""
+    return f"{PREFIX}{check_tag(tag)}{CHANGES_SUFFIX}"
 
 
 def is_ours(name: str, tag: str | None = None) -> bool:
