@@ -186,6 +186,9 @@ class RestoreEngine:
                 if i:
                     self.meter = self._meter(i)
                 self._apply_archive(reader)
+                for sink in self.sinks.values():
+                    # Written now: the next archive's zero ranges must really be zeroed.
+                    sink.target.fresh = False
                 p = self.meter.final()
                 for k, v in enumerate((p.done, p.data_bytes, p.zero_bytes, p.stored_bytes)):
                     done[k] += v
@@ -280,6 +283,7 @@ class NullTarget:
     def __init__(self, device: Device) -> None:
         self.name = f"(verify {device.name})"
         self.size = device.size
+        self.fresh = True
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         pass

@@ -40,6 +40,7 @@ _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctype
 class Target(Protocol):
     name: str
     size: int
+    fresh: bool  # reads as zeros everywhere: zero ranges need no request
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
     def zero(self, offset: int, length: int) -> None: ...

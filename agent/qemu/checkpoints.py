@@ -168,7 +168,8 @@ def choose(mode: Mode, disks: Sequence[DiskCheckpoints]) -> Plan:
     kind = Kind.DIFFERENTIAL if mode is Mode.DIFFERENTIAL else Kind.INCREMENTAL
     problem = ""
     parents: dict[UUID, list[str]] = {}
-    for d in disks:
+    # A raw disk first: it is the reason that lasts.
+    for d in sorted(disks, key=lambda d: d.persistent):
         uuid, why = _usable(d, prefix)
         if uuid is None:
             problem = why

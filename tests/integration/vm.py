@@ -222,6 +222,11 @@ class Vm:
         self._qemu_io(dev_id, f"write -P {pattern:#x} {offset} {length}",
                       f"wrote {length}/{length} bytes at offset {offset}")
 
+    def guest_zero(self, dev_id: str, offset: int, length: int) -> None:
+        """Write zeroes as the guest would (``write -z``: a write-zeroes request)."""
+        self._qemu_io(dev_id, f"write -z {offset} {length}",
+                      f"wrote {length}/{length} bytes at offset {offset}")
+
     def guest_verify(self, dev_id: str, pattern: int, offset: int, length: int) -> None:
         """Check through the device that ``length`` bytes at ``offset`` are all ``pattern``."""
         self._qemu_io(dev_id, f"read -P {pattern:#x} {offset} {length}",
