@@ -35,12 +35,13 @@ from agent.archive import codec
 from agent.archive.format import MAX_DATA_LENGTH, Compression, Device
 from agent.archive.writer import ArchiveWriter, data_body_digest
 from agent.errors import InvalidArgument, SourceError
-from agent.nbd.source import NbdSource
+from agent.nbd.source import Extent, NbdSource
 from agent.pipeline import POLL, BufferPool, Control, Meter, Progress, ProgressFn
 from agent.tracker import DeviceTracker
 
 MiB = 1024 * 1024
 ZERO_BLOCK = 64 * 1024  # data that reads as zeros is found and recorded at this grain
+STATUS_MIN_CHANGED = 4 * MiB  # smaller changed runs are read without asking block status
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,10 @@ class _Planner:
     def _run(self, dev: Device, src: NbdSource, opts: EngineOptions,
              q: int, end: int) -> Iterator[_Read | _Zero]:
         t = self._tracker
+        # A small changed run is read at once: asking its allocation first costs a round
+        # trip as long as the read (an incremental of scattered clusters is mostly these),
+        # and zeros in it are still found after the read.
+        ask = src.changes is None or end - q >= STATUS_MIN_CHANGED
         while q < end:
             # In a live backup, ask only about ranges nobody claimed: a claimed range
             # may be released already, and QEMU refuses any request touching one.
@@ -130,7 +135,8 @@ class _Planner:
             if not gaps:
                 break
             a, b = gaps[0]
-            extents = src.extents(self._handle, a, b - a, self._stopped)
+            extents = (src.extents(self._handle, a, b - a, self._stopped) if ask
+                       else [Extent(a, b - a, False)])
             for ext in extents:
                 e = ext.offset + ext.length
                 if ext.zero:
@@ -238,7 +244,7 @@ class BackupEngine:
         self.sources = sources
         self.opts = opts
         self.control = Control()
-        self.buffers = BufferPool(opts.request_size, opts.memory // opts.request_size, self.control)
+        self.buffers = BufferPool(opts.request_size, opts.memory, self.control)
         self.meter = Meter("backup", sum(d.size for d, _ in sources) if total is None else total,
                            progress)
         self._q: queue.Queue[Future[_Prepared] | _Zero | None] = queue.Queue()
@@ -282,7 +288,7 @@ class BackupEngine:
                         t.join(max(0.0, deadline - time.monotonic()))
         if ctl.error is not None:
             raise ctl.error
-        return BackupResult(self.meter.final(), self.buffers.peak * self.buffers.size)
+        return BackupResult(self.meter.final(), self.buffers.peak)
 
     # -- readers -----------------------------------------------------------------------
 
@@ -309,7 +315,7 @@ class BackupEngine:
                 if isinstance(item, _Zero):
                     self._q.put(item)
                     continue
-                buf = self.buffers.get(block=not inflight)
+                buf = self.buffers.get(item.length, block=not inflight)
                 if buf is None:
                     pending = item  # finish the reads in flight first, or stop
                     break

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import shutil
 import tempfile
@@ -43,6 +44,7 @@ from agent.qemu.block import BlockDevice, query_block_devices
 from agent.qemu.checkpoints import Mode
 from agent.qemu.graph import LiveSnapshot, SnapshotSpec
 from agent.qemu.qmp import Monitor, MonitorGone, QmpError
+from agent.releaser import Releaser
 from agent.tracker import DeviceTracker
 
 log = logging.getLogger("backup-agent")
@@ -95,12 +97,13 @@ def archive_name(d: BlockDevice) -> str:
 
 
 def _listen(servers: dict[str, CbwTargetServer], trackers: dict[str, DeviceTracker],
-            stop: threading.Event, failed: Callable[[BaseException], None]) -> None:
-    """Feed the copy-before-write events of every disk to its tracker."""
+            stop: threading.Event, wake: int, failed: Callable[[BaseException], None]) -> None:
+    """Feed the copy-before-write events of every disk to its tracker, until ``stop`` is set
+    and ``wake`` (a pipe) made readable."""
     try:
         while not stop.is_set():
             for name, server in servers.items():
-                for off, length in server.control.poll_events(timeout=0.05):
+                for off, length in server.control.poll_events(timeout=0.05, wake=wake):
                     trackers[name].copied(off, length)
     except ControlError as e:
         if not stop.is_set():
@@ -174,27 +177,34 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
                         checkpoint=new[0] if new else "")
         writer = ArchiveWriter(out, header)
         pairs = []
+        failed: list[Callable[[BaseException], None]] = []  # the engine's, once it exists
+        releaser = Releaser(snap.release, lambda e: failed[0](e) if failed else None)
+        stack.callback(releaser.close)  # before the snapshot's teardown
         trackers: dict[int, DeviceTracker] = {}
         by_name: dict[str, DeviceTracker] = {}
         for d in devices:
             props = {"source-format": d.format, "source": "qemu-live"}
             dev = writer.add_device(archive_name(d), sources[d.id].size, props)
-            release = _releaser(snap, d.id)
             by_name[d.id] = trackers[dev.id] = DeviceTracker(
-                dev.size, snap.cluster_size(d.id), release)
+                dev.size, snap.cluster_size(d.id), releaser.for_device(d.id))
             pairs.append((dev, sources[d.id]))
         for name, data in configs:
             writer.add_config(name, data, job.engine.compression)
 
         engine = BackupEngine(writer, pairs, job.engine, progress, trackers, total)
+        failed.append(engine.control.fail)
         stop = threading.Event()
-        listener = threading.Thread(target=_listen, args=(servers, by_name, stop,
+        wake_r, wake_w = os.pipe()
+        stack.callback(os.close, wake_r)
+        stack.callback(os.close, wake_w)
+        listener = threading.Thread(target=_listen, args=(servers, by_name, stop, wake_r,
                                     engine.control.fail), name="ba-cbw-events", daemon=True)
         listener.start()
         try:
             result = engine.run()
         finally:
             stop.set()
+            os.write(wake_w, b"x")  # the listener's wait ends now, not at its timeout
             listener.join(2)
         writer.finish()
         out.commit()
@@ -218,10 +228,6 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
     }
     return BackupSummary(header.uuid, writer.devices, result.progress, out.position,
                          result.peak_buffer, extra, plan.kind, plan.parent, plan.note)
-
-
-def _releaser(snap: LiveSnapshot, device_id: str) -> Callable[[int, int], None]:
-    return lambda off, length: snap.release(device_id, off, length)
 
 
 def _explain(e: AgentError, job: LiveJob, mon: Monitor,

@@ -102,37 +102,64 @@ class ByteBudget:
             self._cond.notify_all()
 
 
+#: Smallest read buffer: the copy-before-write cluster.
+MIN_BUFFER = 64 * 1024
+
+
 class BufferPool:
     """Read buffers, reused: the cap on memory in flight, and no allocation (and no
     page faults for fresh zeroed memory) on the hot path. A buffer goes back to the
-    pool only after every record made from it has been written."""
+    pool only after every record made from it has been written.
 
-    def __init__(self, size: int, count: int, control: Control) -> None:
+    Buffers come in sizes from :data:`MIN_BUFFER` doubling up to ``size`` (the largest
+    read), and ``capacity`` bounds the bytes of all buffers out at once: small reads (the
+    scattered clusters of an incremental) take small buffers, so many more of them are
+    in flight than if each took a buffer of the largest size.
+    """
+
+    def __init__(self, size: int, capacity: int, control: Control) -> None:
         self.size = size
-        self.count = max(1, count)
-        self._free: list[bytearray] = []
-        self._made = 0
+        self.capacity = max(size, capacity)
+        self._free: dict[int, list[bytearray]] = {}
+        self._kept = 0  # bytes in the free lists
+        self._out = 0  # bytes of buffers handed out
         self._cond = threading.Condition()
         self._control = control
-        self.peak = 0  # most buffers out at once
+        self.peak = 0  # most bytes out at once
 
-    def get(self, block: bool = True) -> bytearray | None:
+    def _class(self, n: int) -> int:
+        c = MIN_BUFFER
+        while c < n:
+            c *= 2
+        return min(c, self.size) if n <= self.size else n
+
+    def get(self, n: int | None = None, block: bool = True) -> bytearray | None:
+        """A buffer of at least ``n`` bytes (default ``size``); None when ``block`` is
+        false and the budget is spent, or when the pipeline stops."""
+        c = self._class(self.size if n is None else n)
         with self._cond:
-            while not self._free and self._made >= self.count:
+            while self._out + c > self.capacity:
                 if not block or self._control.stopped():
                     return None
                 self._cond.wait(POLL)
-            if self._free:
-                buf = self._free.pop()
-            else:
-                buf = bytearray(self.size)
-                self._made += 1
-            self.peak = max(self.peak, self._made - len(self._free))
-            return buf
+            self._out += c
+            self.peak = max(self.peak, self._out)
+            free = self._free.get(c)
+            if free:
+                self._kept -= c
+                return free.pop()
+            # A new buffer: drop kept ones of other sizes so that memory stays in budget.
+            for size in sorted(self._free, reverse=True):
+                while self._free[size] and self._kept + self._out > self.capacity:
+                    self._free[size].pop()
+                    self._kept -= size
+        return bytearray(c)
 
     def put(self, buf: bytearray) -> None:
         with self._cond:
-            self._free.append(buf)
+            self._out -= len(buf)
+            self._free.setdefault(len(buf), []).append(buf)
+            self._kept += len(buf)
             self._cond.notify()
 
 

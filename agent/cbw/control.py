@@ -65,6 +65,11 @@ class ControlServer:
     def close(self) -> None:
         """Stop accepting, end every client's stream, remove the socket. Idempotent."""
         self._stop.set()
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as wake:
+            # A connection wakes accept() at once instead of after its poll timeout:
+            # that wait cost 0.2 s of every backup, 40% of a small incremental.
+            wake.settimeout(1)
+            wake.connect(self.path)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self._sock.close()
@@ -78,6 +83,9 @@ class ControlServer:
             except TimeoutError:
                 continue
             except OSError:
+                return
+            if self._stop.is_set():  # close() woke us
+                conn.close()
                 return
             threading.Thread(
                 target=self._serve, args=(conn,), name="cbw-control-client", daemon=True
@@ -210,14 +218,17 @@ class ControlClient:
         self._buf += chunk
         return bool(chunk)
 
-    def poll_events(self, timeout: float = 0.0) -> list[tuple[int, int]]:
-        """Ranges received so far, waiting up to ``timeout`` seconds for the first one."""
+    def poll_events(self, timeout: float = 0.0, wake: int | None = None
+                    ) -> list[tuple[int, int]]:
+        """Ranges received so far, waiting up to ``timeout`` seconds for the first one, or
+        until file descriptor ``wake`` is readable (how a caller stops at once)."""
         sock = self._events_socket()
         ranges = self._take_lines()
         if ranges:
             return ranges
-        readable, _, _ = select.select([sock], [], [], timeout)
-        if readable and not self._receive(sock):
+        fds = [sock.fileno()] if wake is None else [sock.fileno(), wake]
+        readable, _, _ = select.select(fds, [], [], timeout)
+        if sock.fileno() in readable and not self._receive(sock):
             raise ControlError(f"control socket {self.path}: the plugin closed the stream")
         while select.select([sock], [], [], 0)[0] and self._receive(sock):
             pass
