@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from agent.qemu.graph import cleanup
-from agent.qemu.qmp import Monitor
-
 log = logging.getLogger("backup-agent")
 
 
@@ -22,6 +19,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: a backup need not pay for this command's imports
+    from agent.qemu.graph import cleanup
+    from agent.qemu.qmp import Monitor
     with Monitor(args.qmp) as mon:
         removed = cleanup(mon)
     for what in removed:

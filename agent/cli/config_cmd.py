@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent.archive.reader import ArchiveReader, open_stream
-
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                parent: argparse.ArgumentParser) -> None:
@@ -19,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: a backup need not pay for this command's imports
+    from agent.archive.reader import ArchiveReader, open_stream
     with open_stream(args.path) as stream:
         data = ArchiveReader(stream, verify_data=False).config(args.name)
     sys.stdout.buffer.write(data)

@@ -8,7 +8,6 @@ import json
 import sys
 
 from agent.cli.render import size
-from agent.inspect import archive_info
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -22,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: a backup need not pay for this command's imports
+    from agent.inspect import archive_info
     info = archive_info(args.path).as_dict()
     if args.json:
         json.dump(info, sys.stdout, indent=2)

@@ -8,11 +8,9 @@ import logging
 import os
 from pathlib import Path
 
-from agent.archive.reader import open_stream
 from agent.cli import common
 from agent.cli.render import ProgressRenderer, summary_line
 from agent.errors import InvalidArgument, TargetError
-from agent.restore import RestoreOptions, SinkFactory, restore_chain, to_dir, to_target
 
 log = logging.getLogger("backup-agent")
 
@@ -43,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: a backup need not pay for this command's imports
+    from agent.archive.reader import open_stream
+    from agent.restore import RestoreOptions, SinkFactory, restore_chain, to_dir, to_target
     opts = RestoreOptions(connections=args.connections, workers=max(2, os.cpu_count() or 2))
     factory: SinkFactory
     if args.to is not None:

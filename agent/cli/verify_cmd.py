@@ -6,10 +6,8 @@ import argparse
 import logging
 import os
 
-from agent.archive.reader import open_stream
 from agent.cli import common
 from agent.cli.render import ProgressRenderer, summary_line
-from agent.restore import RestoreOptions, restore, to_null
 
 log = logging.getLogger("backup-agent")
 
@@ -25,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 
 def run(args: argparse.Namespace) -> int:
+    # here, not at the top: a backup need not pay for this command's imports
+    from agent.archive.reader import open_stream
+    from agent.restore import RestoreOptions, restore, to_null
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
     opts = RestoreOptions(workers=max(2, os.cpu_count() or 2))
     with open_stream(args.path) as stream:
