@@ -19,6 +19,7 @@ from agent.cli import (
     cleanup_cmd,
     config_cmd,
     info_cmd,
+    job_cmd,
     restore_cmd,
     verify_cmd,
 )
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"backup-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for mod in (backup_cmd, restore_cmd, verify_cmd, info_cmd, config_cmd, cleanup_cmd):
+    for mod in (backup_cmd, restore_cmd, verify_cmd, info_cmd, config_cmd, cleanup_cmd, job_cmd):
         mod.add_parser(sub, common)
     return parser
 

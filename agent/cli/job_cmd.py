@@ -1,0 +1,160 @@
+"""``backup-agent job check|run`` (the job file) and ``backup-agent prune DIR`` (retention)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from agent.cli import common
+from agent.cli.render import ProgressRenderer, size, summary_line
+from agent.errors import AgentError, Interrupted
+from agent.jobs import store
+from agent.jobs.config import DEFAULT_PATH, Job, load_jobs
+from agent.jobs.runner import JobResult, preflight, run_job
+
+log = logging.getLogger("backup-agent")
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
+               parent: argparse.ArgumentParser) -> None:
+    # -q/--debug go on the leaf parsers only: argparse lets a subparser's defaults
+    # overwrite what its parent parsed.
+    job = sub.add_parser("job", help="check or run the backup jobs of a job file",
+                         description="Scheduled backups: the jobs of a TOML job file "
+                         f"(default {DEFAULT_PATH}; deploy/jobs.toml explains every field).")
+    actions = job.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = actions.add_parser("check", parents=[parent], help="check the job file",
+                               description="Check every field of the job file and list the "
+                               "jobs; warn about what would fail if they ran now.")
+    _add_config(check)
+    check.set_defaults(run=run_check)
+    run = actions.add_parser("run", parents=[parent], help="run jobs now",
+                             description="Run the named jobs, or all of them, one after the "
+                             "other; exit 1 if any failed (one error line per failed job).")
+    _add_config(run)
+    run.add_argument("names", metavar="JOB", nargs="*", help="a job to run (default: all)")
+    common.add_progress(run)
+    run.set_defaults(run=run_jobs)
+
+    prune = sub.add_parser("prune", parents=[parent], help="delete old chains of archives",
+                           description="Keep the newest N chains of archives of each job "
+                           "in DIR (a chain: a full archive and everything built on it, found "
+                           "from the archives' headers; the job: the name before the time "
+                           "stamp, vm1 in vm1-20261126T020000Z-full.arc, other names counting "
+                           "as one job) and delete the older chains, whole, newest file "
+                           "first. Archives whose full is not in DIR, incomplete full archives "
+                           "and other files are left alone. Works on any directory of "
+                           "archives, a backup host's too.")
+    prune.add_argument("directory", metavar="DIR")
+    prune.add_argument("--keep-chains", metavar="N", type=common.positive, required=True,
+                       help="how many chains to keep per job (at least 1)")
+    prune.add_argument("--dry-run", action="store_true",
+                       help="only show what would be deleted")
+    prune.set_defaults(run=run_prune)
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", default=DEFAULT_PATH,
+                   help=f"the job file (default {DEFAULT_PATH})")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    jobs = load_jobs(args.config)
+    print(f"{args.config}: {len(jobs.jobs)} job(s)")
+    for job in jobs.jobs.values():
+        print(f"  {_describe(job)}")
+        for problem in preflight(job):
+            log.warning('warning: job "%s": %s', job.name, problem)
+    return 0
+
+
+def _describe(job: Job) -> str:
+    disks = ", ".join(job.drives) if job.drives else "all disks"
+    when = f", a full every {_days(job.full_every)}" if job.full_every else ""
+    dest = f"dir {job.dir}" if job.dir else f"command {job.command}"
+    keep = f", keep {job.keep_chains} chain(s)" if job.keep_chains else ""
+    tls = " over TLS" if job.tls else ""
+    return (f"{job.name}: {job.qmp}{tls} ({disks}), mode {job.mode}{when}, "
+            f"{job.compression} -> {dest}{keep}")
+
+
+def _days(seconds: int) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % n == 0:
+            return f"{seconds // n}{unit}"
+    return f"{seconds}s"
+
+
+def run_jobs(args: argparse.Namespace) -> int:
+    jobs = load_jobs(args.config).select(args.names)
+    failed = 0
+    for job in jobs:
+        renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
+        try:
+            result = run_job(job, renderer.callback())
+        except Interrupted:
+            raise  # stop here: no further job starts after Ctrl-C or SIGTERM
+        except AgentError as e:
+            failed += 1
+            _error(args, f'job "{job.name}": {e}', e)
+            continue
+        except Exception as e:  # a bug: report it, and still run the other jobs
+            failed += 1
+            _error(args, f'job "{job.name}": internal error: {type(e).__name__}: {e} (run '
+                   "with --debug for details)", e)
+            continue
+        finally:
+            renderer.close()
+        _report(result)
+    return 1 if failed else 0
+
+
+def _error(args: argparse.Namespace, message: str, e: BaseException) -> None:
+    """One line per failed job, as the main error handler writes it for a command."""
+    if args.debug:
+        log.exception("failed", exc_info=e)
+    sys.stderr.write(f"backup-agent: error: {message}\n")
+    sys.stderr.flush()
+
+
+def _report(r: JobResult) -> None:
+    s = r.summary
+    log.info("job %s: %s", r.job, summary_line(s.progress,
+                                                 f"backed up {len(s.devices)} device(s)"))
+    log.info("job %s: %s archive %s (%s)", r.job, store.kind_name(s.kind), r.archive,
+             size(s.archive_bytes))
+    for path in r.adopted:
+        log.info("job %s: named the archive a killed run left: %s", r.job, path)
+    for a in r.pruned:
+        log.info("job %s: deleted %s (an old chain)", r.job, a.path)
+    for line in r.output.splitlines():
+        log.info("job %s: command: %s", r.job, line)
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        result = store.prune(args.directory, args.keep_chains, dry_run=True)
+    else:
+        with store.locked(args.directory):
+            result = store.prune(args.directory, args.keep_chains)
+    p = result.plan
+    doomed = "would delete" if args.dry_run else "deleted"
+    for chain in p.delete:
+        for a in chain.archives:
+            print(f"{doomed:<12}  {a.path}")
+    for chain in p.keep:
+        for a in chain.archives:
+            print(f"{'keep':<12}  {a.path}")
+    for chain in p.incomplete:
+        for a in chain.archives:
+            print(f"{'keep':<12}  {a.path}  (its chain's full archive is incomplete)")
+    for a in p.orphans:
+        print(f"{'keep':<12}  {a.path}  (no full archive it builds on is here)")
+    for path, why in result.unreadable:
+        print(f"{'keep':<12}  {path}  (not readable as an archive: {why})")
+    freed = sum(a.size for c in p.delete for a in c.archives)
+    log.info("%s %d chain(s): %d archive(s), %s; kept %d chain(s)%s", doomed,
+             len(p.delete), sum(len(c.archives) for c in p.delete), size(freed), len(p.keep),
+             " (dry run: nothing deleted)" if args.dry_run else "")
+    return 0
