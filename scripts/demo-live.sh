@@ -7,7 +7,8 @@
 # VM up through its own QMP monitor, the archive going through a pipe (as ssh would carry
 # it); then the archive is restored from a pipe and checked: the restored disk must be the
 # disk at one point in time, i.e. blocks 0..k-1 new and everything from block k on as before
-# the guest started. The VM is stopped by its pid on every way out. Exits non-zero as soon as
+# the guest started. An incremental backup follows at once (the guest still writing), and
+# the chain full + incremental must restore to a later point in time. The VM is stopped by its pid on every way out. Exits non-zero as soon as
 # anything fails.
 set -euo pipefail
 
@@ -95,7 +96,7 @@ done
 
 # ---------------------------------------------------------------------------------------
 step "Building the tiny guest (scripts/build-guest.sh; downloads a kernel the first time)"
-rm -rf "$DIR" "$OUT/live.arc"
+rm -rf "$DIR" "$OUT/live.arc" "$OUT/live-inc.arc"
 mkdir -p "$DIR"
 : >"$LOG"
 quietly bash scripts/build-guest.sh "$GUEST"
@@ -169,6 +170,18 @@ echo "$copied cluster(s) of 64KiB were copied out of the guest's way before it o
 ((after_backup > before_backup)) || die "the guest wrote nothing during the backup"
 
 # ---------------------------------------------------------------------------------------
+step "An incremental backup right after it, the guest still writing"
+# The full backup started a checkpoint (a persistent dirty bitmap in vda.qcow2): this one
+# copies only the clusters the guest wrote since, and its archive names the full as parent.
+before_inc=$(last_block)
+"$AGENT" backup --qmp "$DIR/agent.qmp" --mode incremental -o - \
+    2>"$DIR/backup-inc.err" | cat >"$OUT/live-inc.arc" \
+    || { cat "$DIR/backup-inc.err" >&2; die "the incremental backup failed"; }
+after_inc=$(last_block)
+sed 's/^/  agent: /' "$DIR/backup-inc.err"
+echo "the guest had written block $before_inc when it started, $after_inc when it ended"
+
+# ---------------------------------------------------------------------------------------
 step "Letting the guest finish its $BLOCKS blocks (it powers the VM off)"
 wait_console "BA-GUEST: poweroff" 120
 grep -q "BA-GUEST: error" "$DIR/console.log" && die "the guest reported an error"
@@ -183,6 +196,8 @@ echo "the VM powered off; every guest write succeeded"
 # ---------------------------------------------------------------------------------------
 step "Archive contents (backup-agent info)"
 "$AGENT" info "$OUT/live.arc"
+echo
+"$AGENT" info "$OUT/live-inc.arc"
 
 # ---------------------------------------------------------------------------------------
 step "Restoring from a pipe"
@@ -205,6 +220,20 @@ final=$("$PY" scripts/check_prefix.py "$DIR/after.raw" "$DIR/before.raw" \
     || { echo "$final"; die "the VM's own disk lacks some of the guest's writes"; }
 echo "VM's disk now: $final"
 
+# ---------------------------------------------------------------------------------------
+step "Restoring the chain (the full backup from a pipe, then the incremental)"
+# shellcheck disable=SC2002
+cat "$OUT/live.arc" | "$AGENT" restore - "$OUT/live-inc.arc" --to-dir "$DIR/restored-chain"
+verdict2=$("$PY" scripts/check_prefix.py "$DIR/restored-chain/vda.raw" "$DIR/before.raw" \
+    --blocks "$BLOCKS" --block-size "$BS") \
+    || { echo "$verdict2"; die "the restored chain is not the disk at one point in time"; }
+echo "restored chain: $verdict2"
+k2=$(sed -n 's/.*consistent at block \([0-9]*\) of.*/\1/p' <<<"$verdict2")
+((k2 > before_inc && k2 <= after_inc + 1)) \
+    || die "block $k2 is outside the incremental's window ($before_inc..$after_inc)"
+inc_size=$(stat -c %s "$OUT/live-inc.arc")
+full_size=$(stat -c %s "$OUT/live.arc")
+
 current_step="summary"
 cat <<EOF
 
@@ -218,4 +247,7 @@ cat <<EOF
   result:   the restored disk is exactly the disk at the backup's point in time: blocks
             0..$((k - 1)) new, $k.. as before (consistent at block $k of $BLOCKS); the VM's
             own disk holds all $BLOCKS blocks
+  chain:    an incremental right after, $OUT/live-inc.arc, holds only what the guest
+            wrote since ($(numfmt --to=iec-i --suffix=B "$inc_size"); the full: $(numfmt --to=iec-i --suffix=B "$full_size")); full + incremental
+            restore to the disk at the incremental's point in time (consistent at block $k2)
 EOF
