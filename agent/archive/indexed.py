@@ -26,7 +26,9 @@ from agent.archive.format import (
     Footer,
     Header,
     IndexEntry,
+    Kind,
     RecordType,
+    Zero,
     decode_index,
     digest,
     unpack_frame,
@@ -103,6 +105,13 @@ class IndexedArchive:
         self.header: Header = head.header
         self.devices: list[Device] = head.devices
         self.configs: list[Config] = head.configs
+        try:
+            self._read_end(footer)
+        except ArchiveError as e:
+            raise self._mismatch(str(e)) from e
+        self._check_end_matches_start(head.data_start)
+
+    def _read_end(self, footer: Footer) -> None:
         end_rec = self._record_at(footer.end_pos)
         if end_rec.rtype != RecordType.END:
             raise ArchiveError(f"the footer points at byte {footer.end_pos}, not an end record")
@@ -122,6 +131,48 @@ class IndexedArchive:
         for entries in self._entries.values():
             entries.sort(key=lambda e: e.offset)
         self._starts = {d: [e.offset for e in es] for d, es in self._entries.items()}
+
+    def _check_end_matches_start(self, data_start: int | None) -> None:
+        """The start (header, devices) and the end (seal, index) were found at the two ends
+        of the file: make sure they are one archive. A file that held an older, longer
+        archive and was overwritten without truncation (a reused tape image) has the new
+        archive's start and, after the padding, the old one's end. Only a full read
+        (``verify``) proves the whole; these checks catch such a mix cheaply."""
+        end, devices = self.end, self.devices
+        problems = []
+        if (end.devices, end.configs) != (len(devices), len(self.configs)):
+            problems.append("its seal counts other devices or configs")
+        if self.header.kind == Kind.FULL and end.data_bytes + end.zero_bytes != sum(
+                d.size for d in devices):
+            problems.append("its seal covers another size than its devices")
+        sizes = {d.id: d.size for d in devices}
+        if any(e.offset + e.length > sizes[d] for d, es in self._entries.items() for e in es):
+            problems.append("its index has ranges outside its devices")
+        first = min((e for es in self._entries.values() for e in es), key=lambda e: e.pos,
+                    default=None)
+        if not problems and first is not None:
+            if first.pos != data_start:
+                problems.append("its index does not start where its data does")
+            else:
+                rec = self._record_at(first.pos)
+                if rec.rtype == RecordType.DATA:
+                    ch = Chunk.decode(rec.body, f"data record at byte {first.pos}")
+                    found = (rec.rtype, ch.target, ch.offset, ch.length)
+                elif rec.rtype == RecordType.ZERO:
+                    z = Zero.decode(rec.body)
+                    found = (rec.rtype, z.device, z.offset, z.length)
+                else:
+                    found = (rec.rtype, -1, -1, -1)
+                if found != (first.rtype, first.device, first.offset, first.length):
+                    problems.append("its first data record is not the one its index names")
+        if problems:
+            raise self._mismatch("; ".join(problems))
+
+    def _mismatch(self, why: str) -> ArchiveError:
+        return ArchiveError(
+            f"{self.path}: the end of this file does not belong to the archive at its start, "
+            f"or is damaged ({why}): is an older archive left behind it? `backup-agent "
+            "verify` reads it from the start")
 
     def _record_at(self, pos: int) -> _Record:
         f = self._f

@@ -448,6 +448,12 @@ class ArchiveReader:
     def position(self) -> int:
         return self._in.pos
 
+    @property
+    def data_start(self) -> int | None:
+        """Byte position of the first record after the metadata, before :meth:`records`
+        is iterated (None once it was)."""
+        return self._pending.pos if self._pending is not None else None
+
 
 def open_stream(path: str) -> BinaryIO:
     """Open ``path`` (or standard input for ``-``) for sequential reading."""

@@ -103,3 +103,41 @@ def test_uncompressed_records(tmp_path: Path) -> None:
     path.write_bytes(write_archive(build))
     with IndexedArchive(str(path)) as arc:
         assert arc.read("d", 1000, 6000) == data[1000:7000]
+
+
+def _same_devices(order_seed: int, extra_zero_records: int) -> bytes:
+    """An archive of the same two devices as _archive(), records in another order, and
+    longer (extra zero records split the small device) when asked."""
+    def build(w: ArchiveWriter) -> None:
+        w.add_device("vda", SIZE)
+        w.add_device("vdb", 4096)
+        pieces = [(off, min(65536, SIZE - off)) for off in range(0, SIZE, 65536)]
+        random.Random(order_seed).shuffle(pieces)
+        for off, n in pieces:
+            w.write_zero(0, off, n)
+        step = 4096 // (extra_zero_records + 1)
+        for i in range(extra_zero_records + 1):
+            start = i * step
+            end = 4096 if i == extra_zero_records else start + step
+            w.write_zero(1, start, end - start)
+
+    return write_archive(build)
+
+
+@pytest.mark.parametrize("same_size", [False, True])
+def test_an_older_archive_left_behind_is_not_mixed_in(tmp_path: Path, img: bytes,
+                                                      same_size: bool) -> None:
+    """A file overwritten in place by a shorter archive (a reused tape image): the start is
+    the new archive, the end the old one. IndexedArchive must refuse the mix, also when
+    both archives have the same devices (the seal's sizes then agree)."""
+    old = _archive(img) if not same_size else _same_devices(5, extra_zero_records=40)
+    new = _same_devices(9, extra_zero_records=0)
+    assert len(old) > len(new) + 1024
+    path = tmp_path / "tape"
+    pad = -len(new) % 4096
+    path.write_bytes(new + bytes(pad) + old[len(new) + pad:])
+    with pytest.raises(ArchiveError, match="does not belong to the archive at its start"):
+        IndexedArchive(str(path))
+    path.write_bytes(new + bytes(pad))  # the same archive alone, padded: fine
+    with IndexedArchive(str(path)) as arc:
+        assert arc.read("vdb", 0, 4096) == bytes(4096)
