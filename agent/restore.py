@@ -263,9 +263,6 @@ def restore_chain(
     archive's header is read and the chain checked before anything is written. ``single``:
     a lone archive of any kind (``verify`` checks an incremental on its own)."""
     readers = [ArchiveReader(s, verify_data=False, keep_configs=False) for s, _ in streams]
-    if not single:
-        check_chain([Link(label, r.header, r.devices)
-                     for r, (_, label) in zip(readers, streams, strict=True)], wanted)
     if wanted is not None:
         names = {d.name for d in readers[0].devices}
         missing = sorted(set(wanted) - names)
@@ -274,6 +271,9 @@ def restore_chain(
                 f"no device named {', '.join(map(repr, missing))} in the archive "
                 f"(it has: {', '.join(sorted(names)) or 'none'})"
             )
+    if not single:
+        check_chain([Link(label, r.header, r.devices)
+                     for r, (_, label) in zip(readers, streams, strict=True)], wanted)
     return RestoreEngine(readers, make_sink, opts, progress).run()
 
 
