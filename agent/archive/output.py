@@ -37,6 +37,17 @@ def grow_pipe(fd: int) -> None:
         pass  # an unprivileged limit or an odd system: the default still works
 
 
+def rename_durably(src: str | Path, dst: str | Path) -> None:
+    """``rename(src, dst)``, then sync the directory so that the new name survives a crash.
+    Raises OSError."""
+    os.rename(src, dst)
+    dfd = os.open(Path(dst).parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 class SequentialOutput:
     """Appends buffers to a file descriptor with ``writev``; counts every byte."""
 
@@ -110,12 +121,7 @@ class FileOutput(SequentialOutput):
             if stat.S_ISREG(os.fstat(self.fd).st_mode):
                 os.fsync(self.fd)
             if self.tmp is not None:
-                os.rename(self.tmp, self.path)
-                dfd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                rename_durably(self.tmp, self.path)
         except OSError as e:
             raise OutputError(f"cannot complete output {self.path}: {e.strerror}") from e
 

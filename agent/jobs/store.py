@@ -37,6 +37,7 @@ from agent.archive.format import (
     unpack_frame,
 )
 from agent.archive.indexed import IndexedArchive
+from agent.archive.output import rename_durably
 from agent.errors import AgentError, ArchiveError
 from agent.jobs.retention import ArchiveDesc, Plan, plan
 
@@ -183,12 +184,7 @@ def publish(tmp: str, directory: str, job: str, when: float) -> tuple[str, str]:
     kind = kind_name(read_header(tmp).kind)
     path = final_path(directory, job, when, kind)
     try:
-        os.rename(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        rename_durably(tmp, path)
     except OSError as e:
         raise AgentError(f"cannot rename {tmp} to {path}: {e.strerror}") from e
     return path, kind

@@ -20,6 +20,23 @@ def sock_path() -> Iterator[str]:
         yield str(Path(d) / "s.sock")
 
 
+def _serve_once(server: socket.socket, reply: bytes, one_byte_at_a_time: bool = False
+                ) -> threading.Thread:
+    """Accept one connection on ``server``, send ``reply``, hang up (in a thread)."""
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn, contextlib.suppress(OSError):  # the client may hang up first
+            if one_byte_at_a_time:  # recv may return short reads
+                for b in reply:
+                    conn.send(bytes([b]))
+            else:
+                conn.sendall(reply)
+
+    t = threading.Thread(target=answer)
+    t.start()
+    return t
+
+
 def test_missing_socket(sock_path: str) -> None:
     assert not accepts(sock_path)
 
@@ -38,12 +55,7 @@ def test_closed_without_greeting_is_not_ready(sock_path: str) -> None:
         server.bind(sock_path)
         server.listen(4)
 
-        def answer() -> None:
-            conn, _ = server.accept()
-            conn.close()
-
-        t = threading.Thread(target=answer)
-        t.start()
+        t = _serve_once(server, b"")
         assert not accepts(sock_path, timeout=5)
         t.join()
 
@@ -54,14 +66,7 @@ def test_greeting_is_ready(sock_path: str, reply: bytes) -> None:
         server.bind(sock_path)
         server.listen(4)
 
-        def answer() -> None:
-            conn, _ = server.accept()
-            with conn, contextlib.suppress(OSError):  # the client may hang up first
-                for b in reply:  # one byte at a time: recv may return short reads
-                    conn.send(bytes([b]))
-
-        t = threading.Thread(target=answer)
-        t.start()
+        t = _serve_once(server, reply, one_byte_at_a_time=True)
         assert accepts(sock_path, timeout=5)
         t.join()
 
@@ -71,12 +76,6 @@ def test_wrong_greeting_is_not_ready(sock_path: str) -> None:
         server.bind(sock_path)
         server.listen(4)
 
-        def answer() -> None:
-            conn, _ = server.accept()
-            with conn, contextlib.suppress(OSError):  # the client may hang up first
-                conn.sendall(b"HTTP/1.1")
-
-        t = threading.Thread(target=answer)
-        t.start()
+        t = _serve_once(server, b"HTTP/1.1")
         assert not accepts(sock_path, timeout=5)
         t.join()
