@@ -35,13 +35,14 @@ from agent.archive import codec
 from agent.archive.format import MAX_DATA_LENGTH, Compression, Device
 from agent.archive.writer import ArchiveWriter, data_body_digest
 from agent.errors import InvalidArgument, SourceError
-from agent.nbd.source import Extent, NbdSource
+from agent.nbd.source import NbdSource
 from agent.pipeline import POLL, BufferPool, Control, Meter, Progress, ProgressFn
 from agent.tracker import DeviceTracker
 
 MiB = 1024 * 1024
 ZERO_BLOCK = 64 * 1024  # data that reads as zeros is found and recorded at this grain
 STATUS_MIN_CHANGED = 4 * MiB  # smaller changed runs are read without asking block status
+GATHER_PARTS = 16  # ranges at most in one gathered read (QEMU serves 16 requests at once)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,24 @@ class _Read:
 
 
 @dataclass(frozen=True)
+class _Gather:
+    """Small ranges of one device read into one buffer, one after another, and handled as
+    one unit from then on: an incremental's scattered clusters cost one hand-off between
+    the pipeline's threads per unit instead of one per cluster."""
+
+    device: Device
+    parts: tuple[tuple[int, int], ...]  # (offset, length), in the buffer in this order
+
+    @property
+    def length(self) -> int:
+        return sum(n for _, n in self.parts)
+
+
+def _parts(item: _Read | _Gather) -> tuple[tuple[int, int], ...]:
+    return item.parts if isinstance(item, _Gather) else ((item.offset, item.length),)
+
+
+@dataclass(frozen=True)
 class _Zero:
     device: Device
     offset: int
@@ -88,6 +107,8 @@ class _Data:
 
 
 _Record = _Data | _Zero
+_Item = _Read | _Gather | _Zero  # what a planner hands the readers
+_InFlight = tuple[_Read | _Gather, bytearray, list[int], int, int]
 
 
 class _Planner:
@@ -108,25 +129,36 @@ class _Planner:
         self._device = device
         self._request = opts.request_size
         self._tracker = tracker
-        self._ready: deque[_Read | _Zero] = deque()
+        self._ready: deque[_Item] = deque()
 
-    def _walk(self, dev: Device, src: NbdSource, opts: EngineOptions) -> Iterator[_Read | _Zero]:
+    def _walk(self, dev: Device, src: NbdSource, opts: EngineOptions) -> Iterator[_Item]:
         for pos in range(0, dev.size, opts.status_window):
             end = min(pos + opts.status_window, dev.size)
             q = pos
             while q < end:
                 # An incremental backup copies only the changed runs (all of it otherwise).
                 runs, q = src.changed(q, end - q, self._stopped)
+                parts: list[tuple[int, int]] = []
                 for start, stop in runs:
-                    yield from self._run(dev, src, opts, start, stop)
+                    if src.changes is None or stop - start >= STATUS_MIN_CHANGED:
+                        yield from self._run(dev, src, opts, start, stop)
+                        continue
+                    # A small changed run is read at once: asking its allocation first
+                    # costs a round trip as long as the read (zeros are still found after
+                    # it), and it joins others in one gathered read.
+                    for off in range(start, stop, opts.request_size):
+                        n = min(opts.request_size, stop - off)
+                        if parts and (len(parts) == GATHER_PARTS or
+                                      sum(p[1] for p in parts) + n > opts.request_size):
+                            yield _Gather(dev, tuple(parts))
+                            parts = []
+                        parts.append((off, n))
+                if parts:
+                    yield _Gather(dev, tuple(parts))
 
     def _run(self, dev: Device, src: NbdSource, opts: EngineOptions,
-             q: int, end: int) -> Iterator[_Read | _Zero]:
+             q: int, end: int) -> Iterator[_Item]:
         t = self._tracker
-        # A small changed run is read at once: asking its allocation first costs a round
-        # trip as long as the read (an incremental of scattered clusters is mostly these),
-        # and zeros in it are still found after the read.
-        ask = src.changes is None or end - q >= STATUS_MIN_CHANGED
         while q < end:
             # In a live backup, ask only about ranges nobody claimed: a claimed range
             # may be released already, and QEMU refuses any request touching one.
@@ -135,8 +167,7 @@ class _Planner:
             if not gaps:
                 break
             a, b = gaps[0]
-            extents = (src.extents(self._handle, a, b - a, self._stopped) if ask
-                       else [Extent(a, b - a, False)])
+            extents = src.extents(self._handle, a, b - a, self._stopped)
             for ext in extents:
                 e = ext.offset + ext.length
                 if ext.zero:
@@ -146,7 +177,7 @@ class _Planner:
                         yield _Read(dev, off, min(opts.request_size, e - off))
             q = extents[-1].offset + extents[-1].length  # maybe less than asked
 
-    def next(self, h: nbd.NBD) -> _Read | _Zero | None:
+    def next(self, h: nbd.NBD) -> _Item | None:
         with self._lock:
             self._handle = h
             try:
@@ -157,7 +188,7 @@ class _Planner:
                 self._handle = None
 
 
-    def _next(self) -> _Read | _Zero | None:
+    def _next(self) -> _Item | None:
         t = self._tracker
         if t is None:
             return next(self._it, None)
@@ -171,6 +202,11 @@ class _Planner:
             item = next(self._it, None)
             if item is None:
                 return None
+            if isinstance(item, _Gather):
+                parts = tuple((a, b - a) for off, n in item.parts for a, b in t.claim(off, off + n))
+                if parts:
+                    self._ready.append(_Gather(self._device, parts))
+                continue
             for start, end in t.claim(item.offset, item.offset + item.length):
                 self._ready.append(type(item)(self._device, start, end - start))
         return self._ready.popleft()
@@ -182,14 +218,25 @@ class _Prepared:
     buf: bytearray  # back to the pool once the records are written (payloads may view it)
 
 
-def _prepare(item: _Read, buf: bytearray, spec: codec.CompressionSpec) -> _Prepared:
+def _prepare(item: _Read | _Gather, buf: bytearray, spec: codec.CompressionSpec
+             ) -> _Prepared:
     """Worker: split a read into zero and data runs, compress and digest the data."""
-    view = memoryview(buf)[: item.length]
-    nbuf = nbd.Buffer.from_buffer(view)
-    dev, base = item.device, item.offset
-    if nbuf.is_zero():
-        return _Prepared([_Zero(dev, base, item.length)], buf)
     out: list[_Record] = []
+    pos = 0
+    for offset, length in _parts(item):
+        _split(item.device, offset, memoryview(buf)[pos:pos + length], spec, out)
+        pos += length
+    return _Prepared(out, buf)
+
+
+def _split(dev: Device, base: int, view: memoryview, spec: codec.CompressionSpec,
+           out: list[_Record]) -> None:
+    """Append the records of ``view``, device bytes from ``base`` on, to ``out``."""
+    nbuf = nbd.Buffer.from_buffer(view)
+    length = len(view)
+    if nbuf.is_zero():
+        out.append(_Zero(dev, base, length))
+        return
 
     def data(start: int, end: int) -> None:
         comp, payload = codec.compress(view[start:end], spec)
@@ -197,8 +244,8 @@ def _prepare(item: _Read, buf: bytearray, spec: codec.CompressionSpec) -> _Prepa
         out.append(_Data(dev, base + start, end - start, comp, payload, dig))
 
     run_start, run_zero = 0, False
-    for off in range(0, item.length, ZERO_BLOCK):
-        z = nbuf.is_zero(off, min(ZERO_BLOCK, item.length - off))
+    for off in range(0, length, ZERO_BLOCK):
+        z = nbuf.is_zero(off, min(ZERO_BLOCK, length - off))
         if off == 0:
             run_zero = z
         elif z != run_zero:
@@ -208,10 +255,9 @@ def _prepare(item: _Read, buf: bytearray, spec: codec.CompressionSpec) -> _Prepa
                 data(run_start, off)
             run_start, run_zero = off, z
     if run_zero:
-        out.append(_Zero(dev, base + run_start, item.length - run_start))
+        out.append(_Zero(dev, base + run_start, length - run_start))
     else:
-        data(run_start, item.length)
-    return _Prepared(out, buf)
+        data(run_start, length)
 
 
 @dataclass
@@ -302,8 +348,9 @@ class BackupEngine:
 
     def _read_source(self, planner: _Planner, h: nbd.NBD, dev: Device) -> None:
         ctl, opts = self.control, self.opts
-        inflight: dict[int, tuple[_Read, bytearray]] = {}
-        pending: _Read | None = None
+        # cookie -> (the read, its buffer, [its parts still in flight], offset, length)
+        inflight: dict[int, _InFlight] = {}
+        pending: _Read | _Gather | None = None
         exhausted = False
         while not ctl.stopped():
             while not exhausted and len(inflight) < opts.inflight_per_connection:
@@ -319,13 +366,19 @@ class BackupEngine:
                 if buf is None:
                     pending = item  # finish the reads in flight first, or stop
                     break
-                try:
-                    view = memoryview(buf)[: item.length]
-                    cookie = h.aio_pread(nbd.Buffer.from_buffer(view), item.offset)
-                except nbd.Error as e:
-                    self.buffers.put(buf)
-                    raise self._read_error(dev, item, e) from e
-                inflight[cookie] = (item, buf)
+                parts = _parts(item)
+                left = [len(parts)]
+                pos = 0
+                for offset, length in parts:
+                    try:
+                        view = memoryview(buf)[pos:pos + length]
+                        cookie = h.aio_pread(nbd.Buffer.from_buffer(view), offset)
+                    except nbd.Error as e:
+                        if pos == 0:  # no part of it in flight: the buffer is free
+                            self.buffers.put(buf)
+                        raise self._read_error(dev, offset, length, e) from e
+                    inflight[cookie] = (item, buf, left, offset, length)
+                    pos += length
             if not inflight:
                 if exhausted or ctl.stopped():
                     return
@@ -342,27 +395,29 @@ class BackupEngine:
                                       f"{e.string}") from e
                 self._harvest(h, dev, inflight)
 
-    def _harvest(self, h: nbd.NBD, dev: Device, inflight: dict[int, tuple[_Read, bytearray]]
-                 ) -> int:
+    def _harvest(self, h: nbd.NBD, dev: Device, inflight: dict[int, _InFlight]) -> int:
         """Hand every completed read to the workers; return how many there were."""
         done = 0
         # peek returns a completed cookie, 0 when none is ready, -1 when none is in flight
         while inflight and (cookie := h.aio_peek_command_completed()) > 0:
-            item, buf = inflight.pop(cookie)
+            item, buf, left, offset, length = inflight.pop(cookie)
             try:
                 h.aio_command_completed(cookie)  # retires it; raises if the read failed
             except nbd.Error as e:
-                self.buffers.put(buf)
-                raise self._read_error(dev, item, e) from e
-            fut = self._workers.submit(_prepare, item, buf, self.opts.compression)
-            fut.add_done_callback(self._q.put)
+                if left == [1]:  # no other part of it in flight: the buffer is free
+                    self.buffers.put(buf)
+                raise self._read_error(dev, offset, length, e) from e
             done += 1
+            left[0] -= 1
+            if left[0] == 0:  # every part of it is in
+                fut = self._workers.submit(_prepare, item, buf, self.opts.compression)
+                fut.add_done_callback(self._q.put)
         return done
 
     @staticmethod
-    def _read_error(dev: Device, item: _Read, e: nbd.Error) -> SourceError:
+    def _read_error(dev: Device, offset: int, length: int, e: nbd.Error) -> SourceError:
         return SourceError(
-            f"device {dev.name!r}: read of {item.length} bytes at offset {item.offset} "
+            f"device {dev.name!r}: read of {length} bytes at offset {offset} "
             f"failed: {e.string}"
         )
 

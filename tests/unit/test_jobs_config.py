@@ -244,3 +244,10 @@ def test_the_deploy_example_parses_and_shows_every_key() -> None:
     # a comment), so the example is the complete reference it says it is.
     for key in {*config._JOB_KEYS, *config._TLS_KEYS}:
         assert re.search(rf"^((# )?{key} = |\[jobs\.\w+\.{key}\])", text, re.MULTILINE), key
+
+
+def test_the_cli_default_job_file_is_the_config_default() -> None:
+    from agent.cli import job_cmd
+    from agent.jobs import config
+
+    assert job_cmd.DEFAULT_PATH == config.DEFAULT_PATH
