@@ -26,7 +26,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from urllib.parse import quote
 
 from agent import __version__
 from agent.archive.format import Header, check_name, new_archive_uuid
@@ -38,11 +37,13 @@ from agent.cbw.server import CbwTargetServer
 from agent.engine import BackupEngine, EngineOptions
 from agent.errors import AgentError, ArchiveError, InvalidArgument, SourceError
 from agent.nbd.source import NbdSource
+from agent.network import Network, explain_setup_error
+from agent.network import plan as plan_network
 from agent.pipeline import ProgressFn
 from agent.qemu import checkpoints, names
 from agent.qemu.block import BlockDevice, query_block_devices
 from agent.qemu.checkpoints import Mode
-from agent.qemu.graph import LiveSnapshot, SnapshotSpec
+from agent.qemu.graph import LiveSnapshot, SnapshotError, SnapshotSpec
 from agent.qemu.qmp import Monitor, MonitorGone, QmpError
 from agent.releaser import Releaser
 from agent.tracker import DeviceTracker
@@ -66,6 +67,16 @@ class LiveJob:
     # cannot tell); None: the agent starts one on a private socket.
     nbd_socket: str | None = None
     mode: Mode = Mode.FULL  # see agent.qemu.checkpoints
+    # A VM on another host (qmp = HOST:PORT; see agent.network and agent.tls).
+    tls_creds: str | None = None  # x509 directory: ca-cert.pem, client-cert.pem, ...
+    tls_psk: str | None = None  # PSK file (USER:HEXKEY lines) for the NBD connections
+    tls_username: str | None = None  # identity in tls_psk; None: its first
+    insecure_plaintext: bool = False  # allow TCP without TLS
+    qemu_nbd_addr: str | None = None  # HOST[:PORT] of QEMU's NBD server on TCP
+    cbw_listen: str | None = None  # [HOST][:PORT] the copy-before-write target listens on
+    qemu_tls_server: str = "backup-tls"  # QEMU's endpoint=server credentials object
+    qemu_tls_client: str = "backup-tls-client"  # QEMU's endpoint=client credentials object
+    qemu_tls_authz: str | None = None  # QEMU's authz object for x509 NBD clients
 
 
 def select_devices(found: list[BlockDevice], wanted: list[str]) -> list[BlockDevice]:
@@ -111,10 +122,12 @@ def _listen(servers: dict[str, CbwTargetServer], trackers: dict[str, DeviceTrack
 
 
 def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupSummary:
+    net = plan_network(job)
     configs = read_configs(job.configs)
     with contextlib.ExitStack() as stack:
-        mon = stack.enter_context(Monitor(job.qmp))
+        mon = stack.enter_context(Monitor(job.qmp, tls=net.qmp_tls))
         devices = select_devices(query_block_devices(mon), job.drives)
+        net.check_qemu(mon)
         # Decided before anything is added to the VM: a refused incremental changes nothing.
         plan = checkpoints.choose(job.mode, checkpoints.read(mon, devices))
         if plan.note:
@@ -128,21 +141,23 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
         stack.callback(shutil.rmtree, work, ignore_errors=True)
 
         servers: dict[str, CbwTargetServer] = {}
-        for d in devices:
+        for i, d in enumerate(devices):
             servers[d.id] = stack.enter_context(CbwTargetServer(
                 d.virtual_size, memory=job.cbw_memory, spool_dir=job.spool_dir,
-                spool_limit=job.spool_limit, label=d.id))
+                spool_limit=job.spool_limit, label=d.id, listen=net.cbw_address(mon, i),
+                tls=net.cbw_tls, qemu_tls_creds=net.qemu_tls_client, insecure=net.insecure))
         snap = LiveSnapshot(mon, [SnapshotSpec(d, servers[d.id].blockdev()) for d in devices],
                             tag=tag, nbd_socket=job.nbd_socket or f"{work}/qemu-nbd.sock",
                             cbw_timeout=job.cbw_timeout,
                             transaction=checkpoints.transaction(plan, archive, tag, devices),
-                            changes=names.changes_bitmap(tag) if plan.base else None)
-        stack.enter_context(snap)
-        if not snap.nbd_server_owned and job.nbd_socket is None:
-            raise AgentError(
-                "QEMU already runs an NBD server that the agent did not start, and QEMU 7.2 "
-                "cannot tell where it listens: give its Unix socket with --qemu-nbd-socket PATH"
-            )
+                            changes=names.changes_bitmap(tag) if plan.base else None,
+                            nbd_tcp=net.nbd_tcp, nbd_tls=net.nbd_tls)
+        try:
+            stack.enter_context(snap)
+        except SnapshotError as e:
+            where = ", ".join(s.address for s in servers.values())
+            raise explain_setup_error(e, net, where) from e
+        _check_nbd_server(snap, job, net)
         started = time.monotonic()
 
         try:
@@ -153,6 +168,22 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
     raise AssertionError("unreachable")  # for mypy: the with block returns or raises
 
 
+def _check_nbd_server(snap: LiveSnapshot, job: LiveJob, net: Network) -> None:
+    """A server the agent did not start listens where QEMU 7.2 cannot tell: the user must
+    have said where."""
+    if snap.nbd_server_owned or job.nbd_socket is not None or net.nbd_explicit:
+        return
+    if net.nbd_tcp is not None:
+        raise AgentError(
+            "QEMU already runs an NBD server that the agent did not start, and QEMU 7.2 "
+            "cannot tell where it listens: give its TCP address with --qemu-nbd-addr "
+            "HOST:PORT")
+    raise AgentError(
+        "QEMU already runs an NBD server that the agent did not start, and QEMU 7.2 "
+        "cannot tell where it listens: give its Unix socket with --qemu-nbd-socket PATH"
+    )
+
+
 def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
             devices: list[BlockDevice], servers: dict[str, CbwTargetServer],
             configs: list[tuple[str, bytes]], progress: ProgressFn | None,
@@ -160,8 +191,8 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
     conns = job.engine.connections
     sources = {
         d.id: stack.enter_context(contextlib.closing(NbdSource(
-            f"nbd+unix:///{quote(snap.export_name(d.id), safe='')}?socket={snap.nbd_socket}",
-            conns, archive_name(d), changes=snap.changes)))
+            snap.export_uri(d.id), conns, archive_name(d), changes=snap.changes,
+            tls=snap.nbd_tls.client if snap.nbd_tls else None)))
         for d in devices
     }
     total = None

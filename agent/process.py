@@ -44,6 +44,22 @@ def accepts(path: str, timeout: float = 1.0) -> bool:
         return greeting == NBD_GREETING
 
 
+def accepts_tcp(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether an NBD server on TCP ``host:port`` is serving (its greeting, sent in clear
+    text even by a TLS-only server: TLS starts later, with an NBD option)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            greeting = b""
+            while len(greeting) < len(NBD_GREETING):
+                chunk = s.recv(len(NBD_GREETING) - len(greeting))
+                if not chunk:
+                    return False
+                greeting += chunk
+    except OSError:
+        return False
+    return greeting == NBD_GREETING
+
+
 class HelperProcess:
     """Make the directory first (:attr:`dir`, for the sockets named in the command
     line), then :meth:`start`, :meth:`wait_until` ready; :meth:`close` always."""

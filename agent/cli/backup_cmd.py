@@ -15,6 +15,7 @@ from agent.engine import EngineOptions
 from agent.errors import InvalidArgument
 from agent.live import LiveJob, run_live_backup
 from agent.qemu.checkpoints import Mode
+from agent.tls import check_nbd_uri
 
 log = logging.getLogger("backup-agent")
 
@@ -43,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--request-size", type=common.byte_size, default=2 * 1024 * 1024,
                    metavar="SIZE", help="bytes per NBD read and at most per record (2M, max 32M)")
     live = p.add_argument_group("live backup of a running QEMU VM")
-    live.add_argument("--qmp", metavar="SOCKET",
+    live.add_argument("--qmp", metavar="SOCKET|HOST:PORT",
                       help="the VM's QMP monitor for the agent (a Unix socket or HOST:PORT); "
                       "backs up its disks at one point in time while it runs")
     live.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.FULL.value,
@@ -64,6 +65,37 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     live.add_argument("--qemu-nbd-socket", metavar="PATH",
                       help="if QEMU already runs an NBD server (started by a management "
                       "tool), the Unix socket it listens on; otherwise the agent starts one")
+    net = p.add_argument_group(
+        "a VM on another host (--qmp HOST:PORT; every TCP connection under TLS, see "
+        "docs/NETWORK.md)")
+    net.add_argument("--tls-creds", metavar="DIR",
+                     help="x509 credentials: ca-cert.pem, client-cert.pem, client-key.pem "
+                     "(QMP, and NBD unless --tls-psk) and server-cert.pem, server-key.pem "
+                     "(QEMU's connections to the copy-before-write target)")
+    net.add_argument("--tls-psk", metavar="FILE",
+                     help="a TLS-PSK key file (USER:HEXKEY lines) for the NBD connections")
+    net.add_argument("--tls-username", metavar="NAME",
+                     help="the identity to use from --tls-psk (default: its first)")
+    net.add_argument("--insecure-plaintext", action="store_true",
+                     help="allow QMP and NBD over TCP without TLS (also nbd:// sources on "
+                     "other hosts): anyone on the network can then read the disks and "
+                     "control the VM")
+    net.add_argument("--qemu-nbd-addr", metavar="HOST[:PORT]",
+                     help="QEMU's NBD server on TCP, on the VM's host (default: the --qmp "
+                     "host, port 10809); also names a server something else started")
+    net.add_argument("--cbw-listen", metavar="[HOST][:PORT]",
+                     help="where QEMU reaches the copy-before-write target on this host "
+                     "(default: this host's address on the QMP connection, any free port; "
+                     "disk N listens on PORT+N)")
+    net.add_argument("--qemu-tls-server", metavar="ID", default=LiveJob.qemu_tls_server,
+                     help="QEMU's TLS credentials object (endpoint=server) for its NBD "
+                     "server (%(default)s)")
+    net.add_argument("--qemu-tls-client", metavar="ID", default=LiveJob.qemu_tls_client,
+                     help="QEMU's TLS credentials object (endpoint=client) for reaching the "
+                     "copy-before-write target (%(default)s)")
+    net.add_argument("--qemu-tls-authz", metavar="ID",
+                     help="QEMU's authz object that lists the x509 clients its NBD server "
+                     "accepts (optional)")
     common.add_progress(p)
     p.set_defaults(run=run)
 
@@ -85,10 +117,22 @@ def run(args: argparse.Namespace) -> int:
                 engine=opts, cbw_timeout=args.cbw_timeout, cbw_memory=args.cbw_memory,
                 spool_dir=args.spool_dir, spool_limit=args.spool_limit,
                 nbd_socket=args.qemu_nbd_socket, mode=Mode(args.mode),
+                tls_creds=args.tls_creds, tls_psk=args.tls_psk,
+                tls_username=args.tls_username, insecure_plaintext=args.insecure_plaintext,
+                qemu_nbd_addr=args.qemu_nbd_addr, cbw_listen=args.cbw_listen,
+                qemu_tls_server=args.qemu_tls_server, qemu_tls_client=args.qemu_tls_client,
+                qemu_tls_authz=args.qemu_tls_authz,
             ), renderer.callback())
         else:
             if args.drive:
                 raise InvalidArgument("--drive picks disks of a VM: it needs --qmp")
+            for _, uri in args.source:
+                check_nbd_uri(uri, args.insecure_plaintext)
+            for flag in ("tls_creds", "tls_psk", "tls_username", "qemu_nbd_addr",
+                         "cbw_listen", "qemu_tls_authz"):
+                if getattr(args, flag) is not None:
+                    raise InvalidArgument(f"--{flag.replace('_', '-')} is for a live backup: "
+                                          "it needs --qmp")
             if args.mode != Mode.FULL.value:
                 raise InvalidArgument("--mode incremental, differential and auto need the "
                                       "VM's dirty bitmaps: use them with --qmp")

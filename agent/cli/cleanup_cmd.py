@@ -13,16 +13,30 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p = sub.add_parser("cleanup", parents=[parent], help="undo what a killed backup left in QEMU",
                        description="Remove every export, node and filter a live backup added "
                        "to the VM (all carry names starting with ba-) and put its disks back.")
-    p.add_argument("--qmp", metavar="SOCKET", required=True,
+    p.add_argument("--qmp", metavar="SOCKET|HOST:PORT", required=True,
                    help="the VM's QMP monitor for the agent (a Unix socket or HOST:PORT)")
+    p.add_argument("--tls-creds", metavar="DIR",
+                   help="x509 credentials for QMP over TCP (ca-cert.pem, client-cert.pem, "
+                   "client-key.pem; see docs/NETWORK.md)")
+    p.add_argument("--insecure-plaintext", action="store_true",
+                   help="allow QMP over TCP without TLS")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: a backup need not pay for this command's imports
+    from agent.errors import InvalidArgument
     from agent.qemu.graph import cleanup
-    from agent.qemu.qmp import Monitor
-    with Monitor(args.qmp) as mon:
+    from agent.qemu.qmp import Monitor, parse_address
+    from agent.tls import TlsCreds, require_tls
+    tls = None
+    if isinstance(parse_address(args.qmp), tuple):
+        creds = require_tls("the QMP monitor", args.qmp, TlsCreds.load(args.tls_creds, None),
+                            args.insecure_plaintext)
+        tls = creds.qmp_context() if creds else None
+    elif args.tls_creds or args.insecure_plaintext:
+        raise InvalidArgument("--tls-creds and --insecure-plaintext are for --qmp HOST:PORT")
+    with Monitor(args.qmp, tls=tls) as mon:
         removed = cleanup(mon)
     for what in removed:
         log.info("removed %s", what)

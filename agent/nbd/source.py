@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import nbd
 
 from agent.errors import AgentError, SourceError
+from agent.tls import TlsCreds
 
 log = logging.getLogger("backup-agent")
 
@@ -41,12 +42,15 @@ EXTRA_CONNECT_TIMEOUT = 2.0  # connections beyond the first are optional
 POLL_MS = 200  # no libnbd wait is longer: signals and stop flags are seen promptly
 
 
-def _connect(uri: str, name: str, meta: bool | str, timeout: float = CONNECT_TIMEOUT) -> nbd.NBD:
+def _connect(uri: str, name: str, meta: bool | str, timeout: float = CONNECT_TIMEOUT,
+             tls: TlsCreds | None = None) -> nbd.NBD:
     """Connect with a deadline: a server at its connection limit accepts the socket
     and then says nothing, and libnbd's synchronous connect would wait forever."""
     h = nbd.NBD()
     try:
         h.set_handle_name(name)
+        if tls is not None:
+            tls.nbd_client(h)
         # libnbd zeroes every read buffer first, a guard for careless C callers; we
         # check every reply's status, and the memset cost about 10% of a backup.
         h.set_pread_initialize(False)
@@ -62,7 +66,12 @@ def _connect(uri: str, name: str, meta: bool | str, timeout: float = CONNECT_TIM
                                   "(is the server at its connection limit?)")
             h.poll(max(1, min(POLL_MS, int(left * 1000))))
     except nbd.Error as e:
-        raise SourceError(f"cannot connect to {uri}: {e.string}") from e
+        hint = ""
+        if tls is not None and ("gnutls" in str(e.string) or "TLS" in str(e.string)):
+            hint = (" (TLS refused: the server and the agent need the same PSK, or "
+                    "certificates from one CA that the server's tls-authz, if any, accepts; "
+                    "see docs/NETWORK.md)")
+        raise SourceError(f"cannot connect to {uri}: {e.string}{hint}") from e
     return h
 
 
@@ -77,17 +86,17 @@ class NbdSource:
     """
 
     def __init__(self, uri: str, connections: int = 4, label: str = "source",
-                 changes: str | None = None) -> None:
+                 changes: str | None = None, tls: TlsCreds | None = None) -> None:
         self.uri = uri
         self.label = label
         self.changes = changes
         self._map: nbd.NBD | None = None
-        first = _connect(uri, f"{label}-0", meta=True)
+        first = _connect(uri, f"{label}-0", meta=True, tls=tls)
         self.handles: list[nbd.NBD] = [first]
         try:
             if changes is not None:
                 context = DIRTY_BITMAP + changes
-                self._map = _connect(uri, f"{label}-map", meta=context)
+                self._map = _connect(uri, f"{label}-map", meta=context, tls=tls)
                 if not self._map.can_meta_context(context):
                     raise SourceError(f"device {label!r}: the server does not offer the "
                                       f"dirty bitmap {changes!r} ({context})")
@@ -97,7 +106,8 @@ class NbdSource:
             for i in range(1, n):
                 try:
                     self.handles.append(
-                        _connect(uri, f"{label}-{i}", meta=True, timeout=EXTRA_CONNECT_TIMEOUT)
+                        _connect(uri, f"{label}-{i}", meta=True, timeout=EXTRA_CONNECT_TIMEOUT,
+                                 tls=tls)
                     )
                 except SourceError as e:
                     # A server may have fewer client slots than we asked for

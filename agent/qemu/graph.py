@@ -28,8 +28,10 @@ Steps, each undone in reverse order by :meth:`LiveSnapshot.teardown`:
    ``on-cbw-error`` nor ``cbw-timeout`` in QEMU 7.2, so a slow target would fail guest
    writes.)
 3. ``blockdev-add`` every snapshot-access node;
-4. ``nbd-server-start`` on ``nbd_socket`` unless QEMU already has an NBD server (then it is
-   reused and left running; the caller's ``nbd_socket`` should then be that server's address);
+4. ``nbd-server-start`` on ``nbd_socket`` (or, for a client on another host, on TCP
+   ``nbd_tcp`` with TLS: QEMU's credentials object ``nbd_tls.creds`` and, for x509, an optional
+   ``tls-authz``) unless QEMU already has an NBD server (then it is reused and left running;
+   the caller's address should then be that server's);
 5. ``block-export-add`` every snapshot node, writable, named after the device (offering the
    changes bitmap as meta context ``qemu:dirty-bitmap:<name>`` for an incremental).
 
@@ -52,6 +54,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import nbd
 
@@ -59,6 +62,7 @@ from agent.errors import InvalidArgument
 from agent.qemu import names
 from agent.qemu.block import BlockDevice
 from agent.qemu.qmp import Monitor, MonitorGone, QmpError
+from agent.tls import TlsCreds
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +86,17 @@ class SnapshotSpec:
 
     device: BlockDevice
     target: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class NbdTls:
+    """TLS on QEMU's NBD server: the id of QEMU's credentials object (``endpoint=server``,
+    created by the VM's administrator), an optional ``authz`` object id (x509: which client
+    certificates may connect), and the agent's credentials as the client."""
+
+    creds: str
+    client: TlsCreds
+    authz: str | None = None
 
 
 @dataclass
@@ -118,15 +133,22 @@ class LiveSnapshot:
     def __init__(
         self, monitor: Monitor, specs: Sequence[SnapshotSpec], *, tag: str, nbd_socket: str,
         cbw_timeout: int = 5, transaction: Sequence[Mapping[str, Any]] = (),
-        changes: str | None = None,
+        changes: str | None = None, nbd_tcp: tuple[str, int] | None = None,
+        nbd_tls: NbdTls | None = None,
     ) -> None:
         names.check_tag(tag)
         ids = [s.device.id for s in specs]
         if not specs or len(set(ids)) != len(ids):
             raise InvalidArgument(f"snapshot devices must be given once each, got {ids!r}")
+        if nbd_tls is not None and nbd_tcp is None:
+            raise InvalidArgument("TLS on QEMU's NBD server needs a TCP address")
         self.monitor = monitor
         self.tag = tag
         self.nbd_socket = nbd_socket
+        self.nbd_tcp = nbd_tcp
+        """``(host, port)`` of QEMU's NBD server on TCP, for a client on another host;
+        None: the Unix socket ``nbd_socket``."""
+        self.nbd_tls = nbd_tls
         self.cbw_timeout = cbw_timeout
         self.nbd_server_owned = False
         """True when this snapshot started QEMU's NBD server (and so stops it)."""
@@ -173,6 +195,29 @@ class LiveSnapshot:
         """NBD export name of a device's snapshot (its id)."""
         return self._device(device_id).spec.device.id
 
+    @property
+    def nbd_address(self) -> str:
+        """Where QEMU's NBD server listens, for messages."""
+        if self.nbd_tcp is None:
+            return self.nbd_socket
+        host, port = self.nbd_tcp
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def export_uri(self, device_id: str) -> str:
+        """libnbd URI of a device's snapshot export (``nbds://`` under TLS)."""
+        name = quote(self.export_name(device_id), safe="")
+        if self.nbd_tcp is None:
+            return f"nbd+unix:///{name}?socket={self.nbd_socket}"
+        return f"{'nbds' if self.nbd_tls else 'nbd'}://{self.nbd_address}/{name}"
+
+    def connect_export(self, device_id: str) -> nbd.NBD:
+        """A libnbd connection to a device's snapshot export (TLS set up as needed)."""
+        h = nbd.NBD()
+        if self.nbd_tls is not None:
+            self.nbd_tls.client.nbd_client(h)
+        h.connect_uri(self.export_uri(device_id))
+        return h
+
     def cluster_size(self, device_id: str) -> int:
         """Copy granularity of a device's filter: trims are rounded to it."""
         return self._device(device_id).cluster
@@ -195,10 +240,7 @@ class LiveSnapshot:
         start, count = span
         try:
             if dev.handle is None:
-                h = nbd.NBD()
-                h.set_export_name(dev.spec.device.id)
-                h.connect_unix(self.nbd_socket)
-                dev.handle = h
+                dev.handle = self.connect_export(device_id)
             while count:
                 step = min(count, MAX_TRIM)
                 dev.handle.trim(step, start)
@@ -206,7 +248,7 @@ class LiveSnapshot:
         except nbd.Error as e:
             raise SnapshotError(
                 f"cannot release {span[1]} bytes at {span[0]} of device '{device_id}' on the "
-                f"snapshot export at {self.nbd_socket}: {e}"
+                f"snapshot export at {self.nbd_address}: {e}"
             ) from e
 
     def __enter__(self) -> LiveSnapshot:
@@ -295,15 +337,23 @@ class LiveSnapshot:
         self._step("cannot record the NBD server's owner", "object-add",
                    {"qom-type": "secret", "id": marker, "data": ""})
         self._push(f"delete object {marker}", lambda: _object_del(mon, marker))
+        # QEMU 7.2 takes only the old, "data"-wrapped address form here.
+        args: dict[str, Any] = {"addr": {"type": "unix", "data": {"path": self.nbd_socket}}}
+        if self.nbd_tcp is not None:
+            host, port = self.nbd_tcp
+            args = {"addr": {"type": "inet", "data": {"host": host, "port": str(port)}}}
+        if self.nbd_tls is not None:
+            args["tls-creds"] = self.nbd_tls.creds
+            if self.nbd_tls.authz is not None:
+                args["tls-authz"] = self.nbd_tls.authz
         try:
-            mon.execute("nbd-server-start",
-                        {"addr": {"type": "unix", "data": {"path": self.nbd_socket}}})
+            mon.execute("nbd-server-start", args)
         except QmpError as e:
             if e.desc is not None and "already running" in e.desc:
                 log.info("QEMU's NBD server already runs: reusing it (%s)", e.desc)
                 self._undo.pop()[1]()  # not ours: drop the marker now
                 return
-            raise _wrap(f"cannot start QEMU's NBD server on {self.nbd_socket}", e) from e
+            raise _wrap(f"cannot start QEMU's NBD server on {self.nbd_address}", e) from e
         self.nbd_server_owned = True
         self._push("stop the NBD server", lambda: _stop_nbd_server(mon))
 

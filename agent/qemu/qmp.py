@@ -32,6 +32,16 @@ Two details of the library this module takes care of:
   be removed, so it is given a filter that refuses every event: this facade delivers none.
 - The library logs each failure at ERROR before raising it; the same facts reach the user in
   our :class:`QmpError`, so its records are demoted to DEBUG (visible with ``--debug``).
+
+QMP over TLS (``Monitor("10.0.0.1:4444", tls=ctx)``, QEMU's ``-chardev socket,...,tls-creds=``)
+meets a QEMU 7.2 defect, seen here on every connection: QEMU acts on a TLS record only once
+another record arrives after it. It sends no greeting after the handshake until the client
+sends something, and answers each command only when the next bytes come. QMP's JSON parser
+skips whitespace, so :class:`_Client` sends a newline in a record of its own after the
+handshake and after every message: each command is then answered at once. (The handshake
+itself runs on the socket we connected, so connection errors keep their own messages.) These
+are overrides of ``QMPClient`` internals (``_do_connect``, ``_do_send``, ``_bh_flush_writer``,
+as in qemu.qmp 0.0.6), used only with TLS; tests/integration/test_network.py covers them.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import stat
 import threading
 from collections.abc import Coroutine, Mapping
@@ -48,6 +59,7 @@ from typing import Any, TypeVar, cast
 
 from qemu.qmp import ConnectError, ExecInterruptedError, ExecuteError, QMPClient, QMPError
 from qemu.qmp import StateError as _StateError
+from qemu.qmp.message import Message
 from qemu.qmp.qmp_client import GreetingError
 
 from agent.errors import AgentError
@@ -154,15 +166,24 @@ class Monitor:
     waiting for QEMU's greeting (a monitor that already has a client never sends one: that is
     :class:`MonitorBusy`), and each command unless :meth:`execute` is given its own.
 
+    ``tls`` (TCP only) is the client context of QMP over TLS (:meth:`agent.tls.TlsCreds.
+    qmp_context`); the server's certificate must name the host as written in ``address``.
+
     Raises :class:`QmpError` when the monitor cannot be reached. :meth:`execute` may be called
     from several threads at once. Close the monitor (or use ``with``) when done: until then
     QEMU serves no other client on it.
     """
 
-    def __init__(self, address: str, timeout: float = 10.0) -> None:
+    def __init__(self, address: str, timeout: float = 10.0,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.address = address
         self.timeout = timeout
+        self.tls = tls
+        self.local_host: str | None = None
+        """For a TCP monitor: this host's address on the connection, which QEMU can reach."""
         self._client: QMPClient | None = None
+        if tls is not None and not isinstance(parse_address(address), tuple):
+            raise QmpError(f"QMP over TLS needs a HOST:PORT address, not {address}")
         self._loop = _LoopThread(name=f"qmp {address}")
         try:
             sock = self._open_socket()
@@ -182,7 +203,9 @@ class Monitor:
         where = self.address
         try:
             if isinstance(target, tuple):
-                return socket.create_connection(target, timeout=self.timeout)
+                tcp = socket.create_connection(target, timeout=self.timeout)
+                self.local_host = str(tcp.getsockname()[0])
+                return tcp
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.settimeout(self.timeout)
@@ -211,7 +234,8 @@ class Monitor:
 
     async def _start_session(self, sock: socket.socket) -> QMPClient:
         """Greeting and capabilities negotiation on the connected ``sock``."""
-        client = QMPClient()
+        target = parse_address(self.address)
+        client = _Client(self.tls, target[0] if isinstance(target, tuple) else None)
         # See the module docstring: a typed Logger is expected, an adapter behaves as one.
         client.logger = cast(logging.Logger, _DemotedLog(client.logger))
         client.events.event_filter = _drop  # the default listener may not be removed
@@ -219,13 +243,19 @@ class Monitor:
             await asyncio.wait_for(client.connect(sock), self.timeout)
         except TimeoutError as e:
             sock.close()
+            plain_tcp = isinstance(target, tuple) and self.tls is None
             raise MonitorBusy(
                 f"the QMP monitor at {self.address} is busy: another client holds it "
                 f"(no QMP greeting within {self.timeout:g} s); give the agent a monitor of its "
                 "own (-qmp unix:PATH,server=on,wait=off)"
+                + (", or the monitor expects TLS and the agent was told "
+                   "--insecure-plaintext" if plain_tcp else "")
             ) from e
         except ConnectError as e:
             sock.close()
+            tls_error = _tls_failure(self.address, e.exc) if self.tls is not None else None
+            if tls_error is not None:
+                raise QmpError(tls_error) from e
             if isinstance(e.exc, GreetingError):
                 raise QmpError(
                     f"{self.address} is not a QMP monitor: its greeting is not QMP's ({e.exc})"
@@ -303,6 +333,63 @@ class Monitor:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<Monitor {self.address} {state}>"
+
+
+class _Client(QMPClient):
+    """``QMPClient`` that starts TLS on the socket it is given and nudges QEMU 7.2 after every
+    message (see the module docstring). Without ``tls`` it is ``QMPClient``."""
+
+    def __init__(self, tls: ssl.SSLContext | None, hostname: str | None) -> None:
+        super().__init__()
+        self._tls = tls
+        self._hostname = hostname
+
+    async def _do_connect(self, address: str | tuple[str, int] | socket.socket,
+                          ssl: ssl.SSLContext | None = None) -> None:
+        await super()._do_connect(address, ssl)
+        if self._tls is not None and self._writer is not None:
+            await self._writer.start_tls(self._tls, server_hostname=self._hostname)
+            self._writer.write(b"\n")
+            await self._writer.drain()
+
+    def _do_send(self, msg: Message) -> None:
+        super()._do_send(msg)
+        if self._tls is not None and self._writer is not None:
+            self._writer.write(b"\n")  # a record of its own: asyncio encrypts each write
+
+    async def _bh_flush_writer(self) -> None:
+        if self._tls is None:
+            await super()._bh_flush_writer()
+            return
+        # The library flushes with write-buffer limits of 0, on which Python 3.11's TLS
+        # transport pauses and never resumes: every disconnect would hang. A plain drain
+        # after the queue is empty sends the same bytes.
+        if self._writer_task is not None:
+            await self._outgoing.join()
+        if self._writer is not None:
+            await self._writer.drain()
+
+
+def _tls_failure(address: str, exc: BaseException) -> str | None:
+    """What a TLS handshake failure means, for the user; None if ``exc`` is no such failure."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the QMP monitor at {address} presented a certificate the agent does not "
+                f"trust ({exc.verify_message}): ca-cert.pem in --tls-creds must be the CA "
+                "that signed QEMU's server-cert.pem, and that certificate must name the "
+                "host as given to --qmp")
+    if isinstance(exc, ssl.SSLError):
+        if "WRONG_VERSION_NUMBER" in str(exc) or "wrong version number" in str(exc):
+            return (f"the QMP monitor at {address} does not speak TLS (its -chardev has no "
+                    "tls-creds=): give it TLS (see docs/NETWORK.md); the agent does not send "
+                    "QMP over a network in clear text unless told --insecure-plaintext")
+        return (f"TLS handshake with the QMP monitor at {address} failed: "
+                f"{exc.reason or exc}; QEMU may have refused the agent's certificate "
+                "(client-cert.pem must be signed by the CA in QEMU's credentials directory)")
+    if isinstance(exc, (EOFError, ConnectionResetError, BrokenPipeError)):
+        return (f"the QMP monitor at {address} closed the connection during the TLS "
+                "handshake: QEMU did not accept the agent's client certificate "
+                "(client-cert.pem must be signed by the CA in QEMU's credentials directory)")
+    return None
 
 
 def _drop(event: object) -> bool:

@@ -6,6 +6,7 @@ A :class:`Vm` is ``qemu-system-x86_64 -nodefaults -display none -accel tcg`` wit
   format node ``<id>-fmt``, and ``-device virtio-blk-pci,drive=<id>-fmt,id=<id>``;
 - two QMP monitors, because a monitor serves one client at a time: :attr:`Vm.monitor` is the
   test's (connected), :attr:`Vm.agent_qmp` the socket path left for the code under test;
+- optionally, a network namespace to run in (``netns``; tests/integration/netns.py);
 - QEMU's stdout and stderr in :attr:`Vm.log` (HMP ``qemu-io`` prints there, not into the QMP
   reply), the guest's serial console in :attr:`Vm.serial`;
 - either no guest code (``-S``: paused before the first instruction, the default) or a
@@ -118,6 +119,7 @@ class Vm:
         paused: bool | None = None,
         memory: str = "256M",
         extra_args: Sequence[str] = (),
+        netns: str | None = None,
     ) -> None:
         self.name = name
         self.disks = {d.id: d for d in disks}
@@ -143,6 +145,9 @@ class Vm:
         for disk in disks:
             argv += disk.qemu_args()
         argv += list(extra_args)
+        if netns is not None:
+            # `ip netns exec` enters the namespace and execs QEMU: the pid stays QEMU's.
+            argv = ["ip", "netns", "exec", netns, *argv]
         self.argv = argv
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
@@ -293,10 +298,12 @@ class VmFactory:
         paused: bool | None = None,
         memory: str = "256M",
         extra_args: Sequence[str] = (),
+        netns: str | None = None,
     ) -> Vm:
-        """Start a VM (see :class:`Vm`); it is named ``vm1``, ``vm2``... in this factory."""
+        """Start a VM (see :class:`Vm`); it is named ``vm1``, ``vm2``... in this factory.
+        ``netns``: run QEMU in that network namespace (its Unix sockets stay reachable)."""
         vm = Vm(self.sock_dir, f"vm{len(self.vms) + 1}", disks, guest=guest, paused=paused,
-                memory=memory, extra_args=extra_args)
+                memory=memory, extra_args=extra_args, netns=netns)
         self.vms.append(vm)
         return vm
 
