@@ -27,6 +27,7 @@ PACKAGES=(
     mbuffer                # tests: writing an archive onto "tape" in fixed blocks
     systemd                # tests: systemd-analyze verify of the units in deploy/
     iproute2               # tests: network namespaces joined by a veth pair
+    openssl                # tests: throwaway certificates for TLS
 )
 VENV=.venv
 STAMP="$VENV/.installed-stamp"

@@ -44,20 +44,21 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # Keys [defaults] may set; keep_chains and full_every from there apply to dir jobs only.
 _SHARED = ("mode", "full_every", "keep_chains", "compression", "cbw_memory", "spool_dir",
            "spool_limit", "cbw_timeout")
+_NETWORK_KEYS = ("qemu_nbd_addr", "cbw_listen")  # jobs whose monitor is HOST:PORT only
 _JOB_KEYS = ("qmp", "tls", "drives", "dir", "command", "commit_command", "qemu_nbd_socket",
-             "configs", *_SHARED)
-_TLS_KEYS = ("creds_dir", "psk_user")
+             "configs", *_NETWORK_KEYS, *_SHARED)
+_TLS_KEYS = ("creds_dir", "psk_file", "psk_user")
 _DIR_ONLY = ("keep_chains", "full_every")
 
 
 @dataclass(frozen=True)
 class Tls:
-    """TLS for a monitor reached over the network. Only checked for presence here: the
-    network transport is being built separately, and ``job run`` refuses such jobs until
-    it lands."""
+    """TLS for a VM on another host (docs/NETWORK.md): the agent's ``--tls-creds``,
+    ``--tls-psk`` and ``--tls-username``."""
 
-    creds_dir: str  # QEMU-style credentials directory (X.509 ca-cert.pem..., or keys.psk)
-    psk_user: str | None = None  # TLS-PSK user name in keys.psk; None: X.509 certificates
+    creds_dir: str  # X.509: ca-cert.pem, client-cert.pem, client-key.pem (QMP needs X.509)
+    psk_file: str | None = None  # TLS-PSK keys (USER:HEXKEY) for the NBD connections
+    psk_user: str | None = None  # the identity in psk_file; None: its first
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class Job:
     cbw_timeout: int | None = None
     qemu_nbd_socket: str | None = None
     configs: tuple[tuple[str, str], ...] = ()  # (name in the archive, file)
+    qemu_nbd_addr: str | None = None  # network jobs: QEMU's NBD server, HOST[:PORT]
+    cbw_listen: str | None = None  # network jobs: where the copy-before-write target listens
 
     @property
     def network(self) -> bool:
@@ -155,6 +158,10 @@ def _job(name: str, t: _Table, defaults: dict[str, Any]) -> Job:
             t.fail(f"qmp must be an absolute Unix socket path or HOST:PORT, got {_show(qmp)}")
         if tls_body is not None:
             t.fail('tls is only for a monitor reached over the network (qmp = "HOST:PORT")')
+        for key in _NETWORK_KEYS:
+            if key in t.data:
+                t.fail(f'{key} is only for a monitor reached over the network '
+                       '(qmp = "HOST:PORT")')
 
     dest_dir, command = t.path("dir"), t.string("command")
     if (dest_dir is None) == (command is None):
@@ -173,7 +180,9 @@ def _job(name: str, t: _Table, defaults: dict[str, Any]) -> Job:
             settings.pop(key, None)  # from [defaults]: meant for the dir jobs
     return Job(name=name, qmp=qmp, tls=tls, dir=dest_dir, command=command,
                commit_command=commit_command, drives=t.strings("drives") or (),
-               qemu_nbd_socket=t.path("qemu_nbd_socket"), configs=_configs(t), **settings)
+               qemu_nbd_socket=t.path("qemu_nbd_socket"), configs=_configs(t),
+               qemu_nbd_addr=t.string("qemu_nbd_addr"), cbw_listen=t.string("cbw_listen"),
+               **settings)
 
 
 def _shared(t: _Table) -> dict[str, Any]:
@@ -194,9 +203,12 @@ def _shared(t: _Table) -> dict[str, Any]:
 def _tls(t: _Table) -> Tls:
     creds_dir = t.path("creds_dir")
     if creds_dir is None:
-        t.fail("creds_dir is missing: the directory of the TLS credentials "
-               "(ca-cert.pem, client-cert.pem, client-key.pem; or keys.psk)")
-    return Tls(creds_dir, t.string("psk_user"))
+        t.fail("creds_dir is missing: the directory of the agent's X.509 credentials "
+               "(ca-cert.pem, client-cert.pem, client-key.pem; QMP over TLS needs them)")
+    psk_file, psk_user = t.path("psk_file"), t.string("psk_user")
+    if psk_user is not None and psk_file is None:
+        t.fail("psk_user goes with psk_file (the TLS-PSK keys of the NBD connections)")
+    return Tls(creds_dir, psk_file, psk_user)
 
 
 def _configs(t: _Table) -> tuple[tuple[str, str], ...]:

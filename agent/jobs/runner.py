@@ -35,6 +35,7 @@ from agent.jobs.command import CommandOutput, run_shell
 from agent.jobs.config import Job
 from agent.jobs.retention import ArchiveDesc, find_chains
 from agent.live import LiveJob, run_live_backup, select_devices
+from agent.network import plan as plan_network
 from agent.pipeline import ProgressFn
 from agent.qemu import checkpoints
 from agent.qemu.block import query_block_devices
@@ -55,11 +56,6 @@ class JobResult:
 
 
 def run_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
-    if job.network:
-        raise AgentError(
-            f"its monitor {job.qmp} is reached over the network, which needs the TLS "
-            "transport this backup-agent does not have yet: run the agent on the hypervisor "
-            "with a Unix socket monitor")
     started = time.time()
     if job.dir is not None:
         return _to_dir(job, job.dir, started, progress)
@@ -73,8 +69,10 @@ def preflight(job: Job) -> list[str]:
     ``job check``, as warnings: the VM may just not be running at the moment)."""
     found = []
     if job.network:
-        found.append("a network monitor needs the TLS transport, which this backup-agent "
-                     "does not have yet: job run refuses this job")
+        try:
+            plan_network(_live_job(job, "-", Mode.FULL))  # reads and checks the key files
+        except AgentError as e:
+            found.append(str(e))
     elif not os.path.exists(job.qmp):
         found.append(f"no monitor socket at {job.qmp} (is the VM running, with that -qmp?)")
     for what, path in (("dir", job.dir), ("spool_dir", job.spool_dir)):
@@ -169,7 +167,8 @@ def _plan(job: Job, mode: Mode) -> checkpoints.Plan | None:
     """What the agent will make of ``mode`` for this VM, found the way the backup finds it
     (queries only: nothing changes in the VM). None if the VM cannot be asked now."""
     try:
-        with Monitor(job.qmp) as mon:
+        net = plan_network(_live_job(job, "-", mode))
+        with Monitor(job.qmp, tls=net.qmp_tls) as mon:
             devices = select_devices(query_block_devices(mon), list(job.drives))
             return checkpoints.choose(mode, checkpoints.read(mon, devices))
     except AgentError:
@@ -189,8 +188,12 @@ def _live_job(job: Job, output: str, mode: Mode) -> LiveJob:
     given: dict[str, Any] = {
         "cbw_memory": job.cbw_memory, "spool_dir": job.spool_dir,
         "spool_limit": job.spool_limit, "cbw_timeout": job.cbw_timeout,
-        "nbd_socket": job.qemu_nbd_socket,
+        "nbd_socket": job.qemu_nbd_socket, "qemu_nbd_addr": job.qemu_nbd_addr,
+        "cbw_listen": job.cbw_listen,
     }
+    if job.tls is not None:
+        given.update(tls_creds=job.tls.creds_dir, tls_psk=job.tls.psk_file,
+                     tls_username=job.tls.psk_user)
     # Options the job leaves out keep LiveJob's defaults: one place to change them.
     return LiveJob(qmp=job.qmp, output=output, drives=list(job.drives),
                    configs=list(job.configs), engine=EngineOptions(compression=job.compression),

@@ -161,14 +161,15 @@ def test_job_check_the_example() -> None:
     assert [line.split(":")[0].strip() for line in lines[1:]] == ["vm1", "vm2", "vm3"]
     # what would fail now is said, as warnings: here the VMs do not exist
     assert b'warning: job "vm1": no monitor socket at /run/backup-agent/vm1.qmp' in proc.stderr
-    assert b'warning: job "vm3": a network monitor needs' in proc.stderr
+    # the network job's credentials are read and checked: here they do not exist
+    assert b'warning: job "vm3": ' in proc.stderr and b"/etc/backup-agent/tls/hv2" in proc.stderr
 
 
 @pytest.mark.parametrize(("text", "words"), [
     ('[jobs.vm1]\nqmp = "/run/vm1.qmp"\ndir = "/srv/x"\nkeep_chains = "x"\n',
      ['job "vm1": keep_chains must be a positive integer, got "x"']),
     ('[jobs.vm1]\nqmp = "/run/vm1.qmp"\ndir = "/srv/x"\nkeep_chain = 3\n',
-     ['job "vm1": unknown key "keep_chain"', 'known keys: cbw_memory']),
+     ['job "vm1": unknown key "keep_chain"', 'known keys: cbw_listen, cbw_memory']),
     ('[jobs.vm1]\nqmp = "/run/vm1.qmp"\n', ['job "vm1": give exactly one destination']),
     ('[jobs.vm1\n', ["not valid TOML", "line 1"]),
 ])
@@ -446,6 +447,7 @@ def test_every_failed_job_is_one_line_and_the_others_still_run(
         vm: tuple[Vm, Path], tmp_path: Path) -> None:
     machine, _ = vm
     (tmp_path / "ok").mkdir()
+    (tmp_path / "far").mkdir()  # so that the credentials are what fails
     jobs = _jobs(tmp_path / "jobs.toml", f"""
 [jobs.gone]
 qmp = "{tmp_path}/gone.qmp"
@@ -461,7 +463,7 @@ dir = "{tmp_path}/missing"
 qmp = "192.0.2.1:4444"
 dir = "{tmp_path}/far"
 [jobs.far.tls]
-creds_dir = "/etc/backup-agent/tls"
+creds_dir = "{tmp_path}/no-tls"
 """)
     proc = agent("job", "run", "--config", jobs)
     assert proc.returncode == 1, describe(proc)
@@ -471,7 +473,7 @@ creds_dir = "/etc/backup-agent/tls"
                                                          'job "far"'], describe(proc)
     assert "gone.qmp" in errors[0]
     assert f"{tmp_path}/missing is not a directory" in errors[1]
-    assert "TLS" in errors[2]
+    assert f"{tmp_path}/no-tls" in errors[2]  # the credentials are checked before connecting
     assert len(_files(tmp_path / "ok")) == 1  # vm1 ran between the failures
     # naming an unknown job runs nothing
     assert 'no job "vm9"' in assert_error(agent("job", "run", "--config", jobs, "vm1", "vm9"))

@@ -259,3 +259,28 @@ def test_cleanup_over_tls_after_a_killed_remote_agent(
     done = remote_agent(hosts, "cleanup", "--qmp", qmp, "--tls-creds", pki.agent)
     assert done.returncode == 0, describe(done)
     _assert_untouched(vm, state)
+
+
+def test_a_scheduled_job_backs_up_a_vm_on_another_host(
+    remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki, tmp_path: Path
+) -> None:
+    """``job run`` with a HOST:PORT monitor and a tls table: the transport of
+    ``backup --qmp HOST:PORT --tls-creds``, driven from jobs.toml on the backup server."""
+    vm, before = remote_vm
+    state = _state(vm)
+    dest = tmp_path / "backups"
+    dest.mkdir()
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(f"""
+[jobs.far]
+qmp = "{HV_ADDR}:{QMP_PORT}"
+dir = "{dest}"
+mode = "full"
+[jobs.far.tls]
+creds_dir = "{pki.agent}"
+""")
+    done = remote_agent(hosts, "job", "run", "--config", jobs, "far")
+    assert done.returncode == 0, describe(done)
+    (arc,) = sorted(dest.glob("far-*-full.arc"))
+    _restore_and_compare([arc], before, tmp_path / "r")
+    _assert_untouched(vm, state)  # the checkpoint bitmaps are no nodes, exports or objects

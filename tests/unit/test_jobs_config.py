@@ -154,10 +154,14 @@ def test_defaults_when_nothing_is_said(tmp_path: Path) -> None:
     ('commit_command = "true"', 'job "vm1": commit_command goes with command'),
     # unknown keys
     ('keep = 3', 'job "vm1": unknown key "keep" (did you mean "keep_chains"?); known keys: '
-                 'cbw_memory, cbw_timeout, command, commit_command, compression, configs, dir, '
-                 'drives, full_every, keep_chains, mode, qemu_nbd_socket, qmp, spool_dir, '
-                 'spool_limit, tls'),
-    ('xyzzy = 3', 'job "vm1": unknown key "xyzzy"; known keys: cbw_memory,'),
+                 'cbw_listen, cbw_memory, cbw_timeout, command, commit_command, compression, '
+                 'configs, dir, drives, full_every, keep_chains, mode, qemu_nbd_addr, '
+                 'qemu_nbd_socket, qmp, spool_dir, spool_limit, tls'),
+    ('xyzzy = 3', 'job "vm1": unknown key "xyzzy"; known keys: cbw_listen, cbw_memory,'),
+    ('cbw_listen = ":10900"', 'job "vm1": cbw_listen is only for a monitor reached over the '
+                              'network'),
+    ('qemu_nbd_addr = "hv"', 'job "vm1": qemu_nbd_addr is only for a monitor reached over '
+                             'the network'),
 ])
 def test_a_wrong_field(tmp_path: Path, text: str, expected: str) -> None:
     message = _error(tmp_path, VM1 + text + "\n")
@@ -186,7 +190,11 @@ def test_a_wrong_field(tmp_path: Path, text: str, expected: str) -> None:
     ('[jobs.vm1]\nqmp = "hv:4444"\ndir = "/srv/x"\n[jobs.vm1.tls]\ncreds_dir = "tls"',
      'job "vm1": tls: creds_dir must be an absolute path, got "tls"'),
     ('[jobs.vm1]\nqmp = "hv:4444"\ndir = "/srv/x"\n[jobs.vm1.tls]\ncreds_dir = "/t"\ncert = 1',
-     'job "vm1": tls: unknown key "cert"; known keys: creds_dir, psk_user'),
+     'job "vm1": tls: unknown key "cert"; known keys: creds_dir, psk_file, psk_user'),
+    ('[jobs.vm1]\nqmp = "hv:4444"\ndir = "/srv/x"\n[jobs.vm1.tls]\ncreds_dir = "/t"\n'
+     'psk_user = "b"', 'job "vm1": tls: psk_user goes with psk_file'),
+    ('[jobs.vm1]\nqmp = "hv:4444"\ndir = "/srv/x"\n[jobs.vm1.tls]\ncreds_dir = "/t"\n'
+     'psk_file = "k.psk"', 'job "vm1": tls: psk_file must be an absolute path, got "k.psk"'),
     ('[jobs.vm1]\nqmp = "/run/vm1.qmp"\ndir = "/srv/x"\n[jobs.vm1.tls]\ncreds_dir = "/t"',
      'job "vm1": tls is only for a monitor reached over the network'),
     # the file as a whole
