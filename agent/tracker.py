@@ -6,8 +6,9 @@ saved just before a guest write (those cost memory in the target, so they go fir
 Each range is *claimed* before it is read, by whichever comes first, so no byte is read
 or recorded twice. Once a range is in the archive it is *released*: trimmed on the
 snapshot view, so QEMU stops copying it and the target frees it. Releases cover whole
-copy clusters only (an unaligned trim aborts QEMU 7.2), so a cluster is released when
-the last of its bytes is written, whichever records they came in.
+copy clusters only (an unaligned trim aborts QEMU 7.2; the disk's last cluster may be
+partial), so a cluster is released when the last of its bytes is written, whichever
+records they came in.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ class DeviceTracker:
             if run is None:  # cannot happen: the range was just added
                 return
             lo = max(run[0], offset - offset % c)
-            hi = min(run[1], -(-(offset + length) // c) * c)
+            hi = min(run[1], -(-(offset + length) // c) * c, self.size)
             lo = -(-lo // c) * c  # whole clusters only: round inward
-            hi -= hi % c
+            if hi != self.size:  # (the disk's last cluster may be partial)
+                hi -= hi % c
             if hi <= lo:
                 return
             self.released_bytes += hi - lo

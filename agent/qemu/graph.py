@@ -107,18 +107,25 @@ class _Device:
     handle: Any = field(default=None, repr=False)  # nbd.NBD for release(), opened lazily
 
 
-def round_inward(offset: int, length: int, cluster: int) -> tuple[int, int] | None:
+def round_inward(offset: int, length: int, cluster: int, size: int | None = None
+                 ) -> tuple[int, int] | None:
     """The largest cluster-aligned ``(offset, length)`` inside ``[offset, offset+length)``, or
     None when no whole cluster fits::
 
         cluster   |-------|-------|-------|-------|
         asked         [=====================]
         returned          [===============]
+
+    A range that ends at the end of the disk (``size``) keeps its end: QEMU's bitmaps accept
+    a last, partial cluster there (the assertion allows ``start + count == size``), so the
+    tail of a disk whose size is no multiple of the cluster can be released too.
     """
     if cluster <= 0 or offset < 0 or length < 0:
         raise ValueError(f"bad range: offset={offset} length={length} cluster={cluster}")
     start = -(-offset // cluster) * cluster
-    end = (offset + length) // cluster * cluster
+    end = offset + length
+    if end != size:
+        end = end // cluster * cluster
     return (start, end - start) if end > start else None
 
 
@@ -234,7 +241,7 @@ class LiveSnapshot:
         if offset < 0 or length < 0 or offset + length > size:
             raise InvalidArgument(f"device '{device_id}': range {offset}+{length} is outside "
                                   f"the disk ({size} bytes)")
-        span = round_inward(offset, length, dev.cluster)
+        span = round_inward(offset, length, dev.cluster, size)
         if span is None:
             return
         start, count = span

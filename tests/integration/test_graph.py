@@ -41,6 +41,14 @@ def test_round_inward(offset: int, length: int, cluster: int,
         assert offset <= start and start + count <= offset + length
 
 
+def test_round_inward_keeps_the_end_of_the_disk() -> None:
+    size = 3 * C + 4608
+    assert round_inward(3 * C, 4608, C, size) == (3 * C, 4608)
+    assert round_inward(100, size - 100, C, size) == (C, size - C)
+    assert round_inward(3 * C, 4000, C, size) is None  # short of the end: rounded as usual
+    assert round_inward(3 * C + 1, 4607, C, size) is None  # the start is still rounded up
+
+
 def test_round_inward_rejects_bad_input() -> None:
     with pytest.raises(ValueError):
         round_inward(-1, C, C)
@@ -274,3 +282,30 @@ def test_failed_setup_leaves_nothing(
         snap.teardown()  # nothing left to undo
     assert graph_state(vm) == before
     assert vm.qmp.execute("query-status")["status"] == "running"
+
+
+@integration
+def test_release_of_the_partial_last_cluster(vms: VmFactory, tmp_path: Path,
+                                             short_tmp: Path) -> None:
+    """A disk whose size is no multiple of the cluster: its last, partial cluster can be
+    released (QEMU 7.2's bitmaps accept a range that ends at the end of the disk), and
+    QEMU then stops copying it."""
+    size = 4 * MiB + 4608
+    vm = vms.start([disk(tmp_path, "vda", "raw", size, 0x11)])
+    sock = short_tmp / "nbd.sock"
+    tail = 4 * MiB  # the last cluster starts here
+    with Monitor(str(vm.agent_qmp)) as mon, \
+            LiveSnapshot(mon, specs(mon, tmp_path), tag="t3", nbd_socket=str(sock)) as snap:
+        exp = Export(sock, "vda")
+        try:
+            snap.release("vda", tail, size - tail)
+            vm.guest_write("vda", 0xAB, tail, 4608)
+            assert vm.running()
+            assert not target_copied(vm, sock, "ba-t3-vda-tgt", tail, 4608)
+            with pytest.raises(nbd.Error):
+                exp.read(tail, 4608)
+            assert exp.read(tail - C, C) == b"\x11" * C  # the cluster before: untouched
+        finally:
+            exp.close()
+    assert vm.running()
+    vm.guest_verify("vda", 0xAB, tail, 4608)
