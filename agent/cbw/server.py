@@ -28,11 +28,23 @@ from agent.errors import AgentError, InvalidArgument
 from agent.process import HelperProcess, accepts, accepts_tcp
 from agent.tls import TlsCreds
 
-PLUGIN = Path(agent.__file__).resolve().parent.parent / "nbd-plugins" / "cbw_target.py"
+
+def find_plugin() -> Path:
+    """The nbdkit plugin script: in the repository beside ``agent/`` (a checkout, an
+    editable install), else where ``pip install`` puts it (pyproject's data-files:
+    ``<prefix>/share/backup-agent/``)."""
+    here = Path(agent.__file__).resolve().parent.parent / "nbd-plugins" / "cbw_target.py"
+    installed = Path(sys.prefix) / "share" / "backup-agent" / "cbw_target.py"
+    return here if here.exists() or not installed.exists() else installed
+
+
+PLUGIN = find_plugin()
 
 
 def _pythonpath() -> str:
-    paths = [str(PLUGIN.parent.parent), *site.getsitepackages()]
+    # The package's root (a checkout, or site-packages) and this interpreter's
+    # site-packages: nbdkit's embedded Python knows neither.
+    paths = [str(Path(agent.__file__).resolve().parent.parent), *site.getsitepackages()]
     paths += [p for p in sys.path if p.endswith("site-packages") and p not in paths]
     return ":".join(paths)
 
