@@ -29,19 +29,13 @@ def accepts(path: str, timeout: float = 1.0) -> bool:
     """
     if not os.path.exists(path):
         return False
-    with socket.socket(socket.AF_UNIX) as s:
-        s.settimeout(timeout)
-        try:
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
             s.connect(path)
-            greeting = b""
-            while len(greeting) < len(NBD_GREETING):
-                chunk = s.recv(len(NBD_GREETING) - len(greeting))
-                if not chunk:
-                    return False
-                greeting += chunk
-        except OSError:  # includes the timeout: not serving yet
-            return False
-        return greeting == NBD_GREETING
+            return _greeted(s)
+    except OSError:  # includes the timeout: not serving yet
+        return False
 
 
 def accepts_tcp(host: str, port: int, timeout: float = 1.0) -> bool:
@@ -49,14 +43,19 @@ def accepts_tcp(host: str, port: int, timeout: float = 1.0) -> bool:
     text even by a TLS-only server: TLS starts later, with an NBD option)."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:
-            greeting = b""
-            while len(greeting) < len(NBD_GREETING):
-                chunk = s.recv(len(NBD_GREETING) - len(greeting))
-                if not chunk:
-                    return False
-                greeting += chunk
+            return _greeted(s)
     except OSError:
         return False
+
+
+def _greeted(s: socket.socket) -> bool:
+    """Whether the server on ``s`` sends the NBD greeting (raises OSError, timeouts too)."""
+    greeting = b""
+    while len(greeting) < len(NBD_GREETING):
+        chunk = s.recv(len(NBD_GREETING) - len(greeting))
+        if not chunk:
+            return False
+        greeting += chunk
     return greeting == NBD_GREETING
 
 
