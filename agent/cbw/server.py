@@ -26,6 +26,7 @@ import agent
 from agent.cbw.control import ControlClient
 from agent.errors import AgentError, InvalidArgument
 from agent.process import HelperProcess, accepts, accepts_tcp
+from agent.qemu.qmp import format_address
 from agent.tls import TlsCreds
 
 
@@ -112,8 +113,7 @@ class CbwTargetServer:
         """Where QEMU connects: ``HOST:PORT`` or the Unix socket's path."""
         if self.tcp is None:
             return self.socket
-        host, port = self.tcp
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address(*self.tcp)
 
     def _serving(self) -> bool:
         if self.tcp is None:

@@ -61,7 +61,7 @@ import nbd
 from agent.errors import InvalidArgument
 from agent.qemu import names
 from agent.qemu.block import BlockDevice
-from agent.qemu.qmp import Monitor, MonitorGone, QmpError
+from agent.qemu.qmp import Monitor, MonitorGone, QmpError, format_address
 from agent.tls import TlsCreds
 
 log = logging.getLogger(__name__)
@@ -207,8 +207,7 @@ class LiveSnapshot:
         """Where QEMU's NBD server listens, for messages."""
         if self.nbd_tcp is None:
             return self.nbd_socket
-        host, port = self.nbd_tcp
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return format_address(*self.nbd_tcp)
 
     def export_uri(self, device_id: str) -> str:
         """libnbd URI of a device's snapshot export (``nbds://`` under TLS)."""

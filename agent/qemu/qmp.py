@@ -109,6 +109,11 @@ def parse_address(address: str) -> str | tuple[str, int]:
     return address
 
 
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT``, the inverse of :func:`parse_address` (``[::1]:4444`` for IPv6)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class _DemotedLog(logging.LoggerAdapter[logging.Logger]):
     """A logger for ``QMPClient`` that records everything at DEBUG (see the module docstring)."""
 
