@@ -46,6 +46,7 @@ from agent.qemu.checkpoints import Mode
 from agent.qemu.graph import LiveSnapshot, SnapshotError, SnapshotSpec
 from agent.qemu.qmp import Monitor, MonitorGone, QmpError
 from agent.releaser import Releaser
+from agent.tls import QEMU_TLS_CLIENT, QEMU_TLS_SERVER
 from agent.tracker import DeviceTracker
 
 log = logging.getLogger("backup-agent")
@@ -74,8 +75,8 @@ class LiveJob:
     insecure_plaintext: bool = False  # allow TCP without TLS
     qemu_nbd_addr: str | None = None  # HOST[:PORT] of QEMU's NBD server on TCP
     cbw_listen: str | None = None  # [HOST][:PORT] the copy-before-write target listens on
-    qemu_tls_server: str = "backup-tls"  # QEMU's endpoint=server credentials object
-    qemu_tls_client: str = "backup-tls-client"  # QEMU's endpoint=client credentials object
+    qemu_tls_server: str = QEMU_TLS_SERVER  # QEMU's endpoint=server credentials object
+    qemu_tls_client: str = QEMU_TLS_CLIENT  # QEMU's endpoint=client credentials object
     qemu_tls_authz: str | None = None  # QEMU's authz object for x509 NBD clients
 
 

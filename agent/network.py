@@ -28,7 +28,6 @@ agent cannot check them, and nothing is left to clean up after a killed backup.
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,6 +37,8 @@ from agent.qemu.qmp import Monitor, parse_address
 from agent.tls import TlsCreds, require_tls
 
 if TYPE_CHECKING:
+    import ssl
+
     from agent.live import LiveJob
 
 #: Port of QEMU's NBD server when the agent starts it for a client on another host.

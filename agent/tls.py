@@ -28,14 +28,17 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import ssl
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import nbd
 
 from agent.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import ssl
 
 #: x509 file names, as QEMU, libnbd and nbdkit expect them in a credentials directory.
 CA_CERT = "ca-cert.pem"
@@ -51,6 +54,11 @@ _PSK_LINE = re.compile(r"([^:\s]+):([0-9a-fA-F]+)")
 
 SETUP_HINT = "see docs/NETWORK.md"
 
+
+#: Ids of QEMU's TLS credentials objects the agent uses unless told otherwise (created by the
+#: VM's administrator: docs/NETWORK.md).
+QEMU_TLS_SERVER = "backup-tls"  # endpoint=server: QEMU's NBD server
+QEMU_TLS_CLIENT = "backup-tls-client"  # endpoint=client: QEMU's connection to the CBW target
 
 def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine only (traffic to it never leaves the host)."""
@@ -162,6 +170,8 @@ class TlsCreds:
                 "QMP over TCP needs x509 certificates: give --tls-creds DIR (ca-cert.pem, "
                 "client-cert.pem, client-key.pem); a PSK (--tls-psk) protects only the NBD "
                 f"connections, as Python's ssl module has no TLS-PSK ({SETUP_HINT})")
+        import ssl  # here: commands that never speak TLS need not load it (7 ms)
+
         try:
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
                                              cafile=self._path(CA_CERT))

@@ -125,3 +125,9 @@ def test_parse_bitmaps_skips_anonymous_ones() -> None:
              {"recording": True, "busy": True, "count": 0, "granularity": 65536}, "junk"]
     assert cp.parse_bitmaps(reply) == (Bitmap("a", True, True, False, False, 65536),)
     assert cp.parse_bitmaps(None) == ()
+
+
+def test_the_cli_offers_every_mode() -> None:
+    from agent.cli import backup_cmd
+
+    assert backup_cmd.MODES == tuple(m.value for m in Mode)
