@@ -130,4 +130,4 @@ def test_parse_bitmaps_skips_anonymous_ones() -> None:
 def test_the_cli_offers_every_mode() -> None:
     from agent.cli import backup_cmd
 
-    assert backup_cmd.MODES == tuple(m.value for m in Mode)
+    assert tuple(m.value for m in Mode) == backup_cmd.MODES
