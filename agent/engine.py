@@ -139,6 +139,7 @@ class _Planner:
                 # An incremental backup copies only the changed runs (all of it otherwise).
                 runs, q = src.changed(q, end - q, self._stopped)
                 parts: list[tuple[int, int]] = []
+                gathered = 0  # bytes in parts
                 for start, stop in runs:
                     if src.changes is None or stop - start >= STATUS_MIN_CHANGED:
                         yield from self._run(dev, src, opts, start, stop)
@@ -149,10 +150,11 @@ class _Planner:
                     for off in range(start, stop, opts.request_size):
                         n = min(opts.request_size, stop - off)
                         if parts and (len(parts) == GATHER_PARTS or
-                                      sum(p[1] for p in parts) + n > opts.request_size):
+                                      gathered + n > opts.request_size):
                             yield _Gather(dev, tuple(parts))
-                            parts = []
+                            parts, gathered = [], 0
                         parts.append((off, n))
+                        gathered += n
                 if parts:
                     yield _Gather(dev, tuple(parts))
 

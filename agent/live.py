@@ -209,8 +209,8 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
                         checkpoint=new[0] if new else "")
         writer = ArchiveWriter(out, header)
         pairs = []
-        failed: list[Callable[[BaseException], None]] = []  # the engine's, once it exists
-        releaser = Releaser(snap.release, lambda e: failed[0](e) if failed else None)
+        # Releases start only once the engine writes, so the engine exists by then.
+        releaser = Releaser(snap.release, lambda e: engine.control.fail(e))
         stack.callback(releaser.close)  # before the snapshot's teardown
         trackers: dict[int, DeviceTracker] = {}
         by_name: dict[str, DeviceTracker] = {}
@@ -224,7 +224,6 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
             writer.add_config(name, data, job.engine.compression)
 
         engine = BackupEngine(writer, pairs, job.engine, progress, trackers, total)
-        failed.append(engine.control.fail)
         stop = threading.Event()
         wake_r, wake_w = os.pipe()
         stack.callback(os.close, wake_r)

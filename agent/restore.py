@@ -180,7 +180,7 @@ class RestoreEngine:
 
     def run(self) -> RestoreResult:
         started = time.monotonic()
-        done = [0, 0, 0, 0]  # done, data, zero, stored: over all archives
+        finals: list[Progress] = []  # one per archive
         try:
             for i, reader in enumerate(self.readers):
                 if i:
@@ -189,17 +189,17 @@ class RestoreEngine:
                 for sink in self.sinks.values():
                     # Written now: the next archive's zero ranges must really be zeroed.
                     sink.target.fresh = False
-                p = self.meter.final()
-                for k, v in enumerate((p.done, p.data_bytes, p.zero_bytes, p.stored_bytes)):
-                    done[k] += v
+                finals.append(self.meter.final())
             for sink in self.sinks.values():
                 sink.commit()
         except BaseException:
             self._discard()
             raise
-        total = sum(s.device.size for s in self.sinks.values())
-        progress = Progress("restore", done[0], total, done[1], done[2], done[3],
-                            time.monotonic() - started)
+        progress = Progress(
+            "restore", sum(p.done for p in finals),
+            sum(s.device.size for s in self.sinks.values()),
+            sum(p.data_bytes for p in finals), sum(p.zero_bytes for p in finals),
+            sum(p.stored_bytes for p in finals), time.monotonic() - started)
         return RestoreResult(progress, list(self.sinks), [s.where for s in self.sinks.values()])
 
     def _apply_archive(self, reader: ArchiveReader) -> None:

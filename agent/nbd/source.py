@@ -90,12 +90,13 @@ class NbdSource:
         self.uri = uri
         self.label = label
         self.changes = changes
+        self._context = DIRTY_BITMAP + (changes or "")  # its meta context, with changes
         self._map: nbd.NBD | None = None
         first = _connect(uri, f"{label}-0", meta=True, tls=tls)
         self.handles: list[nbd.NBD] = [first]
         try:
             if changes is not None:
-                context = DIRTY_BITMAP + changes
+                context = self._context
                 self._map = _connect(uri, f"{label}-map", meta=context, tls=tls)
                 if not self._map.can_meta_context(context):
                     raise SourceError(f"device {label!r}: the server does not offer the "
@@ -164,7 +165,7 @@ class NbdSource:
         ``changes``, everything has changed. Callers serialize calls (one planner each)."""
         if self._map is None:
             return [(offset, offset + length)], offset + length
-        context = DIRTY_BITMAP + (self.changes or "")
+        context = self._context
         runs: list[tuple[int, int]] = []
         reach = offset
 

@@ -311,7 +311,7 @@ class LiveSnapshot:
                 for act in self.transaction:
                     if act["type"] == "block-dirty-bitmap-add":
                         self._push(f"remove bitmap {act['data']['name']}",
-                                   self._bitmap_remove(act["data"]))
+                                   self._undo_bitmap_add(act["data"]))
             for d in devs:
                 self._step(
                     f"cannot add the copy-before-write filter for device '{d.spec.device.id}'",
@@ -363,7 +363,7 @@ class LiveSnapshot:
         self.nbd_server_owned = True
         self._push("stop the NBD server", lambda: _stop_nbd_server(mon))
 
-    def _bitmap_remove(self, add: Mapping[str, Any]) -> Callable[[], None]:
+    def _undo_bitmap_add(self, add: Mapping[str, Any]) -> Callable[[], None]:
         def undo() -> None:
             if add.get("persistent") and self._committed:
                 return  # a checkpoint of the complete backup: it stays

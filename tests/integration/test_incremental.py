@@ -7,7 +7,6 @@ when backup N started, byte for byte.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.cli_util import AGENT, agent, assert_error, assert_ok, describe
+from tests.integration.cli_util import AGENT, agent, assert_error, assert_ok, info_json
 from tests.integration.conftest import make_image
 from tests.integration.vm import Disk, Vm, VmFactory
 
@@ -62,7 +61,7 @@ class Guest:
                      "none", "-o", out, *extra)
         if proc.returncode == 0:
             self.dirty = set()
-            if info(out)["kind"] == "full":
+            if info_json(out)["kind"] == "full":
                 self.diff_dirty = set()
         return proc
 
@@ -84,15 +83,8 @@ class Guest:
         return sorted(b["name"] for b in self.bitmaps())
 
 
-def info(path: Path) -> dict[str, Any]:
-    proc = agent("info", "--json", path)
-    assert proc.returncode == 0, describe(proc)
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
-
-
 def covered(path: Path) -> int:
-    t = info(path)["totals"]
+    t = info_json(path)["totals"]
     return int(t["data_bytes"]) + int(t["zero_bytes"])
 
 
@@ -124,7 +116,7 @@ def test_chain_of_incrementals_restores_each_point_in_time(guest: Guest, tmp_pat
     proc = guest.backup(full, "auto")
     assert_ok(proc)
     assert b"full backup instead of incremental" in proc.stderr  # auto says what it did
-    assert info(full)["kind"] == "full"
+    assert info_json(full)["kind"] == "full"
     at_full = bytes(guest.model)
 
     guest.write(0x31, 1 * MiB, 4 * KiB)  # inside data
@@ -141,14 +133,14 @@ def test_chain_of_incrementals_restores_each_point_in_time(guest: Guest, tmp_pat
     changed2 = {c * CLUSTER for c in guest.dirty}
     assert_ok(guest.backup(inc2, "auto"))
 
-    i0, i1, i2 = info(full), info(inc1), info(inc2)
+    i0, i1, i2 = info_json(full), info_json(inc1), info_json(inc2)
     assert (i1["kind"], i1["parent_uuid"]) == ("incremental", i0["uuid"])
     assert (i2["kind"], i2["parent_uuid"]) == ("incremental", i1["uuid"])
     assert i1["checkpoint"] == f"ba-inc-{i1['uuid']}"
     # An incremental holds exactly the changed clusters: nothing more, nothing less.
     assert covered(inc1) == len(changed1) * CLUSTER
     assert covered(inc2) == len(changed2) * CLUSTER
-    assert info(inc1)["totals"]["zero_bytes"] >= 1 * MiB  # the zeroed range: no data stored
+    assert info_json(inc1)["totals"]["zero_bytes"] >= 1 * MiB  # the zeroed range: no data stored
     assert covered(full) == SIZE
 
     assert restored([full], tmp_path / "r0") == at_full
@@ -248,7 +240,8 @@ def test_failed_incrementals_lose_no_change(guest: Guest, tmp_path: Path) -> Non
     guest.write(0x83, 8 * MiB, 1 * MiB)
     inc = tmp_path / "inc.arc"
     assert_ok(guest.backup(inc, "incremental"))
-    assert info(inc)["parent_uuid"] == info(full)["uuid"]  # the oldest checkpoint: the full's
+    # the oldest checkpoint: the full's
+    assert info_json(inc)["parent_uuid"] == info_json(full)["uuid"]
     assert covered(inc) == 3 * MiB  # every write since the full, through both failures
     assert restored([full, inc], tmp_path / "r") == guest.model
     assert len(guest.bitmap_names()) == 2  # the dead run's checkpoint is retired too
@@ -262,7 +255,7 @@ def test_checkpoints_survive_a_restart(guest: Guest, tmp_path: Path) -> None:
     guest.write(0x92, 15 * MiB, 128 * KiB)
     inc = tmp_path / "inc.arc"
     assert_ok(guest.backup(inc, "incremental"))
-    assert info(inc)["parent_uuid"] == info(full)["uuid"]
+    assert info_json(inc)["parent_uuid"] == info_json(full)["uuid"]
     assert covered(inc) == 256 * KiB
     assert restored([full, inc], tmp_path / "r") == guest.model
 
@@ -279,15 +272,15 @@ def test_differential_after_two_incrementals(guest: Guest, tmp_path: Path) -> No
     expected = len(guest.diff_dirty) * CLUSTER
     diff = tmp_path / "diff.arc"
     assert_ok(guest.backup(diff, "differential"))
-    d = info(diff)
-    assert (d["kind"], d["parent_uuid"]) == ("differential", info(full)["uuid"])
+    d = info_json(diff)
+    assert (d["kind"], d["parent_uuid"]) == ("differential", info_json(full)["uuid"])
     assert covered(diff) == expected == 1024 * KiB + 64 * KiB  # both incrementals' changes
     assert restored([full, diff], tmp_path / "r") == guest.model
     # The next incremental builds on the differential.
     guest.write(0xA6, 22 * MiB, 64 * KiB)
     inc = tmp_path / "inc-after.arc"
     assert_ok(guest.backup(inc, "incremental"))
-    assert info(inc)["parent_uuid"] == d["uuid"]
+    assert info_json(inc)["parent_uuid"] == d["uuid"]
     assert covered(inc) == 64 * KiB
     assert restored([full, diff, inc], tmp_path / "r2") == guest.model
 
@@ -308,7 +301,7 @@ def test_chain_errors(guest: Guest, vms: VmFactory, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert_error(agent("restore", full, inc2, inc1, "--to-dir", out), "wrong order")
     assert_error(agent("restore", full, inc2, "--to-dir", out), "missing link",
-                 info(inc1)["uuid"])
+                 info_json(inc1)["uuid"])
     assert_error(agent("restore", full, inc1, oinc, "--to-dir", out), "another VM")
     assert_error(agent("restore", inc1, "--to-dir", out), "incremental", "full backup")
     assert_error(agent("restore", full, ofull, "--to-dir", out), "full backup")
@@ -326,7 +319,7 @@ def test_raw_disks_get_full_backups(vms: VmFactory, tmp_path: Path) -> None:
     proc = agent("backup", "--qmp", vm.agent_qmp, "--mode", "auto", "-o", arc)
     assert_ok(proc)
     assert b"'vdb' is raw" in proc.stderr and b"qcow2" in proc.stderr
-    assert info(arc)["kind"] == "full" and info(arc)["checkpoint"] is None
+    assert info_json(arc)["kind"] == "full" and info_json(arc)["checkpoint"] is None
     assert_error(agent("backup", "--qmp", vm.agent_qmp, "--mode", "incremental", "-o",
                        tmp_path / "i.arc"), "'vdb' is raw", "qcow2")
     assert not (tmp_path / "i.arc").exists()
@@ -358,7 +351,7 @@ def test_missing_and_inconsistent_checkpoints(guest: Guest, tmp_path: Path) -> N
     f3 = tmp_path / "f3.arc"
     proc = guest.backup(f3, "auto")
     assert_ok(proc)
-    assert b"inconsistent" in proc.stderr and info(f3)["kind"] == "full"
+    assert b"inconsistent" in proc.stderr and info_json(f3)["kind"] == "full"
     assert not any(b.get("inconsistent") for b in guest.bitmaps())  # retired by the full
     guest.write(0xC2, 64 * KiB, 64 * KiB)
     inc = tmp_path / "inc.arc"
