@@ -137,7 +137,11 @@ class _Planner:
             q = pos
             while q < end:
                 # An incremental backup copies only the changed runs (all of it otherwise).
+                asked = q
                 runs, q = src.changed(q, end - q, self._stopped)
+                if self._tracker is not None and src.changes is not None:
+                    for a, b in _between(asked, q, runs):  # clean: released with the rest
+                        self._tracker.skip(a, b)
                 parts: list[tuple[int, int]] = []
                 gathered = 0  # bytes in parts
                 for start, stop in runs:
@@ -212,6 +216,16 @@ class _Planner:
             for start, end in t.claim(item.offset, item.offset + item.length):
                 self._ready.append(type(item)(self._device, start, end - start))
         return self._ready.popleft()
+
+
+def _between(start: int, end: int, runs: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+    """The parts of [start, end) outside ``runs`` (sorted, disjoint, inside it)."""
+    for a, b in runs:
+        if start < a:
+            yield start, a
+        start = b
+    if start < end:
+        yield start, end
 
 
 @dataclass(frozen=True)
@@ -449,13 +463,16 @@ class BackupEngine:
 
     def _write_records(self, records: list[_Record]) -> None:
         w = self.writer
+        with w.batch():  # one writev for a read's records (a gather's may be 16 or more)
+            for r in records:
+                if isinstance(r, _Zero):
+                    w.write_zero(r.device.id, r.offset, r.length)
+                    self.meter.add(zero=r.length)
+                else:
+                    w.write_data(r.device.id, r.offset, r.length, r.compression, r.payload,
+                                 r.digest)
+                    self.meter.add(data=r.length, stored=len(r.payload))
         for r in records:
-            if isinstance(r, _Zero):
-                w.write_zero(r.device.id, r.offset, r.length)
-                self.meter.add(zero=r.length)
-            else:
-                w.write_data(r.device.id, r.offset, r.length, r.compression, r.payload, r.digest)
-                self.meter.add(data=r.length, stored=len(r.payload))
             tracker = self.trackers.get(r.device.id)
             if tracker is not None:
                 tracker.written(r.offset, r.length)  # in the archive: release it in QEMU
