@@ -20,8 +20,9 @@ ReleaseFn = Callable[[int, int], None]  # (offset, length) of one device
 class Releaser:
     """``releaser.for_device("vda")`` is the :data:`ReleaseFn` a tracker calls; the ranges are
     passed on to ``release(device, offset, length)`` in a background thread. The first error
-    goes to ``failed`` and stops the releases (the backup fails anyway). :meth:`close` waits
-    for the releases queued so far."""
+    goes to ``failed`` and stops the releases (the backup fails anyway). :meth:`close` drops
+    what is still queued: it comes after the last record, when the snapshot's teardown is
+    about to free everything at once."""
 
     def __init__(self, release: Callable[[str, int, int], None],
                  failed: Callable[[BaseException], None]) -> None:
@@ -29,6 +30,7 @@ class Releaser:
         self._failed = failed
         self._q: queue.SimpleQueue[tuple[str, int, int] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="ba-release", daemon=True)
         self._thread.start()
 
@@ -36,7 +38,8 @@ class Releaser:
         return lambda offset, length: self._q.put((device, offset, length))
 
     def close(self) -> None:
-        """Release what is queued, then stop. Idempotent."""
+        """Stop after the release in progress, if any; drop the rest. Idempotent."""
+        self._closing = True
         if self._thread.is_alive():
             self._q.put(None)
             self._thread.join()
@@ -50,10 +53,12 @@ class Releaser:
                 except queue.Empty:
                     break
             stop = None in batch
-            if self._error is None:
+            if self._error is None and not self._closing:
                 try:
                     for device, ranges in _merge(x for x in batch if x is not None).items():
                         for offset, length in ranges:
+                            if self._closing:
+                                break
                             self._release(device, offset, length)
                 except Exception as e:  # the backup fails; later ranges are not released
                     self._error = e

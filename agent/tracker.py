@@ -9,6 +9,11 @@ snapshot view, so QEMU stops copying it and the target frees it. Releases cover 
 copy clusters only (an unaligned trim aborts QEMU 7.2; the disk's last cluster may be
 partial), so a cluster is released when the last of its bytes is written, whichever
 records they came in.
+
+An incremental backup never reads the ranges its bitmap says are clean: the planner
+*skips* them, and they are released together with the written ranges they touch. Its
+scattered clusters then release as a few long ranges, not one trim (a round trip through
+QEMU and the target) per cluster.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ class DeviceTracker:
         self._release = release
         self._lock = threading.Lock()
         self._claimed = IntervalSet()
-        self._written = IntervalSet()
+        self._written = IntervalSet()  # written or skipped
+        self._released = IntervalSet()
         self._copied: deque[tuple[int, int]] = deque()
         self.copied_ranges = 0  # announced by copy-before-write
         self.copied_first = 0  # of those, read ahead of the sweep
@@ -67,20 +73,29 @@ class DeviceTracker:
 
     # -- the writer --------------------------------------------------------------------
 
+    def skip(self, start: int, end: int) -> None:
+        """Nothing in [start, end) will be backed up (an incremental's clean range): it is
+        claimed, and released along with the next written range it touches."""
+        with self._lock:
+            for a, b in self._claimed.claim(start, end):
+                self._written.add(a, b)
+
     def written(self, offset: int, length: int) -> None:
-        """Bytes are in the archive: release every cluster this completes."""
+        """Bytes are in the archive: release every whole cluster of the written (or skipped)
+        run they belong to that is not released yet."""
         c = self.cluster
         with self._lock:
             self._written.add(offset, offset + length)
             run = self._written.run_containing(offset)
             if run is None:  # cannot happen: the range was just added
                 return
-            lo = max(run[0], offset - offset % c)
-            hi = min(run[1], -(-(offset + length) // c) * c, self.size)
-            lo = -(-lo // c) * c  # whole clusters only: round inward
+            lo = -(-run[0] // c) * c  # whole clusters only: round inward
+            hi = run[1]
             if hi != self.size:  # (the disk's last cluster may be partial)
                 hi -= hi % c
             if hi <= lo:
                 return
-            self.released_bytes += hi - lo
-        self._release(lo, hi - lo)
+            spans = self._released.claim(lo, hi)
+            self.released_bytes += sum(b - a for a, b in spans)
+        for a, b in spans:
+            self._release(a, b - a)

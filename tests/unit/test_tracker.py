@@ -34,3 +34,39 @@ def test_the_partial_last_cluster_of_an_odd_sized_disk_is_released() -> None:
     t.written(0, 3 * C)
     assert released[-1] == (0, 3 * C)
     assert t.released_bytes == size
+
+
+def test_skipped_ranges_release_with_the_written_ranges_they_touch() -> None:
+    # An incremental: clusters 1, 4 and 6 changed; the planner skips the clean rest.
+    t, released = tracker(8 * C)
+    t.skip(0, C)
+    t.skip(2 * C, 4 * C)
+    t.skip(5 * C, 6 * C)
+    t.skip(7 * C, 8 * C)
+    assert released == []  # skipping alone releases nothing
+    t.written(4 * C, C)
+    assert released == [(2 * C, 4 * C)]  # cluster 4 and the clean clusters around it
+    t.written(C, C)
+    assert released[-1] == (0, 2 * C)  # not cluster 2 again
+    t.written(6 * C, C)
+    assert released[-1] == (6 * C, 2 * C)
+    assert t.released_bytes == 8 * C
+    assert sum(n for _, n in released) == 8 * C  # every byte once
+
+
+def test_skipped_ranges_are_claimed() -> None:
+    t, _ = tracker(4 * C)
+    t.skip(C, 3 * C)
+    assert t.claim(0, 4 * C) == [(0, C), (3 * C, 4 * C)]
+    assert t.unclaimed(0, 4 * C) == []
+
+
+def test_a_skip_between_released_runs_is_released_by_the_next_write_of_its_run() -> None:
+    t, released = tracker(6 * C)
+    t.written(0, C)
+    t.written(2 * C, C)
+    assert released == [(0, C), (2 * C, C)]
+    t.skip(C, 2 * C)  # joins two released runs: nothing written, nothing released
+    assert len(released) == 2
+    t.written(3 * C, C)  # the run is now [0, 4C): cluster 1 and 3 are not released yet
+    assert released[2:] == [(C, C), (3 * C, C)]
