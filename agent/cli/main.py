@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -76,4 +77,14 @@ def _fail(args: argparse.Namespace, e: BaseException, internal: bool = False) ->
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    # Skip the interpreter's teardown: freeing the modules of asyncio, ssl and the rest
+    # takes 15 ms, a twentieth of a small incremental backup. Everything the agent
+    # started or opened is closed by now; only the standard streams hold anything.
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # a closed pipe: what was printed is lost, say so by the code
+            code = code or 1
+    os._exit(code)
