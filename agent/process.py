@@ -86,7 +86,7 @@ class HelperProcess:
                 raise AgentError(f"{what}: {self.output()}")
             if ready():
                 return
-            time.sleep(0.02)
+            time.sleep(0.005)
         raise AgentError(f"{what} within {timeout:.0f} s")
 
     def output(self) -> str:

@@ -69,6 +69,8 @@ class CbwTargetServer:
     ``listen=None``: a Unix socket (QEMU on this host). ``listen=(host, port)``: TCP on this
     host (port 0: any free one), under TLS with ``tls`` and QEMU's credentials object
     ``qemu_tls_creds`` (``endpoint=client``), or in clear text if ``insecure``.
+
+    The constructor starts nbdkit; :meth:`wait_ready` before QEMU connects.
     """
 
     def __init__(self, size: int, *, memory: int, spool_dir: str | None, spool_limit: int,
@@ -100,13 +102,20 @@ class CbwTargetServer:
             self._proc.start(args, env={**os.environ, "PYTHONPATH": _pythonpath()},
                              missing="nbdkit is not installed (Debian packages nbdkit, "
                              "nbdkit-plugin-python)")
-            self._proc.wait_until(
-                lambda: self._serving() and os.path.exists(self.control_path),
-                f"device {label!r}: the copy-before-write target did not start"
-                + (f" on {self.address}" if self.tcp else ""))
         except BaseException:
             self.close()
             raise
+        self._ready = False
+
+    def wait_ready(self) -> None:
+        """Wait until the target serves (it was started by the constructor, so that several
+        start at once and the caller can work meanwhile). Idempotent."""
+        if not self._ready:
+            self._proc.wait_until(
+                lambda: self._serving() and os.path.exists(self.control_path),
+                f"device {self.label!r}: the copy-before-write target did not start"
+                + (f" on {self.address}" if self.tcp else ""))
+            self._ready = True
 
     @property
     def address(self) -> str:
