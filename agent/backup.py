@@ -76,7 +76,7 @@ def read_configs(configs: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
 def run_backup(job: BackupJob, progress: ProgressFn | None = None) -> BackupSummary:
     _check_names(job)
     configs = read_configs(job.configs)
-    conns = job.engine.connections
+    conns = job.engine.connections_for(changes=False)
     with contextlib.ExitStack() as stack:
         opened: list[tuple[str, NbdSource, dict[str, str]]] = []
         for name, uri in job.sources:

@@ -191,7 +191,7 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
             devices: list[BlockDevice], servers: dict[str, CbwTargetServer],
             configs: list[tuple[str, bytes]], progress: ProgressFn | None,
             started: float, plan: checkpoints.Plan, archive: uuid.UUID) -> BackupSummary:
-    conns = job.engine.connections
+    conns = job.engine.connections_for(changes=snap.changes is not None)
     sources = {
         d.id: stack.enter_context(contextlib.closing(NbdSource(
             snap.export_uri(d.id), conns, archive_name(d), changes=snap.changes,

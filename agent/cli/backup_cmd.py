@@ -41,9 +41,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("-o", "--output", metavar="PATH", required=True,
                    help="where the archive goes; - for standard output")
     p.add_argument("--connections", type=common.positive,
-                   default=EngineOptions().connections,
                    help="NBD connections per source when the server allows multi-conn "
-                   "(default: the number of cores, at most 4)")
+                   "(default: the number of cores, at most 4; 1 for an incremental or "
+                   "differential backup)")
     p.add_argument("--memory", type=common.byte_size, default=32 * 1024 * 1024,
                    metavar="SIZE", help="cap on read buffers between read and write (32M)")
     p.add_argument("--request-size", type=common.byte_size, default=2 * 1024 * 1024,
