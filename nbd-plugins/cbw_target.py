@@ -12,19 +12,26 @@ nbdkit does not put this folder on sys.path: start it with PYTHONPATH holding th
 (for ``agent``) and the virtual environment's site-packages.
 """
 
+from __future__ import annotations
+
 import errno
 from collections.abc import Callable
-from typing import Any, TypeVar
 
 import nbdkit
 
 from agent.cbw.plugin import CbwTarget
 from agent.cbw.store import Misaligned, NotStored, StoreFull
 
+# typing costs every live backup's start (this plugin's) 9 ms; mypy takes this as True.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    _T = TypeVar("_T")
+
 API_VERSION = 2
 
 _target = CbwTarget()
-_T = TypeVar("_T")
 
 
 def _call(fn: Callable[[], _T]) -> _T:

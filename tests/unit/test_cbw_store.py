@@ -217,6 +217,12 @@ def test_control_client_without_server(short_tmp: Path) -> None:
 def test_plugin_config() -> None:
     assert parse_size("size", "64M") == 64 * MiB
     assert parse_size("size", "2GiB") == 2 << 30
+    assert parse_size("size", " 4 kb ") == 4 << 10
+    assert parse_size("size", "512") == 512
+    assert parse_size("size", "1T") == 1 << 40
+    for bad in ("lots", "", "M", "1.5G", "12x", "-1", "64 MM"):
+        with pytest.raises(InvalidArgument, match="is not a size"):
+            parse_size("memory", bad)
     with pytest.raises(InvalidArgument, match="memory='lots' is not a size"):
         parse_size("memory", "lots")
     t = CbwTarget()
