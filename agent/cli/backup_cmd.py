@@ -44,10 +44,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="NBD connections per source when the server allows multi-conn "
                    "(default: the number of cores, at most 4; 1 for an incremental or "
                    "differential backup)")
-    p.add_argument("--memory", type=common.byte_size, default=EngineOptions.memory,
-                   metavar="SIZE", help="cap on read buffers between read and write (16M)")
-    p.add_argument("--request-size", type=common.byte_size, default=EngineOptions.request_size,
-                   metavar="SIZE", help="bytes per NBD read and at most per record (1M, max 32M)")
+    p.add_argument("--memory", type=common.byte_size, default=32 * 1024 * 1024,
+                   metavar="SIZE", help="cap on read buffers between read and write (32M)")
+    p.add_argument("--request-size", type=common.byte_size, default=2 * 1024 * 1024,
+                   metavar="SIZE", help="bytes per NBD read and at most per record (2M, max 32M)")
     live = p.add_argument_group("live backup of a running QEMU VM")
     live.add_argument("--qmp", metavar="SOCKET|HOST:PORT",
                       help="the VM's QMP monitor for the agent (a Unix socket or HOST:PORT); "
