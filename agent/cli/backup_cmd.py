@@ -47,7 +47,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--memory", type=common.byte_size, default=32 * 1024 * 1024,
                    metavar="SIZE", help="cap on read buffers between read and write (32M)")
     p.add_argument("--request-size", type=common.byte_size, default=2 * 1024 * 1024,
-                   metavar="SIZE", help="bytes per NBD read and at most per record (2M, max 32M)")
+                   metavar="SIZE", help="bytes per read and at most per record (2M, max "
+                   "32M; sent as NBD requests of at most 512K)")
     live = p.add_argument_group("live backup of a running QEMU VM")
     live.add_argument("--qmp", metavar="SOCKET|HOST:PORT",
                       help="the VM's QMP monitor for the agent (a Unix socket or HOST:PORT); "

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
 
-from agent.engine import EngineOptions, _between
+from agent.archive.format import Device
+from agent.engine import MAX_REQUEST, EngineOptions, _between, _Gather, _Read, _requests
 from agent.errors import InvalidArgument
+
+MiB = 1 << 20
 
 
 def test_between_gives_the_clean_ranges_around_the_changed_runs() -> None:
@@ -29,3 +33,14 @@ def test_connections_default_to_one_for_an_incremental_and_obey_the_user() -> No
 def test_connections_must_be_positive() -> None:
     with pytest.raises(InvalidArgument):
         EngineOptions(connections=0)
+
+
+def test_a_read_is_sent_as_requests_of_at_most_max_request() -> None:
+    dev = Device(0, "vda", 8 * MiB)
+    read = _Read(dev, MiB, 2 * MiB + 4096)
+    reqs = _requests(read)
+    assert all(n <= MAX_REQUEST for _, n in reqs)
+    assert reqs[0][0] == MiB and sum(n for _, n in reqs) == 2 * MiB + 4096
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(reqs))  # contiguous
+    gather = _Gather(dev, ((0, 65536), (MiB, 65536)))
+    assert _requests(gather) == gather.parts  # a gather's parts are requests already
