@@ -67,7 +67,6 @@ class EngineOptions:
                 or self.inflight_per_connection < 1):
             raise InvalidArgument("connections, workers and reads in flight must be >= 1")
 
-
     def connections_for(self, changes: bool) -> int:
         """Connections per source: as given, else one Python thread per core up to 4 for
         whole disks (2 cores: 2 connections back up 25% faster than 4), and one for an

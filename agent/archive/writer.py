@@ -89,7 +89,6 @@ class ArchiveWriter:
             self._batch, self._batch_len = None, 0
         self.out.write(parts)
 
-
     def _record(
         self, rtype: RecordType, body: list[Buf], body_digest: bytes | None = None, flags: int = 0
     ) -> int:
