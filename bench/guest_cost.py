@@ -119,6 +119,7 @@ def worst_case(config: str, work: Path) -> Fio:
         if config == "plugin":
             plugin = stack.enter_context(CbwTargetServer(
                 GiB, memory=2 * GiB, spool_dir=None, spool_limit=0, label="bench"))
+            plugin.wait_ready()
             target = {"driver": "nbd", "node-name": "tgt", "server.type": "unix",
                       "server.path": plugin.socket}
         elif config == "scratch":
