@@ -70,10 +70,11 @@ class HelperProcess:
 
     def start(self, args: Sequence[str], *, missing: str,
               env: Mapping[str, str] | None = None) -> None:
-        """Start ``args``; ``missing`` is the error when the program is not installed."""
+        """Start ``args`` with the agent's environment plus ``env``; ``missing`` is the
+        error when the program is not installed."""
         try:
             self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=self._log,
-                                         stderr=self._log, env=env)
+                                         stderr=self._log, env={**os.environ, **(env or {})})
         except FileNotFoundError as e:
             raise AgentError(missing) from e
 

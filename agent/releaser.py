@@ -53,7 +53,7 @@ class Releaser:
                 except queue.Empty:
                     break
             stop = None in batch
-            if self._error is None and not self._closing:
+            if self._error is None:
                 try:
                     for device, ranges in _merge(x for x in batch if x is not None).items():
                         for offset, length in ranges:

@@ -99,7 +99,7 @@ class CbwTargetServer:
         if spool_dir:
             args.append(f"spool-dir={spool_dir}")
         try:
-            self._proc.start(args, env={**os.environ, "PYTHONPATH": _pythonpath()},
+            self._proc.start(args, env={"PYTHONPATH": _pythonpath()},
                              missing="nbdkit is not installed (Debian packages nbdkit, "
                              "nbdkit-plugin-python)")
         except BaseException:

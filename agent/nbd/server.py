@@ -61,7 +61,7 @@ class QemuNbd:
             args.append("--read-only")
         args.append(image)
         try:
-            self._proc.start(args, env={**os.environ, **MALLOC_ENV},
+            self._proc.start(args, env=MALLOC_ENV,
                              missing="qemu-nbd is not installed (Debian package qemu-utils)")
             self._proc.wait_until(lambda: accepts(self.socket),
                                   f"qemu-nbd could not serve {self.image}")

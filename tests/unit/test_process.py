@@ -50,32 +50,25 @@ def test_listening_but_silent_is_not_ready(sock_path: str) -> None:
         assert not accepts(sock_path, timeout=0.1)
 
 
-def test_closed_without_greeting_is_not_ready(sock_path: str) -> None:
+def _answered(sock_path: str, reply: bytes, one_byte_at_a_time: bool = False) -> bool:
+    """What accepts() says of a server that sends ``reply`` and closes."""
     with socket.socket(socket.AF_UNIX) as server:
         server.bind(sock_path)
         server.listen(4)
-
-        t = _serve_once(server, b"")
-        assert not accepts(sock_path, timeout=5)
+        t = _serve_once(server, reply, one_byte_at_a_time=one_byte_at_a_time)
+        ready = accepts(sock_path, timeout=5)
         t.join()
+    return ready
+
+
+def test_closed_without_greeting_is_not_ready(sock_path: str) -> None:
+    assert not _answered(sock_path, b"")
 
 
 @pytest.mark.parametrize("reply", [b"NBDMAGIC", b"NBDMAGIC\x49\x48\x41\x56\x45\x4f\x50\x54"])
 def test_greeting_is_ready(sock_path: str, reply: bytes) -> None:
-    with socket.socket(socket.AF_UNIX) as server:
-        server.bind(sock_path)
-        server.listen(4)
-
-        t = _serve_once(server, reply, one_byte_at_a_time=True)
-        assert accepts(sock_path, timeout=5)
-        t.join()
+    assert _answered(sock_path, reply, one_byte_at_a_time=True)
 
 
 def test_wrong_greeting_is_not_ready(sock_path: str) -> None:
-    with socket.socket(socket.AF_UNIX) as server:
-        server.bind(sock_path)
-        server.listen(4)
-
-        t = _serve_once(server, b"HTTP/1.1")
-        assert not accepts(sock_path, timeout=5)
-        t.join()
+    assert not _answered(sock_path, b"HTTP/1.1")
