@@ -12,7 +12,7 @@ and every record is framed as::
 The frame header carries a CRC-32 of itself so a damaged length is caught
 before anything is read or allocated; the digest is BLAKE3 of the body,
 truncated to 128 bits; the END record seals the whole sequence with a BLAKE3
-over every frame header and digest in order.
+over the preamble and every frame header and digest in order.
 
 Nothing here does I/O: these are pure functions over bytes, tested directly.
 """
@@ -450,10 +450,11 @@ class End:
 
 
 class Chain:
-    """The running seal: BLAKE3 over each record's frame header and digest, in order."""
+    """The running seal: BLAKE3 over the preamble, then each record's frame header and
+    digest, in order. The preamble is in so that no bit of an archive goes unchecked."""
 
-    def __init__(self) -> None:
-        self._h = blake3.blake3()
+    def __init__(self, preamble: bytes) -> None:
+        self._h = blake3.blake3(preamble)
 
     def add(self, frame_header: bytes | bytearray | memoryview, record_digest: bytes) -> None:
         self._h.update(frame_header)

@@ -100,6 +100,7 @@ class IndexedArchive:
         f = self._f
         size = os.fstat(f.fileno()).st_size
         footer, _ = _find_footer(f, size)
+        self.archive_len = footer.archive_len
         f.seek(0)
         head = ArchiveReader(f, keep_configs=False)
         self.header: Header = head.header

@@ -180,7 +180,6 @@ class ArchiveReader:
         self._in = _Input(f)
         self.verify_data = verify_data
         self.keep_configs = keep_configs
-        self._chain = Chain()
         self._seq = 0
         self._pending: RawRecord | None = None
         self.devices: list[Device] = []
@@ -197,8 +196,11 @@ class ArchiveReader:
         self._index_pos = NO_INDEX
         self._seen_index = False
         self._chain_before_end = b""
+        self.archive_len = 0  # known once the footer is read, padding excluded
 
-        check_preamble(bytes(self._in.read_some(PREAMBLE.size)))
+        preamble = bytes(self._in.read_some(PREAMBLE.size))
+        check_preamble(preamble)
+        self._chain = Chain(preamble)
         first = self._next_raw()
         if first is None:
             raise ArchiveError(f"the archive ends at byte {self._in.pos}: it is incomplete")
@@ -434,6 +436,7 @@ class ArchiveReader:
             raw.pos, self._index_pos, footer_pos + FOOTER.size
         ):
             raise ArchiveError(f"the footer at byte {footer_pos} does not match the archive")
+        self.archive_len = footer.archive_len
         # Tape drives pad the last block with zeros; anything else is not ours.
         while True:
             tail = self._in.read_some(1 << 20)

@@ -61,13 +61,14 @@ class ArchiveWriter:
         self.configs: list[Config] = []
         self._names: set[str] = set()
         self._config_names: set[str] = set()
-        self._chain = Chain()
+        preamble = pack_preamble()
+        self._chain = Chain(preamble)
         self._seq = 0
         self._index = bytearray()
         self._finished = False
         self._batch: list[Buf] | None = None  # records held back by batch()
         self._batch_len = 0
-        out.write([pack_preamble()])
+        out.write([preamble])
         self._record(RecordType.HEADER, [header.encode()])
 
     # -- low level ---------------------------------------------------------------------

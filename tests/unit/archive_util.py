@@ -164,7 +164,7 @@ def assemble(
     is appended; ``tail`` follows (padding or garbage).
     """
     out = bytearray(pack_preamble() if preamble is None else preamble)
-    chain = Chain()
+    chain = Chain(bytes(out))
     index_pos = NO_INDEX
     end_pos = -1
     index = bytearray()

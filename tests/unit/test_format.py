@@ -150,10 +150,11 @@ def test_digest_is_blake3_truncated_to_128_bits() -> None:
 
 def test_chain_is_blake3_over_frames_and_digests() -> None:
     frames = [(pack_frame(1, 0, i, 3), digest(bytes([i]) * 3)) for i in range(3)]
-    c = Chain()
+    c = Chain(pack_preamble())
     for f, d in frames:
         c.add(f, d)
-    assert c.value() == blake3.blake3(b"".join(f + d for f, d in frames)).digest()
+    assert c.value() == blake3.blake3(
+        pack_preamble() + b"".join(f + d for f, d in frames)).digest()
     assert len(c.value()) == 32
 
 
