@@ -19,6 +19,7 @@ class ArchiveInfo:
     devices: list[Device]
     configs: list[Config]
     end: End
+    archive_bytes: int  # the archive's own length, without any padding after it
 
     def as_dict(self) -> dict[str, Any]:
         h, e = self.header, self.end
@@ -37,7 +38,9 @@ class ArchiveInfo:
                 "device_bytes": sum(d.size for d in self.devices),
                 "data_bytes": e.data_bytes,
                 "zero_bytes": e.zero_bytes,
-                "stored_bytes": e.stored_bytes,
+                "stored_bytes": e.stored_bytes,  # device data as stored, for the ratio
+                "config_bytes": sum(c.size for c in self.configs),
+                "archive_bytes": self.archive_bytes,
                 "records": e.records,
             },
         }
@@ -51,11 +54,12 @@ def archive_info(path: str) -> ArchiveInfo:
         raise AgentError(f"cannot open {path}: {e.strerror}") from e
     if seekable:
         with IndexedArchive(path) as arc:
-            return ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end)
+            return ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end, arc.archive_len)
     with open_stream(path) as f:
         reader = ArchiveReader(f, verify_data=False, keep_configs=False)
         for _ in reader.records():
             pass
         if reader.end is None:  # records() returns only after a good END; be explicit
             raise AgentError(f"{path}: the archive has no end record")
-        return ArchiveInfo(reader.header, reader.devices, reader.configs, reader.end)
+        return ArchiveInfo(reader.header, reader.devices, reader.configs, reader.end,
+                           reader.archive_len)
