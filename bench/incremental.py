@@ -85,13 +85,18 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size-gib", type=int, default=8)
     ap.add_argument("--fraction", type=float, default=0.01)
+    ap.add_argument("--smoke", action="store_true",
+                    help="smallest scale, one run: checks that the script works (exit 0) "
+                         "and judges no target")
     args = ap.parse_args()
-    size = args.size_gib * GiB
+    if args.smoke:
+        args.runs = 1
+    size = 256 * MiB if args.smoke else args.size_gib * GiB
     work = Path(tempfile.mkdtemp(prefix="ba-inc-", dir=ROOT / "bench"))
     rng = random.Random(7)
     try:
         raw = work / "disk.raw"
-        print(f"building a {args.size_gib} GiB half-data qcow2 image...", file=sys.stderr)
+        print(f"building a {size / GiB:g} GiB half-data qcow2 image...", file=sys.stderr)
         make_half_data(raw, size)
         image = work / "disk.qcow2"
         subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(image)],
@@ -121,16 +126,18 @@ def main() -> int:
     full_s, inc_s = statistics.median(fulls), statistics.median(incs)
     ratio = inc_s / full_s
     ok = ratio <= TARGET
-    print(json.dumps({"runs": args.runs, "size_gib": args.size_gib, "fraction": args.fraction,
+    print(json.dumps({"runs": args.runs, "size_gib": size / GiB, "fraction": args.fraction,
                       "full_s": fulls, "incremental_s": incs}))
     print()
     print("| case | median s | vs full | target | met |")
     print("|---|---:|---:|---|---|")
-    print(f"| full live backup, {args.size_gib} GiB half data, pipe | {full_s:.2f} | 1.00x "
+    print(f"| full live backup, {size / GiB:g} GiB half data, pipe | {full_s:.2f} | 1.00x "
           "| | |")
     print(f"| incremental, {args.fraction:.0%} of clusters changed | {inc_s:.2f} | "
           f"{ratio:.3f}x | <= {TARGET}x | {'yes' if ok else 'NO'} |")
-    return 0 if ok else 1
+    if args.smoke:
+        print("\nsmoke run at the smallest scale: the figures mean nothing, no target judged")
+    return 0 if ok or args.smoke else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,46 @@
+"""The benchmark scripts still run: each at --smoke scale, its table printed.
+
+No figure is judged here (timing belongs to the benchmarks, never to tests): this
+catches what an API change in the agent breaks in bench/, which nothing else runs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+
+# Each script, and rows its table must print (a row's first cell, then a number).
+CASES = {
+    "run.py": ["half-data raw, --compress none, into a pipe",
+               "restore of that archive from a pipe to raw",
+               "1 TiB empty qcow2, full backup",
+               "0.25 GiB fully written raw, peak RSS"],
+    "incremental.py": ["full live backup, 0.25 GiB half data, pipe",
+                       "incremental, 1% of clusters changed"],
+    "guest_cost.py": ["our nbdkit plugin (memory)", "during a live backup"],
+    "network.py": ["hypervisor       |   1ms", "backup server    |   5ms"],
+}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("script", sorted(CASES))
+def test_bench_script_runs(script: str, tmp_path: Path) -> None:
+    argv = [sys.executable, str(ROOT / "bench" / script), "--smoke"]
+    if script == "run.py":
+        argv += ["--out", str(tmp_path / "out")]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
+    for label in CASES[script]:
+        row = next((r for r in rows if r.startswith(f"| {label}")), None)
+        assert row is not None, f"{script} printed no row {label!r}:\n{proc.stdout}"
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert any(c.replace(".", "", 1).rstrip("x").isdigit() for c in cells[1:]), row
+    assert "smoke run at the smallest scale" in proc.stdout
+    if script == "run.py":
+        assert not (tmp_path / "out").exists()  # its scratch directory is removed
