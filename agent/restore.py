@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import subprocess
 import threading
 import time
@@ -27,7 +28,7 @@ from typing import BinaryIO
 from agent.archive.format import CHUNK_FIXED, Device
 from agent.archive.reader import ArchiveReader, DataRecord, ZeroRecord
 from agent.chain import Link, check_chain
-from agent.errors import AgentError, InvalidArgument, TargetError
+from agent.errors import AgentError, Interrupted, InvalidArgument, TargetError
 from agent.nbd.server import QemuNbd
 from agent.nbd.target import FileTarget, NbdTarget, Target
 from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
@@ -53,12 +54,16 @@ class _Sink:
     """Where one device goes, and how it is committed or thrown away."""
 
     def __init__(self, device: Device, target: Target, final: Path | None = None,
-                 temp: Path | None = None, server: QemuNbd | None = None) -> None:
+                 temp: Path | None = None, server: QemuNbd | None = None,
+                 in_place: bool = False) -> None:
         self.device = device
         self.target = target
         self.final = final  # rename temp -> final on commit
         self.temp = temp
         self.server = server
+        # Written over what was there (restore --to): a failure leaves it half old, half new.
+        self.in_place = in_place
+        self.touched = False  # a write or zero request was sent
         self.where = str(final) if final else target.name
 
     def commit(self) -> None:
@@ -75,42 +80,65 @@ class _Sink:
         if self.server is not None:
             self.server.close()
         if self.temp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.temp)
+            _unlink(self.temp)
 
 
 SinkFactory = Callable[[Device], _Sink | None]
 
 
 def to_dir(directory: Path, fmt: str, names: set[str] | None, opts: RestoreOptions) -> SinkFactory:
-    """Sinks that create ``DIR/NAME.raw`` or ``DIR/NAME.qcow2`` for each device."""
+    """Sinks that create ``DIR/NAME.raw`` or ``DIR/NAME.qcow2`` for each device.
+
+    DIR is created with the first sink, once the archive's header and devices have been
+    read: a missing or damaged archive leaves no directory behind."""
     if fmt not in ("raw", "qcow2"):
         raise InvalidArgument(f"unknown output format {fmt!r} (use raw or qcow2)")
 
     def make(dev: Device) -> _Sink | None:
         if names is not None and dev.name not in names:
             return None
+        _make_dir(directory)
         final = directory / f"{dev.name}.{fmt}"
         if final.exists():
             raise TargetError(f"{final} already exists: remove it or restore elsewhere")
         temp = directory / f".{dev.name}.{fmt}.partial"
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()  # left by an earlier failed restore
-        if fmt == "raw":
-            return _Sink(dev, FileTarget(str(temp), dev.size, fresh=True), final, temp)
-        _create_qcow2(temp, dev.size)
-        server = QemuNbd(str(temp), "qcow2", readonly=False, shared=opts.connections,
-                         extra=("--discard=unmap",))
+        _unlink(temp)  # left by an earlier failed restore
         try:
-            return _Sink(dev, NbdTarget(server.uri, opts.connections, fresh=True), final, temp,
-                         server)
+            return _new_file_sink(dev, fmt, final, temp, opts)
         except BaseException:
-            server.close()
-            with contextlib.suppress(FileNotFoundError):
-                temp.unlink()
+            _unlink(temp)  # whatever failed, after the file may have been created
             raise
 
     return make
+
+
+def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path,
+                   opts: RestoreOptions) -> _Sink:
+    """A sink writing ``dev`` into a new file ``temp``, renamed to ``final`` on commit."""
+    label = f"{final} (device {dev.name!r})"  # messages name the file the user asked for
+    if fmt == "raw":
+        return _Sink(dev, FileTarget(str(temp), dev.size, fresh=True, label=label), final, temp)
+    _create_qcow2(temp, dev.size, label)
+    server = QemuNbd(str(temp), "qcow2", readonly=False, shared=opts.connections,
+                     extra=("--discard=unmap",))
+    try:
+        target = NbdTarget(server.uri, opts.connections, fresh=True, label=label)
+    except BaseException:
+        server.close()
+        raise
+    return _Sink(dev, target, final, temp, server)
+
+
+def _make_dir(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TargetError(f"cannot create {directory}: {e.strerror}") from e
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def to_target(name: str, target: str, opts: RestoreOptions) -> SinkFactory:
@@ -130,18 +158,34 @@ def to_target(name: str, target: str, opts: RestoreOptions) -> SinkFactory:
         if t.size < dev.size:
             t.close()
             raise TargetError(f"{target} holds {t.size} bytes, device {name!r} needs {dev.size}")
-        return _Sink(dev, t)
+        return _Sink(dev, t, in_place=True)
 
     return make
 
 
-def _create_qcow2(path: Path, size: int) -> None:
+def _create_qcow2(path: Path, size: int, label: str) -> None:
     try:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
                        check=True, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.CalledProcessError) as e:
-        err = getattr(e, "stderr", None) or str(e)
-        raise TargetError(f"cannot create {path}: {err.strip()}") from e
+    except (OSError, subprocess.SubprocessError) as e:
+        err = getattr(e, "stderr", None)
+        lines = (err if isinstance(err, str) and err.strip() else str(e)).strip().splitlines()
+        raise TargetError(f"cannot create {label}: {lines[-1]}") from e
+
+
+_FDS_SPARE = 256  # the archives, pipes, the pool's threads, libraries
+_FDS_PER_SERVER = 2  # a qemu-nbd's log and pipe, besides its connections
+
+
+def _allow_open_files(n: int) -> None:
+    """Raise the soft limit of open files to ``n`` if the hard limit allows (up to it if
+    not): an archive may hold more devices than the usual soft limit of 1,024 files."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= n:
+        return
+    want = n if hard == resource.RLIM_INFINITY else min(n, hard)
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 class RestoreEngine:
@@ -160,8 +204,11 @@ class RestoreEngine:
         self.control = Control()
         self.budget = ByteBudget(opts.memory, self.control)
         self.sinks: dict[str, _Sink] = {}  # by device name: ids differ between archives
+        devices = self.readers[0].devices
+        # Each target stays open to the end: a file, or an image's qemu-nbd and connections.
+        _allow_open_files(_FDS_SPARE + len(devices) * (opts.connections + _FDS_PER_SERVER))
         try:
-            for dev in self.readers[0].devices:
+            for dev in devices:
                 sink = make_sink(dev)
                 if sink is not None:
                     self.sinks[dev.name] = sink
@@ -192,8 +239,12 @@ class RestoreEngine:
                 finals.append(self.meter.final())
             for sink in self.sinks.values():
                 sink.commit()
-        except BaseException:
+        except BaseException as e:
             self._discard()
+            spoiled = [s.where for s in self.sinks.values() if s.in_place and s.touched]
+            told = _partly_written(e, spoiled) if spoiled else None
+            if told is not None:
+                raise told from e
             raise
         progress = Progress(
             "restore", sum(p.done for p in finals),
@@ -227,12 +278,15 @@ class RestoreEngine:
         try:
             if isinstance(rec, DataRecord):
                 rec.check()
-                sink.target.write(rec.offset, rec.data())
+                data = rec.data()
+                sink.touched = True  # before the request: a failed one may have written part
+                sink.target.write(rec.offset, data)
                 rec.release()
                 with self._lock:
                     # payload bytes, as the backup counts them
                     self.meter.add(data=rec.length, stored=cost - CHUNK_FIXED)
             else:
+                sink.touched = True
                 sink.target.zero(rec.offset, rec.length)
                 with self._lock:
                     self.meter.add(zero=rec.length)
@@ -242,6 +296,18 @@ class RestoreEngine:
     def _discard(self) -> None:
         for sink in self.sinks.values():
             sink.discard()
+
+
+def _partly_written(e: BaseException, where: list[str]) -> AgentError | None:
+    """``e``, saying that the existing targets in ``where`` now hold part of the restore
+    and so are neither their old contents nor the device (None: leave ``e`` as it is)."""
+    note = f"{', '.join(where)} was partly written and is not a complete restore"
+    if isinstance(e, AgentError):
+        # Of the same class, for callers that tell errors apart; each takes just a message.
+        return type(e)(f"{e}; {note}")
+    if isinstance(e, KeyboardInterrupt):
+        return Interrupted(f"interrupted; {note}")
+    return None  # a bug: reported as one, with its own type and message
 
 
 def restore(

@@ -56,6 +56,9 @@ def _connect(uri: str, name: str, meta: bool | str, timeout: float = CONNECT_TIM
         h.set_pread_initialize(False)
         if meta:
             h.add_meta_context(meta if isinstance(meta, str) else nbd.CONTEXT_BASE_ALLOCATION)
+        # The URI is the user's own (--source or a job file): let it name its TLS key or
+        # certificates (nbds://...?tls-psk-file=FILE, as check_nbd_uri advises).
+        h.set_uri_allow_local_file(True)
         h.aio_connect_uri(uri)
         deadline = time.monotonic() + timeout
         while not h.aio_is_ready():

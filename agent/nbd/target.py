@@ -27,6 +27,8 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _BLKGETSIZE64 = 0x80081272
 _BLKZEROOUT = 0x127F
 _ZERO_CHUNK = 8 * 1024 * 1024
+# Shared by every target: a restore of 1,024 devices opens 1,024 of them at once.
+_ZEROS = bytes(_ZERO_CHUNK)
 
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
@@ -97,26 +99,39 @@ class WritebackWindows:
 class FileTarget:
     """A regular file or a block device, written with pwrite."""
 
-    def __init__(self, path: str, size: int | None = None, *, fresh: bool = False) -> None:
-        self.name = path
+    def __init__(self, path: str, size: int | None = None, *, fresh: bool = False,
+                 label: str | None = None) -> None:
+        self.name = label or path  # what messages call it: the user's name, not a temp file's
         self.fresh = fresh  # a new sparse file: zero ranges are already holes
         flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if fresh else 0)
         try:
             self.fd = os.open(path, flags, 0o600)
         except OSError as e:
-            raise TargetError(f"cannot open {path}: {e.strerror}") from e
-        st = os.fstat(self.fd)
-        self.block_device = stat.S_ISBLK(st.st_mode)
-        if self.block_device:
-            buf = fcntl.ioctl(self.fd, _BLKGETSIZE64, b"\0" * 8)
-            self.size = struct.unpack("<Q", buf)[0]
-        elif fresh and size is not None:
-            os.ftruncate(self.fd, size)
-            self.size = size
-        else:
-            self.size = st.st_size
-        self._zeros = bytes(_ZERO_CHUNK)
+            raise TargetError(f"cannot open {self.name}: {e.strerror}") from e
+        try:
+            self.block_device, self.size = self._size(size)
+        except BaseException:
+            self.close()
+            raise
         self._writeback = WritebackWindows()
+
+    def _size(self, size: int | None) -> tuple[bool, int]:
+        """Whether the fd is a block device, and its size (a fresh file is made ``size``)."""
+        try:
+            st = os.fstat(self.fd)
+            if stat.S_ISBLK(st.st_mode):
+                buf = fcntl.ioctl(self.fd, _BLKGETSIZE64, b"\0" * 8)
+                return True, int(struct.unpack("<Q", buf)[0])
+            if self.fresh and size is not None:
+                os.ftruncate(self.fd, size)
+                return False, size
+            return False, st.st_size
+        except OSError as e:
+            # A valid device can still be too large for the file system (2^63-1 bytes
+            # on ext4: EFBIG).
+            making = self.fresh and size is not None
+            what = f"make a file of {size} bytes" if making else "find its size"
+            raise TargetError(f"{self.name}: cannot {what}: {e.strerror}") from e
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -159,7 +174,7 @@ class FileTarget:
             raise TargetError(f"{self.name}: punching a hole at {offset} failed: "
                               f"{os.strerror(err)}")
         for off in range(offset, offset + length, _ZERO_CHUNK):
-            self.write(off, memoryview(self._zeros)[: min(_ZERO_CHUNK, offset + length - off)])
+            self.write(off, memoryview(_ZEROS)[: min(_ZERO_CHUNK, offset + length - off)])
 
     def flush(self) -> None:
         try:
@@ -176,8 +191,11 @@ class FileTarget:
 class NbdTarget:
     """A writable NBD export; each worker thread uses its own connection when allowed."""
 
-    def __init__(self, uri: str, connections: int = 4, *, fresh: bool = False) -> None:
-        self.name = uri
+    def __init__(self, uri: str, connections: int = 4, *, fresh: bool = False,
+                 label: str | None = None) -> None:
+        self.uri = uri
+        # What messages call it: the file a restore makes, not the agent's own qemu-nbd.
+        self.name = label or uri
         self.fresh = fresh
         self._local = threading.local()
         self._lock = threading.Lock()
@@ -185,13 +203,13 @@ class NbdTarget:
         first = self._connect()
         try:
             if first.is_read_only():
-                raise TargetError(f"{uri}: the NBD export is read-only")
+                raise TargetError(f"{self.name}: the NBD export is read-only")
             self.size: int = first.get_size()
             self._max = max(1, connections) if first.can_multi_conn() else 1
             self._can_zero = bool(first.can_zero())
         except nbd.Error as e:
             self.close()
-            raise TargetError(f"{uri}: {e.string}") from e
+            raise TargetError(f"{self.name}: {e.string}") from e
         except BaseException:
             self.close()
             raise
@@ -199,7 +217,10 @@ class NbdTarget:
     def _connect(self) -> nbd.NBD:
         h = nbd.NBD()
         try:
-            h.connect_uri(self.name)
+            # The URI is the user's own (a command-line argument or job file): let it
+            # name its TLS key or certificates (tls-psk-file=, tls-certificates=).
+            h.set_uri_allow_local_file(True)
+            h.connect_uri(self.uri)
         except nbd.Error as e:
             raise TargetError(f"cannot connect to {self.name}: {e.string}") from e
         self._handles.append(h)

@@ -1,0 +1,63 @@
+"""Restore targets that cannot be set up: a clear TargetError, no descriptor left open, no
+temporary file left behind."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.archive.format import Device
+from agent.errors import TargetError
+from agent.nbd.target import FileTarget
+from agent.restore import RestoreOptions, to_dir
+
+HUGE = 2**63 - 1  # a valid device size, larger than ext4 allows a file to be
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def _skip_if_huge_files_fit(directory: Path) -> None:
+    probe = directory / "probe"
+    try:
+        with open(probe, "wb") as f:
+            os.ftruncate(f.fileno(), HUGE)
+    except OSError:
+        return
+    finally:
+        probe.unlink()
+    pytest.skip(f"the file system of {directory} takes files of {HUGE} bytes")
+
+
+def test_file_too_large_is_a_target_error_and_closes_its_fd(tmp_path: Path) -> None:
+    _skip_if_huge_files_fit(tmp_path)
+    before = _open_fds()
+    with pytest.raises(TargetError) as e:
+        FileTarget(str(tmp_path / "f.raw"), HUGE, fresh=True, label="F (device 'd')")
+    assert str(e.value) == f"F (device 'd'): cannot make a file of {HUGE} bytes: File too large"
+    assert _open_fds() == before
+
+
+def test_to_dir_removes_its_temporary_file_when_the_target_fails(tmp_path: Path) -> None:
+    _skip_if_huge_files_fit(tmp_path)
+    make = to_dir(tmp_path / "out", "raw", None, RestoreOptions())
+    before = _open_fds()
+    with pytest.raises(TargetError, match=r"out/big\.raw \(device 'big'\)"):
+        make(Device(0, "big", HUGE))
+    assert os.listdir(tmp_path / "out") == []
+    assert _open_fds() == before
+
+
+def test_to_dir_makes_the_directory_only_for_a_device(tmp_path: Path) -> None:
+    out = tmp_path / "a" / "b"
+    make = to_dir(out, "raw", {"vda"}, RestoreOptions())
+    assert not (tmp_path / "a").exists()  # not yet: the archive may still prove unreadable
+    assert make(Device(0, "other", 4096)) is None
+    assert not (tmp_path / "a").exists()
+    sink = make(Device(1, "vda", 4096))
+    assert sink is not None
+    sink.discard()
+    assert os.listdir(out) == []
