@@ -9,6 +9,7 @@ a named output file appears only when the archive is complete.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from agent.errors import AgentError, InvalidArgument
 from agent.nbd.server import QemuNbd, image_info
 from agent.nbd.source import NbdSource
 from agent.pipeline import Progress, ProgressFn
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ def read_configs(configs: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
             out.append((name, Path(path).read_bytes()))
         except OSError as e:
             raise AgentError(f"config {name!r}: cannot read {path}: {e.strerror}") from e
+        log.debug("config %r: %d bytes from %s", name, len(out[-1][1]), path)
     return out
 
 
@@ -81,12 +85,18 @@ def run_backup(job: BackupJob, progress: ProgressFn | None = None) -> BackupSumm
         opened: list[tuple[str, NbdSource, dict[str, str]]] = []
         for name, uri in job.sources:
             src = stack.enter_context(contextlib.closing(NbdSource(uri, conns, name)))
+            log.debug("source %r: %s: %d bytes, %d connection(s) (%d asked; 1 unless the "
+                      "server allows multi-conn)", name, uri, src.size, len(src.handles), conns)
             opened.append((name, src, {"source-format": "nbd"}))
         for name, path in job.images:
             info = image_info(path)
             fmt = str(info.get("format", "raw"))
+            log.debug("image %r: %s: format %s, %s bytes", name, path, fmt,
+                      info.get("virtual-size"))
             server = stack.enter_context(QemuNbd(path, fmt, readonly=True, shared=conns))
             src = stack.enter_context(contextlib.closing(NbdSource(server.uri, conns, name)))
+            log.debug("source %r: %s: %d bytes, %d connection(s) (%d asked)", name,
+                      server.uri, src.size, len(src.handles), conns)
             props = {"source-format": fmt}
             if "cluster-size" in info:
                 props["cluster-size"] = str(info["cluster-size"])
@@ -110,8 +120,16 @@ def _write(
     progress: ProgressFn | None,
 ) -> BackupSummary:
     header = Header(uuid=new_archive_uuid(), created_ns=time.time_ns(), tool_version=__version__)
+    log.debug("writing archive %s to %s", header.uuid, out.name)
+    log.debug("archive %s: kind %s, created %s UTC, tool backup-agent %s", header.uuid,
+              header.kind.name.lower(),
+              time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(header.created_ns // 10**9)),
+              header.tool_version)
     writer = ArchiveWriter(out, header)
     pairs = [(writer.add_device(name, src.size, props), src) for name, src, props in opened]
+    for dev, _ in pairs:
+        log.debug("device %d %r: %d bytes (%s)", dev.id, dev.name, dev.size,
+                  ", ".join(f"{k}={v}" for k, v in dev.props.items()))
     for name, data in configs:
         writer.add_config(name, data, job.engine.compression)
     result = BackupEngine(writer, pairs, job.engine, progress).run()

@@ -228,13 +228,19 @@ def require_tls(what: str, address: str, creds: TlsCreds | None,
     return creds
 
 
-def check_nbd_uri(uri: str, insecure: bool) -> None:
+def check_nbd_uri(uri: str, insecure: bool, device: str | None = None) -> None:
     """Refuse an ``nbd://`` URI (NBD over TCP in clear text) to another host unless
-    ``insecure``: the disk would cross the network readable by anyone on the way."""
-    parts = urlsplit(uri)
+    ``insecure``: the disk would cross the network readable by anyone on the way. Refuse
+    a URI that cannot be parsed, naming ``device`` (the NAME of ``--source NAME=URI``)."""
+    try:
+        parts = urlsplit(uri)
+        hostname = parts.hostname  # checks a bracketed host: nbd://[bad]/ raises here
+    except ValueError as e:  # nbd://[bad: "Invalid IPv6 URL"
+        what = f"--source {device}" if device is not None else "NBD URI"
+        raise InvalidArgument(f"{what}: {uri} is not a valid URI: {e}") from e
     if parts.scheme != "nbd" or insecure:
         return
-    host = parts.hostname or "localhost"
+    host = hostname or "localhost"
     if is_loopback(host):
         return
     raise InvalidArgument(

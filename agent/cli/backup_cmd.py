@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 from agent.archive.codec import CompressionSpec
 from agent.archive.format import MAX_DATA_LENGTH
 from agent.cli import common
+from agent.cli.common import UsageError
 from agent.cli.render import ProgressRenderer, size, summary_line
 from agent.engine import EngineOptions
-from agent.errors import InvalidArgument
 from agent.tls import QEMU_TLS_CLIENT, QEMU_TLS_SERVER, check_nbd_uri
 
 if TYPE_CHECKING:
@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 # The values of agent.qemu.checkpoints.Mode (a test keeps them equal): importing the live
 # backup's modules here would cost every other backup 35 ms of start-up.
 MODES = ("full", "incremental", "differential", "auto")
+
+#: Options of a live backup only (their dests); --qemu-tls-server/-client have defaults.
+LIVE_ONLY = ("tls_creds", "tls_psk", "tls_username", "qemu_nbd_addr", "cbw_listen",
+             "qemu_tls_authz")
 
 log = logging.getLogger("backup-agent")
 
@@ -106,19 +110,40 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_usage(args: argparse.Namespace) -> None:
+    """Flag combinations argparse cannot refuse, before anything is opened."""
     if args.request_size > MAX_DATA_LENGTH:
-        raise InvalidArgument(f"--request-size is at most {MAX_DATA_LENGTH // 2**20}M")
+        raise UsageError(f"--request-size is at most {MAX_DATA_LENGTH // 2**20}M")
+    if args.qmp:
+        if args.source or args.image:
+            raise UsageError("--qmp backs up a VM's disks: do not add --source or --image")
+        return
+    if args.drive:
+        raise UsageError("--drive picks disks of a VM: it needs --qmp")
+    for flag in LIVE_ONLY:
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')} is for a live backup: it needs --qmp")
+    if args.mode != "full":
+        raise UsageError("--mode incremental, differential and auto need the VM's dirty "
+                         "bitmaps: use them with --qmp")
+    if not args.source and not args.image:
+        raise UsageError("nothing to back up: give at least one --source NAME=NBD_URI or "
+                         "--image NAME=FILE (or --qmp for a running VM)")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_usage(args)
     opts = EngineOptions(compression=args.compress, connections=args.connections,
                          memory=args.memory, request_size=args.request_size,
                          workers=max(2, os.cpu_count() or 2))
+    conns = args.connections or f"{opts.connections_for(changes=False)} (1 for changes only)"
+    log.debug("options: compression %s, connections per source %s, memory %s, request size "
+              "%s, %d worker(s)", args.compress, conns, size(args.memory),
+              size(args.request_size), opts.workers)
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
     result: BackupSummary
     try:
         if args.qmp:
-            if args.source or args.image:
-                raise InvalidArgument("--qmp backs up a VM's disks: do not add --source or "
-                                      "--image")
             from agent.live import LiveJob, run_live_backup
             from agent.qemu.checkpoints import Mode
 
@@ -134,18 +159,8 @@ def run(args: argparse.Namespace) -> int:
                 qemu_tls_authz=args.qemu_tls_authz,
             ), renderer.callback())
         else:
-            if args.drive:
-                raise InvalidArgument("--drive picks disks of a VM: it needs --qmp")
-            for _, uri in args.source:
-                check_nbd_uri(uri, args.insecure_plaintext)
-            for flag in ("tls_creds", "tls_psk", "tls_username", "qemu_nbd_addr",
-                         "cbw_listen", "qemu_tls_authz"):
-                if getattr(args, flag) is not None:
-                    raise InvalidArgument(f"--{flag.replace('_', '-')} is for a live backup: "
-                                          "it needs --qmp")
-            if args.mode != "full":
-                raise InvalidArgument("--mode incremental, differential and auto need the "
-                                      "VM's dirty bitmaps: use them with --qmp")
+            for name, uri in args.source:
+                check_nbd_uri(uri, args.insecure_plaintext, device=name)
             from agent.backup import BackupJob, run_backup
 
             result = run_backup(BackupJob(output=args.output, sources=args.source,

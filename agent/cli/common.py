@@ -5,10 +5,40 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 
 from agent.archive.codec import CompressionSpec
+from agent.errors import OutputError
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
+
+
+class UsageError(Exception):
+    """A way of calling a command that argparse cannot refuse by itself (a flag that needs
+    or excludes another). Raised before anything is opened; reported as argparse reports
+    its own: the command's usage line, one error line, exit 2."""
+
+
+def write_stdout(data: bytes | str) -> None:
+    """All of ``data`` to standard output (text as UTF-8), or :class:`OutputError`.
+
+    ``os.write`` in a loop rather than ``sys.stdout.buffer.write``: when the reader of a
+    pipe went away mid-write, the buffered writer returned a short count and raised nothing,
+    and ``config ARC NAME | head -c 10`` exited 0 with the config cut short."""
+    view = memoryview(data.encode() if isinstance(data, str) else data)
+    try:
+        sys.stdout.flush()  # anything printed before goes first
+        while view:
+            view = view[os.write(1, view):]
+    except BrokenPipeError as e:
+        raise OutputError("standard output: the reader closed the pipe") from e
+    except OSError as e:
+        raise OutputError(f"standard output: write failed: {e.strerror or e}") from e
+
+
+def archive_label(path: str) -> str:
+    """How messages name an archive PATH (``-`` is standard input)."""
+    return "standard input" if path == "-" else path
 
 
 def name_value(text: str) -> tuple[str, str]:

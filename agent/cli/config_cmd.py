@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
+
+from agent.cli import common
+from agent.cli.render import device_text, header_text
+
+log = logging.getLogger("backup-agent")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -19,8 +24,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: a backup need not pay for this command's imports
     from agent.archive.reader import ArchiveReader, open_stream
+    log.debug("reading archive %s", common.archive_label(args.path))
     with open_stream(args.path) as stream:
-        data = ArchiveReader(stream, verify_data=False).config(args.name)
-    sys.stdout.buffer.write(data)
-    sys.stdout.buffer.flush()
+        reader = ArchiveReader(stream, verify_data=False)
+        log.debug("%s", header_text(reader.header))
+        for dev in reader.devices:
+            log.debug("%s", device_text(dev))
+        data = reader.config(args.name)
+    log.debug("config %r: %d bytes, writing it to standard output", args.name, len(data))
+    common.write_stdout(data)
     return 0

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import sys
+import logging
 
-from agent.cli.render import size
+from agent.cli import common
+from agent.cli.render import device_text, header_text, size
+
+log = logging.getLogger("backup-agent")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -23,10 +26,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: a backup need not pay for this command's imports
     from agent.inspect import archive_info
-    info = archive_info(args.path).as_dict()
+    log.debug("reading archive %s", common.archive_label(args.path))
+    found = archive_info(args.path)
+    log.debug("%s", header_text(found.header))
+    for dev in found.devices:
+        log.debug("%s", device_text(dev))
+    for cfg in found.configs:
+        log.debug("config %r: %d bytes", cfg.name, cfg.size)
+    log.debug("%d record(s), seal %s", found.end.records, found.end.chain.hex())
+    info = found.as_dict()
+    # Written whole, through write_stdout: a closed pipe or a full disk is then one clear
+    # error, not a BrokenPipeError from deep inside print or json.dump.
     if args.json:
-        json.dump(info, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        common.write_stdout(json.dumps(info, indent=2) + "\n")
         return 0
     created = datetime.datetime.fromtimestamp(info["created"], datetime.UTC)
     t = info["totals"]
@@ -52,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
         "",
         f"data {size(t['data_bytes'])}, zero {size(t['zero_bytes'])}, "
         f"stored {size(t['stored_bytes'])} (compression {ratio:.2f}x)",
+        f"archive {size(t['archive_bytes'])}"
+        + (f", configs {size(t['config_bytes'])}" if info["configs"] else ""),
     ]
-    print("\n".join(lines))
+    common.write_stdout("\n".join(lines) + "\n")
     return 0

@@ -1,7 +1,8 @@
 """The ``backup-agent`` command: parse, set up logging, run, map errors to exit codes.
 
 Exit codes: 0 success; 1 failure, with one line ``backup-agent: error: ...`` on
-stderr (a traceback only with ``--debug``); 2 bad usage (argparse).
+stderr (a traceback only with ``--debug``); 2 bad usage (argparse, or a command's
+:class:`~agent.cli.common.UsageError`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from agent.cli import (
     restore_cmd,
     verify_cmd,
 )
+from agent.cli.common import UsageError
 from agent.errors import AgentError, Interrupted
 
 log = logging.getLogger("backup-agent")
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in (backup_cmd, restore_cmd, verify_cmd, info_cmd, config_cmd, cleanup_cmd, job_cmd):
         mod.add_parser(sub, common)
+    for command in sub.choices.values():
+        # a UsageError is reported with the usage of the command that raised it
+        command.set_defaults(command_parser=command)
     return parser
 
 
@@ -54,9 +59,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="backup-agent: %(message)s")
     signal.signal(signal.SIGTERM, _on_sigterm)
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command; what it raises becomes an exit code and one line on stderr."""
     try:
         code: int = args.run(args)
         return code
+    except UsageError as e:
+        return _usage(args.command_parser, e)
     except KeyboardInterrupt:
         return _fail(args, Interrupted("interrupted"))
     except AgentError as e:
@@ -65,15 +77,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, e, internal=True)
 
 
+def one_line(text: str) -> str:
+    """``text`` with its line breaks (every one ``str.splitlines`` knows: \\r, \\f, \\x85,
+    U+2028...) and the blanks around them made single spaces. Messages may quote a helper's
+    stderr (qemu-img, qemu-nbd) or a library's text, which can span lines; the user must
+    still read exactly one."""
+    return " ".join(stripped for part in text.splitlines() if (stripped := part.strip()))
+
+
+def error_line(e: BaseException, internal: bool = False) -> str:
+    """The one line ``backup-agent: error: ...`` that reports ``e`` (without the newline)."""
+    msg = one_line(str(e)) or type(e).__name__
+    if internal:
+        msg = f"internal error: {type(e).__name__}: {msg} (run with --debug for details)"
+    return f"backup-agent: error: {msg}"
+
+
 def _fail(args: argparse.Namespace, e: BaseException, internal: bool = False) -> int:
     if args.debug:
         log.exception("failed", exc_info=e)
-    msg = str(e) or type(e).__name__
-    if internal:
-        msg = f"internal error: {type(e).__name__}: {msg} (run with --debug for details)"
-    sys.stderr.write(f"backup-agent: error: {msg}\n")
+    sys.stderr.write(error_line(e, internal) + "\n")
     sys.stderr.flush()
     return 1
+
+
+def _usage(parser: argparse.ArgumentParser, e: UsageError) -> int:
+    """As argparse reports a usage error: the command's usage, then one error line."""
+    parser.print_usage(sys.stderr)
+    sys.stderr.write(f"{parser.prog}: error: {one_line(str(e))}\n")
+    sys.stderr.flush()
+    return 2
 
 
 def entry() -> None:

@@ -5,11 +5,15 @@ All output goes to stderr: stdout may be the archive itself.
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from agent.pipeline import Progress, ProgressFn
+
+if TYPE_CHECKING:
+    from agent.archive.format import Device, Header
 
 
 def size(n: float) -> str:
@@ -70,3 +74,18 @@ def summary_line(p: Progress, what: str) -> str:
         f"{size(p.data_bytes)} data, {size(p.zero_bytes)} zero, "
         f"{size(p.stored_bytes)} stored (compression {ratio:.2f}x)"
     )
+
+
+def header_text(h: Header) -> str:
+    """An archive's header on one line, for ``--debug``."""
+    created = datetime.datetime.fromtimestamp(h.created_ns / 1e9, datetime.UTC)
+    parent = f" of {h.parent_uuid}" if h.parent_uuid else ""
+    checkpoint = f", starts checkpoint {h.checkpoint}" if h.checkpoint else ""
+    return (f"archive {h.uuid}: kind {h.kind.name.lower()}{parent}{checkpoint}, "
+            f"created {created:%Y-%m-%d %H:%M:%S} UTC, tool backup-agent {h.tool_version}")
+
+
+def device_text(d: Device) -> str:
+    """A device of an archive on one line, for ``--debug``."""
+    props = ", ".join(f"{k}={v}" for k, v in d.props.items())
+    return f"device {d.name!r}: {d.size} bytes" + (f" ({props})" if props else "")

@@ -7,10 +7,16 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.cli import common
-from agent.cli.render import ProgressRenderer, summary_line
-from agent.errors import InvalidArgument, TargetError
+from agent.cli.common import UsageError
+from agent.cli.render import ProgressRenderer, device_text, summary_line
+from agent.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from agent.archive.format import Device
+    from agent.restore import SinkFactory, _Sink
 
 log = logging.getLogger("backup-agent")
 
@@ -32,44 +38,79 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        help="an existing file, block device or nbd:// URI (needs one --device)")
     p.add_argument("--device", metavar="NAME", action="append",
                    help="restore only this device (repeatable)")
-    p.add_argument("--format", choices=["raw", "qcow2"], default="raw",
-                   help="file format with --to-dir (raw: sparse files)")
+    # No default: given with --to, it is refused rather than silently ignored.
+    p.add_argument("--format", choices=["raw", "qcow2"],
+                   help="file format with --to-dir (raw, the default: sparse files)")
     p.add_argument("--connections", type=common.positive, default=4,
                    help="NBD connections per target (4)")
     common.add_progress(p)
     p.set_defaults(run=run)
 
 
+def _check_usage(args: argparse.Namespace) -> None:
+    """Flag combinations argparse cannot refuse, before anything is opened or created."""
+    if args.to is None:
+        return
+    if not args.device or len(args.device) != 1:
+        raise UsageError("--to needs exactly one --device NAME")
+    if args.format is not None:
+        raise UsageError("--format applies only to --to-dir (the files it creates): --to "
+                         "writes the device's bytes into TARGET as it is")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_usage(args)
     # here, not at the top: a backup need not pay for this command's imports
     from agent.archive.reader import open_stream
-    from agent.restore import RestoreOptions, SinkFactory, restore_chain, to_dir, to_target
+    from agent.restore import RestoreOptions, restore_chain, to_dir, to_target
+    if args.paths.count("-") > 1:  # before --to-dir's DIR is created
+        raise InvalidArgument("only one archive of a chain can come from standard input (-)")
     opts = RestoreOptions(connections=args.connections, workers=max(2, os.cpu_count() or 2))
     factory: SinkFactory
     if args.to is not None:
-        if not args.device or len(args.device) != 1:
-            raise InvalidArgument("--to needs exactly one --device NAME")
+        log.debug("restore device %r into %s, %d connection(s) per NBD target, %d worker(s)",
+                  args.device[0], args.to, opts.connections, opts.workers)
         factory = to_target(args.device[0], args.to, opts)
     else:
-        if not args.to_dir.is_dir():
-            try:
-                args.to_dir.mkdir(parents=True)
-            except OSError as e:
-                raise TargetError(f"cannot create {args.to_dir}: {e.strerror}") from e
+        fmt = args.format or "raw"
+        log.debug("restore to directory %s as %s, connections %d per NBD target, "
+                  "%d worker(s)", args.to_dir, fmt, opts.connections, opts.workers)
         names = set(args.device) if args.device else None
-        factory = to_dir(args.to_dir, args.format, names, opts)
-    if args.paths.count("-") > 1:
-        raise InvalidArgument("only one archive of a chain can come from standard input (-)")
+        factory = to_dir(args.to_dir, fmt, names, opts)
+    renames: list[tuple[Path, Path]] = []
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
     with contextlib.ExitStack() as stack:
-        streams = [(stack.enter_context(open_stream(p)), "standard input" if p == "-" else p)
-                   for p in args.paths]
+        streams = []
+        for p in args.paths:
+            log.debug("reading archive %s", common.archive_label(p))
+            streams.append((stack.enter_context(open_stream(p)), common.archive_label(p)))
         try:
-            result = restore_chain(streams, factory, opts, renderer.callback(),
-                                   wanted=args.device)
+            result = restore_chain(streams, logged_sinks(factory, renames), opts,
+                                   renderer.callback(), wanted=args.device)
         finally:
             renderer.close()
+    for temp, final in renames:
+        log.debug("renamed %s to %s", temp, final)
     for name, where in zip(result.devices, result.outputs, strict=True):
         log.info("restored %s -> %s", name, where)
     log.info("%s", summary_line(result.progress, f"restored {len(result.devices)} device(s)"))
     return 0
+
+
+def logged_sinks(factory: SinkFactory, renames: list[tuple[Path, Path]]) -> SinkFactory:
+    """``factory``, saying (with ``--debug``) where each device is written; the temporary
+    names it renames once the archive checked out are added to ``renames``."""
+
+    def make(dev: Device) -> _Sink | None:
+        sink = factory(dev)
+        if sink is None:
+            log.debug("%s: not restored (not asked for)", device_text(dev))
+        elif sink.temp is not None and sink.final is not None:
+            log.debug("%s: writing %s, renamed to %s once the archive checked out",
+                      device_text(dev), sink.temp, sink.final)
+            renames.append((sink.temp, sink.final))
+        else:
+            log.debug("%s: writing %s in place", device_text(dev), sink.where)
+        return sink
+
+    return make

@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from agent.cli import common
-from agent.cli.render import ProgressRenderer, summary_line
+from agent.cli.render import ProgressRenderer, device_text, summary_line
+
+if TYPE_CHECKING:
+    from agent.archive.format import Device
+    from agent.restore import _Sink
 
 log = logging.getLogger("backup-agent")
 
@@ -28,9 +33,16 @@ def run(args: argparse.Namespace) -> int:
     from agent.restore import RestoreOptions, restore, to_null
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
     opts = RestoreOptions(workers=max(2, os.cpu_count() or 2))
+    null = to_null()
+
+    def checked(dev: Device) -> _Sink | None:
+        log.debug("%s: checking every record", device_text(dev))
+        return null(dev)
+
+    log.debug("reading archive %s", common.archive_label(args.path))
     with open_stream(args.path) as stream:
         try:
-            result = restore(stream, to_null(), opts, renderer.callback())
+            result = restore(stream, checked, opts, renderer.callback())
         finally:
             renderer.close()
     log.info("%s", summary_line(result.progress, f"verified {len(result.devices)} device(s)"))

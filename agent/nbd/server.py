@@ -7,12 +7,16 @@ on every way out.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
 import subprocess
 from types import TracebackType
 
 from agent.errors import AgentError
 from agent.process import HelperProcess, accepts
+
+log = logging.getLogger(__name__)
 
 
 def image_info(path: str) -> dict[str, object]:
@@ -60,11 +64,14 @@ class QemuNbd:
         if readonly:
             args.append("--read-only")
         args.append(image)
+        log.debug("starting %s", shlex.join(args))
         try:
             self._proc.start(args, env=MALLOC_ENV,
                              missing="qemu-nbd is not installed (Debian package qemu-utils)")
             self._proc.wait_until(lambda: accepts(self.socket),
                                   f"qemu-nbd could not serve {self.image}")
+            log.debug("qemu-nbd (pid %s) serves %s on %s",
+                      self._proc.proc.pid if self._proc.proc else "?", image, self.socket)
         except BaseException:
             self.close()
             raise

@@ -46,6 +46,27 @@ def agent(
                           timeout=timeout, check=False)
 
 
+def agent_into(
+    stdout: int, *args: str | os.PathLike[str], timeout: float = TIMEOUT
+) -> subprocess.CompletedProcess[bytes]:
+    """``backup-agent ARGS >&FD``: standard output is the given file descriptor (a pipe
+    whose reader is gone, /dev/full...); stderr is captured."""
+    return subprocess.run([AGENT, *map(str, args)], stdin=subprocess.DEVNULL, stdout=stdout,
+                          stderr=subprocess.PIPE, timeout=timeout, check=False)
+
+
+@contextlib.contextmanager
+def closed_pipe() -> Iterator[int]:
+    """The write end of a pipe whose read end is already closed, like ``| true`` after
+    ``true`` exited: every write to it fails with EPIPE."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        yield w
+    finally:
+        os.close(w)
+
+
 def agent_from_file(
     path: str | os.PathLike[str], *args: str | os.PathLike[str], timeout: float = TIMEOUT
 ) -> subprocess.CompletedProcess[bytes]:
@@ -99,14 +120,19 @@ def assert_error(proc: subprocess.CompletedProcess[bytes] | tuple[int, bytes],
     return message
 
 
-def assert_usage_error(proc: subprocess.CompletedProcess[bytes]) -> None:
-    """Exit 2 from argparse: a usage line and an ``error:`` line, no traceback."""
+def assert_usage_error(proc: subprocess.CompletedProcess[bytes], *words: str) -> str:
+    """Exit 2, as from argparse: a usage line and an ``error:`` line, no traceback; returns
+    the message. Every word in ``words`` must appear in it (case-insensitive)."""
     text = proc.stderr.decode(errors="replace")
     assert proc.returncode == 2, describe(proc)
     assert "Traceback" not in text, describe(proc)
     lines = text.splitlines()
     assert lines and lines[0].startswith("usage: backup-agent"), describe(proc)
     assert lines[-1].startswith("backup-agent") and ": error: " in lines[-1], describe(proc)
+    message = lines[-1].split(": error: ", 1)[1]
+    for word in words:
+        assert word.lower() in message.lower(), f"{word!r} not in message\n{describe(proc)}"
+    return message
 
 
 def info_json(*args: str | os.PathLike[str]) -> dict[str, Any]:

@@ -68,6 +68,13 @@ QCOW2_OPS: list[ImageOp] = [
     ("write", 0x44, 40 * MiB + 512, 1536),
     ("write", 0x33, 63 * MiB, 512 * KiB),
 ]
+KIT_SIZE = 7 * MiB  # served by nbdkit's file plugin
+KIT_OPS: list[ImageOp] = [
+    ("write", 0x66, 512 * KiB, 700 * KiB),
+    ("zero", 1 * MiB, 64 * KiB),  # write-zeroes inside data
+    ("write", 0x99, 5 * MiB + 512, 4096),
+    ("write", 0x7E, KIT_SIZE - 64 * KiB, 64 * KiB),  # up to the very last byte
+]
 IMG_SIZE = 6 * MiB
 BIG_CONFIG = 17 * MiB  # more than 16 MiB: several CONFIG_DATA records
 
@@ -126,6 +133,7 @@ def built() -> Iterator[Built]:
         raw = make_image(work / "raw0.raw", "raw", RAW_SIZE, RAW_OPS)
         os.truncate(raw, RAW_SIZE)  # qemu-img rounds the size up to 512: cut it back
         q0 = make_image(work / "q0.qcow2", "qcow2", QCOW2_SIZE, QCOW2_OPS)
+        kit = make_image(work / "k0.raw", "raw", KIT_SIZE, KIT_OPS)
         rnd = write_random(work / "img0-src.raw", IMG_SIZE, [(0, 1 * MiB), (3 * MiB, 512 * KiB)])
         img0 = work / "img0.qcow2"
         subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(rnd),
@@ -138,9 +146,10 @@ def built() -> Iterator[Built]:
             (work / name).write_bytes(data)
         s_raw = servers.qemu_nbd(raw, "raw")
         s_q0 = servers.qemu_nbd(q0, "qcow2")
-        uris = {"raw0": s_raw.uri, "q0": s_q0.uri}
-        args = ["--source", f"raw0={s_raw.uri}", "--source", f"q0={s_q0.uri}",
-                "--image", f"img0={img0}"]
+        s_kit = servers.nbdkit(["file", str(kit)], readonly=True)
+        uris = {"raw0": s_raw.uri, "q0": s_q0.uri, "k0": s_kit.uri}
+        args = [a for name, uri in uris.items() for a in ("--source", f"{name}={uri}")]
+        args += ["--image", f"img0={img0}"]
         args += [a for name in configs for a in ("--config", f"{name}={work / name}")]
         archive, piped = work / "full.arc", work / "piped"
         started = time.time()
@@ -148,7 +157,7 @@ def built() -> Iterator[Built]:
         finished = time.time()
         yield Built(
             work=work,
-            disks={"raw0": Disk(raw, "raw"), "q0": Disk(q0, "qcow2"),
+            disks={"raw0": Disk(raw, "raw"), "q0": Disk(q0, "qcow2"), "k0": Disk(kit, "raw"),
                    "img0": Disk(img0, "qcow2")},
             configs=configs, uris=uris, archive=archive, piped_dir=piped,
             started=started, finished=finished, stderr=stderr,
@@ -173,7 +182,7 @@ def test_pipe_restore_equals_every_source(built: Built) -> None:
     assert files == sorted(f"{n}.raw" for n in built.disks), files
     for name, disk in built.disks.items():
         _same(disk, built.piped_dir / f"{name}.raw")
-    assert "restored 3 device(s)" in built.stderr["restore"]
+    assert f"restored {len(built.disks)} device(s)" in built.stderr["restore"]
 
 
 def test_restored_sizes_match_devices(built: Built) -> None:
@@ -213,13 +222,15 @@ def test_info_json(built: Built) -> None:
     assert info["tool_version"] == version
     sizes = _device_sizes(built)
     assert {d["name"]: d["size"] for d in info["devices"]} == sizes
-    assert [d["name"] for d in info["devices"]] == ["raw0", "q0", "img0"]
+    assert [d["name"] for d in info["devices"]] == ["raw0", "q0", "k0", "img0"]
     assert {c["name"]: c["size"] for c in info["configs"]} == {
         n: len(d) for n, d in built.configs.items()}
     t = info["totals"]
     assert t["data_bytes"] + t["zero_bytes"] == sum(sizes.values())
     assert 0 < t["data_bytes"] < sum(sizes.values())
     assert 0 < t["stored_bytes"] < built.archive.stat().st_size
+    assert t["config_bytes"] == sum(len(d) for d in built.configs.values())
+    assert t["archive_bytes"] == built.archive.stat().st_size
     with open(built.archive, "rb") as f:  # the seal is END's chain, read the long way
         reader = ArchiveReader(f, keep_configs=False)
         for _ in reader.records():
@@ -240,6 +251,7 @@ def test_info_human(built: Built) -> None:
     for name in [*built.disks, *built.configs]:
         assert name in out, name
     assert info_json(built.archive)["uuid"] in out
+    assert "archive " in out and "configs " in out  # the totals' last line
 
 
 # -- restore variants ---------------------------------------------------------------------

@@ -24,10 +24,12 @@ from tests.integration.cli_util import (
     MiB,
     agent,
     agent_from_file,
+    agent_into,
     assert_error,
     assert_ok,
     assert_usage_error,
     children,
+    closed_pipe,
     cmdline,
     first,
     leftovers,
@@ -70,6 +72,9 @@ BACKUP_ERRORS: dict[str, tuple[BadArgs, tuple[str, ...]]] = {
     "source-no-socket": (
         lambda c: ["--source", "vda=nbd+unix:///?socket=/nonexistent/x.sock"], ("x.sock",)),
     "source-unreachable-tcp": (lambda c: ["--source", "vda=nbd://127.0.0.1:1/"], ("127.0.0.1",)),
+    "source-bad-ipv6": (lambda c: ["--source", "vda=nbd://[bad"], ("vda", "nbd://[bad")),
+    "source-bad-bracketed-host": (
+        lambda c: ["--source", "vda=nbd://[bad]/"], ("vda", "nbd://[bad]/")),
     "image-missing": (lambda c: ["--image", f"vda={c.dir}/missing.qcow2"], ("missing.qcow2",)),
     "image-is-a-directory": (lambda c: ["--image", f"vda={c.dir}"], ()),
     "image-under-a-file": (lambda c: ["--image", f"vda={c.image}/x.raw"], ("x.raw",)),
@@ -83,7 +88,6 @@ BACKUP_ERRORS: dict[str, tuple[BadArgs, tuple[str, ...]]] = {
         ("nope.conf",)),
     "config-is-a-directory": (
         lambda c: ["--image", f"vda={c.image}", "--config", f"c={c.dir}"], ()),
-    "no-devices": (lambda c: ["--config", f"c={c.config}"], ()),
     "bad-device-name": (lambda c: ["--image", f"a/b={c.image}"], ()),
 }
 
@@ -138,25 +142,51 @@ def test_backup_pipe_closed_early(short_tmp: Path) -> None:
 
 # -- usage errors: exit 2 -----------------------------------------------------------------
 
-@pytest.mark.parametrize("argv", [
-    [],
-    ["backup", "--source", "vda", "-o", "x.arc"],
-    ["backup", "--source", "vda=nbd://127.0.0.1:1/", "--compress", "zstd:99", "-o", "x.arc"],
-    ["backup", "--source", "vda=nbd://127.0.0.1:1/", "--compress", "lz4", "-o", "x.arc"],
-    ["backup", "--source", "vda=nbd://127.0.0.1:1/"],
-    ["restore", "x.arc"],
-    ["restore", "x.arc", "--to-dir", "d", "--to", "f"],
-    ["restore", "x.arc", "--to-dir", "d", "--format", "vmdk"],
-    ["config", "x.arc"],
-    ["frobnicate"],
-], ids=["no-command", "source-without-equals", "zstd-99", "unknown-codec", "no-output",
-        "restore-nowhere", "restore-two-places", "restore-bad-format", "config-no-name",
-        "unknown-command"])
-def test_usage_error(short_tmp: Path, argv: list[str]) -> None:
+# Those argparse cannot see (flags that need or exclude others) are found before anything
+# is opened, and reported the same way: the command's usage line, an error line, exit 2.
+USAGE_ERRORS: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "no-command": ([], ()),
+    "source-without-equals": (["backup", "--source", "vda", "-o", "x.arc"], ()),
+    "zstd-99": (["backup", "--source", "vda=nbd://127.0.0.1:1/", "--compress", "zstd:99",
+                 "-o", "x.arc"], ()),
+    "unknown-codec": (["backup", "--source", "vda=nbd://127.0.0.1:1/", "--compress", "lz4",
+                       "-o", "x.arc"], ()),
+    "no-output": (["backup", "--source", "vda=nbd://127.0.0.1:1/"], ()),
+    "backup-no-devices": (["backup", "--config", "c=vm.conf", "-o", "x.arc"],
+                          ("--source", "--image")),
+    "backup-nothing": (["backup", "-o", "x.arc"], ("--source", "--image")),
+    "drive-without-qmp": (["backup", "--image", "vda=d.raw", "--drive", "vda", "-o", "x.arc"],
+                          ("--drive", "--qmp")),
+    "qmp-and-image": (["backup", "--qmp", "q.sock", "--image", "vda=d.raw", "-o", "x.arc"],
+                      ("--qmp", "--image")),
+    "tls-psk-without-qmp": (["backup", "--image", "vda=d.raw", "--tls-psk", "k.psk",
+                             "-o", "x.arc"], ("--tls-psk", "--qmp")),
+    "mode-without-qmp": (["backup", "--image", "vda=d.raw", "--mode", "incremental",
+                          "-o", "x.arc"], ("--mode", "--qmp")),
+    "request-size-too-big": (["backup", "--image", "vda=d.raw", "--request-size", "64M",
+                              "-o", "x.arc"], ("--request-size",)),
+    "restore-nowhere": (["restore", "x.arc"], ()),
+    "restore-two-places": (["restore", "x.arc", "--to-dir", "d", "--to", "f"], ()),
+    "restore-bad-format": (["restore", "x.arc", "--to-dir", "d", "--format", "vmdk"], ()),
+    "restore-to-without-device": (["restore", "x.arc", "--to", "f"], ("--device",)),
+    "restore-to-two-devices": (["restore", "x.arc", "--to", "f", "--device", "a",
+                                "--device", "b"], ("--device",)),
+    "restore-to-with-format": (["restore", "x.arc", "--to", "f", "--device", "a",
+                                "--format", "qcow2"], ("--format", "--to-dir")),
+    "restore-to-with-format-raw": (["restore", "x.arc", "--to", "f", "--device", "a",
+                                    "--format", "raw"], ("--format", "--to-dir")),
+    "config-no-name": (["config", "x.arc"], ()),
+    "unknown-command": (["frobnicate"], ()),
+}
+
+
+@pytest.mark.parametrize("case", list(USAGE_ERRORS))
+def test_usage_error(short_tmp: Path, case: str) -> None:
+    argv, words = USAGE_ERRORS[case]
     proc = subprocess.run([AGENT, *argv], cwd=short_tmp, capture_output=True, timeout=60,
                           check=False, stdin=subprocess.DEVNULL)
-    assert_usage_error(proc)
-    assert list(short_tmp.iterdir()) == []
+    assert_usage_error(proc, *words)
+    assert list(short_tmp.iterdir()) == []  # nothing created: not even --to-dir's DIR
 
 
 # -- damaged archives ---------------------------------------------------------------------
@@ -296,7 +326,25 @@ def test_restore_to_missing_file(arcs: Arcs, short_tmp: Path) -> None:
 
 
 def test_restore_to_needs_one_device(arcs: Arcs, short_tmp: Path) -> None:
-    assert_error(agent("restore", arcs.good, "--to", short_tmp / "f"), "--device")
+    # A usage mistake, so exit 2 (the issue: "2 bad usage"), not 1 as before.
+    target = short_tmp / "f"
+    target.write_bytes(b"\xee" * 8 * MiB)
+    assert_usage_error(agent("restore", arcs.good, "--to", target), "--device")
+    assert target.read_bytes() == b"\xee" * 8 * MiB
+
+
+def test_restore_format_applies_only_to_dir(arcs: Arcs, short_tmp: Path) -> None:
+    target = short_tmp / "f"
+    target.write_bytes(b"\xee" * 8 * MiB)
+    assert_usage_error(agent("restore", arcs.good, "--device", "vda", "--to", target,
+                             "--format", "qcow2"), "--format", "--to-dir")
+    assert target.read_bytes() == b"\xee" * 8 * MiB  # refused, not silently written as raw
+
+
+def test_restore_two_stdins_creates_nothing(short_tmp: Path) -> None:
+    out = short_tmp / "o"
+    assert_error(agent("restore", "-", "-", "--to-dir", out), "standard input")
+    assert not out.exists()  # refused before DIR is made
 
 
 def test_restore_to_unreachable_nbd(arcs: Arcs) -> None:
@@ -309,6 +357,72 @@ def test_read_missing_archive(short_tmp: Path) -> None:
         extra = {"config": ["c"], "restore": ["--to-dir", str(short_tmp / "o")]}
         assert_error(agent(*argv, short_tmp / "missing.arc", *extra.get(argv[0], [])),
                      "missing.arc")
+
+
+# -- info and config: standard output fails ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def big_config_arc() -> Iterator[Path]:
+    """An archive holding a 17 MiB config: far more than any pipe buffers."""
+    work = Path(tempfile.mkdtemp(prefix="ba-bigconf-"))
+    try:
+        image = make_image(work / "d.raw", "raw", 1 * MiB, [("write", 0x61, 0, 64 * KiB)])
+        conf = write_random(work / "c.bin", 17 * MiB)
+        arc = work / "big.arc"
+        assert_ok(agent("backup", "--image", f"vda={image}", "--config", f"c={conf}",
+                        "--compress", "none", "-o", arc))
+        yield arc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_config_reader_stops_early(big_config_arc: Path) -> None:
+    """``config ARC c | head -c 10``: the config does not fit in the pipe, head goes away
+    after 10 bytes, and the agent must say the output was cut short, not exit 0."""
+    with running([AGENT, "config", big_config_arc, "c"], stdin=subprocess.DEVNULL,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        head = subprocess.run(["head", "-c", "10"], stdin=proc.stdout, capture_output=True,
+                              timeout=60, check=True)
+        proc.stdout.close()  # the reading end now belongs to no one: like the shell's pipe
+        _, err = proc.communicate(timeout=60)
+    assert len(head.stdout) == 10
+    assert_error((proc.returncode, err), "standard output", "pipe")
+
+
+def test_config_whole_to_pipe(big_config_arc: Path) -> None:
+    proc = agent("config", big_config_arc, "c")
+    assert_ok(proc)
+    assert len(proc.stdout) == 17 * MiB
+
+
+OUTPUT_COMMANDS = {
+    "info": ["info"],
+    "info-json": ["info", "--json"],
+    "config": ["config"],
+}
+
+
+def _output_argv(cmd: str, arc: Path) -> list[str]:
+    argv = [*OUTPUT_COMMANDS[cmd], str(arc)]
+    return [*argv, "c"] if cmd == "config" else argv
+
+
+@pytest.mark.parametrize("cmd", list(OUTPUT_COMMANDS))
+def test_output_to_closed_pipe(arcs: Arcs, cmd: str) -> None:
+    """``backup-agent info ARC | true``: one clear line, exit 1, not an internal error."""
+    with closed_pipe() as w:
+        proc = agent_into(w, *_output_argv(cmd, arcs.good))
+    message = assert_error(proc, "standard output", "pipe")
+    assert "internal error" not in message
+
+
+@pytest.mark.parametrize("cmd", list(OUTPUT_COMMANDS))
+def test_output_to_full_disk(arcs: Arcs, cmd: str) -> None:
+    with open("/dev/full", "wb") as full:
+        proc = agent_into(full.fileno(), *_output_argv(cmd, arcs.good))
+    message = assert_error(proc, "standard output", "no space left")
+    assert "internal error" not in message
 
 
 # -- signals ------------------------------------------------------------------------------
