@@ -35,6 +35,7 @@ _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_AFTER = 4
 _SETTLE = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
 WRITEBACK_WINDOW = 32 * 1024 * 1024
+_NOT_SUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ESPIPE)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
@@ -154,8 +155,10 @@ class FileTarget:
     def _settle(self, offset: int, length: int) -> None:
         """Wait for a range's writeback, then drop its pages from the page cache."""
         if _sync_file_range(self.fd, offset, length, _SETTLE) != 0:
-            # Writeback errors surface here: a later fsync may no longer report them.
             err = ctypes.get_errno()
+            if err in _NOT_SUPPORTED:
+                return  # a file system (or sandbox) without it: the final fsync does it all
+            # Writeback errors surface here: a later fsync may no longer report them.
             raise TargetError(f"{self.name}: writing back offset {offset} failed: "
                               f"{os.strerror(err)}")
         os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import itertools
 import os
 import threading
 from pathlib import Path
 
+import pytest
+
+import agent.nbd.target as target_mod
+from agent.errors import TargetError
 from agent.nbd.target import FileTarget, WritebackWindows, coalesce
 
 M = 1024 * 1024
@@ -68,3 +74,48 @@ def test_a_file_target_settles_and_still_holds_every_byte(tmp_path: Path) -> Non
             f.seek(off)
             assert f.read(M) == data
             assert f.read(M) == bytes(M)  # the gap after each block stayed a hole
+
+
+def _failing_settle(err: int) -> object:
+    """A sync_file_range whose waiting calls fail with ``err``, as the kernel reports a
+    writeback error (EIO) or an unsupported file system (EINVAL)."""
+    real = target_mod._sync_file_range
+
+    def fake(fd: int, offset: int, length: int, flags: int) -> int:
+        if flags & 4:  # SYNC_FILE_RANGE_WAIT_AFTER: a settle
+            ctypes.set_errno(err)
+            return -1
+        return int(real(fd, offset, length, flags))
+
+    return fake
+
+
+def test_a_writeback_error_fails_the_write(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(target_mod, "_sync_file_range", _failing_settle(errno.EIO))
+    t = FileTarget(str(tmp_path / "d.raw"), 16 * M, fresh=True, label="D (device 'd')")
+    t._writeback = WritebackWindows(window=2 * M)
+    try:
+        t.write(0, bytes(2 * M))  # fills the first window
+        # The second fills the next, which settles the first: its error is the write's.
+        with pytest.raises(TargetError, match=r"^D \(device 'd'\): writing back offset 0 "
+                                              r"failed: Input/output error$"):
+            t.write(2 * M, bytes(2 * M))
+    finally:
+        t.close()
+
+
+def test_a_file_system_without_sync_file_range_still_restores(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(target_mod, "_sync_file_range", _failing_settle(errno.EINVAL))
+    path = tmp_path / "d.raw"
+    t = FileTarget(str(path), 8 * M, fresh=True)
+    t._writeback = WritebackWindows(window=2 * M)
+    data = os.urandom(8 * M)
+    try:
+        for off in range(0, 8 * M, M):
+            t.write(off, data[off:off + M])
+        t.flush()
+    finally:
+        t.close()
+    assert path.read_bytes() == data
