@@ -19,6 +19,7 @@ import pytest
 
 from agent.archive.format import Compression, Device, RecordType, Zero
 from agent.archive.writer import ArchiveWriter
+from tests.fsprobe import takes_file_of
 from tests.integration.cli_util import (
     AGENT,
     MiB,
@@ -55,20 +56,6 @@ def _save(path: Path, build: Callable[[ArchiveWriter], None]) -> Path:
     return path
 
 
-def _takes_huge_files(directory: Path) -> bool:
-    """Whether the file system under ``directory`` allows a file of HUGE bytes (tmpfs
-    does, ext4 does not)."""
-    probe = directory / "probe"
-    try:
-        with open(probe, "wb") as f:
-            os.ftruncate(f.fileno(), HUGE)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
-
-
 # -- a device too large for the file system ----------------------------------------------
 
 def _small_and_huge(w: ArchiveWriter) -> None:
@@ -81,7 +68,7 @@ def _small_and_huge(w: ArchiveWriter) -> None:
 
 @pytest.mark.parametrize("via", ["file", "pipe"])
 def test_device_too_large_for_the_file_system(short_tmp: Path, via: str) -> None:
-    if _takes_huge_files(short_tmp):
+    if takes_file_of(short_tmp, HUGE):
         pytest.skip(f"the file system of {short_tmp} takes files of {HUGE} bytes")
     arc = _save(short_tmp / "huge.arc", _small_and_huge)
     out = short_tmp / "out"

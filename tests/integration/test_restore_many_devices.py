@@ -8,7 +8,6 @@ restoring the huge one into a file fails cleanly and leaves nothing behind.
 
 from __future__ import annotations
 
-import os
 import resource
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 
 from agent.archive.format import Compression
 from agent.archive.writer import ArchiveWriter
+from tests.fsprobe import takes_file_of
 from tests.integration.cli_util import (
     AGENT,
     TIMEOUT,
@@ -111,22 +111,8 @@ def test_restore_one_small_device(archive: Path, short_tmp: Path) -> None:
     assert (out / f"d{SMALL}.raw").read_bytes() == _content(SMALL)
 
 
-def _takes_huge_files(directory: Path) -> bool:
-    """Whether the file system under ``directory`` allows a file of HUGE bytes (tmpfs
-    does, ext4 does not)."""
-    probe = directory / "probe"
-    try:
-        with open(probe, "wb") as f:
-            os.ftruncate(f.fileno(), HUGE)
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.unlink()
-
-
 def test_restore_everything_fails_on_the_huge_device(archive: Path, short_tmp: Path) -> None:
-    if _takes_huge_files(short_tmp):
+    if takes_file_of(short_tmp, HUGE):
         pytest.skip(f"the file system of {short_tmp} takes files of {HUGE} bytes")
     out = short_tmp / "out"
     assert_error(agent("restore", archive, "--to-dir", out), "d0.raw", "'d0'", str(HUGE))

@@ -12,6 +12,7 @@ from agent.archive.format import Device
 from agent.errors import TargetError
 from agent.nbd.target import FileTarget
 from agent.restore import RestoreOptions, to_dir
+from tests.fsprobe import takes_file_of
 
 HUGE = 2**63 - 1  # a valid device size, larger than ext4 allows a file to be
 
@@ -21,15 +22,8 @@ def _open_fds() -> set[str]:
 
 
 def _skip_if_huge_files_fit(directory: Path) -> None:
-    probe = directory / "probe"
-    try:
-        with open(probe, "wb") as f:
-            os.ftruncate(f.fileno(), HUGE)
-    except OSError:
-        return
-    finally:
-        probe.unlink()
-    pytest.skip(f"the file system of {directory} takes files of {HUGE} bytes")
+    if takes_file_of(directory, HUGE):
+        pytest.skip(f"the file system of {directory} takes files of {HUGE} bytes")
 
 
 def test_file_too_large_is_a_target_error_and_closes_its_fd(tmp_path: Path) -> None:
