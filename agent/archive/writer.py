@@ -3,7 +3,8 @@
 One thread owns a writer. It keeps the running seal (record count, totals, the
 chained digest) and a compact index of 32 bytes per DATA/ZERO record, written as
 INDEX records before the END record so a reader of a seekable file can find any
-device byte without scanning. Nothing else grows with the size of the disks.
+device byte without scanning. The index moves to a temporary file once it grows
+(agent/archive/spill.py), so the writer's memory does not grow with the disks.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from agent.archive.format import (
     pack_preamble,
 )
 from agent.archive.output import Buf, SequentialOutput
+from agent.archive.spill import SPILL_AT, SpillingBuffer
 from agent.errors import ArchiveError, InvalidArgument
 
 CONFIG_CHUNK = 4 * 1024 * 1024
@@ -53,7 +55,8 @@ class Totals:
 class ArchiveWriter:
     """Writes one archive to ``out``; call :meth:`finish` to seal it."""
 
-    def __init__(self, out: SequentialOutput, header: Header) -> None:
+    def __init__(self, out: SequentialOutput, header: Header, *,
+                 index_in_memory: int = SPILL_AT) -> None:
         self.out = out
         self.header = header
         self.totals = Totals()
@@ -64,7 +67,7 @@ class ArchiveWriter:
         preamble = pack_preamble()
         self._chain = Chain(preamble)
         self._seq = 0
-        self._index = bytearray()
+        self._index = SpillingBuffer(index_in_memory)
         self._finished = False
         self._batch: list[Buf] | None = None  # records held back by batch()
         self._batch_len = 0
@@ -112,7 +115,7 @@ class ArchiveWriter:
     def _index_add(
         self, rtype: RecordType, comp: int, dev: int, off: int, ln: int, pos: int
     ) -> None:
-        self._index += INDEX_ENTRY.pack(rtype & 0xFF, comp, 0, dev, off, ln, pos)
+        self._index.append(INDEX_ENTRY.pack(rtype & 0xFF, comp, 0, dev, off, ln, pos))
 
     # -- metadata ----------------------------------------------------------------------
 
@@ -183,12 +186,15 @@ class ArchiveWriter:
         self._finished = True
         index_pos = NO_INDEX
         step = INDEX_ENTRIES_PER_RECORD * INDEX_ENTRY.size
-        for off in range(0, len(self._index), step):
-            pos = self._record(RecordType.INDEX, [memoryview(self._index)[off : off + step]],
-                               flags=FLAG_OPTIONAL)
-            if index_pos == NO_INDEX:
-                index_pos = pos
-        self._index = bytearray()
+        try:
+            for entries in self._index.chunks(step):
+                pos = self._record(RecordType.INDEX, [entries], flags=FLAG_OPTIONAL)
+                if index_pos == NO_INDEX:
+                    index_pos = pos
+        except OSError as e:  # reading the spilled index back: the output is fine
+            raise ArchiveError(f"cannot read back the archive's index: {e}") from e
+        finally:
+            self._index.close()
         end = End(
             records=self.totals.records,
             data_bytes=self.totals.data_bytes,
