@@ -101,15 +101,22 @@ def qemu_nbd(image: Path, fmt: str, shared: int = 8) -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def qemu_img_create(path: Path, size: int) -> None:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(path), str(size)], check=True)
+
+
 def make_half_data(path: Path, size: int) -> None:
-    """Half data, half holes, in 32 MiB stripes; of the data, half random, half text-like."""
+    """Half data, half holes, in 32 MiB stripes; of the data, half random, half text-like.
+
+    qemu-img creates the image; the data is written here, since qemu-io's patterns are
+    one repeated byte and would make every compressor look brilliant."""
+    qemu_img_create(path, size)
     rng = random.Random(42)
     words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz ") for _ in range(rng.randint(2, 9)))
              for _ in range(2000)]
     text = b" ".join(rng.choice(words) for _ in range(600_000))[: 4 * MiB]
     stripe = 32 * MiB
-    with open(path, "wb") as f:
-        f.truncate(size)
+    with open(path, "r+b") as f:
         for i, off in enumerate(range(0, size, 2 * stripe)):
             f.seek(off)
             for _ in range(stripe // (4 * MiB)):
@@ -204,7 +211,8 @@ def bench_empty(out: Path) -> list[Row]:
 
 def bench_rss(out: Path, size: int) -> list[Row]:
     img = out / "full.raw"
-    with open(img, "wb") as f:
+    qemu_img_create(img, size)
+    with open(img, "r+b") as f:
         block = os.urandom(16 * MiB)
         for _ in range(size // len(block)):
             f.write(block)
