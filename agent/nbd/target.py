@@ -16,6 +16,9 @@ import os
 import stat
 import struct
 import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import nbd
@@ -26,9 +29,10 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _BLKGETSIZE64 = 0x80081272
 _BLKZEROOUT = 0x127F
-_ZERO_CHUNK = 8 * 1024 * 1024
-# Shared by every target: a restore of 1,024 devices opens 1,024 of them at once.
-_ZEROS = bytes(_ZERO_CHUNK)
+_ZERO_CHUNK = 8 * 1024 * 1024  # zeros written into a file per write
+# Shared by every target (a restore of 1,024 devices opens 1,024 of them at once), and
+# never written to: its pages stay the kernel's shared zero page, costing no memory.
+_ZEROS = bytes(32 * 1024 * 1024)
 
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
@@ -53,6 +57,8 @@ class Target(Protocol):
     def zero(self, offset: int, length: int) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
+    # Waits for a server give up once stopped() is true (the restore was interrupted).
+    def stop_when(self, stopped: Callable[[], bool]) -> None: ...
 
 
 def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -187,14 +193,54 @@ class FileTarget:
         except OSError as e:
             raise TargetError(f"{self.name}: flush failed: {e.strerror}") from e
 
+    def stop_when(self, stopped: Callable[[], bool]) -> None:
+        pass  # its writes do not wait on anyone that could stall
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
 
+# A stalled server must not hide the restore's stop flag: every wait for an NBD reply
+# is a poll of at most this long, then a look at the flag.
+_POLL_MS = 200
+# Write requests (data pieces, and zeros written where the server cannot write-zeroes)
+# are at most this long, or the server's advertised maximum: servers refuse larger ones
+# ("request too large: maximum request size is 67108864"; qemu-nbd's limit is 32 MiB).
+_MAX_WRITE = 32 * 1024 * 1024
+# Requests of one call in flight at once: a zero range written as zeros is many requests,
+# and a server holds a buffer for each one it has not answered.
+_IN_FLIGHT = 4
+# Longest a polite disconnect may take before the connection is simply dropped.
+_DISCONNECT_TIMEOUT = 2.0
+
+_Request = tuple[str, int, int, "memoryview | None"]  # kind, offset, length, buffer
+
+
+class _Conn:
+    """One NBD connection and the lock of the thread driving it.
+
+    A thread holds the lock from its first request to its last reply and waits for
+    replies itself, in bounded polls: libnbd's poll() holds the handle's own lock while
+    it waits, so two threads polling one handle would only take turns anyway.
+    """
+
+    def __init__(self, h: nbd.NBD) -> None:
+        self.h = h
+        self.lock = threading.Lock()
+        # Buffers of requests left in flight by a stop or failure: the server may still
+        # be sent them, so they live as long as the connection.
+        self.abandoned: list[memoryview] = []
+
+
 class NbdTarget:
-    """A writable NBD export; each worker thread uses its own connection when allowed."""
+    """A writable NBD export; each worker thread uses its own connection when allowed.
+
+    Requests are asynchronous (aio_pwrite, aio_zero) and waited for in bounded polls that
+    look at the restore's stop flag (:meth:`stop_when`): a server that stops answering
+    delays Ctrl-C or SIGTERM by one poll, not until it answers.
+    """
 
     def __init__(self, uri: str, connections: int = 4, *, fresh: bool = False,
                  label: str | None = None) -> None:
@@ -202,16 +248,19 @@ class NbdTarget:
         # What messages call it: the file a restore makes, not the agent's own qemu-nbd.
         self.name = label or uri
         self.fresh = fresh
+        self._stopped: Callable[[], bool] = lambda: False
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._handles: list[nbd.NBD] = []
+        self._conns: list[_Conn] = []
         first = self._connect()
         try:
-            if first.is_read_only():
+            if first.h.is_read_only():
                 raise TargetError(f"{self.name}: the NBD export is read-only")
-            self.size: int = first.get_size()
-            self._max = max(1, connections) if first.can_multi_conn() else 1
-            self._can_zero = bool(first.can_zero())
+            self.size: int = first.h.get_size()
+            self._max = max(1, connections) if first.h.can_multi_conn() else 1
+            self._can_zero = bool(first.h.can_zero())
+            advertised = first.h.get_block_size(nbd.SIZE_MAXIMUM)  # 0: none advertised
+            self._max_write = min(_MAX_WRITE, advertised) if advertised > 0 else _MAX_WRITE
         except nbd.Error as e:
             self.close()
             raise TargetError(f"{self.name}: {e.string}") from e
@@ -219,7 +268,11 @@ class NbdTarget:
             self.close()
             raise
 
-    def _connect(self) -> nbd.NBD:
+    def stop_when(self, stopped: Callable[[], bool]) -> None:
+        """Give up waiting for the server (raising TargetError) once ``stopped()``."""
+        self._stopped = stopped
+
+    def _connect(self) -> _Conn:
         h = nbd.NBD()
         try:
             # The URI is the user's own (a command-line argument or job file): let it
@@ -228,50 +281,107 @@ class NbdTarget:
             h.connect_uri(self.uri)
         except nbd.Error as e:
             raise TargetError(f"cannot connect to {self.name}: {e.string}") from e
-        self._handles.append(h)
-        return h
+        conn = _Conn(h)
+        self._conns.append(conn)
+        return conn
 
-    def _handle(self) -> nbd.NBD:
-        h: nbd.NBD | None = getattr(self._local, "h", None)
-        if h is None:
+    def _conn(self) -> _Conn:
+        conn: _Conn | None = getattr(self._local, "conn", None)
+        if conn is None:
             with self._lock:
-                if len(self._handles) < self._max:
-                    h = self._connect()
+                if len(self._conns) < self._max:
+                    conn = self._connect()
                 else:
-                    h = self._handles[threading.get_ident() % len(self._handles)]
-            self._local.h = h
-        return h
+                    conn = self._conns[threading.get_ident() % len(self._conns)]
+            self._local.conn = conn
+        return conn
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        try:
-            self._handle().pwrite(data, offset)
-        except nbd.Error as e:
-            raise TargetError(f"{self.name}: write at offset {offset} failed: {e.string}") from e
+        view = memoryview(data).cast("B")
+        step = self._max_write
+        self._run(self._conn(), f"write at offset {offset}",
+                  (("write", offset + pos, min(step, len(view) - pos), view[pos:pos + step])
+                   for pos in range(0, len(view), step)))
 
     def zero(self, offset: int, length: int) -> None:
         if self.fresh:
             return
-        h = self._handle()
-        step = 1 << 30  # servers may refuse 4 GiB and over in one request
-        try:
-            for off in range(offset, offset + length, step):
-                n = min(step, offset + length - off)
-                if self._can_zero:
-                    h.zero(n, off)  # without NO_HOLE the server may trim
-                else:
-                    h.pwrite(bytes(n), off)
-        except nbd.Error as e:
-            raise TargetError(f"{self.name}: zeroing at offset {offset} failed: {e.string}") from e
+        end = offset + length
+        requests: Iterator[_Request]
+        if self._can_zero:
+            step = 1 << 30  # servers may refuse 4 GiB and over in one request
+            requests = (("zero", off, min(step, end - off), None)
+                        for off in range(offset, end, step))
+        else:
+            # Zeros written from one shared buffer, in requests the server accepts.
+            step = self._max_write
+            zeros = memoryview(_ZEROS)
+            requests = (("write", off, min(step, end - off), zeros[:min(step, end - off)])
+                        for off in range(offset, end, step))
+        self._run(self._conn(), f"zeroing at offset {offset}", requests)
 
     def flush(self) -> None:
+        for conn in list(self._conns):
+            self._run(conn, "flush", iter([("flush", 0, 0, None)]))
+
+    def _run(self, conn: _Conn, what: str, requests: Iterator[_Request]) -> None:
+        """Send ``requests`` on ``conn``, up to :data:`_IN_FLIGHT` at once, and wait for
+        every reply; TargetError if one fails or the restore stops first."""
+        self._acquire(conn)
+        inflight: deque[tuple[int, memoryview | None]] = deque()
         try:
-            for h in self._handles:
-                h.flush()
+            for req in requests:
+                if len(inflight) >= _IN_FLIGHT:
+                    self._wait(conn, inflight[0][0], what)
+                    inflight.popleft()
+                inflight.append((self._submit(conn.h, req), req[3]))
+            while inflight:
+                self._wait(conn, inflight[0][0], what)
+                inflight.popleft()
         except nbd.Error as e:
-            raise TargetError(f"{self.name}: flush failed: {e.string}") from e
+            raise TargetError(f"{self.name}: {what} failed: {e.string}") from e
+        finally:
+            conn.abandoned += [buf for _, buf in inflight if buf is not None]
+            conn.lock.release()
+
+    @staticmethod
+    def _submit(h: nbd.NBD, req: _Request) -> int:
+        kind, offset, length, buf = req
+        if kind == "zero":
+            return int(h.aio_zero(length, offset))  # without NO_HOLE the server may trim
+        if kind == "flush":
+            return int(h.aio_flush())
+        assert buf is not None
+        return int(h.aio_pwrite(nbd.Buffer.from_buffer(buf), offset))
+
+    def _acquire(self, conn: _Conn) -> None:
+        """Take the connection from the other threads sharing it, unless stopped first."""
+        while not conn.lock.acquire(timeout=_POLL_MS / 1000):
+            if self._stopped():
+                raise TargetError(f"{self.name}: stopped")
+
+    def _wait(self, conn: _Conn, cookie: int, what: str) -> None:
+        """Until request ``cookie`` is answered (nbd.Error if it failed), or stopped."""
+        h = conn.h
+        while not h.aio_command_completed(cookie):
+            if self._stopped():
+                raise TargetError(f"{self.name}: {what}: stopped before the server answered")
+            h.poll(_POLL_MS)
 
     def close(self) -> None:
-        for h in self._handles:
+        """Disconnect politely when the restore is not stopped and nothing is in flight;
+        otherwise drop the connections at once (a polite disconnect waits for replies that
+        a stalled server may never send)."""
+        conns, self._conns = self._conns, []
+        self._local = threading.local()  # the last references: libnbd closes the sockets
+        for conn in conns:
             with contextlib.suppress(nbd.Error):
-                h.shutdown()
-        self._handles = []
+                if not self._stopped() and conn.h.aio_in_flight() == 0:
+                    self._disconnect(conn.h)
+
+    @staticmethod
+    def _disconnect(h: nbd.NBD) -> None:
+        h.aio_disconnect()
+        deadline = time.monotonic() + _DISCONNECT_TIMEOUT
+        while not (h.aio_is_closed() or h.aio_is_dead()) and time.monotonic() < deadline:
+            h.poll(_POLL_MS)
