@@ -48,6 +48,7 @@ class RestoreResult:
     progress: Progress
     devices: list[str]  # names restored
     outputs: list[str]  # where each went
+    archive_bytes: int = 0  # of the archives read, without tape padding
 
 
 class _Sink:
@@ -212,6 +213,10 @@ class RestoreEngine:
                 sink = make_sink(dev)
                 if sink is not None:
                     self.sinks[dev.name] = sink
+                    # A target waiting on a stalled server gives up once the restore stops
+                    # (Ctrl-C, SIGTERM, another worker's error), so the workers it blocks
+                    # can be joined and every connection and helper closed promptly.
+                    sink.target.stop_when(self.control.stopped)
         except BaseException:
             self._discard()
             raise
@@ -251,7 +256,8 @@ class RestoreEngine:
             sum(s.device.size for s in self.sinks.values()),
             sum(p.data_bytes for p in finals), sum(p.zero_bytes for p in finals),
             sum(p.stored_bytes for p in finals), time.monotonic() - started)
-        return RestoreResult(progress, list(self.sinks), [s.where for s in self.sinks.values()])
+        return RestoreResult(progress, list(self.sinks), [s.where for s in self.sinks.values()],
+                             sum(r.archive_len for r in self.readers))
 
     def _apply_archive(self, reader: ArchiveReader) -> None:
         pool = ThreadPoolExecutor(self.opts.workers, thread_name_prefix="ba-restore")
@@ -270,6 +276,10 @@ class RestoreEngine:
         except BaseException as e:
             self.control.fail(e)
             pool.shutdown(wait=True, cancel_futures=True)
+            # Ctrl-C reaches the agent's own qemu-nbd too (one process group): a write its
+            # death failed first is a consequence, the interrupt is what to report.
+            if isinstance(e, (KeyboardInterrupt, Interrupted)):
+                raise
             if self.control.error is not e and self.control.error is not None:
                 raise self.control.error from None
             raise
@@ -361,6 +371,9 @@ class NullTarget:
         pass
 
     def close(self) -> None:
+        pass
+
+    def stop_when(self, stopped: Callable[[], bool]) -> None:
         pass
 
 

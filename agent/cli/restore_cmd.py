@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("backup-agent")
 
+#: RestoreOptions.memory's default (agent.restore is imported only when a restore runs).
+DEFAULT_MEMORY = 64 * 1024 * 1024
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                parent: argparse.ArgumentParser) -> None:
@@ -43,6 +46,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="file format with --to-dir (raw, the default: sparse files)")
     p.add_argument("--connections", type=common.positive, default=4,
                    help="NBD connections per target (4)")
+    p.add_argument("--memory", type=common.byte_size, default=DEFAULT_MEMORY, metavar="SIZE",
+                   help="cap on archive records read but not yet written (64M; a record "
+                   "larger than SIZE still goes, alone)")
     common.add_progress(p)
     p.set_defaults(run=run)
 
@@ -65,11 +71,13 @@ def run(args: argparse.Namespace) -> int:
     from agent.restore import RestoreOptions, restore_chain, to_dir, to_target
     if args.paths.count("-") > 1:  # before --to-dir's DIR is created
         raise InvalidArgument("only one archive of a chain can come from standard input (-)")
-    opts = RestoreOptions(connections=args.connections, workers=max(2, os.cpu_count() or 2))
+    opts = RestoreOptions(memory=args.memory, connections=args.connections,
+                          workers=max(2, os.cpu_count() or 2))
     factory: SinkFactory
     if args.to is not None:
-        log.debug("restore device %r into %s, %d connection(s) per NBD target, %d worker(s)",
-                  args.device[0], args.to, opts.connections, opts.workers)
+        log.debug("restore device %r into %s, %d connection(s) per NBD target, %d worker(s), "
+                  "%d bytes in flight", args.device[0], args.to, opts.connections, opts.workers,
+                  opts.memory)
         factory = to_target(args.device[0], args.to, opts)
     else:
         fmt = args.format or "raw"
@@ -93,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
         log.debug("renamed %s to %s", temp, final)
     for name, where in zip(result.devices, result.outputs, strict=True):
         log.info("restored %s -> %s", name, where)
-    log.info("%s", summary_line(result.progress, f"restored {len(result.devices)} device(s)"))
+    what = f"restored {len(result.devices)} device(s)"
+    log.info("%s", summary_line(result.progress, what, result.archive_bytes))
+    renderer.summary(result.progress, what, result.archive_bytes)
     return 0
 
 
