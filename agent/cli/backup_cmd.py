@@ -168,11 +168,12 @@ def run(args: argparse.Namespace) -> int:
                                           engine=opts), renderer.callback())
     finally:
         renderer.close()
-    log.info("%s", summary_line(result.progress, f"backed up {len(result.devices)} device(s)"))
+    what = f"backed up {len(result.devices)} device(s)"
+    log.info("%s", summary_line(result.progress, what, result.archive_bytes))
+    renderer.summary(result.progress, what, result.archive_bytes)
     parent = f" of {result.parent}" if result.parent else ""
-    log.info("archive %s (%s%s): %s written, %s of buffer at peak", result.uuid,
-             result.kind.name.lower(), parent, size(result.archive_bytes),
-             size(result.peak_buffer))
+    log.info("archive %s (%s%s), %s of buffer at peak", result.uuid,
+             result.kind.name.lower(), parent, size(result.peak_buffer))
     if result.extra:
         x = result.extra
         log.info("guest writes: %d cluster(s) copied before write (%d read ahead of the "

@@ -135,7 +135,8 @@ def _report(r: JobResult) -> None:
 
     s = r.summary
     log.info("job %s: %s", r.job, summary_line(s.progress,
-                                                 f"backed up {len(s.devices)} device(s)"))
+                                                 f"backed up {len(s.devices)} device(s)",
+                                                 s.archive_bytes))
     log.info("job %s: %s archive %s (%s)", r.job, store.kind_name(s.kind), r.archive,
              size(s.archive_bytes))
     for path in r.adopted:

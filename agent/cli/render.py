@@ -57,6 +57,17 @@ class ProgressRenderer:
             self._bar.close()
             self._bar = None
 
+    def summary(self, p: Progress, what: str, archive_bytes: int | None = None,
+                writes: bool = True) -> None:
+        """The final numbers: with ``json``, one last object ``{"event": "summary", ...}``
+        (the fields of :func:`summary_fields`, and ``what``); nothing otherwise (the
+        command logs :func:`summary_line`)."""
+        if self.mode != "json":
+            return
+        fields = {"event": "summary", "what": what, **summary_fields(p, archive_bytes, writes)}
+        self.stream.write(json.dumps(fields) + "\n")
+        self.stream.flush()
+
 
 def progress_dict(p: Progress) -> dict[str, Any]:
     return {
@@ -66,13 +77,61 @@ def progress_dict(p: Progress) -> dict[str, Any]:
     }
 
 
-def summary_line(p: Progress, what: str) -> str:
-    secs = max(p.elapsed, 1e-9)
-    ratio = p.data_bytes / p.stored_bytes if p.stored_bytes else 0.0
+def summary_fields(p: Progress, archive_bytes: int | None = None,
+                   writes: bool = True) -> dict[str, Any]:
+    """The final numbers of a backup or restore (``p``'s phase tells which), by name.
+
+    ``read_bytes``: a backup's device bytes read as data; a restore's archive bytes read
+    (``archive_bytes``), or when that is not known the records' payload bytes (then
+    ``read_what`` is ``"payload"``). ``zero_bytes``: device bytes skipped as zero (not
+    read, or read and found all zeros; restored as holes). ``written_bytes``: a backup's
+    archive bytes (``archive_bytes``; else the records' payload, ``written_what`` then
+    ``"payload"``), a restore's device bytes written as data (None when ``writes`` is
+    false: ``verify`` writes nothing). ``compression_ratio``: data bytes per stored payload
+    byte, None when there was no data. ``elapsed`` in seconds, ``bytes_per_second`` the
+    device bytes handled per second.
+    """
+    backup = not p.phase.startswith("restore")
+    payload = p.stored_bytes
+    if backup:
+        read, read_what = p.data_bytes, "device"
+        written, written_what = ((payload, "payload") if archive_bytes is None
+                                 else (archive_bytes, "archive"))
+    else:
+        read, read_what = ((payload, "payload") if archive_bytes is None
+                           else (archive_bytes, "archive"))
+        written, written_what = p.data_bytes, "device"
+    ratio = round(p.data_bytes / payload, 3) if p.data_bytes and payload else None
+    return {
+        "phase": "backup" if backup else "restore",
+        "device_bytes": p.done,
+        "read_bytes": read, "read_what": read_what,
+        "zero_bytes": p.zero_bytes,
+        "written_bytes": written if writes else None,
+        "written_what": written_what if writes else None,
+        "data_bytes": p.data_bytes, "stored_bytes": payload, "archive_bytes": archive_bytes,
+        "compression_ratio": ratio,
+        "elapsed": round(p.elapsed, 3),
+        "bytes_per_second": round(p.done / max(p.elapsed, 1e-9)),
+    }
+
+
+def summary_line(p: Progress, what: str, archive_bytes: int | None = None,
+                 writes: bool = True) -> str:
+    """One line naming every final number (see :func:`summary_fields`), e.g. ``backed up
+    1 device(s): 256.0 MiB in 0.35 s (738.1 MiB/s): read 200.0 MiB, skipped 56.0 MiB as
+    zero, wrote 210.3 MiB (compression 1.00x)``."""
+    f = summary_fields(p, archive_bytes, writes)
+    read = size(f["read_bytes"]) + (" of record payload" if f["read_what"] == "payload" else "")
+    if not writes:
+        wrote = f"checked {size(p.data_bytes)} of data"
+    else:
+        wrote = f"wrote {size(f['written_bytes'])}" + (
+            " of record payload" if f["written_what"] == "payload" else "")
+    ratio = "n/a" if f["compression_ratio"] is None else f"{p.data_bytes / p.stored_bytes:.2f}x"
     return (
-        f"{what}: {size(p.done)} in {p.elapsed:.2f} s ({size(p.done / secs)}/s): "
-        f"{size(p.data_bytes)} data, {size(p.zero_bytes)} zero, "
-        f"{size(p.stored_bytes)} stored (compression {ratio:.2f}x)"
+        f"{what}: {size(p.done)} in {p.elapsed:.2f} s ({size(f['bytes_per_second'])}/s): "
+        f"read {read}, skipped {size(p.zero_bytes)} as zero, {wrote} (compression {ratio})"
     )
 
 

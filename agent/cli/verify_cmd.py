@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
             result = restore(stream, checked, opts, renderer.callback())
         finally:
             renderer.close()
-    log.info("%s", summary_line(result.progress, f"verified {len(result.devices)} device(s)"))
+    what = f"verified {len(result.devices)} device(s)"
+    log.info("%s", summary_line(result.progress, what, result.archive_bytes, writes=False))
+    renderer.summary(result.progress, what, result.archive_bytes, writes=False)
     log.info("archive OK")
     return 0

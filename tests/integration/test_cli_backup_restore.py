@@ -412,13 +412,15 @@ def test_quiet_prints_nothing(built: Built, short_tmp: Path) -> None:
 
 
 def _progress_events(stderr: bytes) -> list[dict[str, Any]]:
+    """The progress objects; the one object after them must be the summary."""
     lines = [ln for ln in stderr.decode().splitlines() if ln.startswith("{")]
     events = [json.loads(ln) for ln in lines]
     assert events, stderr
-    for e in events:
+    assert events[-1]["event"] == "summary", events[-1]
+    for e in events[:-1]:
         assert e["event"] == "progress"
         assert 0 <= e["done"] <= e["total"]
-    return events
+    return events[:-1]
 
 
 def test_progress_json(built: Built, short_tmp: Path) -> None:
