@@ -495,6 +495,36 @@ def test_sigterm_while_source_stalls(short_tmp: Path, nbd_server: NbdServerFacto
     assert server.running()  # the agent stops itself, not the server it read from
 
 
+
+def test_sigint_to_process_group_during_backup(short_tmp: Path) -> None:
+    """Ctrl-C on a terminal: SIGINT goes to the whole foreground process group, so the
+    agent's own qemu-nbd gets it too. The agent runs in a session of its own, so that
+    killpg reaches it and its children and nothing else (not pytest)."""
+    big = write_random(short_tmp / "big.raw", 64 * MiB)
+    arc = short_tmp / "x.arc"
+    partial = partial_of(arc)
+    kids: list[int] = []
+    with running([AGENT, "backup", "--image", f"vda={big}", "--compress", "zstd:19",
+                  "-o", str(arc)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, start_new_session=True) as proc:
+        try:
+            wait_for(lambda: partial.exists() and partial.stat().st_size > 1 * MiB,
+                     "the first data record", proc)
+            kids = _qemu_nbd_children(proc.pid)
+            assert kids, children(proc.pid)
+            assert all(os.getpgid(k) == proc.pid for k in kids)  # in the agent's group
+            os.killpg(proc.pid, signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            for k in kids:  # by pid, should the agent have left one behind
+                if wait_gone([k], 5) != []:
+                    os.kill(k, signal.SIGKILL)
+    assert_error((proc.returncode, err), "interrupted")
+    assert wait_gone(kids) == []
+    assert not arc.exists()
+    assert leftovers(short_tmp) == []
+    assert processes_mentioning(str(big)) == []
+
 # -- --debug ------------------------------------------------------------------------------
 
 def test_debug_shows_traceback(short_tmp: Path) -> None:
