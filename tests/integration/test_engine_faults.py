@@ -151,7 +151,6 @@ def test_server_error(
     assert_threads_stopped(before)
 
 
-
 @pytest.mark.parametrize("failing", ["pread", "extents"])
 def test_server_error_stream_is_refused_then_backup_again(
     failing: str, tmp_path: Path, short_tmp: Path, nbd_server: NbdServerFactory
@@ -185,6 +184,7 @@ def test_server_error_stream_is_refused_then_backup_again(
     assert_refused(partial, tmp_path)
     plain = nbd_server.nbdkit(["file", str(image)], readonly=True).uri
     assert_backs_up_again(plain, image, size, tmp_path)
+
 
 def test_source_error_leaves_earlier_archive(
     tmp_path: Path, nbd_server: NbdServerFactory
