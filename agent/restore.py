@@ -14,6 +14,7 @@ that looks complete.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import resource
 import subprocess
@@ -34,6 +35,8 @@ from agent.nbd.target import FileTarget, NbdTarget, Target
 from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
 
 MiB = 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class _Sink:
             self.server.close()
         if self.temp is not None and self.final is not None:
             os.rename(self.temp, self.final)
+            log.debug("renamed %s to %s", self.temp, self.final)
 
     def discard(self) -> None:
         with contextlib.suppress(AgentError, OSError):

@@ -36,6 +36,19 @@ def write_stdout(data: bytes | str) -> None:
         raise OutputError(f"standard output: write failed: {e.strerror or e}") from e
 
 
+def one_line(text: str) -> str:
+    """``text`` with its line breaks (every one ``str.splitlines`` knows: \\r, \\f, \\x85,
+    U+2028...) and the blanks around them made single spaces. Messages may quote a helper's
+    stderr (qemu-img, qemu-nbd) or a library's text, which can span lines; the user must
+    still read exactly one."""
+    return " ".join(stripped for part in text.splitlines() if (stripped := part.strip()))
+
+
+def error_text(message: str) -> str:
+    """The one line ``backup-agent: error: ...`` that reports ``message`` (no newline)."""
+    return f"backup-agent: error: {one_line(message)}"
+
+
 def archive_label(path: str) -> str:
     """How messages name an archive PATH (``-`` is standard input)."""
     return "standard input" if path == "-" else path

@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from agent.cli import common
-from agent.cli.render import device_text, header_text
+from agent.cli.render import log_contents
 
 log = logging.getLogger("backup-agent")
 
@@ -27,9 +27,7 @@ def run(args: argparse.Namespace) -> int:
     log.debug("reading archive %s", common.archive_label(args.path))
     with open_stream(args.path) as stream:
         reader = ArchiveReader(stream, verify_data=False)
-        log.debug("%s", header_text(reader.header))
-        for dev in reader.devices:
-            log.debug("%s", device_text(dev))
+        log_contents(log, reader.header, reader.devices)
         data = reader.config(args.name)
     log.debug("config %r: %d bytes, writing it to standard output", args.name, len(data))
     common.write_stdout(data)

@@ -8,7 +8,7 @@ import json
 import logging
 
 from agent.cli import common
-from agent.cli.render import device_text, header_text, size
+from agent.cli.render import log_contents, size
 
 log = logging.getLogger("backup-agent")
 
@@ -28,9 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.inspect import archive_info
     log.debug("reading archive %s", common.archive_label(args.path))
     found = archive_info(args.path)
-    log.debug("%s", header_text(found.header))
-    for dev in found.devices:
-        log.debug("%s", device_text(dev))
+    log_contents(log, found.header, found.devices)
     for cfg in found.configs:
         log.debug("config %r: %d bytes", cfg.name, cfg.size)
     log.debug("%d record(s), seal %s", found.end.records, found.end.chain.hex())

@@ -126,7 +126,7 @@ def _error(args: argparse.Namespace, message: str, e: BaseException) -> None:
     """One line per failed job, as the main error handler writes it for a command."""
     if args.debug:
         log.exception("failed", exc_info=e)
-    sys.stderr.write(f"backup-agent: error: {message}\n")
+    sys.stderr.write(common.error_text(message) + "\n")
     sys.stderr.flush()
 
 

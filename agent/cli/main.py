@@ -25,7 +25,7 @@ from agent.cli import (
     restore_cmd,
     verify_cmd,
 )
-from agent.cli.common import UsageError
+from agent.cli.common import UsageError, error_text, one_line
 from agent.errors import AgentError, Interrupted
 
 log = logging.getLogger("backup-agent")
@@ -77,20 +77,12 @@ def run_command(args: argparse.Namespace) -> int:
         return _fail(args, e, internal=True)
 
 
-def one_line(text: str) -> str:
-    """``text`` with its line breaks (every one ``str.splitlines`` knows: \\r, \\f, \\x85,
-    U+2028...) and the blanks around them made single spaces. Messages may quote a helper's
-    stderr (qemu-img, qemu-nbd) or a library's text, which can span lines; the user must
-    still read exactly one."""
-    return " ".join(stripped for part in text.splitlines() if (stripped := part.strip()))
-
-
 def error_line(e: BaseException, internal: bool = False) -> str:
     """The one line ``backup-agent: error: ...`` that reports ``e`` (without the newline)."""
     msg = one_line(str(e)) or type(e).__name__
     if internal:
         msg = f"internal error: {type(e).__name__}: {msg} (run with --debug for details)"
-    return f"backup-agent: error: {msg}"
+    return error_text(msg)
 
 
 def _fail(args: argparse.Namespace, e: BaseException, internal: bool = False) -> int:

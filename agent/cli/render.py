@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -142,6 +143,13 @@ def header_text(h: Header) -> str:
     checkpoint = f", starts checkpoint {h.checkpoint}" if h.checkpoint else ""
     return (f"archive {h.uuid}: kind {h.kind.name.lower()}{parent}{checkpoint}, "
             f"created {created:%Y-%m-%d %H:%M:%S} UTC, tool backup-agent {h.tool_version}")
+
+
+def log_contents(log: logging.Logger, h: Header, devices: list[Device]) -> None:
+    """An archive's header and devices, a line each, for ``--debug``."""
+    log.debug("%s", header_text(h))
+    for dev in devices:
+        log.debug("%s", device_text(dev))
 
 
 def device_text(d: Device) -> str:

@@ -85,7 +85,6 @@ def run(args: argparse.Namespace) -> int:
                   "%d worker(s)", args.to_dir, fmt, opts.connections, opts.workers)
         names = set(args.device) if args.device else None
         factory = to_dir(args.to_dir, fmt, names, opts)
-    renames: list[tuple[Path, Path]] = []
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
     with contextlib.ExitStack() as stack:
         streams = []
@@ -93,12 +92,10 @@ def run(args: argparse.Namespace) -> int:
             log.debug("reading archive %s", common.archive_label(p))
             streams.append((stack.enter_context(open_stream(p)), common.archive_label(p)))
         try:
-            result = restore_chain(streams, logged_sinks(factory, renames), opts,
+            result = restore_chain(streams, logged_sinks(factory), opts,
                                    renderer.callback(), wanted=args.device)
         finally:
             renderer.close()
-    for temp, final in renames:
-        log.debug("renamed %s to %s", temp, final)
     for name, where in zip(result.devices, result.outputs, strict=True):
         log.info("restored %s -> %s", name, where)
     what = f"restored {len(result.devices)} device(s)"
@@ -107,9 +104,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def logged_sinks(factory: SinkFactory, renames: list[tuple[Path, Path]]) -> SinkFactory:
-    """``factory``, saying (with ``--debug``) where each device is written; the temporary
-    names it renames once the archive checked out are added to ``renames``."""
+def logged_sinks(factory: SinkFactory) -> SinkFactory:
+    """``factory``, saying (with ``--debug``) where each device is written."""
 
     def make(dev: Device) -> _Sink | None:
         sink = factory(dev)
@@ -118,7 +114,6 @@ def logged_sinks(factory: SinkFactory, renames: list[tuple[Path, Path]]) -> Sink
         elif sink.temp is not None and sink.final is not None:
             log.debug("%s: writing %s, renamed to %s once the archive checked out",
                       device_text(dev), sink.temp, sink.final)
-            renames.append((sink.temp, sink.final))
         else:
             log.debug("%s: writing %s in place", device_text(dev), sink.where)
         return sink

@@ -57,7 +57,7 @@ class Target(Protocol):
     def zero(self, offset: int, length: int) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
-    # Waits for a server give up once stopped() is true (the restore was interrupted).
+    # Once stopped() is true (the restore was interrupted), no wait for a server lasts.
     def stop_when(self, stopped: Callable[[], bool]) -> None: ...
 
 
@@ -391,7 +391,8 @@ class NbdTarget:
         self._local = threading.local()  # the last references: libnbd closes the sockets
         for conn in conns:
             with contextlib.suppress(nbd.Error):
-                if not self._cut and not self._stopped() and conn.h.aio_in_flight() == 0:
+                # Blocking calls leave nothing in flight unless cut or stopped.
+                if not self._cut and not self._stopped():
                     self._disconnect(conn.h)
 
     @staticmethod
