@@ -78,9 +78,13 @@ def compress(
 
 
 def decompress(
-    method: Compression, payload: bytes | bytearray | memoryview, length: int, where: str
+    method: Compression, payload: bytes | bytearray | memoryview, length: int, where: str,
+    out: bytearray | None = None,
 ) -> bytes | bytearray | memoryview:
-    """Undo :func:`compress`, checking the result is exactly ``length`` bytes."""
+    """Undo :func:`compress`, checking the result is exactly ``length`` bytes.
+
+    With ``out`` (at least ``length`` bytes), a compressed payload is decompressed into
+    it and a view of it returned, instead of into a new allocation."""
     if method == Compression.NONE:
         if len(payload) != length:
             raise ArchiveError(f"{where}: stored {len(payload)} bytes, expected {length}")
@@ -95,9 +99,25 @@ def decompress(
             raise ArchiveError(
                 f"{where}: compressed frame claims {claimed} bytes, expected {length}"
             )
-        out: bytes = _decompressor().decompress(payload, max_output_size=length)
+        if out is None:
+            result: bytes | memoryview = _decompressor().decompress(
+                payload, max_output_size=length)
+            got = len(result)
+        else:
+            result = memoryview(out)[:length]
+            got = 0
+            with _decompressor().stream_reader(payload) as reader:
+                while got < length:
+                    n = reader.readinto(result[got:])
+                    if not n:
+                        break
+                    got += n
+                # Read on to the frame's end, where zstd checks the frame's size: the
+                # frame must hold exactly ``length`` bytes, not more.
+                if got == length and reader.read(1):
+                    got += 1
     except zstandard.ZstdError as e:
         raise ArchiveError(f"{where}: cannot decompress: {e}") from e
-    if len(out) != length:
-        raise ArchiveError(f"{where}: decompressed to {len(out)} bytes, expected {length}")
-    return out
+    if got != length:
+        raise ArchiveError(f"{where}: decompressed to {got} bytes, expected {length}")
+    return result

@@ -24,7 +24,8 @@ spreads the hashing over cores.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -43,6 +44,7 @@ from agent.archive.format import (
     PREAMBLE,
     Chain,
     Chunk,
+    Compression,
     Config,
     Device,
     End,
@@ -83,7 +85,8 @@ class DataRecord:
     length: int
     chunk: Chunk
     raw: RawRecord
-    _recycle: Callable[[bytearray], None] | None = None
+    _spares: _Spares | None = None
+    _out: bytearray | None = None  # what data() decompressed into
 
     def check(self) -> None:
         if not self.raw.digest_ok():
@@ -94,17 +97,27 @@ class DataRecord:
 
     def release(self) -> None:
         """Done with this record's bytes (and with what :meth:`data` returned): the
-        reader may reuse its buffer for a later record."""
+        reader may reuse its buffers for a later record."""
+        if self._spares is None:
+            return
         buf = self.raw.body.obj
-        if isinstance(buf, bytearray) and self._recycle is not None:
-            self._recycle(buf)
-            self._recycle = None
+        if isinstance(buf, bytearray):
+            self._spares.give(buf)
+        if self._out is not None:
+            self._spares.give(self._out)
+        self._spares = self._out = None
 
     def data(self) -> bytes | bytearray | memoryview:
-        """The device bytes, decompressed and length-checked (digest not checked here)."""
+        """The device bytes, decompressed and length-checked (digest not checked here).
+
+        Valid until :meth:`release`: a compressed payload is decompressed into one of
+        the reader's spare buffers."""
+        out = None
+        if self._spares is not None and self.chunk.compression == Compression.ZSTD:
+            out = self._out = self._out or self._spares.take(self.length)
         return codec.decompress(
             self.chunk.compression, self.raw.body[CHUNK_FIXED:], self.length,
-            f"device {self.device.name!r}: data record at byte {self.raw.pos}",
+            f"device {self.device.name!r}: data record at byte {self.raw.pos}", out,
         )
 
 
@@ -119,33 +132,45 @@ _SPARE_GRAIN = 256 * 1024
 _MAX_SPARE = 64
 
 
+class _Spares:
+    """Buffers handed back by consumers, for later records' bodies and decompressed
+    payloads: reusing them spares a zeroed allocation, and the page faults of its
+    first touch, per record on the restore path (8% of a restore's CPU time with
+    fresh buffers for decompression alone, docs/PERFORMANCE.md). Thread-safe: the
+    reader takes bodies while workers take and give back."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spare: list[bytearray] = []
+
+    def take(self, n: int) -> bytearray:
+        """A buffer of at least ``n`` bytes: the smallest spare that fits, or a new one."""
+        with self._lock:
+            fits = [i for i, b in enumerate(self._spare) if len(b) >= n]
+            if fits:
+                return self._spare.pop(min(fits, key=lambda i: len(self._spare[i])))
+        # Rounded up so that bodies of similar size (compressed ones vary) share buffers.
+        return bytearray(-(-n // _SPARE_GRAIN) * _SPARE_GRAIN)
+
+    def give(self, buf: bytearray) -> None:
+        with self._lock:
+            if len(self._spare) < _MAX_SPARE:
+                self._spare.append(buf)
+
+
 class _Input:
     """Exact reads from a stream, with the byte position for error messages.
 
-    DATA bodies can be read into reused buffers (``reuse=True``): the consumer hands
-    them back with :meth:`DataRecord.release` once written, which spares a zeroed
-    allocation (and its page faults) per record on the restore path."""
+    DATA bodies can be read into reused buffers (``reuse=True``) from :attr:`spares`,
+    which the consumer refills through :meth:`DataRecord.release`."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
         self.pos = 0
-        self.spare: list[bytearray] = []
-
-    def recycle(self, buf: bytearray) -> None:
-        if len(self.spare) < _MAX_SPARE:
-            self.spare.append(buf)  # list.append is atomic: workers call this
-
-    def _buffer(self, n: int, reuse: bool) -> bytearray:
-        if not reuse:
-            return bytearray(n)
-        for i, buf in enumerate(self.spare):
-            if len(buf) >= n:
-                return self.spare.pop(i)
-        # Rounded up so that bodies of similar size (compressed ones vary) share buffers.
-        return bytearray(-(-n // _SPARE_GRAIN) * _SPARE_GRAIN)
+        self.spares = _Spares()
 
     def read(self, n: int, what: str, reuse: bool = False) -> memoryview:
-        view = memoryview(self._buffer(n, reuse))[:n]
+        view = memoryview(self.spares.take(n) if reuse else bytearray(n))[:n]
         got = 0
         while got < n:
             k = self.f.readinto(view[got:])  # type: ignore[attr-defined]
@@ -372,7 +397,7 @@ class ArchiveReader:
             self._checked(raw, "data record")
             raise
         dev = self._claim(raw, ch.target, ch.offset, ch.length, "data record")
-        rec = DataRecord(dev, ch.offset, ch.length, ch, raw, self._in.recycle)
+        rec = DataRecord(dev, ch.offset, ch.length, ch, raw, self._in.spares)
         if self.verify_data:
             rec.check()
         self.data_bytes += ch.length

@@ -3,6 +3,7 @@ interval set, the codec, and the worked example of docs/FORMAT.md (tests/data/ti
 
 from __future__ import annotations
 
+import io
 import random
 import re
 import struct
@@ -53,6 +54,7 @@ from agent.archive.format import (
     unpack_frame,
 )
 from agent.archive.intervals import IntervalSet, Overlap
+from agent.archive.reader import ArchiveReader, DataRecord
 from agent.archive.writer import ArchiveWriter
 from agent.errors import ArchiveError, UnsupportedArchive
 from tests.data import make_tiny
@@ -448,22 +450,53 @@ def test_codec_none_never_compresses() -> None:
     assert codec.compress(data, CompressionSpec.parse("none")) == (Compression.NONE, data)
 
 
-def test_codec_decompress_errors() -> None:
+def test_codec_decompresses_into_a_given_buffer() -> None:
+    data = b"backup-agent " * 1000
+    comp, packed = codec.compress(data, CompressionSpec())
+    out = bytearray(2 * len(data))  # larger than needed, as reused buffers are
+    got = codec.decompress(comp, packed, len(data), "here", out)
+    assert isinstance(got, memoryview) and got.obj is out  # no new allocation
+    assert got == data
+    # A stored payload is returned as it is; ``out`` is not touched.
+    assert codec.decompress(Compression.NONE, data, len(data), "here", out) is data
+
+
+def _claiming(data: bytes, claim: int) -> bytes:
+    """A zstd frame of ``data`` whose header says it holds ``claim`` bytes (its 2-byte
+    content-size field, which stores the size minus 256)."""
+    frame = bytearray(zstandard.ZstdCompressor(write_content_size=True).compress(data))
+    assert frame[4] >> 6 == 1 and 256 <= claim < 65536 + 256  # the 2-byte form
+    struct.pack_into("<H", frame, 5, claim - 256)
+    assert zstandard.frame_content_size(bytes(frame)) == claim
+    return bytes(frame)
+
+
+@pytest.mark.parametrize("into", [False, True], ids=["new", "into"])
+def test_codec_decompress_errors(into: bool) -> None:
+    out = bytearray(MAX_DATA_LENGTH + 1) if into else None
     data = b"abc" * 1000
     _, packed = codec.compress(data, CompressionSpec())
     with pytest.raises(ArchiveError, match="here: stored 3000 bytes, expected 2999"):
-        codec.decompress(Compression.NONE, data, 2999, "here")
+        codec.decompress(Compression.NONE, data, 2999, "here", out)
     with pytest.raises(ArchiveError, match="here: compressed frame claims 3000 bytes, expected 10"):
-        codec.decompress(Compression.ZSTD, packed, 10, "here")
+        codec.decompress(Compression.ZSTD, packed, 10, "here", out)
     with pytest.raises(ArchiveError, match="here: cannot decompress"):
-        codec.decompress(Compression.ZSTD, b"not zstd at all", 15, "here")
+        codec.decompress(Compression.ZSTD, b"not zstd at all", 15, "here", out)
     with pytest.raises(ArchiveError, match=r"here: length \d+ is over the limit"):
-        codec.decompress(Compression.ZSTD, packed, MAX_DATA_LENGTH + 1, "here")
+        codec.decompress(Compression.ZSTD, packed, MAX_DATA_LENGTH + 1, "here", out)
     unsized = zstandard.ZstdCompressor(write_content_size=False).compress(data)
     with pytest.raises(ArchiveError, match="here: compressed frame claims -1 bytes"):
-        codec.decompress(Compression.ZSTD, unsized, len(data), "here")
+        codec.decompress(Compression.ZSTD, unsized, len(data), "here", out)
+    # A frame cut short, or holding less than it claims: zstd reports it, or it yields
+    # too few bytes.
+    short = r"here: (cannot decompress|decompressed to \d+ bytes, expected 300[01])"
+    with pytest.raises(ArchiveError, match=short):
+        codec.decompress(Compression.ZSTD, packed[:-5], len(data), "here", out)
+    with pytest.raises(ArchiveError, match=short):
+        codec.decompress(Compression.ZSTD, _claiming(data, 3001), 3001, "here", out)
+    # A frame holding more than it claims.
     with pytest.raises(ArchiveError, match="here: cannot decompress"):
-        codec.decompress(Compression.ZSTD, packed[:-5], len(data), "here")
+        codec.decompress(Compression.ZSTD, _claiming(data, 2999), 2999, "here", out)
 
 
 @pytest.mark.parametrize(
@@ -538,6 +571,49 @@ def test_round_trip_many_devices_any_order() -> None:
     assert c.end.records == len(kinds) - 1
     assert c.end.data_bytes == 9 * 4096
     assert c.end.zero_bytes == 4096
+
+
+def _compressible_blocks(n: int, size: int) -> list[bytes]:
+    rng = random.Random(n)
+    return [bytes(rng.choice(b"ab") for _ in range(size)) for _ in range(n)]
+
+
+def _write_blocks(blocks: list[bytes], size: int) -> bytes:
+    def build(w: ArchiveWriter) -> None:
+        dev = w.add_device("vda", len(blocks) * size).id
+        for i, block in enumerate(blocks):
+            comp, payload = codec.compress(block, CompressionSpec())
+            assert comp == Compression.ZSTD
+            w.write_data(dev, i * size, size, comp, payload)
+
+    return write_archive(build)
+
+
+def test_released_records_lend_their_buffers_to_later_ones() -> None:
+    # Restore reads bodies into, and decompresses into, buffers that earlier records gave
+    # back: after a warm-up, no record allocates.
+    size = 64 * 1024
+    blocks = _compressible_blocks(12, size)
+    r = ArchiveReader(io.BytesIO(_write_blocks(blocks, size)))
+    outs, bodies = set(), set()
+    for rec in r.records():
+        assert isinstance(rec, DataRecord)
+        got = rec.data()
+        assert got == blocks[rec.offset // size]
+        assert isinstance(got, memoryview)
+        outs.add(id(got.obj))
+        bodies.add(id(rec.raw.body.obj))
+        rec.release()
+        rec.release()  # twice is harmless: nothing is given back twice
+    assert len(outs | bodies) == 2  # one buffer for bodies, one for payloads, all along
+
+
+def test_records_not_released_keep_their_own_buffers() -> None:
+    size = 64 * 1024
+    blocks = _compressible_blocks(6, size)
+    r = ArchiveReader(io.BytesIO(_write_blocks(blocks, size)))
+    held = [rec.data() for rec in r.records() if isinstance(rec, DataRecord)]
+    assert [bytes(d) for d in held] == blocks  # none overwritten by a later record
 
 
 def test_index_entries_point_at_their_records() -> None:
