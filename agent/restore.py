@@ -24,15 +24,17 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent.archive.format import CHUNK_FIXED, Device
 from agent.archive.reader import ArchiveReader, DataRecord, ZeroRecord
 from agent.chain import Link, check_chain
 from agent.errors import AgentError, Interrupted, InvalidArgument, TargetError
-from agent.nbd.server import QemuNbd
-from agent.nbd.target import FileTarget, NbdTarget, Target
+from agent.nbd.target import FileTarget, Target
 from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
+
+if TYPE_CHECKING:
+    from agent.nbd.server import QemuNbd
 
 MiB = 1024 * 1024
 
@@ -123,6 +125,10 @@ def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path,
     label = f"{final} (device {dev.name!r})"  # messages name the file the user asked for
     if fmt == "raw":
         return _Sink(dev, FileTarget(str(temp), dev.size, fresh=True, label=label), final, temp)
+    # Imported here: restores into files never load libnbd (start-up time).
+    from agent.nbd.nbd_target import NbdTarget
+    from agent.nbd.server import QemuNbd
+
     _create_qcow2(temp, dev.size, label)
     server = QemuNbd(str(temp), "qcow2", readonly=False, shared=opts.connections,
                      extra=("--discard=unmap",))
@@ -154,6 +160,8 @@ def to_target(name: str, target: str, opts: RestoreOptions) -> SinkFactory:
             return None
         t: Target
         if "://" in target:
+            from agent.nbd.nbd_target import NbdTarget
+
             t = NbdTarget(target, opts.connections)
         else:
             if not os.path.exists(target):

@@ -33,12 +33,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import nbd
-
 from agent.errors import InvalidArgument
 
 if TYPE_CHECKING:
     import ssl
+
+    import nbd
 
 #: x509 file names, as QEMU, libnbd and nbdkit expect them in a credentials directory.
 CA_CERT = "ca-cert.pem"
@@ -184,6 +184,8 @@ class TlsCreds:
 
     def nbd_client(self, h: nbd.NBD) -> None:
         """Make a libnbd handle require TLS with these credentials (before it connects)."""
+        import nbd  # here: the CLI imports this module, and libnbd costs 10 ms to load
+
         h.set_tls(nbd.TLS_REQUIRE)
         if self.psk_file is not None:
             h.set_tls_psk_file(self.psk_file)

@@ -12,7 +12,6 @@ from agent.archive.format import MAX_DATA_LENGTH
 from agent.cli import common
 from agent.cli.common import UsageError
 from agent.cli.render import ProgressRenderer, size, summary_line
-from agent.engine import EngineOptions
 from agent.tls import QEMU_TLS_CLIENT, QEMU_TLS_SERVER, check_nbd_uri
 
 if TYPE_CHECKING:
@@ -132,6 +131,8 @@ def _check_usage(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from agent.engine import EngineOptions  # here: restore and the rest never load it
+
     _check_usage(args)
     opts = EngineOptions(compression=args.compress, connections=args.connections,
                          memory=args.memory, request_size=args.request_size,
