@@ -33,7 +33,7 @@ _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
 _SYNC_FILE_RANGE_WAIT_AFTER = 4
 _SETTLE = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
-WRITEBACK_WINDOW = 32 * 1024 * 1024
+WRITEBACK_WINDOW = 4 * 1024 * 1024
 _NOT_SUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ESPIPE)
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -75,9 +75,13 @@ class WritebackWindows:
     since, the previous window's pages are waited for and dropped from the page
     cache. A restore then cycles through two windows of page cache instead of
     filling it with the whole disk, and leaves the host's cache to its guests.
-    Measured here (docs/PERFORMANCE.md): 2 GiB restored in 1.66 s without this,
-    0.8 s with 32 MiB windows; 64 and 128 MiB were slower and more variable (the
-    kernel's copy into fresh page-cache pages costs more than into recycled ones).
+    Small windows keep the recycled pages hot: the kernel's copy into fresh
+    page-cache pages costs far more than into pages just freed (on a VM whose host
+    reclaims freed guest memory, most of all). Measured (docs/PERFORMANCE.md,
+    "Restore from a pipe"): from 32 MiB down to 4 MiB, each smaller window took
+    less CPU time and varied less, onto a file and onto a block device; 2 MiB
+    waited on the disk. 4 MiB windows keep 8 MiB in flight, as nbdcopy does
+    (it settles 2 MiB behind in each of its 4 threads).
     Thread-safe: the caller that fills a window settles the one before.
     """
 
