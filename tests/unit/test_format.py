@@ -616,6 +616,79 @@ def test_records_not_released_keep_their_own_buffers() -> None:
     assert [bytes(d) for d in held] == blocks  # none overwritten by a later record
 
 
+class _Trickle(io.RawIOBase):
+    """A stream that, like a pipe, returns at most ``most`` bytes per read (a random
+    amount with a ``seed``), and records how many bytes each read asked for."""
+
+    def __init__(self, data: bytes, most: int, seed: int | None = None) -> None:
+        self._data = data
+        self._pos = 0
+        self._most = most
+        self._rng = random.Random(seed) if seed is not None else None
+        self.asked: list[int] = []
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        self.asked.append(len(b))
+        most = self._rng.randint(1, self._most) if self._rng else self._most
+        n = min(len(b), most, len(self._data) - self._pos)
+        b[:n] = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+
+def _mixed_archive() -> tuple[bytes, dict[int, bytes]]:
+    """Records of every size around the reader's thresholds, compressed and not."""
+    rng = random.Random(5)
+    blocks = {}
+    offset = 0
+    for size in (512, 4096, 65536, 262143, 262144, 300_000, 2 * 1024 * 1024, 100, 1 << 20):
+        blocks[offset] = rng.randbytes(size) if size % 2 else bytes(rng.choice(b"xy")
+                                                                    for _ in range(size))
+        offset += size
+
+    def build(w: ArchiveWriter) -> None:
+        dev = w.add_device("vda", offset).id
+        for off, block in blocks.items():
+            comp, payload = codec.compress(block, CompressionSpec())
+            w.write_data(dev, off, len(block), comp, payload)
+
+    return write_archive(build), blocks
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_short_reads_from_a_pipe_like_stream(seed: int) -> None:
+    data, blocks = _mixed_archive()
+    r = ArchiveReader(_Trickle(data, 100_000, seed))  # type: ignore[arg-type]
+    got = {rec.offset: bytes(rec.data()) for rec in r.records() if isinstance(rec, DataRecord)}
+    assert got == blocks
+    assert r.archive_len == len(data)
+
+
+def test_large_bodies_are_not_read_ahead() -> None:
+    # After a large body, a refill asks only for the digest and the next frame header,
+    # so that the next (large) body goes straight into its own buffer, not through the
+    # read-ahead buffer and a copy.
+    size = 2 * 1024 * 1024
+    rng = random.Random(1)
+
+    def build(w: ArchiveWriter) -> None:
+        dev = w.add_device("vda", 3 * size).id
+        for i in range(3):
+            w.write_data(dev, i * size, size, Compression.NONE, rng.randbytes(size))
+
+    stream = _Trickle(write_archive(build), 1 << 30)  # every read whole, as from a file
+    r = ArchiveReader(stream)  # type: ignore[arg-type]
+    assert sum(1 for _ in r.records()) == 3
+    # The first body begins in the read-ahead of the metadata; the other two are each
+    # read whole, with one read; each body is followed by a read of exactly its digest
+    # and the next frame header.
+    assert stream.asked.count(size + CHUNK_FIXED) == 2
+    assert stream.asked.count(DIGEST_SIZE + FRAME.size) == 3
+
+
 def test_index_entries_point_at_their_records() -> None:
     def build(w: ArchiveWriter) -> None:
         w.add_device("vda", 3 * 4096)
