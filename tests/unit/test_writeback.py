@@ -1,4 +1,5 @@
-"""FileTarget's writeback windows: which written ranges are settled, and when."""
+"""FileTarget's writeback windows: which written ranges are written back and settled,
+and when."""
 
 from __future__ import annotations
 
@@ -25,37 +26,65 @@ def test_coalesce_sorts_and_merges_touching_and_overlapping_ranges() -> None:
     assert coalesce([(0, 8 * M), (M, M)]) == [(0, 8 * M)]  # contained
 
 
-def test_nothing_is_due_until_the_window_after_it_fills() -> None:
+def test_a_window_starts_when_it_fills_and_settles_when_the_next_does() -> None:
     w = WritebackWindows(window=4 * M)
-    assert w.add(0, 2 * M) == []
-    assert w.add(2 * M, 2 * M) == []  # first window full; nothing before it
-    assert w.add(6 * M, 2 * M) == []
-    # The second window fills: the first is due, merged into one range.
-    assert w.add(4 * M, 2 * M) == [(0, 4 * M)]
-    assert w.add(9 * M, 8 * M) == [(4 * M, 4 * M)]  # one write may fill a window
+    assert w.add(0, 2 * M) == ([], [])
+    # The first window fills: its writeback starts; nothing before it to settle.
+    assert w.add(2 * M, 2 * M) == ([(0, 4 * M)], [])
+    assert w.add(6 * M, 2 * M) == ([], [])
+    # The second fills: it starts, and the first is due, merged into one range.
+    assert w.add(4 * M, 2 * M) == ([(4 * M, 4 * M)], [(0, 4 * M)])
+    # One write may fill a window.
+    assert w.add(9 * M, 8 * M) == ([(9 * M, 8 * M)], [(4 * M, 4 * M)])
 
 
-def test_every_write_is_due_exactly_once_across_threads() -> None:
+def test_every_write_is_started_and_due_exactly_once_across_threads() -> None:
     w = WritebackWindows(window=3 * M)
+    started: list[tuple[int, int]] = []
     due: list[tuple[int, int]] = []
     lock = threading.Lock()
 
     def writer(first: int) -> None:
         for i in range(first, 400, 4):
-            got = w.add(i * M, M)
+            begin, settle = w.add(i * M, M)
             with lock:
-                due.extend(got)
+                started.extend(begin)
+                due.extend(settle)
 
     threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    # 400 writes fill 133 windows of three; all but the last are due (the one
-    # being filled holds the last write), and no byte is due twice.
-    covered = sorted(due)
-    assert all(a[0] + a[1] <= b[0] for a, b in itertools.pairwise(covered))
-    assert sum(n for _, n in due) == 132 * 3 * M
+    # 400 writes fill 133 windows of three (the last write is left in the one being
+    # filled): all 133 started, all but the last due, and no byte twice in either.
+    for ranges, windows in ((started, 133), (due, 132)):
+        covered = sorted(ranges)
+        assert all(a[0] + a[1] <= b[0] for a, b in itertools.pairwise(covered))
+        assert sum(n for _, n in ranges) == windows * 3 * M
+    assert set(due) <= set(started)
+
+
+def test_writeback_starts_once_per_window_not_per_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = target_mod._sync_file_range
+    calls: list[tuple[int, int, int]] = []
+
+    def counting(fd: int, offset: int, length: int, flags: int) -> int:
+        calls.append((offset, length, flags))
+        return int(real(fd, offset, length, flags))
+
+    monkeypatch.setattr(target_mod, "_sync_file_range", counting)
+    t = FileTarget(str(tmp_path / "d.raw"), 16 * M, fresh=True)
+    t._writeback = WritebackWindows(window=4 * M)
+    try:
+        for off in range(0, 16 * M, 64 * 1024):  # 256 writes of 64 KiB
+            t.write(off, bytes(64 * 1024))
+    finally:
+        t.close()
+    write = target_mod._SYNC_FILE_RANGE_WRITE
+    assert [(o, n) for o, n, f in calls if f == write] == [(i * 4 * M, 4 * M) for i in range(4)]
+    assert [(o, n) for o, n, f in calls if f != write] == [(i * 4 * M, 4 * M) for i in range(3)]
 
 
 def test_a_file_target_settles_and_still_holds_every_byte(tmp_path: Path) -> None:
