@@ -141,21 +141,28 @@ class _Spares:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._spare: list[bytearray] = []
+        self._by_size: dict[int, list[bytearray]] = {}  # sizes are multiples of the grain
+        self._count = 0
 
     def take(self, n: int) -> bytearray:
         """A buffer of at least ``n`` bytes: the smallest spare that fits, or a new one."""
-        with self._lock:
-            fits = [i for i, b in enumerate(self._spare) if len(b) >= n]
-            if fits:
-                return self._spare.pop(min(fits, key=lambda i: len(self._spare[i])))
         # Rounded up so that bodies of similar size (compressed ones vary) share buffers.
-        return bytearray(-(-n // _SPARE_GRAIN) * _SPARE_GRAIN)
+        size = -(-n // _SPARE_GRAIN) * _SPARE_GRAIN
+        with self._lock:
+            fits = self._by_size.get(size)
+            if not fits:  # the next larger size that has one (few sizes are in use)
+                fits = min(((k, v) for k, v in self._by_size.items() if k > size and v),
+                           default=(0, None))[1]
+            if fits:
+                self._count -= 1
+                return fits.pop()
+        return bytearray(size)
 
     def give(self, buf: bytearray) -> None:
         with self._lock:
-            if len(self._spare) < _MAX_SPARE:
-                self._spare.append(buf)
+            if self._count < _MAX_SPARE:
+                self._by_size.setdefault(len(buf), []).append(buf)
+                self._count += 1
 
 
 #: Bodies at least this long are read straight from the stream into their own buffer.
