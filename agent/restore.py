@@ -1,9 +1,9 @@
 """Restore: archive stream in, devices out, the pull pipeline in reverse.
 
-One thread reads the archive sequentially (it may be a pipe); a pool of workers
-checks each DATA record's digest, decompresses it and writes it to its target
-with pwrite, in parallel and in any order. Zero ranges become holes, trims or
-write-zeroes, never written zeros.
+One thread reads the archive sequentially (it may be a pipe) and checks each DATA
+record's digest as it reads it; a pool of workers decompresses each record and
+writes it to its target with pwrite, in parallel and in any order. Zero ranges
+become holes, trims or write-zeroes, never written zeros.
 
 A device restored into a new file (``--to-dir``) is written under a temporary
 name and renamed into place only after the archive's END seal checked out and
@@ -299,8 +299,7 @@ class RestoreEngine:
     def _apply(self, sink: _Sink, rec: DataRecord | ZeroRecord, cost: int) -> None:
         try:
             if isinstance(rec, DataRecord):
-                rec.check()
-                data = rec.data()
+                data = rec.data()  # its digest was checked as the reader read it
                 sink.touched = True  # before the request: a failed one may have written part
                 sink.target.write(rec.offset, data)
                 rec.release()
@@ -350,7 +349,7 @@ def restore_chain(
     order. ``streams`` pairs each archive with how the user named it (for messages). Every
     archive's header is read and the chain checked before anything is written. ``single``:
     a lone archive of any kind (``verify`` checks an incremental on its own)."""
-    readers = [ArchiveReader(s, verify_data=False, keep_configs=False) for s, _ in streams]
+    readers = [ArchiveReader(s, keep_configs=False) for s, _ in streams]
     if wanted is not None:
         names = {d.name for d in readers[0].devices}
         missing = sorted(set(wanted) - names)
