@@ -17,9 +17,9 @@ consumer that commits its results only after the iterator is exhausted never
 takes a truncated or damaged archive for a complete one.
 
 DATA payload digests are checked as each body is read, while it is still in the
-CPU's cache (restore measured 6% faster so than with the digests checked by its
-workers, docs/PERFORMANCE.md); ``verify_data=False`` plus :meth:`DataRecord.check`
-leaves that to the consumer.
+CPU's cache: a restore measured 6% faster so than with its workers checking them
+(docs/PERFORMANCE.md). ``verify_data=False`` plus :meth:`DataRecord.check` leaves
+the check to the consumer.
 """
 
 from __future__ import annotations
