@@ -121,10 +121,7 @@ def _write(
 ) -> BackupSummary:
     header = Header(uuid=new_archive_uuid(), created_ns=time.time_ns(), tool_version=__version__)
     log.debug("writing archive %s to %s", header.uuid, out.name)
-    log.debug("archive %s: kind %s, created %s UTC, tool backup-agent %s", header.uuid,
-              header.kind.name.lower(),
-              time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(header.created_ns // 10**9)),
-              header.tool_version)
+    log.debug("%s", header.describe())
     writer = ArchiveWriter(out, header)
     pairs = [(writer.add_device(name, src.size, props), src) for name, src, props in opened]
     for dev, _ in pairs:

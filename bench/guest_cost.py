@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.cbw.server import CbwTargetServer  # noqa: E402
+from bench.run import SMOKE_NOTE, add_smoke_flag  # noqa: E402
 from tests.integration.vm import VmFactory  # noqa: E402
 
 AGENT = str(Path(sys.executable).parent / "backup-agent")
@@ -228,9 +229,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=6, help="seconds of workload 2 (6)")
-    ap.add_argument("--smoke", action="store_true",
-                    help="smallest scale, one run: checks that the script works (exit 0) "
-                         "and judges no target")
+    add_smoke_flag(ap)
     args = ap.parse_args()
     if args.smoke:
         args.runs, args.runtime = 1, 1
@@ -278,7 +277,7 @@ def main() -> int:
     ok2 = during.mib_s >= 0.7 * alone.mib_s
     print(f"\ntarget: during >= 0.7x no backup: {'met' if ok2 else 'NOT met'}")
     if args.smoke:
-        print("\nsmoke run at the smallest scale: the figures mean nothing, no target judged")
+        print(SMOKE_NOTE)
     return 0 if (ok1 and ok2) or args.smoke else 1
 
 

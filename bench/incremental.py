@@ -31,7 +31,7 @@ import nbd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import make_half_data  # noqa: E402
+from bench.run import SMOKE_NOTE, add_smoke_flag, make_half_data  # noqa: E402
 from tests.integration.vm import Disk, Vm, VmFactory  # noqa: E402
 
 AGENT = str(Path(sys.executable).parent / "backup-agent")
@@ -85,9 +85,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size-gib", type=int, default=8)
     ap.add_argument("--fraction", type=float, default=0.01)
-    ap.add_argument("--smoke", action="store_true",
-                    help="smallest scale, one run: checks that the script works (exit 0) "
-                         "and judges no target")
+    add_smoke_flag(ap)
     args = ap.parse_args()
     if args.smoke:
         args.runs = 1
@@ -136,7 +134,7 @@ def main() -> int:
     print(f"| incremental, {args.fraction:.0%} of clusters changed | {inc_s:.2f} | "
           f"{ratio:.3f}x | <= {TARGET}x | {'yes' if ok else 'NO'} |")
     if args.smoke:
-        print("\nsmoke run at the smallest scale: the figures mean nothing, no target judged")
+        print(SMOKE_NOTE)
     return 0 if ok or args.smoke else 1
 
 

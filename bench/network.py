@@ -45,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.run import SMOKE_NOTE, add_smoke_flag  # noqa: E402
 from tests.integration.netns import (  # noqa: E402
     BK_ADDR,
     HV_ADDR,
@@ -246,9 +247,7 @@ def main() -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--runtime", type=int, default=6, help="seconds of fio per run (6)")
-    ap.add_argument("--smoke", action="store_true",
-                    help="smallest scale, one run: checks that the script works (exit 0) "
-                         "and judges no target")
+    add_smoke_flag(ap)
     args = ap.parse_args()
     if args.smoke:
         args.runs, args.runtime = 1, 1
@@ -330,7 +329,7 @@ def main() -> int:
         print(f"| {delay:>3}ms | {tb / th:>16.2f}x | {gb.mib_s / gh.mib_s:>10.2f}x | "
               f"{gb.p50_ms / gh.p50_ms:>8.2f}x | {gb.p99_ms / gh.p99_ms:>8.2f}x |")
     if args.smoke:
-        print("\nsmoke run at the smallest scale: the figures mean nothing")
+        print(SMOKE_NOTE)
     return 0
 
 

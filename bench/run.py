@@ -123,12 +123,21 @@ def make_half_data(path: Path, size: int) -> None:
                 f.write(os.urandom(4 * MiB) if i % 2 == 0 else text)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="1 run per case, smaller images")
+#: What every bench script prints last after a --smoke run.
+SMOKE_NOTE = "\nsmoke run at the smallest scale: the figures mean nothing, no target judged"
+
+
+def add_smoke_flag(ap: argparse.ArgumentParser) -> None:
+    """Every bench script's ``--smoke``: the test suite runs each so (test_bench_smoke.py)."""
     ap.add_argument("--smoke", action="store_true",
                     help="smallest scale, one run: checks that the script works (exit 0) "
                          "and judges no target")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="1 run per case, smaller images")
+    add_smoke_flag(ap)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "out",
                     help="scratch directory, removed at the end (bench/out)")
@@ -148,7 +157,7 @@ def main() -> int:
         shutil.rmtree(out, ignore_errors=True)
     print_table(rows)
     if args.smoke:
-        print("\nsmoke run at the smallest scale: the figures mean nothing, no target judged")
+        print(SMOKE_NOTE)
     return 0 if args.smoke or all(r.ok is not False for r in rows) else 1
 
 

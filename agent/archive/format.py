@@ -264,6 +264,14 @@ class Header:
             self.props
         )
 
+    def describe(self) -> str:
+        """The header on one line, for ``--debug``."""
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.created_ns // 10**9))
+        parent = f" of {self.parent_uuid}" if self.parent_uuid else ""
+        checkpoint = f", starts checkpoint {self.checkpoint}" if self.checkpoint else ""
+        return (f"archive {self.uuid}: kind {self.kind.name.lower()}{parent}{checkpoint}, "
+                f"created {created} UTC, tool backup-agent {self.tool_version}")
+
     @classmethod
     def decode(cls, body: bytes | bytearray | memoryview) -> Header:
         c = _Cursor(body, "archive header record")

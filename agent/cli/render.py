@@ -5,7 +5,6 @@ All output goes to stderr: stdout may be the archive itself.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import sys
@@ -136,18 +135,9 @@ def summary_line(p: Progress, what: str, archive_bytes: int | None = None,
     )
 
 
-def header_text(h: Header) -> str:
-    """An archive's header on one line, for ``--debug``."""
-    created = datetime.datetime.fromtimestamp(h.created_ns / 1e9, datetime.UTC)
-    parent = f" of {h.parent_uuid}" if h.parent_uuid else ""
-    checkpoint = f", starts checkpoint {h.checkpoint}" if h.checkpoint else ""
-    return (f"archive {h.uuid}: kind {h.kind.name.lower()}{parent}{checkpoint}, "
-            f"created {created:%Y-%m-%d %H:%M:%S} UTC, tool backup-agent {h.tool_version}")
-
-
 def log_contents(log: logging.Logger, h: Header, devices: list[Device]) -> None:
     """An archive's header and devices, a line each, for ``--debug``."""
-    log.debug("%s", header_text(h))
+    log.debug("%s", h.describe())
     for dev in devices:
         log.debug("%s", device_text(dev))
 

@@ -102,9 +102,8 @@ class WritebackWindows:
             self._filled += length
             if self._filled < self._window:
                 return [], []
-            due, self._previous = self._previous, self._filling
-            self._filling, self._filled = [], 0
-            start = self._previous
+            start, due = self._filling, self._previous
+            self._previous, self._filling, self._filled = start, [], 0
         return coalesce(start), coalesce(due)
 
 
