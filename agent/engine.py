@@ -31,6 +31,7 @@ from functools import partial
 
 import nbd
 
+from agent import interrupts
 from agent.archive import codec
 from agent.archive.format import MAX_DATA_LENGTH, Compression, Device
 from agent.archive.writer import ArchiveWriter, data_body_digest
@@ -349,10 +350,11 @@ class BackupEngine:
                              daemon=True)
             for i in range(nreaders)
         ]
-        writer_t.start()
         try:
-            for t in readers:
-                t.start()
+            with interrupts.held():  # a signal mid-start() would break threading's books
+                writer_t.start()
+                for t in readers:
+                    t.start()
             for t in readers:
                 _join(t)
             self._workers.shutdown(wait=True)

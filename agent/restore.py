@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from agent import interrupts
 from agent.archive.format import CHUNK_FIXED, Device
 from agent.archive.reader import ArchiveReader, DataRecord, ZeroRecord
 from agent.chain import Link, check_chain
@@ -282,7 +283,8 @@ class RestoreEngine:
                 cost = rec.raw.body.nbytes if isinstance(rec, DataRecord) else 0
                 while not self.budget.acquire(cost):
                     self.control.check_failed()
-                pool.submit(self.control.guard_call, self._apply, sink, rec, cost)
+                with interrupts.held():  # submit() may start a worker thread
+                    pool.submit(self.control.guard_call, self._apply, sink, rec, cost)
             pool.shutdown(wait=True)
             self.control.check_failed()
         except BaseException as e:

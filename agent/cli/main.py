@@ -10,12 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
 
-from agent import __version__
+from agent import __version__, interrupts
 from agent.cli import (
     backup_cmd,
     cleanup_cmd,
@@ -50,15 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted("stopped by SIGTERM")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="backup-agent: %(message)s")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    interrupts.install()
     return run_command(args)
 
 
