@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent import __version__
+from agent import __version__, interrupts
 from agent.archive.format import Header, check_name, new_archive_uuid
 from agent.archive.output import open_output
 from agent.archive.writer import ArchiveWriter
@@ -232,7 +232,8 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
         stack.callback(os.close, wake_w)
         listener = threading.Thread(target=_listen, args=(servers, by_name, stop, wake_r,
                                     engine.control.fail), name="ba-cbw-events", daemon=True)
-        listener.start()
+        with interrupts.held():  # see agent.interrupts
+            listener.start()
         try:
             result = engine.run()
         finally:

@@ -14,6 +14,8 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 
+from agent import interrupts
+
 ReleaseFn = Callable[[int, int], None]  # (offset, length) of one device
 
 
@@ -32,7 +34,8 @@ class Releaser:
         self._error: BaseException | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="ba-release", daemon=True)
-        self._thread.start()
+        with interrupts.held():  # see agent.interrupts
+            self._thread.start()
 
     def for_device(self, device: str) -> ReleaseFn:
         return lambda offset, length: self._q.put((device, offset, length))

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import nbd
 
+from agent import interrupts
 from agent.errors import TargetError
 from agent.nbd.target import ZEROS
 
@@ -59,7 +60,8 @@ class _Watcher:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ba-nbd-watch",
                                                 daemon=True)
-                self._thread.start()
+                with interrupts.held():  # see agent.interrupts
+                    self._thread.start()
 
     def forget(self, target: NbdTarget) -> None:
         with self._lock:

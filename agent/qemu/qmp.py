@@ -62,6 +62,7 @@ from qemu.qmp import StateError as _StateError
 from qemu.qmp.message import Message
 from qemu.qmp.qmp_client import GreetingError
 
+from agent import interrupts
 from agent.errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ class _LoopThread:
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
-        self._thread.start()
+        with interrupts.held():  # see agent.interrupts
+            self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run ``coro`` on the loop and wait for its result (or its exception).

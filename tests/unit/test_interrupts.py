@@ -60,3 +60,30 @@ def test_an_error_of_the_block_wins_and_the_signal_is_kept(installed: None) -> N
     # The interrupt is not lost: the next block's end reports it.
     with pytest.raises(Interrupted), interrupts.held():
         pass
+
+
+def test_the_agents_thread_starters_start_inside_a_block(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each class that starts a thread from the main thread does it inside held() (the
+    engine's threads and the restore's pool are covered by the signal tests that run
+    whole backups and restores)."""
+    from agent.nbd import nbd_target
+    from agent.qemu.qmp import _LoopThread
+    from agent.releaser import Releaser
+
+    depths: list[int] = []
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        depths.append(interrupts._depth)
+        if self.name != "ba-nbd-watch":  # it would run as long as the process: not here
+            real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    releaser = Releaser(lambda *a: None, lambda e: None)
+    releaser.close()
+    loop = _LoopThread("test")
+    loop.stop()
+    watcher = nbd_target._Watcher()
+    watcher.watch(object(), lambda: False)  # type: ignore[arg-type]
+    assert depths == [1, 1, 1]
