@@ -22,7 +22,6 @@ from agent.archive.output import SequentialOutput, open_output
 from agent.archive.writer import ArchiveWriter
 from agent.engine import BackupEngine, EngineOptions
 from agent.errors import AgentError, InvalidArgument
-from agent.nbd.server import QemuNbd, image_info
 from agent.nbd.source import NbdSource
 from agent.pipeline import Progress, ProgressFn
 
@@ -88,6 +87,8 @@ def run_backup(job: BackupJob, progress: ProgressFn | None = None) -> BackupSumm
             log.debug("source %r: %s: %d bytes, %d connection(s) (%d asked; 1 unless the "
                       "server allows multi-conn)", name, uri, src.size, len(src.handles), conns)
             opened.append((name, src, {"source-format": "nbd"}))
+        if job.images:  # qemu-nbd's module (subprocess, sockets) only when it runs
+            from agent.nbd.server import QemuNbd, image_info
         for name, path in job.images:
             info = image_info(path)
             fmt = str(info.get("format", "raw"))

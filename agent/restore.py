@@ -17,7 +17,6 @@ import contextlib
 import logging
 import os
 import resource
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -178,6 +177,8 @@ def to_target(name: str, target: str, opts: RestoreOptions) -> SinkFactory:
 
 
 def _create_qcow2(path: Path, size: int, label: str) -> None:
+    import subprocess  # here: a restore into raw files never starts a process
+
     try:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
                        check=True, capture_output=True, text=True, timeout=60)

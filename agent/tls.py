@@ -25,13 +25,11 @@ by others are refused with the ``chmod`` to run. The same rule holds for every s
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from agent.errors import InvalidArgument
 
@@ -64,6 +62,8 @@ def is_loopback(host: str) -> bool:
     """Whether ``host`` names this machine only (traffic to it never leaves the host)."""
     if host == "localhost":
         return True
+    import ipaddress  # here: only a URI naming a host needs it, not every start
+
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -234,6 +234,8 @@ def check_nbd_uri(uri: str, insecure: bool, device: str | None = None) -> None:
     """Refuse an ``nbd://`` URI (NBD over TCP in clear text) to another host unless
     ``insecure``: the disk would cross the network readable by anyone on the way. Refuse
     a URI that cannot be parsed, naming ``device`` (the NAME of ``--source NAME=URI``)."""
+    from urllib.parse import urlsplit  # here: a restore into a file never parses a URI
+
     try:
         parts = urlsplit(uri)
         hostname = parts.hostname  # checks a bracketed host: nbd://[bad]/ raises here

@@ -88,9 +88,14 @@ fi
 
 # --- 3. The project ---------------------------------------------------------------------
 
-if [[ pyproject.toml -nt $STAMP ]]; then
+# Editable in setuptools' "compat" mode: a plain path in a .pth file. Its default mode
+# installs an import hook whose own imports (pathlib, importlib.util, urllib) cost every
+# start of the agent 12 ms here, a cost a normal install (docs/DEPLOY.md) does not have.
+hooked=$(find "$VENV/lib" -maxdepth 3 -name '__editable___backup_agent_*_finder.py' 2>/dev/null)
+if [[ pyproject.toml -nt $STAMP || -n $hooked ]]; then
     log "installing backup-agent and dev tools into $VENV (pip install -e '.[dev]')"
-    "$VENV/bin/pip" install --disable-pip-version-check -q -e '.[dev]' </dev/null
+    "$VENV/bin/pip" install --disable-pip-version-check -q -e '.[dev]' \
+        --config-settings editable_mode=compat </dev/null
     touch "$STAMP"
 else
     log "$VENV: up to date"

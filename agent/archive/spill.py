@@ -9,7 +9,6 @@ and are read back, in order, when the index is written.
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -40,6 +39,8 @@ class SpillingBuffer:
         try:
             if self._file is None:
                 # Closed by close(), or with the process: unlinked from the start.
+                import tempfile  # only once the index outgrows memory (start-up cost)
+
                 self._file = tempfile.TemporaryFile(prefix="backup-agent-index-")  # noqa: SIM115
             self._file.write(self._mem)
         except OSError as e:

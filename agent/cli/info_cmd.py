@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
 
 from agent.cli import common
@@ -25,7 +23,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: a backup need not pay for this command's imports
+    import datetime
+    import json
+
     from agent.inspect import archive_info
+
     log.debug("reading archive %s", common.archive_label(args.path))
     found = archive_info(args.path)
     log_contents(log, found.header, found.devices)

@@ -5,7 +5,6 @@ All output goes to stderr: stdout may be the archive itself.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from typing import TYPE_CHECKING, Any, TextIO
@@ -25,6 +24,12 @@ def size(n: float) -> str:
     return f"{n:.1f} PiB"
 
 
+def _json_line(obj: dict[str, Any]) -> str:
+    import json  # only for --progress json: every start of the agent would pay for it
+
+    return json.dumps(obj) + "\n"
+
+
 class ProgressRenderer:
     """``bar``: a tqdm bar with rate and ETA; ``json``: one object per line; ``none``."""
 
@@ -38,7 +43,7 @@ class ProgressRenderer:
 
     def update(self, p: Progress) -> None:
         if self.mode == "json":
-            self.stream.write(json.dumps({"event": "progress", **progress_dict(p)}) + "\n")
+            self.stream.write(_json_line({"event": "progress", **progress_dict(p)}))
             self.stream.flush()
             return
         if self._bar is not None and self._bar.desc != p.phase:
@@ -65,7 +70,7 @@ class ProgressRenderer:
         if self.mode != "json":
             return
         fields = {"event": "summary", "what": what, **summary_fields(p, archive_bytes, writes)}
-        self.stream.write(json.dumps(fields) + "\n")
+        self.stream.write(_json_line(fields))
         self.stream.flush()
 
 
