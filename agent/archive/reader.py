@@ -25,8 +25,11 @@ the check to the consumer.
 from __future__ import annotations
 
 import io
+import os
+import select
+import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -130,7 +133,9 @@ class ZeroRecord:
 
 
 _SPARE_GRAIN = 64 * 1024
-_MAX_SPARE = 64
+# Spares kept at most: a restore's bytes in flight (its --memory). A cap by count (64) made
+# a restore of 64 KiB records allocate, zero and fault in a fresh buffer for most records.
+_MAX_SPARE_BYTES = 64 * 1024 * 1024
 
 
 class _Spares:
@@ -143,7 +148,7 @@ class _Spares:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_size: dict[int, list[bytearray]] = {}  # sizes are multiples of the grain
-        self._count = 0
+        self._bytes = 0  # in the spares
 
     def take(self, n: int) -> bytearray:
         """A buffer of at least ``n`` bytes: the smallest spare that fits, or a new one."""
@@ -155,15 +160,16 @@ class _Spares:
                 fits = min(((k, v) for k, v in self._by_size.items() if k > size and v),
                            default=(0, None))[1]
             if fits:
-                self._count -= 1
-                return fits.pop()
+                buf = fits.pop()
+                self._bytes -= len(buf)
+                return buf
         return bytearray(size)
 
     def give(self, buf: bytearray) -> None:
         with self._lock:
-            if self._count < _MAX_SPARE:
+            if self._bytes + len(buf) <= _MAX_SPARE_BYTES:
                 self._by_size.setdefault(len(buf), []).append(buf)
-                self._count += 1
+                self._bytes += len(buf)
 
 
 #: Bodies at least this long are read straight from the stream into their own buffer.
@@ -188,6 +194,14 @@ class _Input:
         self.f = f
         self.pos = 0
         self.spares = _Spares()
+        self.on_wait: Callable[[], None] | None = None
+        self._poll: select.poll | None = None  # for a pipe or socket: is input waiting?
+        try:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                self._poll = select.poll()
+                self._poll.register(f.fileno(), select.POLLIN)
+        except (AttributeError, OSError, io.UnsupportedOperation):
+            pass  # not a descriptor (BytesIO): never waits
         self._buf = memoryview(bytearray(_READ_AHEAD))
         self._lo = self._hi = 0  # the bytes read ahead: _buf[_lo:_hi]
         self._ahead = _READ_AHEAD  # what a refill asks for
@@ -203,6 +217,8 @@ class _Input:
         short reads: keep reading)."""
         got = self._from_buffer(dest)
         while got < len(dest):
+            if self.on_wait is not None and self._poll is not None and not self._poll.poll(0):
+                self.on_wait()  # the read below will wait for the writer of the pipe
             rest = dest[got:]
             if len(rest) >= _DIRECT:
                 k = self.f.readinto(rest)  # type: ignore[attr-defined]
@@ -285,6 +301,17 @@ class ArchiveReader:
             else:
                 self._pending = raw
                 break
+
+    @property
+    def on_input_wait(self) -> Callable[[], None] | None:
+        """Called in the reading thread before a read that will wait for input (from a
+        pipe whose writer is behind): a consumer that holds records back to hand them on
+        in batches hands them on now, instead of when input comes."""
+        return self._in.on_wait
+
+    @on_input_wait.setter
+    def on_input_wait(self, fn: Callable[[], None] | None) -> None:
+        self._in.on_wait = fn
 
     # -- frames ------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import nbd
 
@@ -177,6 +177,11 @@ class NbdTarget:
         for pos in range(0, len(view), step):
             self._call(f"write at offset {offset + pos}", nbd.NBD.pwrite,
                        view[pos:pos + step], offset + pos)
+
+    def writev(self, offset: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        for part in parts:  # NBD has no vectored write; requests are large anyway
+            self.write(offset, part)
+            offset += len(part)
 
     def zero(self, offset: int, length: int) -> None:
         if self.fresh:

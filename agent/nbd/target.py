@@ -15,7 +15,7 @@ import os
 import stat
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from agent.errors import TargetError
@@ -49,6 +49,8 @@ class Target(Protocol):
     fresh: bool  # reads as zeros everywhere: zero ranges need no request
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
+    # ``parts`` one after another from ``offset``: adjacent records in one request.
+    def writev(self, offset: int, parts: Sequence[bytes | bytearray | memoryview]) -> None: ...
     def zero(self, offset: int, length: int) -> None: ...
     def flush(self) -> None: ...
     def close(self) -> None: ...
@@ -146,16 +148,23 @@ class FileTarget:
             raise TargetError(f"{self.name}: cannot {what}: {e.strerror}") from e
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        start, length = offset, len(view)
+        self.writev(offset, (data,))
+
+    def writev(self, offset: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        views = [memoryview(p) for p in parts]
+        start, length = offset, sum(len(v) for v in views)
         try:
             # One pwrite at a time: the kernel serializes buffered writes to one inode
             # anyway, and workers waiting for its lock spin on a CPU that decompression
             # needs (a 2 GiB restore: 7% less CPU time, 6% faster with this lock).
             with self._one_write:
-                while view:
-                    n = os.pwrite(self.fd, view, offset)
-                    view, offset = view[n:], offset + n
+                while views:
+                    n = os.pwritev(self.fd, views, offset)
+                    offset += n
+                    while views and n >= len(views[0]):
+                        n -= len(views.pop(0))
+                    if n:  # a short write: the rest of this part, and the parts after it
+                        views[0] = views[0][n:]
         except OSError as e:
             raise TargetError(f"{self.name}: write at offset {offset} failed: {e.strerror}") from e
         # Start writeback early, as nbdcopy does: the final fsync then finds little left
