@@ -91,11 +91,17 @@ fi
 # Editable in setuptools' "compat" mode: a plain path in a .pth file. Its default mode
 # installs an import hook whose own imports (pathlib, importlib.util, urllib) cost every
 # start of the agent 12 ms here, a cost a normal install (docs/DEPLOY.md) does not have.
+# setuptools warns that compat mode is transitional; "strict" mode would need a reinstall
+# for every new module, so compat it is while it lasts (with the default as fallback).
 hooked=$(find "$VENV/lib" -maxdepth 3 -name '__editable___backup_agent_*_finder.py' 2>/dev/null)
 if [[ pyproject.toml -nt $STAMP || -n $hooked ]]; then
     log "installing backup-agent and dev tools into $VENV (pip install -e '.[dev]')"
-    "$VENV/bin/pip" install --disable-pip-version-check -q -e '.[dev]' \
-        --config-settings editable_mode=compat </dev/null
+    if ! "$VENV/bin/pip" install --disable-pip-version-check -q -e '.[dev]' \
+            --config-settings editable_mode=compat </dev/null; then
+        # setuptools calls compat mode transitional: should a release drop it, still set up
+        log "compat mode refused: default editable install (12 ms more per start)"
+        "$VENV/bin/pip" install --disable-pip-version-check -q -e '.[dev]' </dev/null
+    fi
     touch "$STAMP"
 else
     log "$VENV: up to date"
