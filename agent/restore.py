@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 MiB = 1024 * 1024
 # Records go to the workers in batches of up to this many device bytes or records: a
 # task costs the reading thread some 30 us (future, queue, budget, GIL hand-offs), about
-# what decompressing and writing a 64 KiB record takes. A 2 MiB record goes alone.
+# what decompressing and writing a 64 KiB record takes. 2 MiB records go two at a time.
+# Past 4 MiB, larger batches gained nothing (docs/PERFORMANCE.md, "Small records").
 BATCH_BYTES = 4 * MiB
 BATCH_RECORDS = 64
 
@@ -285,6 +286,7 @@ class RestoreEngine:
         def submit() -> None:
             nonlocal batch
             if batch is not None:
+                self.control.check_failed()  # no more writes once a worker failed
                 with interrupts.held():  # submit() may start a worker thread
                     pool.submit(self.control.guard_call, self._apply, batch)
                 batch = None
