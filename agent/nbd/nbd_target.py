@@ -179,7 +179,7 @@ class NbdTarget:
                        view[pos:pos + step], offset + pos)
 
     def writev(self, offset: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-        for part in parts:  # NBD has no vectored write; requests are large anyway
+        for part in parts:  # NBD has no vectored write: one request per part
             self.write(offset, part)
             offset += len(part)
 
