@@ -176,6 +176,11 @@ class _Spares:
 _DIRECT = 256 * 1024
 #: How much a refill of the read-ahead buffer asks for while records are small.
 _READ_AHEAD = 512 * 1024
+#: Longest wait for a pipe's writer in one go. Linux may hand SIGINT or SIGTERM to any
+#: thread; taken by a worker, it interrupts no read of the main thread, whose handler then
+#: runs only once that thread runs Python again (seen: a restore blocked on a stalled pipe
+#: ignored Ctrl-C, 1 run in 15, once workers were busy as it began to wait).
+_WAIT_MS = 200
 
 
 class _Input:
@@ -217,8 +222,11 @@ class _Input:
         short reads: keep reading)."""
         got = self._from_buffer(dest)
         while got < len(dest):
-            if self.on_wait is not None and self._poll is not None and not self._poll.poll(0):
-                self.on_wait()  # the read below will wait for the writer of the pipe
+            if self._poll is not None and not self._poll.poll(0):
+                if self.on_wait is not None:
+                    self.on_wait()  # the read below would wait for the writer of the pipe
+                while not self._poll.poll(_WAIT_MS):
+                    pass  # each round runs any signal handler that is due
             rest = dest[got:]
             if len(rest) >= _DIRECT:
                 k = self.f.readinto(rest)  # type: ignore[attr-defined]
