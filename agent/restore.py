@@ -31,7 +31,7 @@ from agent.archive.reader import ArchiveReader, DataRecord, ZeroRecord
 from agent.chain import Link, check_chain
 from agent.errors import AgentError, Interrupted, InvalidArgument, TargetError
 from agent.nbd.target import FileTarget, Target
-from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
+from agent.pipeline import POLL, ByteBudget, Control, Meter, Progress, ProgressFn
 
 if TYPE_CHECKING:
     from agent.nbd.server import QemuNbd
@@ -242,6 +242,8 @@ class RestoreEngine:
             raise
         self._lock = threading.Lock()
         self.meter = self._meter(0)
+        self._tasks = 0  # batches handed to the workers and not yet done
+        self._tasks_done = threading.Condition()
 
     def _meter(self, i: int) -> Meter:
         n = len(self.readers)
@@ -287,6 +289,8 @@ class RestoreEngine:
             nonlocal batch
             if batch is not None:
                 self.control.check_failed()  # no more writes once a worker failed
+                with self._tasks_done:
+                    self._tasks += 1
                 with interrupts.held():  # submit() may start a worker thread
                     pool.submit(self.control.guard_call, self._apply, batch)
                 batch = None
@@ -310,7 +314,12 @@ class RestoreEngine:
                 if batch.length >= BATCH_BYTES or len(batch.records) == BATCH_RECORDS:
                     submit()
             submit()
-            pool.shutdown(wait=True)
+            # In bounded waits, not in shutdown(): a signal another thread took reaches
+            # the main thread's handler only when it next runs Python (see reader._WAIT_MS).
+            with self._tasks_done:
+                while self._tasks:
+                    self._tasks_done.wait(POLL)
+            pool.shutdown(wait=True)  # every task is done: at once
             self.control.check_failed()
         except BaseException as e:
             self.control.fail(e)
@@ -356,6 +365,9 @@ class RestoreEngine:
                 self.meter.add(data=data, zero=zero, stored=stored)
         finally:
             self.budget.release(batch.cost)
+            with self._tasks_done:
+                self._tasks -= 1
+                self._tasks_done.notify_all()
 
     def _discard(self) -> None:
         for sink in self.sinks.values():
