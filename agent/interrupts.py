@@ -6,6 +6,12 @@ thread runs on, and the thread then dies on a ``KeyError`` with a traceback on s
 (seen: SIGTERM to a backup as its writer thread started; 1 run in about 30). Code of the
 main thread that starts threads, directly or through a pool's ``submit``, does it
 inside :func:`held`; a signal that comes meanwhile is raised as the block ends.
+
+The main thread also never waits without a bound while other threads run. Linux may
+hand a signal sent to the process to any thread; Python runs the handler in the main
+thread, but only once that thread runs Python again, and a wait that does not end leaves
+Ctrl-C unanswered (seen: a restore blocked on a stalled pipe, 1 run in 15). So reads of
+pipes, joins and waits for results go in steps of :data:`STEP` seconds.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from contextlib import contextmanager
 from types import FrameType
 
 from agent.errors import Interrupted
+
+#: Longest single wait of the main thread (see above).
+STEP = 0.2
 
 _depth = 0  # held() blocks the main thread is in
 _pending: BaseException | None = None  # the first signal that came inside them

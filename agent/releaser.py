@@ -45,7 +45,8 @@ class Releaser:
         self._closing = True
         if self._thread.is_alive():
             self._q.put(None)
-            self._thread.join()
+            while self._thread.is_alive():  # in steps: see agent.interrupts
+                self._thread.join(interrupts.STEP)
 
     def _run(self) -> None:
         while True:

@@ -31,7 +31,7 @@ from agent.archive.reader import ArchiveReader, DataRecord, ZeroRecord
 from agent.chain import Link, check_chain
 from agent.errors import AgentError, Interrupted, InvalidArgument, TargetError
 from agent.nbd.target import FileTarget, Target
-from agent.pipeline import POLL, ByteBudget, Control, Meter, Progress, ProgressFn
+from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
 
 if TYPE_CHECKING:
     from agent.nbd.server import QemuNbd
@@ -314,11 +314,10 @@ class RestoreEngine:
                 if batch.length >= BATCH_BYTES or len(batch.records) == BATCH_RECORDS:
                     submit()
             submit()
-            # In bounded waits, not in shutdown(): a signal another thread took reaches
-            # the main thread's handler only when it next runs Python (see reader._WAIT_MS).
+            # In steps, not in shutdown(), so that Ctrl-C is answered: see agent.interrupts.
             with self._tasks_done:
                 while self._tasks:
-                    self._tasks_done.wait(POLL)
+                    self._tasks_done.wait(interrupts.STEP)
             pool.shutdown(wait=True)  # every task is done: at once
             self.control.check_failed()
         except BaseException as e:

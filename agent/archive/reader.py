@@ -35,6 +35,7 @@ from typing import BinaryIO
 
 import blake3
 
+from agent import interrupts
 from agent.archive import codec
 from agent.archive.format import (
     CHUNK_FIXED,
@@ -176,11 +177,6 @@ class _Spares:
 _DIRECT = 256 * 1024
 #: How much a refill of the read-ahead buffer asks for while records are small.
 _READ_AHEAD = 512 * 1024
-#: Longest wait for a pipe's writer in one go. Linux may hand SIGINT or SIGTERM to any
-#: thread; taken by a worker, it interrupts no read of the main thread, whose handler then
-#: runs only once that thread runs Python again (seen: a restore blocked on a stalled pipe
-#: ignored Ctrl-C, 1 run in 15, once workers were busy as it began to wait).
-_WAIT_MS = 200
 
 
 class _Input:
@@ -225,8 +221,9 @@ class _Input:
             if self._poll is not None and not self._poll.poll(0):
                 if self.on_wait is not None:
                     self.on_wait()  # the read below would wait for the writer of the pipe
-                while not self._poll.poll(_WAIT_MS):
-                    pass  # each round runs any signal handler that is due
+                # In steps, so that Ctrl-C is answered: see agent.interrupts.
+                while not self._poll.poll(int(interrupts.STEP * 1000)):
+                    pass
             rest = dest[got:]
             if len(rest) >= _DIRECT:
                 k = self.f.readinto(rest)  # type: ignore[attr-defined]

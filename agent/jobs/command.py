@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 from types import TracebackType
 
+from agent import interrupts
 from agent.archive.output import grow_pipe
 from agent.errors import AgentError
 
@@ -77,7 +78,12 @@ class CommandOutput:
         """The archive is complete: close the pipe, wait for the command; returns what it
         printed, or raises AgentError if it failed."""
         self._close_pipe()
-        code = self.proc.wait()
+        while True:  # in steps, so that Ctrl-C is answered: see agent.interrupts
+            try:
+                code = self.proc.wait(interrupts.STEP)
+                break
+            except subprocess.TimeoutExpired:
+                pass
         if code != 0:
             raise AgentError(f"the {self.what} failed ({status(code)}): "
                              f"{_last_line(self.output())}")

@@ -53,6 +53,7 @@ import socket
 import ssl
 import stat
 import threading
+import time
 from collections.abc import Coroutine, Mapping
 from types import TracebackType
 from typing import Any, TypeVar, cast
@@ -138,8 +139,17 @@ class _LoopThread:
         coroutine is cancelled before the exception propagates.
         """
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return future.result(timeout)
+            while True:  # in steps, so that Ctrl-C is answered: see agent.interrupts
+                left = None if deadline is None else deadline - time.monotonic()
+                step = interrupts.STEP if left is None else max(0.0, min(interrupts.STEP, left))
+                try:
+                    return future.result(step)
+                except TimeoutError:
+                    # the coroutine's own TimeoutError, or the end of ``timeout``
+                    if future.done() or (left is not None and left <= interrupts.STEP):
+                        raise
         except BaseException:
             future.cancel()
             raise

@@ -6,11 +6,16 @@ writes. Each program below blocks SIGINT in its main thread, so another thread t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -79,14 +84,71 @@ except KeyboardInterrupt:
 """
 
 
-def _interrupt(program: str, ready: str) -> None:
-    """Run ``program``, SIGINT it once it prints ``ready``: it must say it was interrupted
-    and exit 3, promptly."""
+QMP_WAIT = r"""
+import asyncio, signal, sys, threading, time
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+from agent.qemu.qmp import _LoopThread
+
+loop = _LoopThread("test")
+print("waiting", flush=True)
+try:
+    loop.run(asyncio.sleep(60))  # a QMP reply that does not come
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(3)
+"""
+
+RELEASER_CLOSE = r"""
+import signal, sys, threading, time
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+from agent.releaser import Releaser
+
+started = threading.Event()
+
+def release(device, offset, length):  # a trim QEMU does not answer
+    started.set()
+    time.sleep(60)
+
+r = Releaser(release, lambda e: None)
+r.for_device("vda")(0, 65536)
+started.wait(10)
+print("closing", flush=True)
+try:
+    r.close()
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(3)
+"""
+
+COMMAND_FINISH = r"""
+import signal, sys, threading, time
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+from agent.jobs.command import CommandOutput
+
+with CommandOutput("cat >/dev/null; sleep 60", "output command") as out:
+    print("finishing", out.proc.pid, flush=True)
+    try:
+        out.finish()  # the command read the archive, and does not exit
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(3)
+"""
+
+
+def _interrupt(program: str, ready: str, started: list[str] | None = None) -> None:
+    """Run ``program``, SIGINT it once it prints a line starting with ``ready`` (kept in
+    ``started``): it must say it was interrupted and exit 3, promptly."""
     proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
                             text=True, cwd=REPO)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline() == ready
+        line = proc.stdout.readline()
+        if started is not None:
+            started.append(line)
+        assert line.startswith(ready)
         time.sleep(0.3)  # well into the wait
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=10)
@@ -103,3 +165,40 @@ def test_ctrl_c_taken_by_another_thread_stops_a_read_of_a_stalled_pipe() -> None
 
 def test_ctrl_c_taken_by_another_thread_stops_the_wait_for_the_last_writes() -> None:
     _interrupt(LAST_WRITES, "writing\n")
+
+
+def test_ctrl_c_taken_by_another_thread_stops_a_wait_for_qmp() -> None:
+    _interrupt(QMP_WAIT, "waiting\n")
+
+
+def test_ctrl_c_taken_by_another_thread_stops_the_wait_for_the_releaser() -> None:
+    _interrupt(RELEASER_CLOSE, "closing\n")
+
+
+@pytest.mark.timeout(60)
+def test_a_qmp_wait_in_steps_keeps_its_timeout_and_the_coroutines_own_errors() -> None:
+    from agent.qemu.qmp import _LoopThread
+
+    async def own_timeout() -> None:
+        raise TimeoutError("the coroutine's own")
+
+    loop = _LoopThread("test")
+    try:
+        with pytest.raises(TimeoutError):
+            loop.run(asyncio.sleep(60), timeout=0.5)  # the caller's timeout still ends it
+        with pytest.raises(TimeoutError, match="the coroutine's own"):
+            loop.run(own_timeout())  # not taken for the end of a step
+        assert loop.run(asyncio.sleep(0.5, result=7)) == 7  # longer than one step
+    finally:
+        loop.stop()
+
+
+def test_ctrl_c_taken_by_another_thread_stops_the_wait_for_an_output_command() -> None:
+    started: list[str] = []
+    try:
+        _interrupt(COMMAND_FINISH, "finishing ", started)
+    finally:
+        # The program stops its command as it exits; if it had to be killed, we do.
+        if started and started[0].split()[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(int(started[0].split()[1]), signal.SIGKILL)
