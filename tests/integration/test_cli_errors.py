@@ -492,7 +492,9 @@ def test_sigterm_while_source_stalls(short_tmp: Path, nbd_server: NbdServerFacto
     assert_error((proc.returncode, err), "SIGTERM")
     assert not arc.exists()
     assert leftovers(short_tmp) == []
-    assert server.running()  # the agent stops itself, not the server it read from
+    # The agent stops itself, not the server it read from. (nbdkit 1.32 has been seen to
+    # abort here, once in many runs: its log says why.)
+    assert server.running(), server.log_text()
 
 
 
