@@ -19,33 +19,37 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-PROGRAM = r"""
+#: Each program runs between these: it defines wait(), which prints one line, then waits
+#: on what never comes. Its main thread blocks SIGINT, so another thread must take it.
+PROLOGUE = r"""
 import io, os, signal, sys, threading, time
-from agent.archive.reader import _Input
-
 # Started before the main thread blocks SIGINT, so it takes every SIGINT sent to us.
 threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-r, w = os.pipe()  # nobody writes: the read waits
-inp = _Input(io.FileIO(r, "rb"))
-print("reading", flush=True)
+"""
+EPILOGUE = r"""
 try:
-    inp.read(10, "a record")
+    wait()
 except KeyboardInterrupt:
     print("interrupted", flush=True)
     sys.exit(3)
 """
 
+PIPE_READ = r"""
+from agent.archive.reader import _Input
+
+def wait():
+    r, w = os.pipe()  # nobody writes: the read waits
+    inp = _Input(io.FileIO(r, "rb"))
+    print("reading", flush=True)
+    inp.read(10, "a record")
+"""
 
 LAST_WRITES = r"""
-import io, os, signal, sys, threading, time
 from agent.archive.format import Compression
 from agent.errors import TargetError
 from agent.restore import RestoreOptions, _Sink, restore
 from tests.unit.archive_util import write_archive
-
-threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
 class Stalled:
@@ -75,74 +79,53 @@ def build(w):
     w.write_data(dev.id, 0, 1 << 20, Compression.NONE, bytes(1 << 20))
 
 
-opts = RestoreOptions()
-try:
+def wait():
+    opts = RestoreOptions()
     restore(io.BytesIO(write_archive(build)), lambda dev: _Sink(dev, Stalled()), opts)
-except KeyboardInterrupt:
-    print("interrupted", flush=True)
-    sys.exit(3)
 """
 
-
 QMP_WAIT = r"""
-import asyncio, signal, sys, threading, time
-threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+import asyncio
 from agent.qemu.qmp import _LoopThread
 
-loop = _LoopThread("test")
-print("waiting", flush=True)
-try:
+def wait():
+    loop = _LoopThread("test")
+    print("waiting", flush=True)
     loop.run(asyncio.sleep(60))  # a QMP reply that does not come
-except KeyboardInterrupt:
-    print("interrupted", flush=True)
-    sys.exit(3)
 """
 
 RELEASER_CLOSE = r"""
-import signal, sys, threading, time
-threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 from agent.releaser import Releaser
 
-started = threading.Event()
+def wait():
+    started = threading.Event()
 
-def release(device, offset, length):  # a trim QEMU does not answer
-    started.set()
-    time.sleep(60)
+    def release(device, offset, length):  # a trim QEMU does not answer
+        started.set()
+        time.sleep(60)
 
-r = Releaser(release, lambda e: None)
-r.for_device("vda")(0, 65536)
-started.wait(10)
-print("closing", flush=True)
-try:
+    r = Releaser(release, lambda e: None)
+    r.for_device("vda")(0, 65536)
+    started.wait(10)
+    print("closing", flush=True)
     r.close()
-except KeyboardInterrupt:
-    print("interrupted", flush=True)
-    sys.exit(3)
 """
 
 COMMAND_FINISH = r"""
-import signal, sys, threading, time
-threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 from agent.jobs.command import CommandOutput
 
-with CommandOutput("cat >/dev/null; sleep 60", "output command") as out:
-    print("finishing", out.proc.pid, flush=True)
-    try:
+def wait():
+    with CommandOutput("cat >/dev/null; sleep 60", "output command") as out:
+        print("finishing", out.proc.pid, flush=True)
         out.finish()  # the command read the archive, and does not exit
-    except KeyboardInterrupt:
-        print("interrupted", flush=True)
-        sys.exit(3)
 """
 
 
 def _interrupt(program: str, ready: str, started: list[str] | None = None) -> None:
     """Run ``program``, SIGINT it once it prints a line starting with ``ready`` (kept in
     ``started``): it must say it was interrupted and exit 3, promptly."""
-    proc = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE,
-                            text=True, cwd=REPO)
+    proc = subprocess.Popen([sys.executable, "-c", PROLOGUE + program + EPILOGUE],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -160,7 +143,7 @@ def _interrupt(program: str, ready: str, started: list[str] | None = None) -> No
 
 
 def test_ctrl_c_taken_by_another_thread_stops_a_read_of_a_stalled_pipe() -> None:
-    _interrupt(PROGRAM, "reading\n")
+    _interrupt(PIPE_READ, "reading\n")
 
 
 def test_ctrl_c_taken_by_another_thread_stops_the_wait_for_the_last_writes() -> None:
