@@ -306,11 +306,6 @@ class BackupResult:
     peak_buffer: int  # most bytes of read buffers in use at once
 
 
-def _join(t: threading.Thread) -> None:
-    while t.is_alive():
-        t.join(POLL)  # short joins keep Ctrl-C deliverable to the main thread
-
-
 class BackupEngine:
     """Copies devices from NBD sources into an archive writer."""
 
@@ -356,10 +351,10 @@ class BackupEngine:
                 for t in readers:
                     t.start()
             for t in readers:
-                _join(t)
+                interrupts.join(t)
             self._workers.shutdown(wait=True)
             self._q.put(None)
-            _join(writer_t)
+            interrupts.join(writer_t)
         except BaseException as e:  # KeyboardInterrupt and SystemExit included
             ctl.fail(e)
             raise

@@ -51,6 +51,12 @@ def _handler(make: Callable[[], BaseException]) -> Callable[[int, FrameType | No
     return handle
 
 
+def join(t: threading.Thread) -> None:
+    """``t.join()`` in steps of :data:`STEP` (see above)."""
+    while t.is_alive():
+        t.join(STEP)
+
+
 @contextmanager
 def held() -> Iterator[None]:
     """Hold off the signal handlers' exceptions for the block (main thread only; in other

@@ -45,8 +45,7 @@ class Releaser:
         self._closing = True
         if self._thread.is_alive():
             self._q.put(None)
-            while self._thread.is_alive():  # in steps: see agent.interrupts
-                self._thread.join(interrupts.STEP)
+            interrupts.join(self._thread)
 
     def _run(self) -> None:
         while True:

@@ -47,6 +47,7 @@ as in qemu.qmp 0.0.6), used only with TLS; tests/integration/test_network.py cov
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import socket
@@ -141,15 +142,13 @@ class _LoopThread:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            while True:  # in steps, so that Ctrl-C is answered: see agent.interrupts
+            while not future.done():  # in steps, so that Ctrl-C is answered: agent.interrupts
                 left = None if deadline is None else deadline - time.monotonic()
-                step = interrupts.STEP if left is None else max(0.0, min(interrupts.STEP, left))
-                try:
-                    return future.result(step)
-                except TimeoutError:
-                    # the coroutine's own TimeoutError, or the end of ``timeout``
-                    if future.done() or (left is not None and left <= interrupts.STEP):
-                        raise
+                if left is not None and left <= 0:
+                    raise TimeoutError
+                concurrent.futures.wait([future], interrupts.STEP if left is None
+                                        else min(interrupts.STEP, left))
+            return future.result()
         except BaseException:
             future.cancel()
             raise
