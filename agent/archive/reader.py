@@ -83,6 +83,13 @@ class RawRecord:
         return bytes(blake3.blake3(self.body).digest(DIGEST_SIZE)) == self.digest
 
 
+#: What one record handed out by the reader costs beyond its buffers: the Python objects
+#: (record, raw record, chunk, views, digest, frame header) and a consumer's share of a
+#: batch list and a future. Measured at about 1.3 KiB with tracemalloc; charged with room,
+#: so that a consumer that counts it keeps memory bounded even with 1-byte records.
+RECORD_OVERHEAD = 2048
+
+
 @dataclass
 class DataRecord:
     device: Device
@@ -90,8 +97,8 @@ class DataRecord:
     length: int
     chunk: Chunk
     raw: RawRecord
-    _spares: _Spares | None = None
-    _out: bytearray | None = None  # what data() decompressed into
+    _spares: SpareBuffers | None = None
+    _out: bytearray | None = None  # what data() decompresses into
 
     def check(self) -> None:
         if not self.raw.digest_ok():
@@ -99,6 +106,17 @@ class DataRecord:
                 f"device {self.device.name!r}: data record at byte {self.raw.pos} "
                 f"(device offset {self.offset}) fails its checksum"
             )
+
+    def reserve(self) -> int:
+        """Take now the buffer :meth:`data` will decompress into, and return the bytes this
+        record holds until :meth:`release`: what a consumer that bounds its memory charges
+        for it (its buffers as allocated, rounded up to their size class, not its length)."""
+        if (self._out is None and self._spares is not None
+                and self.chunk.compression == Compression.ZSTD):
+            self._out = self._spares.take(self.length)
+        buf = self.raw.body.obj
+        held = RECORD_OVERHEAD + (len(buf) if isinstance(buf, bytearray) else self.raw.body.nbytes)
+        return held + (len(self._out) if self._out is not None else 0)
 
     def release(self) -> None:
         """Done with this record's bytes (and with what :meth:`data` returned): the
@@ -133,44 +151,84 @@ class ZeroRecord:
     length: int
 
 
-_SPARE_GRAIN = 64 * 1024
-# Spares kept at most: a restore's bytes in flight (its --memory). A cap by count (64) made
-# a restore of 64 KiB records allocate, zero and fault in a fresh buffer for most records.
-_MAX_SPARE_BYTES = 64 * 1024 * 1024
+#: Spares kept at most, by default: a restore keeps what its --memory allows instead.
+#: A cap by count (64) made a restore of 64 KiB records allocate, zero and fault in a
+#: fresh buffer for most records.
+DEFAULT_SPARE_BYTES = 64 * 1024 * 1024
+_SMALLEST = 256  # the smallest size class
 
 
-class _Spares:
+def size_class(n: int) -> int:
+    """The size of the buffer :class:`SpareBuffers` allocates for ``n`` bytes: ``n``
+    rounded up to an eighth of its power of two (at most 1/8 more), and at least 256.
+
+    Classes let bodies of similar size (compressed ones vary) share buffers. A coarse
+    grain wastes memory: a 64 KiB grain gave a 1-byte record a 64 KiB buffer and a
+    64 KiB record (its body 24 bytes more) a 128 KiB one."""
+    if n <= _SMALLEST:
+        return _SMALLEST
+    step = 1 << ((n - 1).bit_length() - 4)
+    return -(-n // step) * step
+
+
+class SpareBuffers:
     """Buffers handed back by consumers, for later records' bodies and decompressed
     payloads: reusing them spares a zeroed allocation, and the page faults of its
     first touch, per record on the restore path (8% of a restore's CPU time with
     fresh buffers for decompression alone, docs/PERFORMANCE.md). Thread-safe: the
-    reader takes bodies while workers take and give back."""
+    reader takes bodies while workers take and give back.
 
-    def __init__(self) -> None:
+    The buffers kept and those handed out (and not given back) together stay within
+    ``limit`` bytes whenever those handed out alone do: a spare is dropped before a new
+    buffer is allocated past it, and a buffer given back past it is not kept. So a
+    consumer that charges what it holds (:meth:`DataRecord.reserve`) against a budget
+    of ``limit`` bytes holds no more than that in buffers, kept spares included."""
+
+    def __init__(self, limit: int = DEFAULT_SPARE_BYTES) -> None:
+        self.limit = limit
         self._lock = threading.Lock()
-        self._by_size: dict[int, list[bytearray]] = {}  # sizes are multiples of the grain
+        self._by_size: dict[int, list[bytearray]] = {}  # non-empty lists only
         self._bytes = 0  # in the spares
+        self._out = 0  # handed out by take() and not given back
 
     def take(self, n: int) -> bytearray:
-        """A buffer of at least ``n`` bytes: the smallest spare that fits, or a new one."""
-        # Rounded up so that bodies of similar size (compressed ones vary) share buffers.
-        size = -(-n // _SPARE_GRAIN) * _SPARE_GRAIN
+        """A buffer of at least ``n`` bytes and at most twice its size class: a spare of
+        the smallest size that fits, or a new one."""
+        size = size_class(n)
         with self._lock:
             fits = self._by_size.get(size)
-            if not fits:  # the next larger size that has one (few sizes are in use)
-                fits = min(((k, v) for k, v in self._by_size.items() if k > size and v),
-                           default=(0, None))[1]
-            if fits:
+            if fits is None:  # the next larger size that has one (few sizes are in use)
+                larger = [k for k in self._by_size if size < k <= 2 * size]
+                fits = self._by_size[min(larger)] if larger else None
+            if fits is not None:
                 buf = fits.pop()
+                if not fits:
+                    del self._by_size[len(buf)]
                 self._bytes -= len(buf)
+                self._out += len(buf)
                 return buf
+            # A new buffer: drop spares that would take the total past the limit.
+            for k in sorted(self._by_size, reverse=True):
+                bufs = self._by_size[k]
+                while bufs and self._bytes + self._out + size > self.limit:
+                    bufs.pop()
+                    self._bytes -= k
+                if not bufs:
+                    del self._by_size[k]
+            self._out += size
         return bytearray(size)
 
     def give(self, buf: bytearray) -> None:
         with self._lock:
-            if self._bytes + len(buf) <= _MAX_SPARE_BYTES:
+            self._out = max(0, self._out - len(buf))
+            if self._bytes + self._out + len(buf) <= self.limit:
                 self._by_size.setdefault(len(buf), []).append(buf)
                 self._bytes += len(buf)
+
+    @property
+    def kept(self) -> int:
+        """Bytes in the spares."""
+        return self._bytes
 
 
 #: Bodies at least this long are read straight from the stream into their own buffer.
@@ -191,10 +249,10 @@ class _Input:
     (``reuse=True``) from :attr:`spares`, which the consumer refills through
     :meth:`DataRecord.release`."""
 
-    def __init__(self, f: BinaryIO) -> None:
+    def __init__(self, f: BinaryIO, spares: SpareBuffers) -> None:
         self.f = f
         self.pos = 0
-        self.spares = _Spares()
+        self.spares = spares
         self.on_wait: Callable[[], None] | None = None
         self._poll: select.poll | None = None  # for a pipe or socket: is input waiting?
         try:
@@ -261,9 +319,11 @@ class ArchiveReader:
     """Reads an archive from a stream (pipe or file) from its first byte."""
 
     def __init__(
-        self, f: BinaryIO, *, verify_data: bool = True, keep_configs: bool = True
+        self, f: BinaryIO, *, verify_data: bool = True, keep_configs: bool = True,
+        spares: SpareBuffers | None = None,
     ) -> None:
-        self._in = _Input(f)
+        # ``spares``: shared by the readers of a chain, whose archives are read one by one.
+        self._in = _Input(f, spares if spares is not None else SpareBuffers())
         self.verify_data = verify_data
         self.keep_configs = keep_configs
         self._seq = 0

@@ -9,11 +9,14 @@ the test asks to keep the original ones.
 from __future__ import annotations
 
 import io
+import os
 import struct
 import tempfile
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+
+import zstandard
 
 from agent.archive.format import (
     CHUNK_FIXED,
@@ -22,6 +25,7 @@ from agent.archive.format import (
     NO_INDEX,
     PREAMBLE,
     Chain,
+    Compression,
     End,
     Footer,
     Header,
@@ -228,3 +232,54 @@ def reframe(data: bytes, pos: int, **fields: int) -> bytes:
     new.update(fields)
     frame = pack_frame(new["rtype"], new["flags"], new["seq"], new["body_len"])
     return data[:pos] + frame + data[pos + FRAME.size :]
+
+
+# --- hostile archives: valid, but built to cost a reader as much as possible ------------
+
+
+def write_archive_to(path: str | os.PathLike[str], build: Callable[[ArchiveWriter], None],
+                     header: Header = HEADER) -> None:
+    """:func:`write_archive` into the file ``path`` (large archives stay off the heap)."""
+    with open(path, "wb") as f:
+        w = ArchiveWriter(SequentialOutput(f.fileno(), "test"), header)
+        build(w)
+        w.finish()
+
+
+def tiny_records(n: int, *, gap: int = 4096, zstd: bool = False, zero: bool = False,
+                 ) -> Callable[[ArchiveWriter], None]:
+    """A builder: one device of ``n * gap`` bytes holding ``n`` records of 1 byte, ``gap``
+    bytes apart (DATA records, zstd-compressed with ``zstd``, or ZERO records with
+    ``zero``); each gap is one ZERO record, so the archive is a complete full backup.
+    About 65 archive bytes per 1-byte record: the most records per archive byte."""
+    one = zstandard.ZstdCompressor(write_content_size=True).compress(b"x")
+
+    def build(w: ArchiveWriter) -> None:
+        dev = w.add_device("tiny", n * gap).id
+        for i in range(n):
+            if zero:
+                w.write_zero(dev, i * gap, 1)
+            elif zstd:
+                w.write_data(dev, i * gap, 1, Compression.ZSTD, one)
+            else:
+                w.write_data(dev, i * gap, 1, Compression.NONE, b"x")
+            if gap > 1:
+                w.write_zero(dev, i * gap + 1, gap - 1)
+
+    return build
+
+
+def zero_data(size: int, record: int = 2 * 1024 * 1024) -> Callable[[ArchiveWriter], None]:
+    """A builder: one device of ``size`` bytes stored as compressed DATA records of zeros
+    (a few dozen archive bytes per record), as a hostile writer would store it."""
+    packed = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(record))
+
+    def build(w: ArchiveWriter) -> None:
+        dev = w.add_device("zeros", size).id
+        for off in range(0, size, record):
+            n = min(record, size - off)
+            payload = packed if n == record else (
+                zstandard.ZstdCompressor(write_content_size=True).compress(bytes(n)))
+            w.write_data(dev, off, n, Compression.ZSTD, payload)
+
+    return build

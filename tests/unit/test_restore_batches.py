@@ -159,9 +159,9 @@ def test_the_reader_says_when_it_will_wait_for_a_pipe_and_only_then(tmp_path: Pa
 def test_spare_buffers_are_kept_up_to_a_byte_cap_and_reused_smallest_first() -> None:
     from agent.archive import reader as reader_mod
 
-    spares = reader_mod._Spares()
+    spares = reader_mod.SpareBuffers()
     mib = 1024 * KiB
-    n = reader_mod._MAX_SPARE_BYTES // mib
+    n = reader_mod.DEFAULT_SPARE_BYTES // mib
     given = [bytearray(mib) for _ in range(n + 1)]
     for buf in given:
         spares.give(buf)  # the last one is over the cap: dropped
@@ -169,7 +169,12 @@ def test_spare_buffers_are_kept_up_to_a_byte_cap_and_reused_smallest_first() -> 
     spares.give(small)  # the cap is reached: a small one is dropped too
     taken = [spares.take(mib) for _ in range(n)]
     assert all(any(t is g for g in given[:n]) for t in taken)  # every one a spare
-    fresh = spares.take(mib)
-    assert all(fresh is not g for g in given) and len(fresh) == mib
+    for t in taken:
+        spares.give(t)  # back: room for nothing more
+    spares.give(small)
+    assert spares.take(1000) is not small  # far larger than its size class: not reused
+    fresh = spares.take(3 * mib)
+    assert all(fresh is not g for g in given) and len(fresh) == 3 * mib
+    spares.give(spares.take(mib))  # one went for the fresh one: a spare is still there
     spares.give(small)  # room again
-    assert spares.take(1000) is small  # rounded up to the 64 KiB grain: the small one
+    assert spares.take(60 * KiB) is small  # in its size class: the small one

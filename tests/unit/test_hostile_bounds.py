@@ -1,0 +1,191 @@
+"""Hostile archives (issue #13): what reading and restoring an archive costs is bounded by
+the options, whatever the archive says. Each test builds a valid archive made to cost as
+much as possible and checks the bound by counting, never by the clock."""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.archive import codec
+from agent.archive.format import CHUNK_FIXED, Compression, Device
+from agent.archive.reader import (
+    RECORD_OVERHEAD,
+    ArchiveReader,
+    DataRecord,
+    SpareBuffers,
+    size_class,
+)
+from agent.archive.writer import ArchiveWriter
+from agent.restore import NullTarget, RestoreEngine, RestoreOptions, _Sink
+from tests.unit.archive_util import tiny_records, write_archive, write_archive_to
+
+KiB = 1024
+
+
+# --- what a record is charged -------------------------------------------------------------
+
+
+@given(st.integers(1, 40 * 1024 * KiB))
+def test_a_size_class_wastes_at_most_an_eighth(n: int) -> None:
+    c = size_class(n)
+    assert c >= n
+    assert c <= max(256, n + n // 8)
+
+
+def test_a_64_kib_cluster_record_is_charged_about_its_size() -> None:
+    """A 64 KiB record stored as it is (a body 24 bytes longer) took a 128 KiB buffer."""
+    body = 64 * KiB + CHUNK_FIXED
+    assert size_class(body) < 80 * KiB
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 300 * KiB)), max_size=60),
+       st.integers(64 * KiB, 1024 * KiB))
+def test_spares_and_buffers_out_stay_within_the_limit(
+        steps: list[tuple[bool, int]], limit: int) -> None:
+    """While the buffers a consumer holds are within the limit (its budget sees to that),
+    those and the spares kept for reuse are too."""
+    spares = SpareBuffers(limit)
+    out: list[bytearray] = []
+    for take, n in steps:
+        if take and sum(map(len, out)) + size_class(n) <= limit:
+            out.append(spares.take(n))
+            assert len(out[-1]) >= n
+        elif out:
+            spares.give(out.pop(n % len(out)))
+        assert spares.kept + sum(map(len, out)) <= limit
+
+
+# --- the restore's budget holds with the smallest records ---------------------------------
+
+
+class _GateTarget:
+    """A restore target whose first request waits until the reading thread can read no
+    further (or read the whole archive): how far it got is what the budget allowed."""
+
+    def __init__(self, device: Device, stalled: Callable[[], bool]) -> None:
+        self.name = device.name
+        self.size = device.size
+        self.fresh = False
+        self._stalled = stalled
+        self._open = threading.Event()
+
+    def _gate(self) -> None:
+        if not self._open.is_set():
+            for _ in range(600):  # at most 60 s: a budget that never fills fails the test
+                if self._stalled():
+                    break
+                self._open.wait(0.1)
+            self._open.set()
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._gate()
+
+    def writev(self, offset: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        self._gate()
+
+    def zero(self, offset: int, length: int) -> None:
+        self._gate()
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def stop_when(self, stopped: Callable[[], bool]) -> None:
+        pass
+
+
+def _records_read_while_the_target_waits(path: Path, memory: int) -> tuple[int, int]:
+    """Restore ``path`` onto a target that stalls; return how many 1-byte records the
+    reader had read when it could go no further, and how many there are."""
+    with open(path, "rb", buffering=0) as f:
+        reader = ArchiveReader(f, keep_configs=False, spares=SpareBuffers(memory))
+        end = len(path.read_bytes())
+        seen: list[int] = []
+        engine: RestoreEngine | None = None
+
+        def stalled() -> bool:
+            # The reader waits for memory once the budget has no room for another record.
+            assert engine is not None
+            if reader.position >= end or engine.budget.used + 2 * RECORD_OVERHEAD > memory:
+                seen.append(reader.position)
+                return True
+            return False
+
+        opts = RestoreOptions(memory=memory, workers=2)
+        engine = RestoreEngine(
+            [reader], lambda dev: _Sink(dev, _GateTarget(dev, stalled)), opts)
+        engine.run()
+        assert seen
+        return seen[0], end
+
+
+@pytest.mark.parametrize("kind", ["data", "zstd", "zero"])
+def test_a_stalled_target_stops_the_reader_within_the_budget(tmp_path: Path, kind: str) -> None:
+    """Records of 1 byte, each in its own buffer and Python objects: the reader stops
+    after memory / (what one costs) records, not after memory / (its length). ZERO
+    records cost their objects too: charged nothing, they queued without limit."""
+    n, memory = 20_000, 256 * KiB
+    path = tmp_path / "tiny.arc"
+    write_archive_to(path, tiny_records(n, gap=1 if kind == "zero" else 2,
+                                        zstd=kind == "zstd", zero=kind == "zero"))
+    stopped_at, end = _records_read_while_the_target_waits(path, memory)
+    per_record = end / n  # archive bytes per 1-byte record (and its gap)
+    read = stopped_at / per_record
+    # Each record costs at least RECORD_OVERHEAD: the budget holds this many, plus the
+    # batch the reader had not handed on yet and the record read ahead.
+    assert read <= memory / RECORD_OVERHEAD + 64 + 2, (read, n)
+
+
+def test_records_of_a_device_not_restored_give_their_buffers_back(tmp_path: Path) -> None:
+    """Records skipped (another device) return their buffers: else the spares count them
+    as held forever and soon keep none for reuse."""
+
+    def build(w: ArchiveWriter) -> None:
+        a = w.add_device("a", 64 * KiB).id
+        b = w.add_device("b", 4096 * KiB).id
+        for off in range(0, 4096 * KiB, 64 * KiB):
+            w.write_data(b, off, 64 * KiB, Compression.NONE, os.urandom(64 * KiB))
+        w.write_data(a, 0, 64 * KiB, Compression.NONE, os.urandom(64 * KiB))
+
+    path = tmp_path / "two.arc"
+    write_archive_to(path, build)
+    spares = SpareBuffers(1024 * KiB)
+    with open(path, "rb", buffering=0) as f:
+        reader = ArchiveReader(f, keep_configs=False, spares=spares)
+        opts = RestoreOptions(memory=1024 * KiB, workers=1)
+        RestoreEngine([reader], lambda d: _Sink(d, NullTarget(d)) if d.name == "a" else None,
+                      opts).run()
+    # Every buffer came back, so the last one (device a's) is kept for reuse; had b's
+    # records kept theirs (4 MiB), the spares would think the limit spent and keep none.
+    assert spares.kept >= 64 * KiB
+
+
+def test_reserve_counts_both_buffers_as_allocated() -> None:
+    data = bytes(range(256)) * 256  # 64 KiB that compresses
+
+    def build(w: ArchiveWriter) -> None:
+        dev = w.add_device("d", len(data)).id
+        comp, payload = codec.compress(data, codec.CompressionSpec())
+        assert comp == Compression.ZSTD
+        w.write_data(dev, 0, len(data), comp, payload)
+
+    reader = ArchiveReader(io.BytesIO(write_archive(build)))
+    (rec,) = list(reader.records())
+    assert isinstance(rec, DataRecord)
+    held = rec.reserve()
+    body = rec.raw.body.obj
+    assert isinstance(body, bytearray)
+    assert held == RECORD_OVERHEAD + len(body) + size_class(len(data))
+    assert rec.reserve() == held  # reserved once
+    assert bytes(rec.data()) == data
