@@ -36,7 +36,7 @@ from agent.archive.reader import (
 )
 from agent.chain import Link, check_chain
 from agent.errors import AgentError, Interrupted, InvalidArgument, TargetError
-from agent.nbd.target import FileTarget, Target
+from agent.nbd.target import ZEROS, FileTarget, Target
 from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
 
 if TYPE_CHECKING:
@@ -346,14 +346,16 @@ class RestoreEngine:
         sink, target = batch.sink, batch.sink.target
         data = zero = stored = 0
         run: list[DataRecord] = []  # adjacent data records: one write
+        parts: list[bytes | bytearray | memoryview] = []  # what they decompressed to
 
         def write_run() -> None:
             if run:
                 # their digests were checked as the reader read them
-                target.writev(run[0].offset, [r.data() for r in run])
+                target.writev(run[0].offset, parts)
                 for r in run:
                     r.release()
                 run.clear()
+                parts.clear()
 
         try:
             sink.touched = True  # before any request: a failed one may have written part
@@ -361,11 +363,19 @@ class RestoreEngine:
             # of one archive never overlap, so any order lands the same bytes.
             for rec in sorted(batch.records, key=_offset):
                 if isinstance(rec, DataRecord):
+                    data += rec.length
+                    stored += rec.raw.body.nbytes - CHUNK_FIXED  # as the backup counts them
+                    payload = rec.data()
+                    if target.fresh and is_zero(payload):
+                        # A new target reads as zeros there already: writing them would only
+                        # allocate them (36 KB of archive once filled a 1 GiB file).
+                        write_run()
+                        rec.release()
+                        continue
                     if run and run[-1].offset + run[-1].length != rec.offset:
                         write_run()
                     run.append(rec)
-                    data += rec.length
-                    stored += rec.raw.body.nbytes - CHUNK_FIXED  # as the backup counts them
+                    parts.append(payload)
                 else:
                     write_run()
                     target.zero(rec.offset, rec.length)
@@ -382,6 +392,13 @@ class RestoreEngine:
     def _discard(self) -> None:
         for sink in self.sinks.values():
             sink.discard()
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data`` is all zero bytes: a memcmp against the shared zero buffer, which
+    stops at the first byte that is not zero, so ordinary data costs next to nothing
+    (all zeros: 11 GB/s here; no copy)."""
+    return ZEROS.startswith(data)
 
 
 def _offset(rec: DataRecord | ZeroRecord) -> int:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import io
 import os
 import threading
+import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.archive import codec
-from agent.archive.format import CHUNK_FIXED, Compression, Device
+from agent.archive.format import CHUNK_FIXED, MAX_DATA_LENGTH, Compression, Device, Kind
 from agent.archive.reader import (
     RECORD_OVERHEAD,
     ArchiveReader,
@@ -24,8 +26,24 @@ from agent.archive.reader import (
     size_class,
 )
 from agent.archive.writer import ArchiveWriter
-from agent.restore import NullTarget, RestoreEngine, RestoreOptions, _Sink
-from tests.unit.archive_util import tiny_records, write_archive, write_archive_to
+from agent.nbd.target import ZEROS
+from agent.restore import (
+    NullTarget,
+    RestoreEngine,
+    RestoreOptions,
+    _Sink,
+    is_zero,
+    restore,
+    restore_chain,
+    to_dir,
+)
+from tests.unit.archive_util import (
+    HEADER,
+    tiny_records,
+    write_archive,
+    write_archive_to,
+    zero_data,
+)
 
 KiB = 1024
 
@@ -189,3 +207,53 @@ def test_reserve_counts_both_buffers_as_allocated() -> None:
     assert held == RECORD_OVERHEAD + len(body) + size_class(len(data))
     assert rec.reserve() == held  # reserved once
     assert bytes(rec.data()) == data
+
+
+# --- zeros stored as data -----------------------------------------------------------------
+
+
+def test_is_zero_tells_zeros_from_data_at_every_length_a_record_has() -> None:
+    assert len(ZEROS) >= MAX_DATA_LENGTH  # a record of zeros is never too long to tell
+    for n in (1, 4096, 64 * KiB + 1, MAX_DATA_LENGTH):
+        buf = bytearray(n)
+        assert is_zero(buf) and is_zero(memoryview(buf))
+        buf[-1] = 1
+        assert not is_zero(memoryview(buf))
+        buf[-1], buf[0] = 0, 0x80
+        assert not is_zero(buf)
+
+
+def _zero_data_over_data(size: int) -> tuple[bytes, bytes]:
+    """A full backup of one device full of b"A", and an incremental over it that stores
+    zeros as DATA records."""
+    full_header = replace(HEADER, uuid=uuid.UUID(int=0xF))
+    inc_header = replace(HEADER, uuid=uuid.UUID(int=0x1), kind=Kind.INCREMENTAL,
+                         parent_uuid=full_header.uuid)
+
+    def full(w: ArchiveWriter) -> None:
+        dev = w.add_device("zeros", size).id
+        w.write_data(dev, 0, size, *codec.compress(b"A" * size, codec.CompressionSpec()))
+
+    return write_archive(full, full_header), write_archive(zero_data(size, 64 * KiB),
+                                                           inc_header)
+
+
+def test_zeros_stored_as_data_are_written_over_an_earlier_archive(tmp_path: Path) -> None:
+    """Only a new target reads as zeros: in a chain, zeros over an earlier archive's data
+    must land."""
+    size = 1024 * KiB
+    full, inc = _zero_data_over_data(size)
+    opts = RestoreOptions(memory=1024 * KiB, workers=2)
+    restore_chain([(io.BytesIO(full), "full"), (io.BytesIO(inc), "inc")],
+                  to_dir(tmp_path, "raw", None, opts), opts)
+    assert (tmp_path / "zeros.raw").read_bytes() == bytes(size)
+
+
+def test_zeros_stored_as_data_are_not_written_onto_a_new_file(tmp_path: Path) -> None:
+    size = 8 * 1024 * KiB
+    opts = RestoreOptions(memory=4 * 1024 * KiB, workers=2)
+    result = restore(io.BytesIO(write_archive(zero_data(size))),
+                     to_dir(tmp_path, "raw", None, opts), opts)
+    out = tmp_path / "zeros.raw"
+    assert out.stat().st_size == size and out.stat().st_blocks == 0
+    assert result.progress.data_bytes == size  # still counted as the archive stores them
