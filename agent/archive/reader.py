@@ -321,11 +321,18 @@ class ArchiveReader:
     def __init__(
         self, f: BinaryIO, *, verify_data: bool = True, keep_configs: bool = True,
         spares: SpareBuffers | None = None,
+        on_config_data: Callable[[Config, bytes | bytearray | memoryview], None] | None = None,
     ) -> None:
+        # ``keep_configs``: hold every config in memory (small archives, tests). Or
+        # ``on_config_data``: each config's data, piece by piece and in order, as it is
+        # read (each piece checked and at most 32 MiB), kept by no one but the callee.
         # ``spares``: shared by the readers of a chain, whose archives are read one by one.
         self._in = _Input(f, spares if spares is not None else SpareBuffers())
         self.verify_data = verify_data
         self.keep_configs = keep_configs
+        self._on_config_data = on_config_data
+        self._device_names: set[str] = set()  # a list scan per device was O(n^2)
+        self._config_ids: dict[str, int] = {}
         self._seq = 0
         self._pending: RawRecord | None = None
         self.devices: list[Device] = []
@@ -420,8 +427,9 @@ class ArchiveReader:
             if dev.id != len(self.devices):
                 raise ArchiveError(f"device record at byte {raw.pos} has id {dev.id}, "
                                    f"expected {len(self.devices)}")
-            if any(d.name == dev.name for d in self.devices):
+            if dev.name in self._device_names:
                 raise ArchiveError(f"device name {dev.name!r} appears twice (byte {raw.pos})")
+            self._device_names.add(dev.name)
             self.devices.append(dev)
             self._coverage.append(IntervalSet())
         elif raw.rtype == RecordType.CONFIG:
@@ -430,8 +438,9 @@ class ArchiveReader:
             if cfg.id != len(self.configs):
                 raise ArchiveError(f"config record at byte {raw.pos} has id {cfg.id}, "
                                    f"expected {len(self.configs)}")
-            if any(c.name == cfg.name for c in self.configs):
+            if cfg.name in self._config_ids:
                 raise ArchiveError(f"config name {cfg.name!r} appears twice (byte {raw.pos})")
+            self._config_ids[cfg.name] = cfg.id
             self.configs.append(cfg)
             self._config_filled.append(0)
             if self.keep_configs:
@@ -449,16 +458,23 @@ class ArchiveReader:
             self._config_filled[ch.target] += ch.length
             if self.keep_configs:
                 self.config_data[cfg.name] += data
+            if self._on_config_data is not None:
+                self._on_config_data(cfg, data)
+
+    def config_info(self, name: str) -> Config:
+        """The config record named ``name``, complete in the archive."""
+        cfg_id = self._config_ids.get(name)
+        if cfg_id is None:
+            names = ", ".join(c.name for c in self.configs) or "none"
+            raise ArchiveError(f"no config named {name!r} in the archive (it has: {names})")
+        cfg = self.configs[cfg_id]
+        if self._config_filled[cfg.id] != cfg.size:
+            raise ArchiveError(f"config {name!r} is incomplete in the archive")
+        return cfg
 
     def config(self, name: str) -> bytes:
-        """A stored config blob, complete and checked."""
-        for cfg in self.configs:
-            if cfg.name == name:
-                if self._config_filled[cfg.id] != cfg.size:
-                    raise ArchiveError(f"config {name!r} is incomplete in the archive")
-                return bytes(self.config_data[name])
-        names = ", ".join(c.name for c in self.configs) or "none"
-        raise ArchiveError(f"no config named {name!r} in the archive (it has: {names})")
+        """A stored config blob, complete and checked (``keep_configs`` only)."""
+        return bytes(self.config_data[self.config_info(name).name])
 
     # -- data --------------------------------------------------------------------------
 

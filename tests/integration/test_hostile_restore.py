@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.archive.codec import CompressionSpec
+from agent.archive.writer import ArchiveWriter
 from tests.integration.cli_util import AGENT, MiB, agent
 from tests.unit.archive_util import tiny_records, write_archive_to, zero_data
 
@@ -75,3 +77,39 @@ def test_zeros_stored_as_data_take_no_space_on_a_new_target(tmp_path: Path, fmt:
     check = subprocess.run(["qemu-img", "compare", "-f", fmt, str(image), f"json:{zeros}"],
                            capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.timeout(120)
+def test_config_keeps_only_the_config_asked_for(tmp_path: Path) -> None:
+    """Every config of the archive was held in memory: a small archive whose other config
+    decompresses to 512 MiB cost 560 MiB for a one-line config."""
+    big = 128 * MiB
+
+    def with_big(w: ArchiveWriter) -> None:
+        w.add_config("vm.conf", b"memory: 2G\n", CompressionSpec())
+        w.add_config("huge", bytes(big), CompressionSpec())
+
+    def without(w: ArchiveWriter) -> None:
+        w.add_config("vm.conf", b"memory: 2G\n", CompressionSpec())
+
+    hostile, small = tmp_path / "hostile.arc", tmp_path / "small.arc"
+    write_archive_to(hostile, with_big)
+    write_archive_to(small, without)
+    assert hostile.stat().st_size < 1 * MiB
+    base, _ = _peak_rss("config", small, "vm.conf")
+    peak, _ = _peak_rss("config", hostile, "vm.conf")
+    # One piece of the other config at a time (4 MiB as the writer cuts them, at most
+    # 32 MiB as a reader accepts them).
+    assert peak - base <= 24 * MiB, (base, peak)
+    r = agent("config", hostile, "vm.conf")
+    assert r.returncode == 0 and r.stdout == b"memory: 2G\n", r.stderr
+    # The large one itself goes out as it is read.
+    out = tmp_path / "huge"
+    with open(out, "wb") as f:
+        proc = subprocess.run([AGENT, "config", str(hostile), "huge"], stdout=f,
+                              stderr=subprocess.PIPE, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size == big
+    with open(out, "rb") as f:
+        while chunk := f.read(8 * MiB):
+            assert chunk.count(0) == len(chunk)

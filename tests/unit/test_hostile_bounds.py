@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import FrameType
 
 import pytest
 from hypothesis import given, settings
@@ -257,3 +259,42 @@ def test_zeros_stored_as_data_are_not_written_onto_a_new_file(tmp_path: Path) ->
     out = tmp_path / "zeros.raw"
     assert out.stat().st_size == size and out.stat().st_blocks == 0
     assert result.progress.data_bytes == size  # still counted as the archive stores them
+
+
+# --- work that grew faster than the input -------------------------------------------------
+
+
+def _lines_run_reading(devices: int, configs: int) -> int:
+    """Python lines run while a reader reads the metadata of an archive with this many
+    devices and configs: a count of work that no clock or load changes."""
+
+    def build(w: ArchiveWriter) -> None:
+        for i in range(devices):
+            w.add_device(f"d{i}", 4096)
+        for i in range(configs):
+            w.add_config(f"c{i}", b"x", codec.CompressionSpec.parse("none"))
+
+    data = write_archive(build)
+    lines = 0
+
+    def trace(frame: FrameType, event: str, arg: object) -> Callable[..., object] | None:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        ArchiveReader(io.BytesIO(data), keep_configs=False)
+    finally:
+        sys.settrace(None)
+    return lines
+
+
+@pytest.mark.parametrize(("devices", "configs"), [(1500, 0), (0, 1500)])
+def test_reading_names_costs_linear_work(devices: int, configs: int) -> None:
+    """Each new name was compared with every earlier one: 40,000 devices took two
+    minutes to verify. Twice the names must cost about twice the work, not four times."""
+    once = _lines_run_reading(devices, configs)
+    twice = _lines_run_reading(2 * devices, 2 * configs)
+    assert twice <= 2.3 * once, (once, twice)
