@@ -249,10 +249,10 @@ class _Input:
     (``reuse=True``) from :attr:`spares`, which the consumer refills through
     :meth:`DataRecord.release`."""
 
-    def __init__(self, f: BinaryIO, spares: SpareBuffers) -> None:
+    def __init__(self, f: BinaryIO, spares: SpareBuffers | None = None) -> None:
         self.f = f
         self.pos = 0
-        self.spares = spares
+        self.spares = spares if spares is not None else SpareBuffers()
         self.on_wait: Callable[[], None] | None = None
         self._poll: select.poll | None = None  # for a pipe or socket: is input waiting?
         try:
@@ -327,7 +327,7 @@ class ArchiveReader:
         # ``on_config_data``: each config's data, piece by piece and in order, as it is
         # read (each piece checked and at most 32 MiB), kept by no one but the callee.
         # ``spares``: shared by the readers of a chain, whose archives are read one by one.
-        self._in = _Input(f, spares if spares is not None else SpareBuffers())
+        self._in = _Input(f, spares)
         self.verify_data = verify_data
         self.keep_configs = keep_configs
         self._on_config_data = on_config_data

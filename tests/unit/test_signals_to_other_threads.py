@@ -76,7 +76,8 @@ class Stalled:
 
 def build(w):
     dev = w.add_device("d", 1 << 20)
-    w.write_data(dev.id, 0, 1 << 20, Compression.NONE, bytes(1 << 20))
+    # Not zeros: those are not written onto a new target (fresh) at all.
+    w.write_data(dev.id, 0, 1 << 20, Compression.NONE, b"x" * (1 << 20))
 
 
 def wait():
