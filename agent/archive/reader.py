@@ -208,7 +208,8 @@ class SpareBuffers:
                 self._out += len(buf)
                 return buf
             # A new buffer: drop spares that would take the total past the limit.
-            for k in sorted(self._by_size, reverse=True):
+            over = self._bytes + self._out + size > self.limit
+            for k in sorted(self._by_size, reverse=True) if over else ():
                 bufs = self._by_size[k]
                 while bufs and self._bytes + self._out + size > self.limit:
                     bufs.pop()
