@@ -1,14 +1,25 @@
 """Random access to an archive file through its trailing index.
 
 A reader that can seek finds the 48-byte footer at the end of the file (after
-any zero padding a tape left), reads the END record and the INDEX records it
-points to, and from then on finds any device byte without scanning the data.
+any zero padding a tape left), reads the END record it points to and walks the
+INDEX records (agent/archive/index_walk.py), checking them in fixed-size pieces
+without keeping them: opening costs the same small memory whatever the archive.
+Only :meth:`IndexedArchive.read` needs the entries by device offset, and builds a
+packed table of them (24 bytes an entry) the first time it is called.
+
+Everything an archive says at its end is checked before it is believed: the footer
+(its own length, where END is), END (its digest, its ``seq``), the index (see
+index_walk), and that both ends belong to one archive. Only ``verify`` reads the
+records themselves.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 import os
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -17,22 +28,21 @@ from agent.archive.format import (
     CHUNK_FIXED,
     DIGEST_SIZE,
     FOOTER,
-    FRAME,
+    INDEX_ENTRY,
     NO_INDEX,
+    PREAMBLE,
     Chunk,
     Config,
     Device,
     End,
     Footer,
     Header,
-    IndexEntry,
     Kind,
     RecordType,
     Zero,
-    decode_index,
     digest,
-    unpack_frame,
 )
+from agent.archive.index_walk import Collect, IndexFacts, frame_at, walk_index
 from agent.archive.reader import ArchiveReader
 from agent.errors import ArchiveError
 
@@ -42,7 +52,21 @@ _TAIL_PROBE = 1 << 20
 @dataclass(frozen=True)
 class _Record:
     rtype: int
+    seq: int
     body: bytes
+
+
+def _record_at(f: BinaryIO, pos: int, end: int) -> _Record:
+    """The record at ``pos`` (ending by ``end``), its digest checked. Only for records
+    whose body the caller needs whole (END, one DATA record): at most MAX_BODY."""
+    fr = frame_at(f, pos, end)
+    body = f.read(fr.body_len)
+    dig = f.read(DIGEST_SIZE)
+    if len(body) != fr.body_len or len(dig) != DIGEST_SIZE:
+        raise ArchiveError(f"the archive is truncated inside the record at byte {pos}")
+    if digest(body) != dig:
+        raise ArchiveError(f"record at byte {pos} fails its checksum")
+    return _Record(fr.rtype, fr.seq, body)
 
 
 def _find_footer(f: BinaryIO, size: int) -> tuple[Footer, int]:
@@ -52,10 +76,15 @@ def _find_footer(f: BinaryIO, size: int) -> tuple[Footer, int]:
     f.seek(size - FOOTER.size)
     last = f.read(FOOTER.size)
     try:
-        return Footer.decode(last, size - FOOTER.size), size - FOOTER.size
+        footer = Footer.decode(last, size - FOOTER.size)
     except ArchiveError:
         if last.strip(b"\0"):
             raise
+    else:
+        if footer.archive_len != size:
+            raise ArchiveError(f"the footer at byte {size - FOOTER.size} says the archive is "
+                               f"{footer.archive_len} bytes long, not {size}")
+        return footer, size - FOOTER.size
     # Zero padding: find the last non-zero byte, then the footer ends a little after
     # it (its digest may itself end in zero bytes).
     end = size
@@ -84,12 +113,140 @@ def _find_footer(f: BinaryIO, size: int) -> tuple[Footer, int]:
     raise ArchiveError("no footer found at the end of the archive: it is incomplete")
 
 
+
+
+@dataclass(frozen=True)
+class Seal:
+    """What the end of an archive file says, checked: the footer, where it is, and END."""
+
+    footer: Footer
+    footer_pos: int
+    end: End
+    end_seq: int
+
+
+def read_seal(f: BinaryIO) -> Seal:
+    """The footer and END record of the archive file ``f``: proof that a writer finished
+    it (only ``verify`` proves that nothing before was changed)."""
+    size = os.fstat(f.fileno()).st_size
+    footer, footer_pos = _find_footer(f, size)
+    if not PREAMBLE.size < footer.end_pos < footer_pos:
+        raise ArchiveError(f"the footer at byte {footer_pos} points at byte "
+                           f"{footer.end_pos} for the end record")
+    rec = _record_at(f, footer.end_pos, footer_pos)
+    if rec.rtype != RecordType.END:
+        raise ArchiveError(f"the footer points at byte {footer.end_pos}, not an end record")
+    if f.tell() != footer_pos:
+        raise ArchiveError(f"the end record at byte {footer.end_pos} is not followed by "
+                           "the footer")
+    end = End.decode(rec.body)
+    if end.records != rec.seq:
+        raise ArchiveError(f"end record at byte {footer.end_pos} does not seal the archive: "
+                           f"{rec.seq} records present, the seal says {end.records}")
+    if footer.index_pos != NO_INDEX and not PREAMBLE.size < footer.index_pos < footer.end_pos:
+        raise ArchiveError(f"the footer points at byte {footer.index_pos} for the index")
+    return Seal(footer, footer_pos, end, rec.seq)
+
+
+def seal_of(path: str) -> Seal:
+    """:func:`read_seal` of the file ``path`` (OSError if it cannot be opened)."""
+    with open(path, "rb") as f:
+        return read_seal(f)
+
+
+# One table entry: device offset, length, and the record's position with its type in the
+# top bit. Big-endian, so that comparing packed entries as bytes orders them by offset.
+_SLOT = struct.Struct(">QQQ")
+_DATA_BIT = 1 << 63
+
+
+def _slots(run: bytes) -> Iterator[bytes]:
+    view = memoryview(run)
+    for k in range(0, len(run), _SLOT.size):
+        yield bytes(view[k : k + _SLOT.size])
+
+
+class _Offsets:
+    """The offsets of a packed table, as a sequence for :mod:`bisect`."""
+
+    def __init__(self, table: bytes | bytearray) -> None:
+        self._table = table
+
+    def __len__(self) -> int:
+        return len(self._table) // _SLOT.size
+
+    def __getitem__(self, i: int) -> int:
+        return int.from_bytes(self._table[i * _SLOT.size : i * _SLOT.size + 8], "big")
+
+
+class _Lookup:
+    """Each device's index entries sorted by device offset, packed in one bytes object
+    (24 bytes an entry, no object per entry), for bisection. Building it sorts the entries,
+    which also shows whether any two of a device's ranges overlap: a valid archive's never
+    do (verify refuses them), so neither does this."""
+
+    def __init__(self, tables: dict[int, bytes | bytearray], names: dict[int, str]) -> None:
+        self._tables = tables
+        for dev, table in tables.items():
+            end = 0
+            for off, ln, _ in _SLOT.iter_unpack(table):
+                if off < end:
+                    raise ArchiveError(f"device {names[dev]!r}: the index lists overlapping "
+                                       f"ranges at device offset {off}: the index is damaged")
+                end = off + ln
+
+    @classmethod
+    def build(cls, walk: Callable[[Collect], IndexFacts], names: dict[int, str]) -> _Lookup:
+        """Sort the entries ``walk`` hands out by device and offset, never holding more than
+        one piece of them as Python objects: each piece is sorted into packed runs (one per
+        device), and the runs of a device are merged into its table."""
+        runs: dict[int, list[bytes]] = {}
+
+        def collect(piece: memoryview) -> None:
+            mine: dict[int, list[bytes]] = {}
+            for rt, _c, _r, dev, off, ln, pos in INDEX_ENTRY.iter_unpack(piece):
+                bit = _DATA_BIT if rt == RecordType.DATA & 0xFF else 0
+                mine.setdefault(dev, []).append(_SLOT.pack(off, ln, pos | bit))
+            for dev, slots in mine.items():
+                slots.sort()
+                runs.setdefault(dev, []).append(b"".join(slots))
+
+        walk(collect)
+        tables: dict[int, bytes | bytearray] = {}
+        for dev in list(runs):
+            parts = runs.pop(dev)
+            if len(parts) == 1:
+                tables[dev] = parts[0]
+                continue
+            table = bytearray()
+            for slot in heapq.merge(*(_slots(p) for p in parts)):
+                table += slot
+            tables[dev] = table  # no copy: it is never changed again
+        return cls(tables, names)
+
+    def entries(self, dev: int, offset: int, length: int) -> list[tuple[int, int, int, bool]]:
+        """(offset, length, pos, is_data) of the entries of ``dev`` that meet
+        ``offset..offset+length``, in offset order."""
+        table = self._tables.get(dev, b"")
+        i = max(0, bisect.bisect_right(_Offsets(table), offset) - 1)
+        out = []
+        for k in range(i * _SLOT.size, len(table), _SLOT.size):
+            off, ln, pos = _SLOT.unpack_from(table, k)
+            if off >= offset + length:
+                break
+            if off + ln > offset:
+                out.append((off, ln, pos & ~_DATA_BIT, bool(pos & _DATA_BIT)))
+        return out
+
+
 class IndexedArchive:
-    """An archive file opened for random access."""
+    """An archive file opened for random access: its header, devices and configs (read
+    from the start), its seal (END, from the end) and its index, all checked."""
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._f: BinaryIO = open(path, "rb")  # noqa: SIM115 (closed in close())
+        self._lookup: _Lookup | None = None
         try:
             self._open()
         except BaseException:
@@ -98,42 +255,33 @@ class IndexedArchive:
 
     def _open(self) -> None:
         f = self._f
-        size = os.fstat(f.fileno()).st_size
-        footer, _ = _find_footer(f, size)
-        self.archive_len = footer.archive_len
+        seal = read_seal(f)
+        self._seal = seal
+        self.end: End = seal.end
+        self.archive_len = seal.footer.archive_len
         f.seek(0)
         head = ArchiveReader(f, keep_configs=False)
         self.header: Header = head.header
         self.devices: list[Device] = head.devices
         self.configs: list[Config] = head.configs
+        if head.data_start is None:  # only after records() was iterated: not here
+            raise ArchiveError("internal: the reader went past the metadata")
+        self._data_start = head.data_start
         try:
-            self._read_end(footer)
+            self._check_end_matches_start()
+            self.index: IndexFacts | None = None
+            if seal.footer.index_pos != NO_INDEX:
+                self.index = self._walk(None)
+                self._check_index(self.index)
         except ArchiveError as e:
             raise self._mismatch(str(e)) from e
-        self._check_end_matches_start(head.data_start)
 
-    def _read_end(self, footer: Footer) -> None:
-        end_rec = self._record_at(footer.end_pos)
-        if end_rec.rtype != RecordType.END:
-            raise ArchiveError(f"the footer points at byte {footer.end_pos}, not an end record")
-        self.end: End = End.decode(end_rec.body)
-        self._entries: dict[int, list[IndexEntry]] = {d.id: [] for d in self.devices}
-        if footer.index_pos != NO_INDEX:
-            pos = footer.index_pos
-            while pos < footer.end_pos:
-                rec = self._record_at(pos)
-                if rec.rtype != RecordType.INDEX:
-                    break
-                for e in decode_index(rec.body):
-                    if e.device not in self._entries:
-                        raise ArchiveError(f"index names unknown device {e.device}")
-                    self._entries[e.device].append(e)
-                pos += FRAME.size + len(rec.body) + DIGEST_SIZE
-        for entries in self._entries.values():
-            entries.sort(key=lambda e: e.offset)
-        self._starts = {d: [e.offset for e in es] for d, es in self._entries.items()}
+    def _walk(self, collect: Collect | None) -> IndexFacts:
+        s = self._seal
+        return walk_index(self._f, s.footer.index_pos, s.footer.end_pos, s.end_seq,
+                          self.devices, self._data_start, collect)
 
-    def _check_end_matches_start(self, data_start: int | None) -> None:
+    def _check_end_matches_start(self) -> None:
         """The start (header, devices) and the end (seal, index) were found at the two ends
         of the file: make sure they are one archive. A file that held an older, longer
         archive and was overwritten without truncation (a reused tape image) has the new
@@ -146,28 +294,57 @@ class IndexedArchive:
         if self.header.kind == Kind.FULL and end.data_bytes + end.zero_bytes != sum(
                 d.size for d in devices):
             problems.append("its seal covers another size than its devices")
-        sizes = {d.id: d.size for d in devices}
-        if any(e.offset + e.length > sizes[d] for d, es in self._entries.items() for e in es):
-            problems.append("its index has ranges outside its devices")
-        first = min((e for es in self._entries.values() for e in es), key=lambda e: e.pos,
-                    default=None)
-        if not problems and first is not None:
-            if first.pos != data_start:
-                problems.append("its index does not start where its data does")
-            else:
-                rec = self._record_at(first.pos)
-                if rec.rtype == RecordType.DATA:
-                    ch = Chunk.decode(rec.body, f"data record at byte {first.pos}")
-                    found = (rec.rtype, ch.target, ch.offset, ch.length)
-                elif rec.rtype == RecordType.ZERO:
-                    z = Zero.decode(rec.body)
-                    found = (rec.rtype, z.device, z.offset, z.length)
-                else:
-                    found = (rec.rtype, -1, -1, -1)
-                if found != (first.rtype, first.device, first.offset, first.length):
-                    problems.append("its first data record is not the one its index names")
+        if self._seal.footer.index_pos != NO_INDEX and self._seal.footer.index_pos < (
+                self._data_start):
+            problems.append("its index starts before its data")
         if problems:
-            raise self._mismatch("; ".join(problems))
+            raise ArchiveError("; ".join(problems))
+
+    def _check_index(self, facts: IndexFacts) -> None:
+        """What the index says against the seal and the devices (index_walk has checked
+        every entry on its own)."""
+        end, f = self.end, self._f
+        problems = []
+        if (facts.data_bytes, facts.zero_bytes) != (end.data_bytes, end.zero_bytes):
+            problems.append("its index and its seal count other data or zero bytes")
+        data_start_seq = frame_at(f, self._data_start, self._seal.footer_pos).seq
+        room = facts.first_seq - data_start_seq  # records between the metadata and the index
+        if facts.entries > room:
+            problems.append(f"its index lists {facts.entries} records, there is room for "
+                            f"{room}")
+        elif facts.entries == room and facts.stored_if_back_to_back != end.stored_bytes:
+            problems.append("its index and its seal count other stored bytes")
+        full = self.header.kind == Kind.FULL
+        for dev, listed in zip(self.devices, facts.by_device, strict=True):
+            if listed > dev.size or (full and listed != dev.size):
+                problems.append(f"its index lists {listed} bytes of device {dev.name!r} "
+                                f"({dev.size} bytes)")
+                break
+        if problems:
+            raise ArchiveError("; ".join(problems))
+        # The first and the last entry name real records: the cheap check that the index
+        # belongs to the data before it.
+        for which, entry, seq in (("first", facts.first, data_start_seq),
+                                  ("last", facts.last, facts.first_seq - 1)):
+            if entry is None:
+                continue
+            rtype, device, offset, length, pos = entry
+            found = self._describe_record(pos, seq if facts.entries == room else None)
+            if found != (rtype, device, offset, length):
+                raise ArchiveError(f"its {which} data record is not the one its index names")
+
+    def _describe_record(self, pos: int, seq: int | None) -> tuple[int, int, int, int]:
+        """(type low byte, device, offset, length) of the DATA or ZERO record at ``pos``."""
+        rec = _record_at(self._f, pos, self._seal.footer_pos)
+        if seq is not None and rec.seq != seq:
+            return (-1, -1, -1, -1)
+        if rec.rtype == RecordType.DATA:
+            ch = Chunk.decode(rec.body, f"data record at byte {pos}")
+            return (rec.rtype & 0xFF, ch.target, ch.offset, ch.length)
+        if rec.rtype == RecordType.ZERO:
+            z = Zero.decode(rec.body)
+            return (rec.rtype & 0xFF, z.device, z.offset, z.length)
+        return (-1, -1, -1, -1)
 
     def _mismatch(self, why: str) -> ArchiveError:
         return ArchiveError(
@@ -175,51 +352,46 @@ class IndexedArchive:
             f"or is damaged ({why}): is an older archive left behind it? `backup-agent "
             "verify` reads it from the start")
 
-    def _record_at(self, pos: int) -> _Record:
-        f = self._f
-        f.seek(pos)
-        head = f.read(FRAME.size)
-        if len(head) != FRAME.size:
-            raise ArchiveError(f"the archive is truncated at byte {pos}")
-        fr = unpack_frame(head, pos)
-        body = f.read(fr.body_len)
-        dig = f.read(DIGEST_SIZE)
-        if len(body) != fr.body_len or len(dig) != DIGEST_SIZE:
-            raise ArchiveError(f"the archive is truncated inside the record at byte {pos}")
-        if digest(body) != dig:
-            raise ArchiveError(f"record at byte {pos} fails its checksum")
-        return _Record(fr.rtype, body)
-
     def device(self, name: str) -> Device:
         for d in self.devices:
             if d.name == name:
                 return d
         raise ArchiveError(f"no device named {name!r} in the archive")
 
+    def _entries(self) -> _Lookup:
+        if self._lookup is None:
+            if self.index is None:
+                raise ArchiveError(f"{self.path}: the archive has no index, so it cannot be "
+                                   "read at random: restore it instead")
+            names = {d.id: d.name for d in self.devices}
+            try:
+                self._lookup = _Lookup.build(self._walk, names)
+            except ArchiveError as e:
+                raise self._mismatch(str(e)) from e
+        return self._lookup
+
     def read(self, name: str, offset: int, length: int) -> bytes:
         """Device bytes [offset, offset+length), from the records that hold them."""
         dev = self.device(name)
         if offset < 0 or length < 0 or offset + length > dev.size:
             raise ArchiveError(f"device {name!r}: range {offset}+{length} is outside the device")
-        entries, starts = self._entries[dev.id], self._starts[dev.id]
         out = bytearray(length)  # ranges no record covers read as zeros (incrementals)
-        i = max(0, bisect.bisect_right(starts, offset) - 1)
-        while i < len(entries) and entries[i].offset < offset + length:
-            e = entries[i]
-            i += 1
-            lo, hi = max(offset, e.offset), min(offset + length, e.offset + e.length)
-            if lo >= hi or e.rtype == RecordType.ZERO:
+        for e_off, e_len, pos, is_data in self._entries().entries(dev.id, offset, length):
+            if not is_data:
                 continue
-            rec = self._record_at(e.pos)
-            ch = Chunk.decode(rec.body, f"data record at byte {e.pos}")
-            if rec.rtype != RecordType.DATA or (ch.target, ch.offset, ch.length) != (
-                e.device, e.offset, e.length
-            ):
-                raise ArchiveError(f"the index entry for byte {e.pos} does not match the "
+            lo, hi = max(offset, e_off), min(offset + length, e_off + e_len)
+            rec = _record_at(self._f, pos, self._seal.footer_pos)
+            what = f"data record at byte {pos}"
+            if rec.rtype != RecordType.DATA:
+                raise ArchiveError(f"the index entry for byte {pos} does not match the "
+                                   "record there: the index is damaged")
+            ch = Chunk.decode(rec.body, what)
+            if (ch.target, ch.offset, ch.length) != (dev.id, e_off, e_len):
+                raise ArchiveError(f"the index entry for byte {pos} does not match the "
                                    "record there: the index is damaged")
             data = codec.decompress(ch.compression, memoryview(rec.body)[CHUNK_FIXED:],
-                                    ch.length, f"data record at byte {e.pos}")
-            out[lo - offset : hi - offset] = memoryview(data)[lo - e.offset : hi - e.offset]
+                                    ch.length, what)
+            out[lo - offset : hi - offset] = memoryview(data)[lo - e_off : hi - e_off]
         return bytes(out)
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ import re
 import sys
 
 from agent.archive.codec import CompressionSpec
+from agent.cli.render import printable
 from agent.errors import OutputError
 
 _SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
@@ -45,8 +46,9 @@ def one_line(text: str) -> str:
 
 
 def error_text(message: str) -> str:
-    """The one line ``backup-agent: error: ...`` that reports ``message`` (no newline)."""
-    return f"backup-agent: error: {one_line(message)}"
+    """The one line ``backup-agent: error: ...`` that reports ``message`` (no newline),
+    with whatever else a terminal would act on escaped (a message may quote an archive)."""
+    return f"backup-agent: error: {printable(one_line(message))}"
 
 
 def archive_label(path: str) -> str:

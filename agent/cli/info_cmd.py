@@ -6,7 +6,7 @@ import argparse
 import logging
 
 from agent.cli import common
-from agent.cli.render import log_contents, size
+from agent.cli.render import log_contents, printable, size
 
 log = logging.getLogger("backup-agent")
 
@@ -42,23 +42,29 @@ def run(args: argparse.Namespace) -> int:
         return 0
     created = datetime.datetime.fromtimestamp(info["created"], datetime.UTC)
     t = info["totals"]
+
+    def shown(text: str) -> str:
+        # Everything below that the archive wrote, escaped: a newline in the tool version
+        # must not forge a line (the seal's, which users keep as tamper evidence).
+        return printable(text, backslash=True)
+
     lines = [
         f"archive   {info['uuid']}",
         f"kind      {info['kind']}",
         *([f"parent    {info['parent_uuid']}"] if info["parent_uuid"] else []),
-        *([f"starts    checkpoint {info['checkpoint']}"] if info["checkpoint"] else []),
+        *([f"starts    checkpoint {shown(info['checkpoint'])}"] if info["checkpoint"] else []),
         f"created   {created:%Y-%m-%d %H:%M:%S} UTC",
-        f"tool      backup-agent {info['tool_version']}",
+        f"tool      backup-agent {shown(info['tool_version'])}",
         f"seal      {info['seal']}",
         "",
         f"{'DEVICE':<20} {'SIZE':>12}  PROPERTIES",
     ]
     for d in info["devices"]:
-        props = " ".join(f"{k}={v}" for k, v in d["properties"].items())
-        lines.append(f"{d['name']:<20} {size(d['size']):>12}  {props}")
+        props = " ".join(f"{shown(k)}={shown(v)}" for k, v in d["properties"].items())
+        lines.append(f"{shown(d['name']):<20} {size(d['size']):>12}  {props}")
     if info["configs"]:
         lines += ["", f"{'CONFIG':<20} {'SIZE':>12}"]
-        lines += [f"{c['name']:<20} {size(c['size']):>12}" for c in info["configs"]]
+        lines += [f"{shown(c['name']):<20} {size(c['size']):>12}" for c in info["configs"]]
     ratio = t["data_bytes"] / t["stored_bytes"] if t["stored_bytes"] else 0.0
     lines += [
         "",

@@ -8,7 +8,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from agent.cli import common
-from agent.cli.render import ProgressRenderer, size, summary_line
+from agent.cli.common import one_line
+from agent.cli.render import ProgressRenderer, printable, size, summary_line
 from agent.errors import AgentError, Interrupted
 
 if TYPE_CHECKING:
@@ -159,17 +160,18 @@ def run_prune(args: argparse.Namespace) -> int:
     doomed = "would delete" if args.dry_run else "deleted"
     for chain in p.delete:
         for a in chain.archives:
-            print(f"{doomed:<12}  {a.path}")
+            print(f"{doomed:<12}  {printable(a.path)}")
     for chain in p.keep:
         for a in chain.archives:
-            print(f"{'keep':<12}  {a.path}")
+            print(f"{'keep':<12}  {printable(a.path)}")
     for chain in p.incomplete:
         for a in chain.archives:
-            print(f"{'keep':<12}  {a.path}  (its chain's full archive is incomplete)")
+            print(f"{'keep':<12}  {printable(a.path)}  (its chain's full archive is incomplete)")
     for a in p.orphans:
-        print(f"{'keep':<12}  {a.path}  (no full archive it builds on is here)")
+        print(f"{'keep':<12}  {printable(a.path)}  (no full archive it builds on is here)")
     for path, why in result.unreadable:
-        print(f"{'keep':<12}  {path}  (not readable as an archive: {why})")
+        print(f"{'keep':<12}  {printable(path)}  (not readable as an archive: "
+              f"{printable(one_line(why))})")
     freed = sum(a.size for c in p.delete for a in c.archives)
     log.info("%s %d chain(s): %d archive(s), %s; kept %d chain(s)%s", doomed,
              len(p.delete), sum(len(c.archives) for c in p.delete), size(freed), len(p.keep),

@@ -24,6 +24,7 @@ from agent.cli import (
     verify_cmd,
 )
 from agent.cli.common import UsageError, error_text, one_line
+from agent.cli.render import PrintableFormatter
 from agent.errors import AgentError, Interrupted
 
 log = logging.getLogger("backup-agent")
@@ -51,7 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, stream=sys.stderr, format="backup-agent: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    # Escaped: log lines quote archives' names and properties, which must not reach a
+    # terminal as escape sequences or as lines of their own.
+    handler.setFormatter(PrintableFormatter("backup-agent: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     interrupts.install()
     return run_command(args)
 

@@ -15,6 +15,54 @@ if TYPE_CHECKING:
     from agent.archive.format import Device, Header
 
 
+_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+
+
+def printable(text: str, backslash: bool = False) -> str:
+    """``text`` made safe to show on a terminal or in a log line, on the line it is on.
+
+    Archives are untrusted: a tool version, a property or a checkpoint name could carry a
+    newline that forges a line of ``info`` (a ``seal`` line), or escape sequences that
+    clear or rewrite the screen. Every character Python's ``repr`` would escape (controls,
+    ESC, line and paragraph separators, bidi overrides and other invisible format
+    characters, unassigned code points) is shown as its escape: ``\\n``, ``\\x1b``,
+    ``\\u202e``. With ``backslash``, backslashes are doubled too, so that no two texts
+    look alike (for fields shown as they are, not for messages that quote ``repr``)."""
+    if text.isprintable() and not (backslash and "\\" in text):
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\" and backslash:
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        elif ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        else:
+            n = ord(ch)
+            out.append(f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000
+                       else f"\\U{n:08x}")
+    return "".join(out)
+
+
+class PrintableFormatter(logging.Formatter):
+    """Log lines with :func:`printable` messages: a message may quote what an archive, a
+    directory or a helper said, and must stay one harmless line. Tracebacks (``--debug``)
+    keep their line breaks; their lines are escaped the same way."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.msg, record.args, record.exc_text
+        # exc_text None: another handler may have cached the traceback unescaped
+        record.msg, record.args, record.exc_text = printable(record.getMessage()), None, None
+        try:
+            return super().format(record)
+        finally:
+            record.msg, record.args, record.exc_text = saved
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join(printable(line) for line in super().formatException(ei).split("\n"))
+
+
 def size(n: float) -> str:
     """Bytes in binary units, e.g. 1.5 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):

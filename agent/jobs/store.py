@@ -36,7 +36,7 @@ from agent.archive.format import (
     digest,
     unpack_frame,
 )
-from agent.archive.indexed import IndexedArchive
+from agent.archive.indexed import seal_of
 from agent.archive.output import rename_durably
 from agent.errors import AgentError, ArchiveError
 from agent.jobs.retention import ArchiveDesc, Plan, plan
@@ -78,7 +78,8 @@ def read_header(path: str) -> Header:
             check_preamble(f.read(PREAMBLE.size))
             frame = unpack_frame(f.read(FRAME.size).ljust(FRAME.size, b"\0"), PREAMBLE.size)
             body = f.read(frame.body_len)
-            if frame.rtype != RecordType.HEADER or len(body) != frame.body_len:
+            if (frame.rtype != RecordType.HEADER or frame.seq != 0
+                    or len(body) != frame.body_len):
                 raise ArchiveError(f"{path}: the archive does not start with a header record")
             if digest(body) != f.read(DIGEST_SIZE):
                 raise ArchiveError(f"{path}: the archive's header record fails its checksum")
@@ -89,14 +90,16 @@ def read_header(path: str) -> Header:
 
 def read_desc(path: str) -> ArchiveDesc:
     """What retention needs of one file; raises AgentError if it is not a readable archive."""
+    header = read_header(path)
     try:
         size = os.stat(path).st_size
-        # The footer and end record say the writer finished the archive (the index is read
-        # too, which costs a little on very large archives).
-        with IndexedArchive(path) as arc:
-            header, complete = arc.header, True
+        # The footer and end record say the writer finished the archive. Nothing else is
+        # read (not the index): a directory of large archives is scanned in a few reads
+        # per file, in memory that does not grow with them.
+        seal_of(path)
+        complete = True
     except ArchiveError:
-        header, complete = read_header(path), False
+        complete = False
     except OSError as e:
         raise AgentError(f"cannot read {path}: {e.strerror}") from e
     return ArchiveDesc(path=path, uuid=header.uuid, parent=header.parent_uuid,
@@ -202,8 +205,7 @@ def adopt_leftovers(directory: str, job: str) -> list[str]:
         tmp = os.path.join(directory, name)
         when = calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%SZ"))
         try:
-            with IndexedArchive(tmp):
-                pass  # only a complete archive gets a visible name
+            seal_of(tmp)  # only a complete archive gets a visible name
         except (ArchiveError, OSError):
             continue
         adopted.append(publish(tmp, directory, job, when)[0])

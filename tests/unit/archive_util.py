@@ -283,3 +283,63 @@ def zero_data(size: int, record: int = 2 * 1024 * 1024) -> Callable[[ArchiveWrit
             w.write_data(dev, off, n, Compression.ZSTD, payload)
 
     return build
+
+
+# --- large archives, fast -----------------------------------------------------------------
+
+
+def many_records(records: int, *, record_len: int = 4096, data_every: int = 1000,
+                 header: Header = HEADER) -> bytes:
+    """A valid FULL archive of one device ``vda`` split into ``records`` records of
+    ``record_len`` bytes, written from the last to the first (so no two ranges merge on
+    the way): every ``data_every``-th a stored DATA record of ``i % 251`` bytes, the others
+    ZERO records. Framed here directly, without the writer's per-record work, so that a
+    test gets hundreds of thousands of records in a second or two."""
+    from agent.archive.format import (
+        FLAG_OPTIONAL,
+        INDEX_ENTRIES_PER_RECORD,
+        Device,
+        Zero,
+    )
+
+    out = bytearray(pack_preamble())
+    chain = Chain(bytes(out))
+    seq = 0
+
+    def record(rtype: int, body: bytes, flags: int = 0) -> int:
+        nonlocal seq
+        pos = len(out)
+        frame = pack_frame(rtype, flags, seq, len(body))
+        dig = digest(body)
+        chain.add(frame, dig)
+        out.extend(frame)
+        out.extend(body)
+        out.extend(dig)
+        seq += 1
+        return pos
+
+    size = records * record_len
+    record(RecordType.HEADER, header.encode())
+    record(RecordType.DEVICE, Device(0, "vda", size).encode())
+    index = bytearray()
+    data_bytes = zero_bytes = 0
+    for i in range(records):
+        offset = size - (i + 1) * record_len
+        if data_every and i % data_every == 0:
+            body = _CHUNK.pack(0, 0, 0, 0, offset, record_len, 0) + bytes([i % 251]) * record_len
+            pos = record(RecordType.DATA, body)
+            index += INDEX_ENTRY.pack(RecordType.DATA & 0xFF, 0, 0, 0, offset, record_len, pos)
+            data_bytes += record_len
+        else:
+            pos = record(RecordType.ZERO, Zero(0, offset, record_len).encode())
+            index += INDEX_ENTRY.pack(RecordType.ZERO & 0xFF, 0, 0, 0, offset, record_len, pos)
+            zero_bytes += record_len
+    index_pos = NO_INDEX
+    step = INDEX_ENTRIES_PER_RECORD * INDEX_ENTRY.size
+    for start in range(0, len(index), step):
+        pos = record(RecordType.INDEX, bytes(index[start : start + step]), FLAG_OPTIONAL)
+        index_pos = pos if index_pos == NO_INDEX else index_pos
+    end = End(seq, data_bytes, zero_bytes, data_bytes, 1, 0, chain.value())
+    end_pos = record(RecordType.END, end.encode())
+    out += Footer(index_pos, end_pos, len(out) + 48).encode()
+    return bytes(out)
