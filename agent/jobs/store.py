@@ -3,7 +3,7 @@ and pruning.
 
 Names sort by time and show the kind: ``vm1-20261126T020000Z-full.arc`` (UTC, the time the
 backup started). A job writes ``.vm1-20261126T020000Z.arc`` (the output layer first writes it
-as ``..vm1-...arc.partial`` and renames it when complete), reads the kind from the finished
+as ``..vm1-...arc.RANDOM.partial`` and renames it when complete), reads the kind from the finished
 archive's header and only then renames it to its final name, so the name says what the
 header says, whatever was asked for.
 
@@ -151,7 +151,8 @@ def locked(directory: str) -> Iterator[None]:
     a manual prune from racing a nightly job)."""
     path = os.path.join(directory, LOCK)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a symbolic link planted at the name: the lock is this directory's.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise AgentError(f"cannot use directory {directory}: {e.strerror}") from e
     try:
@@ -182,12 +183,16 @@ def publish(tmp: str, directory: str, job: str, when: float) -> tuple[str, str]:
     """Give the finished archive ``tmp`` its final name (with the kind from its header);
     returns the new path and the kind. Call it holding :func:`locked`."""
     kind = kind_name(read_header(tmp).kind)
-    path = final_path(directory, job, when, kind)
-    try:
-        rename_durably(tmp, path)
-    except OSError as e:
-        raise AgentError(f"cannot rename {tmp} to {path}: {e.strerror}") from e
-    return path, kind
+    while True:
+        path = final_path(directory, job, when, kind)
+        try:
+            # Never over a name that appeared since final_path looked: take the next one.
+            rename_durably(tmp, path, replace=False)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise AgentError(f"cannot rename {tmp} to {path}: {e.strerror}") from e
+        return path, kind
 
 
 def adopt_leftovers(directory: str, job: str) -> list[str]:
