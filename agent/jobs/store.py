@@ -2,10 +2,10 @@
 and pruning.
 
 Names sort by time and show the kind: ``vm1-20261126T020000Z-full.arc`` (UTC, the time the
-backup started). A job writes ``.vm1-20261126T020000Z.arc`` (the output layer first writes it
-as ``..vm1-...arc.RANDOM.partial`` and renames it when complete), reads the kind from the finished
-archive's header and only then renames it to its final name, so the name says what the
-header says, whatever was asked for.
+backup started). A job writes ``.vm1-20261126T020000Z.RANDOM.arc`` (the output layer first
+writes it as ``..vm1-...arc.RANDOM.partial`` and renames it when complete), reads the kind
+from the finished archive's header and only then renames it to its final name, so the name
+says what the header says, whatever was asked for.
 
 Only visible ``*.arc`` files count; hidden files (unfinished output) and other files are
 never touched. Chains are found from headers (agent/jobs/retention.py), not from names, so
@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import re
+import secrets
 import stat
 import time
 from collections.abc import Iterator
@@ -168,6 +169,14 @@ def locked(directory: str) -> Iterator[None]:
         os.close(fd)
 
 
+def hidden_path(directory: str, job: str, when: float) -> str:
+    """Where a job's backup goes until its header says its kind: ``.JOB-STAMP.RANDOM.arc``.
+    Random, so that nothing can be planted at it beforehand (the output layer writes
+    straight into a FIFO or a device found at its path, through a symbolic link too)."""
+    token = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
+    return os.path.join(directory, f".{job}-{stamp(when)}.{token}{SUFFIX}")
+
+
 def final_path(directory: str, job: str, when: float, kind: str) -> str:
     """Where a finished archive goes: its name, or with ``_2``, ``_3``... if two backups of
     the job started within the same second (``_`` sorts after the ``.`` of the first)."""
@@ -196,9 +205,11 @@ def publish(tmp: str, directory: str, job: str, when: float) -> tuple[str, str]:
 
 
 def adopt_leftovers(directory: str, job: str) -> list[str]:
-    """Finished archives a killed run did not get to rename (``.JOB-STAMP.arc``): rename
-    them now, so that they count for retention and as parents. Returns the new paths."""
-    pattern = re.compile(rf"\.{re.escape(job)}-(\d{{8}}T\d{{6}}Z){re.escape(SUFFIX)}")
+    """Finished archives a killed run did not get to rename (``.JOB-STAMP.RANDOM.arc``, or
+    ``.JOB-STAMP.arc`` from earlier versions): rename them now, so that they count for
+    retention and as parents. Returns the new paths."""
+    pattern = re.compile(
+        rf"\.{re.escape(job)}-(\d{{8}}T\d{{6}}Z)(?:\.[a-z0-9]{{8}})?{re.escape(SUFFIX)}")
     adopted = []
     for name in sorted(os.listdir(directory)):
         m = pattern.fullmatch(name)
@@ -207,6 +218,8 @@ def adopt_leftovers(directory: str, job: str) -> list[str]:
         tmp = os.path.join(directory, name)
         when = calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%SZ"))
         try:
+            if not stat.S_ISREG(os.lstat(tmp).st_mode):
+                continue  # a symbolic link is not an archive this job wrote
             with IndexedArchive(tmp):
                 pass  # only a complete archive gets a visible name
         except (ArchiveError, OSError):

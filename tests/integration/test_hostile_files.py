@@ -16,6 +16,7 @@ import contextlib
 import os
 import stat
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,8 @@ import pytest
 
 from agent.archive.format import Compression
 from agent.archive.writer import ArchiveWriter
+from agent.errors import AgentError
+from agent.jobs import store
 from tests.integration.cli_util import (
     AGENT,
     DATA,
@@ -37,6 +40,8 @@ from tests.integration.cli_util import (
     wait_for,
     write_random,
 )
+from tests.integration.conftest import make_image
+from tests.integration.vm import Disk, VmFactory
 from tests.unit.archive_util import write_archive
 
 pytestmark = pytest.mark.integration
@@ -289,3 +294,45 @@ def test_damaged_archive_keeps_a_directory_it_did_not_make(short_tmp: Path) -> N
     assert sorted(p.name for p in mine.iterdir()) == ["keep"]
     assert empty.is_dir() and list(empty.iterdir()) == []
     assert leftovers(mine) == []
+
+
+# -- job run into a directory -----------------------------------------------------------------
+
+def test_job_run_never_writes_through_a_planted_link(vms: VmFactory, tmp_path: Path,
+                                                     short_tmp: Path) -> None:
+    """A job wrote to ``.JOB-STAMP.arc`` before renaming it, and the output layer writes
+    straight into a device or FIFO found at its path: links planted at that name for every
+    second of the run, pointing at /dev/null, would swallow the archive. The hidden name
+    is random now: the job succeeds and the links are left alone."""
+    disk = make_image(tmp_path / "vda.qcow2", "qcow2", 4 * MiB, [("write", 0x5A, 0, MiB)])
+    machine = vms.start([Disk(disk, "qcow2", "vda")])
+    machine.monitor.execute("cont")
+    dest = short_tmp / "backups"
+    dest.mkdir()
+    now = int(time.time())
+    planted = [dest / f".vm1-{store.stamp(t)}{store.SUFFIX}" for t in range(now - 2, now + 60)]
+    for link in planted:
+        link.symlink_to("/dev/null")
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text(f"""
+[jobs.vm1]
+qmp = "{machine.agent_qmp}"
+dir = "{dest}"
+mode = "full"
+spool_dir = "{tmp_path}"
+""")
+    assert_ok(agent("job", "run", "--config", jobs, "vm1"))
+    archives = [p for p in dest.iterdir() if not p.name.startswith(".")]
+    assert len(archives) == 1 and archives[0].name.endswith("-full.arc"), archives
+    assert_ok(agent("verify", archives[0]))
+    assert all(os.readlink(link) == "/dev/null" for link in planted)
+    hidden = {p.name for p in dest.iterdir() if p.name.startswith(".")}
+    assert hidden == {p.name for p in planted} | {store.LOCK}
+
+
+def test_directory_lock_never_follows_a_link(short_tmp: Path) -> None:
+    """A symbolic link planted at the lock's name: no file is created where it points."""
+    (short_tmp / store.LOCK).symlink_to(short_tmp / "elsewhere")
+    with pytest.raises(AgentError, match="cannot use directory"), store.locked(str(short_tmp)):
+        pass
+    assert not (short_tmp / "elsewhere").exists()
