@@ -41,7 +41,7 @@ from tests.integration.cli_util import (
     write_random,
 )
 from tests.integration.conftest import make_image
-from tests.integration.vm import Disk, VmFactory
+from tests.integration.vm import REPO, Disk, VmFactory
 from tests.unit.archive_util import write_archive
 
 pytestmark = pytest.mark.integration
@@ -336,3 +336,56 @@ def test_directory_lock_never_follows_a_link(short_tmp: Path) -> None:
     with pytest.raises(AgentError, match="cannot use directory"), store.locked(str(short_tmp)):
         pass
     assert not (short_tmp / "elsewhere").exists()
+
+
+# -- deploy/ssh/backup-receive on the backup host ---------------------------------------------
+
+RECEIVE = REPO / "deploy" / "ssh" / "backup-receive"
+
+
+def _receive(store_dir: Path, request: str,
+             data: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    """The forced command as sshd runs it: the client's request in SSH_ORIGINAL_COMMAND."""
+    env = {**os.environ, "SSH_ORIGINAL_COMMAND": request}
+    return subprocess.run(["sh", str(RECEIVE), str(store_dir)], input=data, env=env,
+                          capture_output=True, timeout=30, check=False)
+
+
+def test_backup_receive_put_never_writes_through_a_link(short_tmp: Path) -> None:
+    victim = short_tmp / "victim"
+    victim.write_bytes(b"precious")
+    store_dir = short_tmp / "store"
+    store_dir.mkdir()
+    (store_dir / ".vm1.arc.partial").symlink_to(victim)
+    put = _receive(store_dir, "put vm1.arc", b"archive bytes")
+    assert put.returncode == 0, put
+    assert victim.read_bytes() == b"precious"
+    part = store_dir / ".vm1.arc.partial"
+    assert not part.is_symlink() and part.read_bytes() == b"archive bytes"
+    assert _mode(part) == 0o600
+    assert _receive(store_dir, "commit vm1.arc").returncode == 0
+    assert (store_dir / "vm1.arc").read_bytes() == b"archive bytes"
+
+
+def test_backup_receive_commits_no_link(short_tmp: Path) -> None:
+    store_dir = short_tmp / "store"
+    store_dir.mkdir()
+    (short_tmp / "other").write_bytes(b"not an upload")
+    (store_dir / ".vm1.arc.partial").symlink_to(short_tmp / "other")
+    done = _receive(store_dir, "commit vm1.arc")
+    assert done.returncode == 2 and done.stderr.startswith(b"backup-receive: "), done
+    assert not (store_dir / "vm1.arc").exists()
+
+
+def test_backup_receive_longest_name(short_tmp: Path) -> None:
+    """The longest name it accepts must work (.NAME.partial has to fit in 255 bytes), and a
+    longer one is refused as such, not left to fail half-way."""
+    store_dir = short_tmp / "store"
+    store_dir.mkdir()
+    name = "v" * 246
+    assert _receive(store_dir, f"put {name}", b"data").returncode == 0
+    assert _receive(store_dir, f"commit {name}").returncode == 0
+    assert (store_dir / name).read_bytes() == b"data"
+    refused = _receive(store_dir, f"put {name}x", b"data")
+    assert refused.returncode == 2, refused
+    assert refused.stderr.startswith(b"backup-receive: archive name too long"), refused
