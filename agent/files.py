@@ -6,22 +6,40 @@ without following a symbolic link, readable by its owner only, under a random na
 can plant something at in advance. The finished file then gets its name by a rename that
 either replaces the old one on purpose (a new backup over the previous archive) or never
 replaces anything (``renameat2(RENAME_NOREPLACE)``, or ``link`` where a file system lacks it).
+
+A run that is killed leaves its temporary file behind, under a name no later run would
+reuse. The next run for the same output removes such leftovers: files of the same label,
+regular, its user's, not locked (every run holds an exclusive ``flock`` on its temporary
+file while it lives, so a run still writing is never touched) and unchanged for a minute
+(so that one just created, not yet locked, is not either).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
+import logging
 import os
+import re
 import secrets
+import stat
+import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 #: The longest name of one directory entry on Linux file systems (ext4, xfs, btrfs, tmpfs).
 NAME_MAX = 255
 _RANDOM = 8  # characters of random name: 36^8 names, retried on a collision
 _TRIES = 100
 _TEMP_SUFFIX = ".partial"
+_TAIL = 1 + _RANDOM + len(_TEMP_SUFFIX)  # ".RANDOM.partial"
+_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+#: A temporary file unchanged for this long, and not locked, belongs to a run that is gone.
+STALE_AFTER = 60.0
 _PRIVATE = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -53,22 +71,67 @@ def short_name(stem: str, suffix: str) -> str:
 def temp_name(label: str) -> str:
     """A fresh hidden name that says what it is for: ``.LABEL.RANDOM.partial`` (LABEL cut
     short if the whole would not fit in one directory entry)."""
-    tail = "." + "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789")
-                         for _ in range(_RANDOM)) + _TEMP_SUFFIX
-    return "." + fit_name(label, NAME_MAX - 1 - len(tail)) + tail
+    tail = "." + "".join(secrets.choice(_LETTERS) for _ in range(_RANDOM)) + _TEMP_SUFFIX
+    return _temp_stem(label) + tail
+
+
+def _temp_stem(label: str) -> str:
+    return "." + fit_name(label, NAME_MAX - 1 - _TAIL)
 
 
 def create_private(directory: Path, label: str, flags: int = os.O_WRONLY) -> tuple[int, Path]:
     """A new empty file in ``directory``, mode 0600, made by this call and by no one else:
     its descriptor (opened with ``flags``) and its path (see :func:`temp_name`).
     Raises OSError."""
+    remove_stale(directory, label)
     for _ in range(_TRIES):
         path = directory / temp_name(label)
         try:
-            return os.open(path, flags | _PRIVATE, 0o600), path
+            fd = os.open(path, flags | _PRIVATE, 0o600)
         except FileExistsError:
             continue  # a name taken (by chance, or planted): draw another
+        # "In use", for remove_stale. Where locks do not work, the file's age still
+        # protects it for a while.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd, path
     raise FileExistsError(errno.EEXIST, f"no free temporary name in {directory}")
+
+
+def remove_stale(directory: Path, label: str) -> list[Path]:
+    """Remove what killed runs left of ``label``'s temporary files (see the module's
+    docstring); returns the paths removed. Anything it is not sure of stays."""
+    pattern = re.compile(re.escape(_temp_stem(label)) + rf"\.[a-z0-9]{{{_RANDOM}}}"
+                         + re.escape(_TEMP_SUFFIX))
+    removed: list[Path] = []
+    try:
+        entries = [e.name for e in os.scandir(directory) if pattern.fullmatch(e.name)]
+    except OSError:
+        return removed  # the caller's own open says what is wrong with the directory
+    for name in entries:
+        path = directory / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone, a symbolic link, not ours to read
+        try:
+            st = os.fstat(fd)
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
+                    or time.time() - st.st_mtime < STALE_AFTER):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live run holds it (or locks do not work here: leave it)
+            if same_file(fd, path):
+                os.unlink(path)
+                removed.append(path)
+                log.info("removed %s, left by a run that was killed", path)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
 
 
 def same_file(fd: int, path: Path) -> bool:

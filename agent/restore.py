@@ -77,7 +77,8 @@ class _Sink:
 
     def __init__(self, device: Device, target: Target, final: Path | None = None,
                  temp: Path | None = None, server: QemuNbd | None = None,
-                 in_place: bool = False, made_dirs: list[Path] | None = None) -> None:
+                 in_place: bool = False, made_dirs: list[Path] | None = None,
+                 lock_fd: int = -1) -> None:
         self.device = device
         self.target = target
         self.final = final  # rename temp -> final on commit
@@ -85,6 +86,9 @@ class _Sink:
         self.server = server
         # Directories the restore created (shared by its sinks): removed again on failure.
         self.made_dirs = made_dirs if made_dirs is not None else []
+        # The temporary file, open and locked while this restore lives (qemu-nbd writes it
+        # by name): another run's agent.files.remove_stale then leaves it alone.
+        self.lock_fd = lock_fd
         # Written over what was there (restore --to): a failure leaves it half old, half new.
         self.in_place = in_place
         self.touched = False  # a write or zero request was sent
@@ -106,6 +110,12 @@ class _Sink:
                                   f"{e.strerror}") from e
             log.debug("renamed %s to %s", self.temp, self.final)
             self.temp = None  # nothing of ours left to remove under that name
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
     def discard(self) -> None:
         with contextlib.suppress(AgentError, OSError):
@@ -114,6 +124,7 @@ class _Sink:
             self.server.close()
         if self.temp is not None:
             _unlink(self.temp)
+        self._unlock()
         remove_made_dirs(self.made_dirs)  # once the last sink's temporary file is gone
 
 
@@ -179,18 +190,19 @@ def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path, fd: int,
         _create_qcow2(temp, dev.size, label)
         server = QemuNbd(str(temp), "qcow2", readonly=False, shared=opts.connections,
                          extra=("--discard=unmap",))
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
         if not same_file(fd, temp):
-            server.close()
             raise TargetError(f"{temp} was replaced while the restore created it: "
                               f"is {temp.parent} writable by others?")
-    finally:
-        os.close(fd)
-    try:
         nbd = NbdTarget(server.uri, opts.connections, fresh=True, label=label)
     except BaseException:
         server.close()
+        os.close(fd)
         raise
-    return _Sink(dev, nbd, final, temp, server, made_dirs=made)
+    return _Sink(dev, nbd, final, temp, server, made_dirs=made, lock_fd=fd)
 
 
 def _make_dir(directory: Path) -> list[Path]:

@@ -13,6 +13,7 @@ pipe and stopping half-way: the temporary file exists and the final name does no
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import stat
 import subprocess
@@ -163,6 +164,71 @@ def test_backup_to_the_longest_file_name(short_tmp: Path, disk: Path) -> None:
     assert_ok(agent("backup", "--image", f"d={disk}", "--quiet", "-o", arc))
     assert_ok(agent("verify", arc))
     assert [p for p in short_tmp.iterdir() if p.name.startswith(".")] == []
+
+
+# -- what killed runs left --------------------------------------------------------------------
+
+@contextlib.contextmanager
+def leftover_temps(directory: Path, label: str) -> Iterator[dict[str, Path]]:
+    """Files at temporary names of ``label`` (``.LABEL.RANDOM.partial``): one a killed run
+    left an hour ago (``stale``), and ones a later run must not touch: written just now,
+    locked by a live run, another user's, a symbolic link, a FIFO."""
+    hour_ago = time.time() - 3600
+    made = {k: directory / f".{label}.{k[:8].ljust(8, 'x')}.partial"
+            for k in ("stale", "fresh", "lockedxx", "theirsxx", "linkxxxx", "fifoxxxx")}
+    for key in ("stale", "fresh", "lockedxx", "theirsxx"):
+        made[key].write_bytes(b"old")
+    os.chown(made["theirsxx"], OTHER_UID, OTHER_UID)
+    made["linkxxxx"].symlink_to(directory / "nowhere")
+    os.mkfifo(made["fifoxxxx"])
+    for key in ("stale", "lockedxx", "theirsxx", "fifoxxxx"):
+        os.utime(made[key], (hour_ago, hour_ago))
+    with open(made["lockedxx"], "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)  # as a backup still running holds it
+        yield made
+
+
+def _assert_only_stale_removed(made: dict[str, Path]) -> None:
+    assert not made["stale"].exists()
+    assert all(os.path.lexists(p) for k, p in made.items() if k != "stale")
+
+
+def test_backup_removes_only_what_killed_backups_left(short_tmp: Path, disk: Path) -> None:
+    arc = short_tmp / "x.arc"
+    with leftover_temps(short_tmp, "x.arc") as made:
+        assert_ok(agent("backup", "--image", f"d={disk}", "--quiet", "-o", arc))
+        _assert_only_stale_removed(made)
+    assert_ok(agent("verify", arc))
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_restore_removes_only_what_killed_restores_left(short_tmp: Path, fmt: str) -> None:
+    out = short_tmp / "out"
+    out.mkdir()
+    arc = short_tmp / "x.arc"
+    arc.write_bytes(_archive(6, size=2 * MiB))
+    with leftover_temps(out, f"d.{fmt}") as made:
+        assert_ok(agent("restore", arc, "--to-dir", out, "--format", fmt, "--quiet"))
+        _assert_only_stale_removed(made)
+    assert (out / f"d.{fmt}").exists()
+
+
+def test_a_held_restore_keeps_its_file_locked(short_tmp: Path) -> None:
+    """A qcow2 restore stalled on its input for longer than STALE_AFTER still holds its
+    temporary file: a second restore of the same device does not remove it."""
+    out = short_tmp / "out"
+    with held_restore(_archive(8), out, "--format", "qcow2") as held:
+        (temp,) = _temps(out)
+        old = time.time() - 3600
+        os.utime(temp, (old, old))  # as if it had waited an hour
+        arc = short_tmp / "other.arc"
+        arc.write_bytes(_archive(8, size=2 * MiB))
+        second = agent("restore", arc, "--to-dir", short_tmp / "out", "--format", "qcow2")
+        assert_ok(second)  # into its own temporary file, then d.qcow2
+        assert temp.exists()
+        code, err = held.finish()
+    assert_error((code, err), "appeared")  # d.qcow2 was made meanwhile by the second one
+    assert sorted(p.name for p in out.iterdir()) == ["d.qcow2"]
 
 
 # -- restore --to-dir: modes ---------------------------------------------------------------
