@@ -219,8 +219,15 @@ def test_a_held_restore_keeps_its_file_locked(short_tmp: Path) -> None:
     out = short_tmp / "out"
     with held_restore(_archive(8), out, "--format", "qcow2") as held:
         (temp,) = _temps(out)
-        old = time.time() - 3600
-        os.utime(temp, (old, old))  # as if it had waited an hour
+        old = time.time_ns() - 3600 * 10**9
+
+        def waited_an_hour() -> bool:
+            """Once what it got is all written, its file looks an hour old, and stays so."""
+            os.utime(temp, ns=(old, old))
+            time.sleep(0.5)
+            return temp.stat().st_mtime_ns == old
+
+        wait_for(waited_an_hour, "the restore to write all it got", held.proc)
         arc = short_tmp / "other.arc"
         arc.write_bytes(_archive(8, size=2 * MiB))
         second = agent("restore", arc, "--to-dir", short_tmp / "out", "--format", "qcow2")
