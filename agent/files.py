@@ -68,22 +68,28 @@ def short_name(stem: str, suffix: str) -> str:
     return fit_name(stem, NAME_MAX - len(os.fsencode(tag + suffix))) + tag + suffix
 
 
+def token() -> str:
+    """8 random characters from a-z and 0-9, for names no one can guess."""
+    return "".join(secrets.choice(_LETTERS) for _ in range(_RANDOM))
+
+
 def temp_name(label: str) -> str:
     """A fresh hidden name that says what it is for: ``.LABEL.RANDOM.partial`` (LABEL cut
     short if the whole would not fit in one directory entry)."""
-    tail = "." + "".join(secrets.choice(_LETTERS) for _ in range(_RANDOM)) + _TEMP_SUFFIX
-    return _temp_stem(label) + tail
+    return f"{_temp_stem(label)}.{token()}{_TEMP_SUFFIX}"
 
 
 def _temp_stem(label: str) -> str:
     return "." + fit_name(label, NAME_MAX - 1 - _TAIL)
 
 
-def create_private(directory: Path, label: str, flags: int = os.O_WRONLY) -> tuple[int, Path]:
+def create_private(directory: Path, label: str, flags: int = os.O_WRONLY,
+                   leftovers: Leftovers | None = None) -> tuple[int, Path]:
     """A new empty file in ``directory``, mode 0600, made by this call and by no one else:
-    its descriptor (opened with ``flags``) and its path (see :func:`temp_name`).
-    Raises OSError."""
-    remove_stale(directory, label)
+    its descriptor (opened with ``flags``) and its path (see :func:`temp_name`). What killed
+    runs left of ``label`` there goes first (``leftovers``: the directory, read once for
+    many files). Raises OSError."""
+    (leftovers or Leftovers(directory)).remove(label)
     for _ in range(_TRIES):
         path = directory / temp_name(label)
         try:
@@ -98,40 +104,61 @@ def create_private(directory: Path, label: str, flags: int = os.O_WRONLY) -> tup
     raise FileExistsError(errno.EEXIST, f"no free temporary name in {directory}")
 
 
-def remove_stale(directory: Path, label: str) -> list[Path]:
-    """Remove what killed runs left of ``label``'s temporary files (see the module's
-    docstring); returns the paths removed. Anything it is not sure of stays."""
-    pattern = re.compile(re.escape(_temp_stem(label)) + rf"\.[a-z0-9]{{{_RANDOM}}}"
-                         + re.escape(_TEMP_SUFFIX))
-    removed: list[Path] = []
-    try:
-        entries = [e.name for e in os.scandir(directory) if pattern.fullmatch(e.name)]
-    except OSError:
-        return removed  # the caller's own open says what is wrong with the directory
-    for name in entries:
-        path = directory / name
+_TEMP = re.compile(rf"(\..*)\.[a-z0-9]{{{_RANDOM}}}{re.escape(_TEMP_SUFFIX)}")
+
+
+class Leftovers:
+    """The temporary files in one directory (read once: a restore of many devices asks
+    for each), and the removal of those killed runs left (see the module's docstring)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._by_stem: dict[str, list[str]] = {}
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.scandir(directory) as entries:
+                for e in entries:
+                    m = _TEMP.fullmatch(e.name)
+                    if m is not None:
+                        self._by_stem.setdefault(m.group(1), []).append(e.name)
         except OSError:
-            continue  # gone, a symbolic link, not ours to read
-        try:
-            st = os.fstat(fd)
-            if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
-                    or time.time() - st.st_mtime < STALE_AFTER):
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a live run holds it (or locks do not work here: leave it)
-            if same_file(fd, path):
-                os.unlink(path)
+            pass  # the caller's own open says what is wrong with the directory
+
+    def remove(self, label: str) -> list[Path]:
+        """Remove what killed runs left of ``label``'s temporary files; the paths removed.
+        Anything it is not sure of stays."""
+        removed = []
+        for name in self._by_stem.pop(_temp_stem(label), []):
+            path = self.directory / name
+            if _stale(path):
                 removed.append(path)
                 log.info("removed %s, left by a run that was killed", path)
+        return removed
+
+
+def _stale(path: Path) -> bool:
+    """Unlink ``path`` if it is a regular file of this user, unchanged for STALE_AFTER
+    seconds and locked by no one; whether it was."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False  # gone, a symbolic link, not ours to read
+    try:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid()
+                or time.time() - st.st_mtime < STALE_AFTER):
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            continue
-        finally:
-            os.close(fd)
-    return removed
+            return False  # a live run holds it (or locks do not work here: leave it)
+        if not same_file(fd, path):
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def same_file(fd: int, path: Path) -> bool:

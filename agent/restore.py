@@ -33,6 +33,7 @@ from agent.archive.reader import ArchiveReader, DataRecord, ZeroRecord
 from agent.chain import Link, check_chain
 from agent.errors import AgentError, Interrupted, InvalidArgument, TargetError
 from agent.files import (
+    Leftovers,
     create_private,
     make_dirs,
     remove_made_dirs,
@@ -141,16 +142,19 @@ def to_dir(directory: Path, fmt: str, names: set[str] | None, opts: RestoreOptio
     if fmt not in ("raw", "qcow2"):
         raise InvalidArgument(f"unknown output format {fmt!r} (use raw or qcow2)")
     made: list[Path] = []  # shared by the sinks: whichever is discarded last removes them
+    leftovers: Leftovers | None = None  # DIR's temporary files, read once for every device
 
     def make(dev: Device) -> _Sink | None:
+        nonlocal leftovers
         if names is not None and dev.name not in names:
             return None
         made.extend(_make_dir(directory))
+        leftovers = leftovers or Leftovers(directory)
         final = directory / short_name(dev.name, f".{fmt}")
         try:
             if os.path.lexists(final):  # a dangling symbolic link too
                 raise TargetError(f"{final} already exists: remove it or restore elsewhere")
-            fd, temp = _create_temp(final)
+            fd, temp = _create_temp(final, leftovers)
         except BaseException:
             remove_made_dirs(made)
             raise
@@ -164,10 +168,10 @@ def to_dir(directory: Path, fmt: str, names: set[str] | None, opts: RestoreOptio
     return make
 
 
-def _create_temp(final: Path) -> tuple[int, Path]:
+def _create_temp(final: Path, leftovers: Leftovers) -> tuple[int, Path]:
     """A new private file beside ``final`` (agent.files.create_private)."""
     try:
-        return create_private(final.parent, final.name)
+        return create_private(final.parent, final.name, leftovers=leftovers)
     except OSError as e:
         raise TargetError(f"cannot create a file in {final.parent}: {e.strerror}") from e
 

@@ -20,7 +20,6 @@ import fcntl
 import logging
 import os
 import re
-import secrets
 import stat
 import time
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from agent.archive.format import (
 from agent.archive.indexed import IndexedArchive
 from agent.archive.output import rename_durably
 from agent.errors import AgentError, ArchiveError
+from agent.files import token
 from agent.jobs.retention import ArchiveDesc, Plan, plan
 
 SUFFIX = ".arc"
@@ -173,8 +173,7 @@ def hidden_path(directory: str, job: str, when: float) -> str:
     """Where a job's backup goes until its header says its kind: ``.JOB-STAMP.RANDOM.arc``.
     Random, so that nothing can be planted at it beforehand (the output layer writes
     straight into a FIFO or a device found at its path, through a symbolic link too)."""
-    token = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(8))
-    return os.path.join(directory, f".{job}-{stamp(when)}.{token}{SUFFIX}")
+    return os.path.join(directory, f".{job}-{stamp(when)}.{token()}{SUFFIX}")
 
 
 def final_path(directory: str, job: str, when: float, kind: str) -> str:
