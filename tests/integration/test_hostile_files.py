@@ -6,6 +6,9 @@ it, never replaces it; what it creates is its owner's alone (0600). Every test r
 ``backup-agent`` (backups through its own qemu-nbd, restores through real pipes), with the
 umask most systems have (022), so a file left to the umask would show as 0644.
 
+The same holds for a job's archive directory (its hidden name, its lock file) and for
+deploy/ssh/backup-receive on a backup host; what killed runs left is removed, and only that.
+
 A restore is held mid-way, as in test_restore_signals.py, by feeding its archive through a
 pipe and stopping half-way: the temporary file exists and the final name does not yet.
 """
