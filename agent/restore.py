@@ -8,7 +8,9 @@ become holes, trims or write-zeroes, never written zeros.
 A device restored into a new file (``--to-dir``) is written under a temporary
 name and renamed into place only after the archive's END seal checked out and
 every write succeeded, so a damaged or truncated archive never leaves a file
-that looks complete.
+that looks complete. The temporary file is one the restore made itself (mode 0600,
+a random name: agent/files.py), and the rename never replaces a file that appeared
+meanwhile, so two restores into one directory never mix up their files.
 """
 
 from __future__ import annotations
@@ -36,6 +38,15 @@ from agent.archive.reader import (
 )
 from agent.chain import Link, check_chain
 from agent.errors import AgentError, Interrupted, InvalidArgument, TargetError
+from agent.files import (
+    Leftovers,
+    create_private,
+    make_dirs,
+    remove_made_dirs,
+    rename_noreplace,
+    same_file,
+    short_name,
+)
 from agent.nbd.target import ZEROS, FileTarget, Target
 from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
 
@@ -73,12 +84,18 @@ class _Sink:
 
     def __init__(self, device: Device, target: Target, final: Path | None = None,
                  temp: Path | None = None, server: QemuNbd | None = None,
-                 in_place: bool = False) -> None:
+                 in_place: bool = False, made_dirs: list[Path] | None = None,
+                 lock_fd: int = -1) -> None:
         self.device = device
         self.target = target
         self.final = final  # rename temp -> final on commit
         self.temp = temp
         self.server = server
+        # Directories the restore created (shared by its sinks): removed again on failure.
+        self.made_dirs = made_dirs if made_dirs is not None else []
+        # The temporary file, open and locked while this restore lives (qemu-nbd writes it
+        # by name): another run's agent.files.remove_stale then leaves it alone.
+        self.lock_fd = lock_fd
         # Written over what was there (restore --to): a failure leaves it half old, half new.
         self.in_place = in_place
         self.touched = False  # a write or zero request was sent
@@ -90,8 +107,22 @@ class _Sink:
         if self.server is not None:
             self.server.close()
         if self.temp is not None and self.final is not None:
-            os.rename(self.temp, self.final)
+            try:
+                rename_noreplace(self.temp, self.final)
+            except FileExistsError:
+                raise TargetError(f"{self.final} appeared while the restore ran: it was left "
+                                  "as it is; remove it or restore elsewhere") from None
+            except OSError as e:
+                raise TargetError(f"cannot rename {self.temp} to {self.final}: "
+                                  f"{e.strerror}") from e
             log.debug("renamed %s to %s", self.temp, self.final)
+            self.temp = None  # nothing of ours left to remove under that name
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
     def discard(self) -> None:
         with contextlib.suppress(AgentError, OSError):
@@ -100,61 +131,94 @@ class _Sink:
             self.server.close()
         if self.temp is not None:
             _unlink(self.temp)
+        self._unlock()
+        remove_made_dirs(self.made_dirs)  # once the last sink's temporary file is gone
 
 
 SinkFactory = Callable[[Device], _Sink | None]
 
 
 def to_dir(directory: Path, fmt: str, names: set[str] | None, opts: RestoreOptions) -> SinkFactory:
-    """Sinks that create ``DIR/NAME.raw`` or ``DIR/NAME.qcow2`` for each device.
+    """Sinks that create ``DIR/NAME.raw`` or ``DIR/NAME.qcow2`` for each device (a name too
+    long for one directory entry is shortened: see agent.files.short_name).
 
     DIR is created with the first sink, once the archive's header and devices have been
-    read: a missing or damaged archive leaves no directory behind."""
+    read: a missing archive leaves no directory behind, and a restore that fails removes
+    the directories it created (never one it did not)."""
     if fmt not in ("raw", "qcow2"):
         raise InvalidArgument(f"unknown output format {fmt!r} (use raw or qcow2)")
+    made: list[Path] = []  # shared by the sinks: whichever is discarded last removes them
+    leftovers: Leftovers | None = None  # DIR's temporary files, read once for every device
 
     def make(dev: Device) -> _Sink | None:
+        nonlocal leftovers
         if names is not None and dev.name not in names:
             return None
-        _make_dir(directory)
-        final = directory / f"{dev.name}.{fmt}"
-        if final.exists():
-            raise TargetError(f"{final} already exists: remove it or restore elsewhere")
-        temp = directory / f".{dev.name}.{fmt}.partial"
-        _unlink(temp)  # left by an earlier failed restore
+        made.extend(_make_dir(directory))
+        leftovers = leftovers or Leftovers(directory)
+        final = directory / short_name(dev.name, f".{fmt}")
         try:
-            return _new_file_sink(dev, fmt, final, temp, opts)
+            if os.path.lexists(final):  # a dangling symbolic link too
+                raise TargetError(f"{final} already exists: remove it or restore elsewhere")
+            fd, temp = _create_temp(final, leftovers)
         except BaseException:
-            _unlink(temp)  # whatever failed, after the file may have been created
+            remove_made_dirs(made)
+            raise
+        try:
+            return _new_file_sink(dev, fmt, final, temp, fd, opts, made)
+        except BaseException:
+            _unlink(temp)  # whatever failed, after the file was created
+            remove_made_dirs(made)
             raise
 
     return make
 
 
-def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path,
-                   opts: RestoreOptions) -> _Sink:
-    """A sink writing ``dev`` into a new file ``temp``, renamed to ``final`` on commit."""
+def _create_temp(final: Path, leftovers: Leftovers) -> tuple[int, Path]:
+    """A new private file beside ``final`` (agent.files.create_private)."""
+    try:
+        return create_private(final.parent, final.name, leftovers=leftovers)
+    except OSError as e:
+        raise TargetError(f"cannot create a file in {final.parent}: {e.strerror}") from e
+
+
+def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path, fd: int,
+                   opts: RestoreOptions, made: list[Path]) -> _Sink:
+    """A sink writing ``dev`` into the new file ``temp`` (open as ``fd``, which it takes
+    over), renamed to ``final`` on commit."""
     label = f"{final} (device {dev.name!r})"  # messages name the file the user asked for
     if fmt == "raw":
-        return _Sink(dev, FileTarget(str(temp), dev.size, fresh=True, label=label), final, temp)
+        target = FileTarget(str(temp), dev.size, fresh=True, label=label, fd=fd)
+        return _Sink(dev, target, final, temp, made_dirs=made)
     # Imported here: restores into files never load libnbd (start-up time).
     from agent.nbd.nbd_target import NbdTarget
     from agent.nbd.server import QemuNbd
 
-    _create_qcow2(temp, dev.size, label)
-    server = QemuNbd(str(temp), "qcow2", readonly=False, shared=opts.connections,
-                     extra=("--discard=unmap",))
     try:
-        target = NbdTarget(server.uri, opts.connections, fresh=True, label=label)
+        # qemu-img and qemu-nbd open the file by name: it stays 0600 (qemu-img keeps an
+        # existing file's mode), and must still be the file made above when they are done.
+        _create_qcow2(temp, dev.size, label)
+        server = QemuNbd(str(temp), "qcow2", readonly=False, shared=opts.connections,
+                         extra=("--discard=unmap",))
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        if not same_file(fd, temp):
+            raise TargetError(f"{temp} was replaced while the restore created it: "
+                              f"is {temp.parent} writable by others?")
+        nbd = NbdTarget(server.uri, opts.connections, fresh=True, label=label)
     except BaseException:
         server.close()
+        os.close(fd)
         raise
-    return _Sink(dev, target, final, temp, server)
+    return _Sink(dev, nbd, final, temp, server, made_dirs=made, lock_fd=fd)
 
 
-def _make_dir(directory: Path) -> None:
+def _make_dir(directory: Path) -> list[Path]:
+    """Create ``directory`` if missing; the directories created."""
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        return make_dirs(directory)
     except OSError as e:
         raise TargetError(f"cannot create {directory}: {e.strerror}") from e
 

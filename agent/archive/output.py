@@ -4,6 +4,8 @@ The output never seeks, so a pipe, a socket, ``ssh``'s stdin and a tape are all
 as good as a file. A named output file is written under a temporary name and
 renamed into place only when the archive is complete, so a failed backup never
 leaves a file that looks like a finished one (and never replaces the last good one).
+The temporary file is one the agent made itself (agent/files.py): nothing planted at
+its name beforehand, a symbolic link or another user's file, can receive the archive.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from agent.errors import OutputError
+from agent.files import create_private, rename_noreplace, sync_dir
 
 Buf = bytes | bytearray | memoryview
 
@@ -37,15 +40,15 @@ def grow_pipe(fd: int) -> None:
         pass  # an unprivileged limit or an odd system: the default still works
 
 
-def rename_durably(src: str | Path, dst: str | Path) -> None:
+def rename_durably(src: str | Path, dst: str | Path, *, replace: bool = True) -> None:
     """``rename(src, dst)``, then sync the directory so that the new name survives a crash.
+    ``replace=False``: never replace what is at ``dst`` (FileExistsError instead).
     Raises OSError."""
-    os.rename(src, dst)
-    dfd = os.open(Path(dst).parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    if replace:
+        os.rename(src, dst)
+    else:
+        rename_noreplace(Path(src), Path(dst))
+    sync_dir(Path(dst).parent)
 
 
 class SequentialOutput:
@@ -96,22 +99,18 @@ class StdoutOutput(SequentialOutput):
 
 
 class FileOutput(SequentialOutput):
-    """A named file, written as ``.NAME.partial`` beside it and renamed when complete."""
+    """A named file, written as ``.NAME.RANDOM.partial`` beside it and renamed when complete
+    (replacing an archive already at NAME: a new backup to the same PATH is the newer one)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        if path.exists() and not path.is_file():
-            # A fifo, a tape or a character device: write to it directly.
-            self.tmp: Path | None = None
-            target = path
-        else:
-            self.tmp = path.with_name(f".{path.name}.partial")
-            target = self.tmp
-        flags = os.O_WRONLY | os.O_CLOEXEC
-        if self.tmp is not None:
-            flags |= os.O_CREAT | os.O_TRUNC
+        self.tmp: Path | None = None
         try:
-            fd = os.open(target, flags, 0o600)
+            if path.exists() and not path.is_file():
+                # A fifo, a tape or a character device the user named: write to it directly.
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            else:
+                fd, self.tmp = create_private(path.parent, path.name)
         except OSError as e:
             raise OutputError(f"cannot open output {path}: {e.strerror}") from e
         super().__init__(fd, str(path))
@@ -122,6 +121,7 @@ class FileOutput(SequentialOutput):
                 os.fsync(self.fd)
             if self.tmp is not None:
                 rename_durably(self.tmp, self.path)
+                self.tmp = None  # renamed: nothing of ours is left to remove
         except OSError as e:
             raise OutputError(f"cannot complete output {self.path}: {e.strerror}") from e
 

@@ -6,7 +6,7 @@
              ─▶ the kind: what the VM's checkpoints allow (agent/qemu/checkpoints.py), but
                 full if the archive it would build on is not in the directory, or if the
                 newest full there is older than full_every
-             ─▶ live backup into .JOB-STAMP.arc ─▶ rename to JOB-STAMP-KIND.arc ─▶ prune
+             ─▶ live backup into .JOB-STAMP.RANDOM.arc ─▶ rename to JOB-STAMP-KIND.arc ─▶ prune
     command  the kind, as above ─▶ start the command ({name} = JOB-STAMP-KIND.arc)
              ─▶ live backup into its stdin ─▶ wait for it ─▶ commit_command
 
@@ -94,7 +94,7 @@ def _to_dir(job: Job, directory: str, started: float,
     with store.locked(directory):
         adopted = store.adopt_leftovers(directory, job.name)
         mode = _mode_for_dir(job, directory, started)
-        tmp = os.path.join(directory, f".{job.name}-{store.stamp(started)}{store.SUFFIX}")
+        tmp = store.hidden_path(directory, job.name, started)
         summary = run_live_backup(_live_job(job, tmp, mode), progress)
         path, _ = store.publish(tmp, directory, job.name, started)
         pruned: list[ArchiveDesc] = []

@@ -2,10 +2,10 @@
 and pruning.
 
 Names sort by time and show the kind: ``vm1-20261126T020000Z-full.arc`` (UTC, the time the
-backup started). A job writes ``.vm1-20261126T020000Z.arc`` (the output layer first writes it
-as ``..vm1-...arc.partial`` and renames it when complete), reads the kind from the finished
-archive's header and only then renames it to its final name, so the name says what the
-header says, whatever was asked for.
+backup started). A job writes ``.vm1-20261126T020000Z.RANDOM.arc`` (the output layer first
+writes it as ``..vm1-...arc.RANDOM.partial`` and renames it when complete), reads the kind
+from the finished archive's header and only then renames it to its final name, so the name
+says what the header says, whatever was asked for.
 
 Only visible ``*.arc`` files count; hidden files (unfinished output) and other files are
 never touched. Chains are found from headers (agent/jobs/retention.py), not from names, so
@@ -39,6 +39,7 @@ from agent.archive.format import (
 from agent.archive.indexed import seal_of
 from agent.archive.output import rename_durably
 from agent.errors import AgentError, ArchiveError
+from agent.files import token
 from agent.jobs.retention import ArchiveDesc, Plan, plan
 
 SUFFIX = ".arc"
@@ -154,7 +155,8 @@ def locked(directory: str) -> Iterator[None]:
     a manual prune from racing a nightly job)."""
     path = os.path.join(directory, LOCK)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a symbolic link planted at the name: the lock is this directory's.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise AgentError(f"cannot use directory {directory}: {e.strerror}") from e
     try:
@@ -168,6 +170,13 @@ def locked(directory: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def hidden_path(directory: str, job: str, when: float) -> str:
+    """Where a job's backup goes until its header says its kind: ``.JOB-STAMP.RANDOM.arc``.
+    Random, so that nothing can be planted at it beforehand (the output layer writes
+    straight into a FIFO or a device found at its path, through a symbolic link too)."""
+    return os.path.join(directory, f".{job}-{stamp(when)}.{token()}{SUFFIX}")
 
 
 def final_path(directory: str, job: str, when: float, kind: str) -> str:
@@ -185,18 +194,24 @@ def publish(tmp: str, directory: str, job: str, when: float) -> tuple[str, str]:
     """Give the finished archive ``tmp`` its final name (with the kind from its header);
     returns the new path and the kind. Call it holding :func:`locked`."""
     kind = kind_name(read_header(tmp).kind)
-    path = final_path(directory, job, when, kind)
-    try:
-        rename_durably(tmp, path)
-    except OSError as e:
-        raise AgentError(f"cannot rename {tmp} to {path}: {e.strerror}") from e
-    return path, kind
+    while True:
+        path = final_path(directory, job, when, kind)
+        try:
+            # Never over a name that appeared since final_path looked: take the next one.
+            rename_durably(tmp, path, replace=False)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise AgentError(f"cannot rename {tmp} to {path}: {e.strerror}") from e
+        return path, kind
 
 
 def adopt_leftovers(directory: str, job: str) -> list[str]:
-    """Finished archives a killed run did not get to rename (``.JOB-STAMP.arc``): rename
-    them now, so that they count for retention and as parents. Returns the new paths."""
-    pattern = re.compile(rf"\.{re.escape(job)}-(\d{{8}}T\d{{6}}Z){re.escape(SUFFIX)}")
+    """Finished archives a killed run did not get to rename (``.JOB-STAMP.RANDOM.arc``, or
+    ``.JOB-STAMP.arc`` from earlier versions): rename them now, so that they count for
+    retention and as parents. Returns the new paths."""
+    pattern = re.compile(
+        rf"\.{re.escape(job)}-(\d{{8}}T\d{{6}}Z)(?:\.[a-z0-9]{{8}})?{re.escape(SUFFIX)}")
     adopted = []
     for name in sorted(os.listdir(directory)):
         m = pattern.fullmatch(name)
@@ -205,6 +220,8 @@ def adopt_leftovers(directory: str, job: str) -> list[str]:
         tmp = os.path.join(directory, name)
         when = calendar.timegm(time.strptime(m.group(1), "%Y%m%dT%H%M%SZ"))
         try:
+            if not stat.S_ISREG(os.lstat(tmp).st_mode):
+                continue  # a symbolic link is not an archive this job wrote
             seal_of(tmp)  # only a complete archive gets a visible name
         except (ArchiveError, OSError):
             continue

@@ -113,12 +113,15 @@ class FileTarget:
     """A regular file or a block device, written with pwrite."""
 
     def __init__(self, path: str, size: int | None = None, *, fresh: bool = False,
-                 label: str | None = None) -> None:
+                 label: str | None = None, fd: int | None = None) -> None:
+        """``fd``: ``path`` already open for writing (the target takes it over)."""
         self.name = label or path  # what messages call it: the user's name, not a temp file's
         self.fresh = fresh  # a new sparse file: zero ranges are already holes
-        flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if fresh else 0)
+        flags = os.O_WRONLY | os.O_CLOEXEC
+        if fresh:  # made here, then: never a file or symbolic link that was there before
+            flags |= os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         try:
-            self.fd = os.open(path, flags, 0o600)
+            self.fd = os.open(path, flags, 0o600) if fd is None else fd
         except OSError as e:
             raise TargetError(f"cannot open {self.name}: {e.strerror}") from e
         try:

@@ -7,6 +7,7 @@ interpreter), fed through real pipes where a test says so. Nothing is mocked.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -166,9 +167,19 @@ def write_random(path: Path, size: int, data_at: Sequence[tuple[int, int]] = ((0
     return path
 
 
-def partial_of(path: Path) -> Path:
-    """Where ``backup -o PATH`` writes until the archive is complete."""
-    return path.with_name(f".{path.name}.partial")
+def partials_of(path: Path) -> list[Path]:
+    """Where ``backup -o PATH`` writes until the archive is complete: ``.NAME.RANDOM.partial``
+    beside it (none before the agent made it, none once it renamed or removed it)."""
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.partial"))
+
+
+def partial_size(path: Path) -> int:
+    """How much of the archive to ``PATH`` is written so far (0 while there is none)."""
+    sizes = []
+    for p in partials_of(path):
+        with contextlib.suppress(FileNotFoundError):
+            sizes.append(p.stat().st_size)
+    return max(sizes, default=0)
 
 
 def leftovers(directory: Path) -> list[str]:

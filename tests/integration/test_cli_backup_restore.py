@@ -34,7 +34,8 @@ from tests.integration.cli_util import (
     image_size,
     info_json,
     leftovers,
-    partial_of,
+    partial_size,
+    partials_of,
     pause_control,
     running,
     wait_for,
@@ -350,18 +351,17 @@ def test_named_output_appears_only_when_complete(short_tmp: Path,
                                filters=["pause"], readonly=True)
     assert pause_control(ctl, b"p") == b"P"  # every NBD request now waits
     arc = short_tmp / "named.arc"
-    partial = partial_of(arc)
     with running([AGENT, "backup", "--source", f"p={server.uri}", "-o", str(arc)],
                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE) as proc:
-        wait_for(lambda: partial.exists() and partial.stat().st_size > 0,
+        wait_for(lambda: partial_size(arc) > 0,
                  "the archive header is written", proc)
         assert not arc.exists()
         assert pause_control(ctl, b"r") == b"R"
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err.decode(errors="replace")
     assert arc.is_file()
-    assert not partial.exists()
+    assert partials_of(arc) == []
     assert leftovers(short_tmp) == []
     assert_ok(agent("verify", arc))
 

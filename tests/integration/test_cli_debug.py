@@ -109,8 +109,9 @@ def test_restore_debug(arc: Arc, short_tmp: Path) -> None:
         default, debug,
         rf"reading archive {re.escape(str(arc.path))}$",
         r"restore to directory .*debug as raw, connections 4",
-        rf"device 'vda': 1048576 bytes \(source-format=raw\): writing {out}/\.vda\.raw\.partial",
-        rf"renamed {out}/\.vda\.raw\.partial to {out}/vda\.raw$",
+        rf"device 'vda': 1048576 bytes \(source-format=raw\): writing "
+        rf"{out}/\.vda\.raw\.[a-z0-9]{{8}}\.partial",
+        rf"renamed {out}/\.vda\.raw\.[a-z0-9]{{8}}\.partial to {out}/vda\.raw$",
     )
 
 

@@ -33,7 +33,7 @@ from tests.integration.cli_util import (
     cmdline,
     first,
     leftovers,
-    partial_of,
+    partial_size,
     pause_control,
     processes_mentioning,
     running,
@@ -278,7 +278,7 @@ def test_damaged_archive(arcs: Arcs, short_tmp: Path, kind: str, via: str) -> No
             assert_ok(proc)
         if cmd == "restore":
             left = sorted(p.name for p in out.iterdir()) if out.exists() else []
-            assert left == [], left  # neither vda.raw nor .vda.raw.partial
+            assert left == [], left  # neither vda.raw nor .vda.raw.*.partial
 
 
 def test_damaged_archive_into_existing_target(arcs: Arcs, short_tmp: Path) -> None:
@@ -434,12 +434,11 @@ def _qemu_nbd_children(pid: int) -> list[int]:
 def test_sigterm_during_backup_to_file(short_tmp: Path) -> None:
     big = write_random(short_tmp / "big.raw", 64 * MiB)
     arc = short_tmp / "x.arc"
-    partial = partial_of(arc)
     with running([AGENT, "backup", "--image", f"vda={big}", "--compress", "zstd:19",
                   "-o", str(arc)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE) as proc:
         # the header is written before any data: then wait for the first data record
-        wait_for(lambda: partial.exists() and partial.stat().st_size > 1 * MiB,
+        wait_for(lambda: partial_size(arc) > 1 * MiB,
                  "the first data record", proc)
         kids = _qemu_nbd_children(proc.pid)
         assert kids, children(proc.pid)
@@ -478,12 +477,11 @@ def test_sigterm_while_source_stalls(short_tmp: Path, nbd_server: NbdServerFacto
                                filters=["pause"], readonly=True)
     assert pause_control(ctl, b"p") == b"P"  # every request now waits, forever
     arc = short_tmp / "x.arc"
-    partial = partial_of(arc)
     try:
         with running([AGENT, "backup", "--source", f"p={server.uri}", "-o", str(arc)],
                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                      stderr=subprocess.PIPE) as proc:
-            wait_for(lambda: partial.exists() and partial.stat().st_size > 0,
+            wait_for(lambda: partial_size(arc) > 0,
                      "the archive header", proc)
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
@@ -504,13 +502,12 @@ def test_sigint_to_process_group_during_backup(short_tmp: Path) -> None:
     killpg reaches it and its children and nothing else (not pytest)."""
     big = write_random(short_tmp / "big.raw", 64 * MiB)
     arc = short_tmp / "x.arc"
-    partial = partial_of(arc)
     kids: list[int] = []
     with running([AGENT, "backup", "--image", f"vda={big}", "--compress", "zstd:19",
                   "-o", str(arc)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE, start_new_session=True) as proc:
         try:
-            wait_for(lambda: partial.exists() and partial.stat().st_size > 1 * MiB,
+            wait_for(lambda: partial_size(arc) > 1 * MiB,
                      "the first data record", proc)
             kids = _qemu_nbd_children(proc.pid)
             assert kids, children(proc.pid)

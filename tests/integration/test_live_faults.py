@@ -4,12 +4,12 @@ Whatever goes wrong — the copy-before-write target full or stalled, QEMU gone,
 stopped — the backup must end with one clear error line (exit 1, no traceback), the guest
 must keep writing unharmed (during the fault and after), and, where QEMU still runs, its block
 graph must be exactly as before. No nbdkit child of the agent may outlive it, and no output
-file (neither FILE nor .FILE.partial) may remain.
+file may remain.
 
-How a backup is held mid-way: ``-o FILE`` where ``.FILE.partial`` (the name the agent writes
-to until the archive is complete) is made a FIFO beforehand. The agent opens it as its
-partial file, writes into a 64 KiB pipe buffer the test does not read, and stalls after the
-header; its abort on failure must still unlink ``.FILE.partial``. With ``--memory 4M
+How a backup is held mid-way: ``-o FIFO``, a named pipe made beforehand, which the agent
+writes to directly (as to a tape). It writes into a 64 KiB pipe buffer the test does not
+read, and stalls after the header. (A FIFO planted at the name of its temporary file, as
+these tests once did, no longer receives anything: agent/files.py.) With ``--memory 4M
 --request-size 1M --connections 1`` the sweep then holds at most a few MiB past the start of
 a 64 MiB disk, so writes at 40 MiB and beyond hit clusters not yet backed up.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -33,7 +34,7 @@ from tests.integration.cli_util import (
     assert_error,
     children,
     cmdline,
-    partial_of,
+    leftovers,
     wait_gone,
 )
 from tests.integration.conftest import make_image
@@ -95,8 +96,8 @@ class Stalled:
         """No child of the agent left running, no output file left behind."""
         left = wait_gone(self.kids)
         assert not left, f"children outlived the agent: {[cmdline(p) for p in left]}"
-        assert not self.out.exists(), self.out
-        assert not partial_of(self.out).exists(), partial_of(self.out)
+        assert stat.S_ISFIFO(os.lstat(self.out).st_mode), self.out  # not replaced by a file
+        assert leftovers(self.out.parent) == []
 
 
 @pytest.fixture
@@ -107,9 +108,9 @@ def stall(vm: Vm, short_tmp: Path) -> Iterator[Callable[..., Stalled]]:
 
     def start(*options: str) -> Stalled:
         out = short_tmp / f"vm{len(started)}.arc"
-        os.mkfifo(partial_of(out))
+        os.mkfifo(out)
         # Non-blocking until the agent has opened it: a FIFO without a writer reads as EOF.
-        fd = os.open(partial_of(out), os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(out, os.O_RDONLY | os.O_NONBLOCK)
         proc = subprocess.Popen(
             [AGENT, "backup", "--qmp", str(vm.agent_qmp), *SLOW, *options, "-o", str(out)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -22,7 +22,7 @@ from tests.integration.cli_util import (
     agent,
     agent_from_file,
     assert_error,
-    partial_of,
+    partials_of,
     write_random,
 )
 from tests.unit.archive_util import write_archive
@@ -104,5 +104,5 @@ def test_backup_onto_a_full_file_system(small_fs: Path, tmp_path: Path) -> None:
     proc = agent("backup", "--image", f"vda={disk}", "--compress", "none", "-o", arc)
     msg = assert_error(proc, NOSPACE)
     assert "internal error" not in msg
-    assert not arc.exists() and not partial_of(arc).exists()
+    assert not arc.exists() and partials_of(arc) == []
     assert _files(small_fs) == []
