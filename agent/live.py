@@ -249,6 +249,11 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
     snap.commit()
     checkpoints.retire(snap.monitor, plan, archive, devices)
     stats = {name: s.stats() for name, s in servers.items()}
+    for name, st in stats.items():
+        if st.get("writes_refused"):  # the store kept what QEMU copied: see agent.cbw.store
+            log.warning("disk %r: the copy-before-write target refused %d write(s) over "
+                        "clusters it had already stored: a client other than QEMU reached it "
+                        "(the archive holds what QEMU copied)", name, st["writes_refused"])
     extra = {
         "clusters_copied": sum(s.get("clusters_copied", 0) for s in stats.values()),
         "copied_read_first": sum(t.copied_first for t in by_name.values()),
