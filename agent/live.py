@@ -45,6 +45,7 @@ from agent.qemu.checkpoints import Mode
 from agent.qemu.graph import LiveSnapshot, SnapshotError, SnapshotSpec
 from agent.qemu.qmp import Monitor, MonitorGone, QmpError
 from agent.releaser import Releaser
+from agent.safedir import check_work_dirs
 from agent.tls import QEMU_TLS_CLIENT, QEMU_TLS_SERVER
 from agent.tracker import DeviceTracker
 
@@ -123,6 +124,7 @@ def _listen(servers: dict[str, CbwTargetServer], trackers: dict[str, DeviceTrack
 
 def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupSummary:
     net = plan_network(job)
+    check_work_dirs(job.spool_dir)  # no other user may swap our sockets or spool
     configs = read_configs(job.configs)
     with contextlib.ExitStack() as stack:
         mon = stack.enter_context(Monitor(job.qmp, tls=net.qmp_tls))
