@@ -71,3 +71,16 @@ def test_first_writes_anywhere_still_succeed(store: ClusterStore) -> None:
         assert store.read(64 * MiB, 512) == b"\x07" * 512
     assert store.read(0, 4 * K) == pat(1, 3) + pat(3)
     assert store.stats().writes_refused == 0
+
+
+def test_the_plugin_serves_only_its_secret_export(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.cbw.plugin import EXPORT_ENV, CbwTarget, WrongExport
+
+    monkeypatch.setenv(EXPORT_ENV, "a" * 32)
+    target = CbwTarget()
+    target.check_export("a" * 32)
+    for other in ("", "vda", "a" * 31, "A" * 32, "a" * 33):
+        with pytest.raises(WrongExport, match="not the QEMU being backed up"):
+            target.check_export(other)
+    monkeypatch.delenv(EXPORT_ENV)
+    CbwTarget().check_export("anything")  # started by hand, without the agent: no secret
