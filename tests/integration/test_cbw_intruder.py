@@ -7,6 +7,8 @@ credentials — a certificate from the same CA, or the PSK — connects with lib
 - asking for any export name but the backup's secret one, it is refused at the handshake;
 - holding even the secret name (read here from nbdkit's environment, as only root or the
   agent's user could), it cannot replace a cluster QEMU already copied: EPERM;
+- from the backup server's address, it cannot read the snapshot from QEMU's NBD server
+  under the disk's name either (the export names are secret there too);
 
 and the backup completes with the disk as it was when it started.
 """
@@ -33,13 +35,16 @@ from tests.integration.test_network import (  # noqa: F401 (fixtures)
 )
 from tests.integration.vm import Vm
 
+NBD_PORT = 10809  # QEMU's NBD server, started by the agent (agent.network.NBD_PORT)
+
 pytestmark = pytest.mark.integration
 
 KiB = 1024
 MiB = 1024 * KiB
 CBW_PORT = 10950  # vda's target (--cbw-listen gives disk i the port + i)
 
-#: The intruder: a libnbd client. argv: host port kind(x509|psk) creds export offset.
+#: The intruder: a libnbd client. argv: host port kind(x509|psk) creds export offset; it
+#: writes 64 KiB at offset, or reads them if offset starts with "read:".
 INTRUDER = f"""
 import sys, nbd
 host, port, kind, creds, export, offset = sys.argv[1:]
@@ -56,6 +61,10 @@ try:
 except nbd.Error as e:
     print("refused:", e)
     sys.exit(0)
+if offset.startswith("read:"):
+    h.pread(65536, int(offset[5:]))
+    print("read")
+    sys.exit(0)
 try:
     h.pwrite(b"\\xee" * 65536, int(offset))
 except nbd.Error as e:
@@ -65,10 +74,13 @@ print("wrote")
 """
 
 
-def _intruder(net: TwoHosts, kind: str, creds: Path, export: str, offset: int) -> str:
-    """Run the intruder on the hypervisor's address; what it printed."""
-    done = subprocess.run(net.run_in(net.hv, [
-        sys.executable, "-c", INTRUDER, BK_ADDR, str(CBW_PORT), kind, str(creds), export,
+def _intruder(net: TwoHosts, kind: str, creds: Path, export: str, offset: int | str,
+              at: tuple[str, str, int] | None = None) -> str:
+    """Run the intruder (by default on the hypervisor, against the target; ``at``: namespace,
+    host, port); what it printed."""
+    ns, host, port = at or (net.hv, BK_ADDR, CBW_PORT)
+    done = subprocess.run(net.run_in(ns, [
+        sys.executable, "-c", INTRUDER, host, str(port), kind, str(creds), export,
         str(offset)]), capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
@@ -118,6 +130,11 @@ def test_only_the_qemu_being_backed_up_reaches_the_target(
             assert said.startswith("refused:"), (export, said)
         said = _intruder(hosts, kind, creds, _secret_export(proc.pid), 20 * MiB)
         assert said.startswith("write refused:") and "(EPERM)" in said, said
+        # The other way round: QEMU's NBD server serves the snapshot to the agent alone.
+        reader = pki.qemu if kind == "x509" else pki.psk  # any CA-signed client, or the PSK
+        said = _intruder(hosts, kind, reader, "vda", "read:0",
+                         at=(hosts.bk, HV_ADDR, NBD_PORT))
+        assert said.startswith("refused:"), said
         rest: list[bytes] = []
         reader = threading.Thread(target=lambda: rest.append(proc.stdout.read()))  # type: ignore[union-attr]
         reader.start()
