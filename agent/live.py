@@ -45,6 +45,7 @@ from agent.qemu.checkpoints import Mode
 from agent.qemu.graph import LiveSnapshot, SnapshotError, SnapshotSpec
 from agent.qemu.qmp import Monitor, MonitorGone, QmpError
 from agent.releaser import Releaser
+from agent.safedir import check_work_dirs
 from agent.tls import QEMU_TLS_CLIENT, QEMU_TLS_SERVER
 from agent.tracker import DeviceTracker
 
@@ -123,6 +124,7 @@ def _listen(servers: dict[str, CbwTargetServer], trackers: dict[str, DeviceTrack
 
 def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupSummary:
     net = plan_network(job)
+    check_work_dirs(job.spool_dir)  # no other user may swap our sockets or spool
     configs = read_configs(job.configs)
     with contextlib.ExitStack() as stack:
         mon = stack.enter_context(Monitor(job.qmp, tls=net.qmp_tls))
@@ -249,6 +251,11 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
     snap.commit()
     checkpoints.retire(snap.monitor, plan, archive, devices)
     stats = {name: s.stats() for name, s in servers.items()}
+    for name, st in stats.items():
+        if st.get("writes_refused"):  # the store kept what QEMU copied: see agent.cbw.store
+            log.warning("disk %r: the copy-before-write target refused %d write(s) over "
+                        "clusters it had already stored: a client other than QEMU reached it "
+                        "(the archive holds what QEMU copied)", name, st["writes_refused"])
     extra = {
         "clusters_copied": sum(s.get("clusters_copied", 0) for s in stats.values()),
         "copied_read_first": sum(t.copied_first for t in by_name.values()),

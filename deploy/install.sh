@@ -64,6 +64,7 @@ if [ -z "$root" ]; then
     systemctl daemon-reload
 fi
 echo "installed for QEMU user $user${root:+ below $root}. Next (docs/DEPLOY.md):"
+echo "  for each VM: $here/add-vm.sh VM (its own directory and AppArmor rule)"
 echo "  edit /etc/backup-agent/jobs.toml, then: backup-agent job check"
 echo "  systemctl start backup-agent@NAME.service; journalctl -u backup-agent@NAME"
 echo "  systemctl enable --now backup-agent@NAME.timer"

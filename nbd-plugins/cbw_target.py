@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 import nbdkit
 
-from agent.cbw.plugin import CbwTarget
-from agent.cbw.store import Misaligned, NotStored, StoreFull
+from agent.cbw.plugin import CbwTarget, WrongExport
+from agent.cbw.store import Misaligned, NotStored, Replaced, StoreFull
 
 # typing costs every live backup's start (this plugin's) 9 ms; mypy takes this as True.
 TYPE_CHECKING = False
@@ -44,6 +44,12 @@ def _call(fn: Callable[[], _T]) -> _T:
         raise
     except NotStored:
         nbdkit.set_error(errno.EIO)
+        raise
+    except Replaced:
+        nbdkit.set_error(errno.EPERM)  # nbdkit logs the exception's message on stderr
+        raise
+    except WrongExport:
+        nbdkit.set_error(errno.EPERM)
         raise
     except Misaligned:
         nbdkit.set_error(errno.EINVAL)
@@ -74,6 +80,9 @@ def cleanup() -> None:
 
 
 def open(readonly: bool) -> object:  # shadows the builtin: nothing here needs it
+    # Only the QEMU being backed up knows the export name (agent.cbw.plugin): anyone else
+    # is turned away here, before a single read or write.
+    _call(lambda: _target.check_export(nbdkit.export_name()))
     return _target
 
 

@@ -1,7 +1,8 @@
 """Configuration and request handling of the copy-before-write target nbdkit plugin.
 
 ``nbd-plugins/cbw_target.py`` only forwards nbdkit's callbacks here and turns errors into
-errno values (``StoreFull`` -> ENOSPC, ``NotStored`` -> EIO, other errors -> EINVAL/EIO).
+errno values (``StoreFull`` -> ENOSPC, ``NotStored`` -> EIO, ``Replaced`` -> EPERM,
+other errors -> EINVAL/EIO).
 Parameters::
 
     size=SIZE           export size, the size of the disk being backed up (required)
@@ -12,13 +13,26 @@ Parameters::
     cluster=SIZE        copy cluster size (default 64K, QEMU's for an NBD target)
 
 SIZE takes a suffix K, M, G or T (powers of 1024), as nbdkit's own parameters do.
+
+Who may connect: when the environment variable ``BACKUP_AGENT_CBW_EXPORT`` is set (the agent
+sets it to 128 random bits per disk and backup, and gives the same name to QEMU's NBD client
+node as its ``export``), a client asking for any other export name is refused at once, before
+it can read or write anything. The name is a secret shared with the one QEMU being backed up:
+under TLS it travels only inside the encrypted session (nbdkit ``--tls=require`` refuses every
+option before STARTTLS), and it is no parameter because a command line is visible to every
+user of the host, a process's environment only to its owner.
 """
 
 from __future__ import annotations
 
+import os
+
 from agent.cbw.control import ControlServer
 from agent.cbw.store import CLUSTER, ClusterStore, Extent
 from agent.errors import InvalidArgument
+
+#: The environment variable holding the one export name the target serves (module doc).
+EXPORT_ENV = "BACKUP_AGENT_CBW_EXPORT"
 
 _SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -45,6 +59,11 @@ class Config:
         self.spool_limit = 0
         self.control: str | None = None
         self.cluster = CLUSTER
+        self.export: str | None = os.environ.get(EXPORT_ENV) or None
+
+
+class WrongExport(InvalidArgument):
+    """A client asked for another export than the secret one: not the QEMU being backed up."""
 
 
 class CbwTarget:
@@ -95,6 +114,17 @@ class CbwTarget:
             control.close()
         if self._store is not None:
             self._store.close()
+
+    def check_export(self, name: str) -> None:
+        """Refuse a connection that asks for another export than the configured one."""
+        want = self.config.export
+        if want is None:
+            return
+        import hmac  # here: only a connection needs it, not the plugin's start
+
+        if not hmac.compare_digest(name.encode(), want.encode()):
+            raise WrongExport("cbw_target: refused a client that asked for another export "
+                              "than the one of this backup (not the QEMU being backed up)")
 
     @property
     def store(self) -> ClusterStore:

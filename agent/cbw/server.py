@@ -10,6 +10,14 @@ port)``) when the agent drives a VM on another host. QEMU's NBD client then conn
 the network and every old cluster comes straight to this host. TCP is served only under TLS
 (:meth:`agent.tls.TlsCreds.nbdkit_args`), unless the caller explicitly passes ``tls=None`` and
 ``insecure=True``. The control socket stays a local Unix socket: only the agent uses it.
+
+Who may use the target: only the QEMU being backed up. A certificate signed by the CA, or the
+PSK, is not enough — other hosts and programs hold those too, and a client that can write here
+could put data of its own into the backup. So each target serves one export whose name is 128
+random bits (:attr:`CbwTargetServer.export`), given to nbdkit in its environment and to QEMU in
+the NBD client node's options (over QMP); other names are refused (:mod:`agent.cbw.plugin`).
+And the store takes each cluster once (:mod:`agent.cbw.store`), so even a client that got through
+could not replace what QEMU copied.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from typing import Any
 
 import agent
 from agent.cbw.control import ControlClient
+from agent.cbw.plugin import EXPORT_ENV
 from agent.errors import AgentError, InvalidArgument
 from agent.process import HelperProcess, accepts, accepts_tcp
 from agent.qemu.qmp import format_address
@@ -87,6 +96,9 @@ class CbwTargetServer:
         self.control_path = os.path.join(self._proc.dir, "ctl.sock")
         self.control = ControlClient(self.control_path)
         self.tcp: tuple[str, int] | None = None
+        # The secret export name (module docstring); os.urandom, not secrets: its import
+        # costs every start 6 ms.
+        self.export = os.urandom(16).hex()
         self._qemu_tls_creds = qemu_tls_creds if tls is not None else None
         where = ["-U", self.socket]
         if listen is not None:
@@ -99,7 +111,7 @@ class CbwTargetServer:
         if spool_dir:
             args.append(f"spool-dir={spool_dir}")
         try:
-            self._proc.start(args, env={"PYTHONPATH": _pythonpath()},
+            self._proc.start(args, env={"PYTHONPATH": _pythonpath(), EXPORT_ENV: self.export},
                              missing="nbdkit is not installed (Debian packages nbdkit, "
                              "nbdkit-plugin-python)")
         except BaseException:
@@ -139,9 +151,10 @@ class CbwTargetServer:
     def blockdev(self) -> dict[str, Any]:
         """QEMU blockdev-add options of an NBD client node reaching this target."""
         if self.tcp is None:
-            return {"driver": "nbd", "server": {"type": "unix", "path": self.socket}}
+            return {"driver": "nbd", "server": {"type": "unix", "path": self.socket},
+                    "export": self.export}
         host, port = self.tcp
-        opts: dict[str, Any] = {"driver": "nbd",
+        opts: dict[str, Any] = {"driver": "nbd", "export": self.export,
                                 "server": {"type": "inet", "host": host, "port": str(port)}}
         if self._qemu_tls_creds is not None:
             opts["tls-creds"] = self._qemu_tls_creds

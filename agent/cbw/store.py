@@ -17,7 +17,15 @@ here until the agent has appended them to the archive and trims them.
                                  snapshot, never the guest's write)
 
 Every lookup is a dict access by cluster index (``offset // cluster``); nothing scans a
-list per request. A write of clusters already stored replaces them.
+list per request.
+
+Each cluster is written once. QEMU's copy-before-write filter copies a cluster once, before
+the guest's first write to it, and never again after a trim (the trim resets the filter's copy
+bitmap for that range): a second write to a cluster that was stored, or stored and trimmed, is
+no copy QEMU makes but another client's attempt to put data of its own into the backup. It is
+refused (:class:`Replaced`; the plugin answers EPERM), counted (``writes_refused``) and leaves
+what is stored as it was. One bit per cluster of the disk records what was ever written
+(2 MiB for a 1 TiB disk).
 
 Subscribers (the control socket's ``events`` clients, see :mod:`agent.cbw.control`) learn of
 stored ranges through an append-only journal: a subscription starts with every range stored
@@ -54,6 +62,10 @@ class NotStored(StoreError):
 
 class Misaligned(StoreError):
     """A write that does not cover whole clusters."""
+
+
+class Replaced(StoreError):
+    """A write to a cluster that was already written (see the module docstring)."""
 
 
 # The plugin starts on every live backup's critical path: this module and the plugin's
@@ -103,6 +115,7 @@ class StoreStats:
     bytes_spilled: int
     full_errors: int
     longest_write_us: int  # the longest one copy took to store here: part of a guest's wait
+    writes_refused: int  # writes to clusters already written: not QEMU's (module docstring)
 
     def __init__(self, **counters: int) -> None:
         if counters.keys() != self.__annotations__.keys():
@@ -162,6 +175,10 @@ class ClusterStore:
         self._bytes_spilled = 0
         self._full_errors = 0
         self._longest_write_ns = 0
+        self._refused = 0
+        # Clusters ever written, one bit each (a set when the size is not known).
+        self._written = bytearray(-(-size // cluster // 8) + 1) if size is not None else None
+        self._written_set: set[int] = set()
         self._journal: deque[tuple[int, int, int]] = deque()  # (seq, offset, length)
         self._seq = 0
         self._subs: set[Subscription] = set()
@@ -187,8 +204,7 @@ class ClusterStore:
         zero = [chunk == self._zero[: len(chunk)] for _, chunk in pieces]
         with self._lock:
             self._check_open()
-            for index, _ in pieces:
-                self._drop(index)
+            self._check_first([index for index, _ in pieces], offset, len(view))
             self._reserve([len(c) for (_, c), z in zip(pieces, zero, strict=True) if not z])
             for (index, chunk), is_zero in zip(pieces, zero, strict=True):
                 if is_zero:
@@ -201,6 +217,7 @@ class ClusterStore:
                     os.pwrite(self._spool_fd, chunk, slot * self.cluster)
                     self._spool[index] = _Spooled(slot, len(chunk))
                     self._bytes_spilled += len(chunk)
+            self._mark_written([index for index, _ in pieces])
             self._stored(offset, len(view), len(pieces), sum(zero))
             self._longest_write_ns = max(self._longest_write_ns,
                                          time.monotonic_ns() - started)
@@ -222,10 +239,36 @@ class ClusterStore:
         pieces = self._split(offset, length)
         with self._lock:
             self._check_open()
+            self._check_first([index for index, _ in pieces], offset, length)
             for index, n in pieces:
-                self._drop(index)
                 self._zeros[index] = n
+            self._mark_written([index for index, _ in pieces])
             self._stored(offset, length, len(pieces), len(pieces))
+
+    def _was_written(self, index: int) -> bool:
+        if self._written is None:
+            return index in self._written_set
+        return bool(self._written[index >> 3] & (1 << (index & 7)))
+
+    def _mark_written(self, indices: list[int]) -> None:
+        for index in indices:
+            if self._written is None:
+                self._written_set.add(index)
+            else:
+                self._written[index >> 3] |= 1 << (index & 7)
+
+    def _check_first(self, indices: list[int], offset: int, length: int) -> None:
+        """Raise Replaced if any cluster was written before (lock held)."""
+        again = [i for i in indices if self._was_written(i)]
+        if again:
+            self._refused += 1
+            state = "still stored" if self._present(again[0]) else "already backed up"
+            raise Replaced(
+                f"copy-before-write target: refused a write of {length} bytes at offset "
+                f"{offset}: cluster at offset {again[0] * self.cluster} was written before "
+                f"({state}); QEMU copies a cluster once, so this write came from another "
+                "client"
+            )
 
     def _split(self, offset: int, length: int) -> list[tuple[int, int]]:
         """(cluster index, length) of each cluster in an aligned write; raises Misaligned."""
@@ -404,6 +447,7 @@ class ClusterStore:
                 bytes_spilled=self._bytes_spilled,
                 full_errors=self._full_errors,
                 longest_write_us=self._longest_write_ns // 1000,
+                writes_refused=self._refused,
             )
 
     def subscribe(self) -> Subscription:

@@ -49,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--memory", type=common.byte_size, default=DEFAULT_MEMORY, metavar="SIZE",
                    help="cap on archive records read but not yet written (64M; a record "
                    "larger than SIZE still goes, alone)")
+    p.add_argument("--insecure-plaintext", action="store_true",
+                   help="allow --to nbd://HOST on another host: NBD over TCP in clear text, "
+                   "readable by anyone on the way (otherwise refused: use nbds:// with TLS)")
     common.add_progress(p)
     p.set_defaults(run=run)
 
@@ -62,6 +65,12 @@ def _check_usage(args: argparse.Namespace) -> None:
     if args.format is not None:
         raise UsageError("--format applies only to --to-dir (the files it creates): --to "
                          "writes the device's bytes into TARGET as it is")
+    if "://" in args.to:
+        # The same rule as backup --source: a disk crosses no network in clear text
+        # unless the user says so in so many words.
+        from agent.tls import check_nbd_uri
+
+        check_nbd_uri(args.to, args.insecure_plaintext)
 
 
 def run(args: argparse.Namespace) -> int:

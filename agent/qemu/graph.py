@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -156,6 +157,10 @@ class LiveSnapshot:
         """``(host, port)`` of QEMU's NBD server on TCP, for a client on another host;
         None: the Unix socket ``nbd_socket``."""
         self.nbd_tls = nbd_tls
+        # On TCP, every holder of a certificate from the CA (or of the PSK) passes TLS: the
+        # export names carry 128 random bits, so only the agent, which asked for the
+        # exports over QMP, knows where to read the snapshot.
+        self._secret = os.urandom(16).hex() if nbd_tcp is not None else ""
         self.cbw_timeout = cbw_timeout
         self.nbd_server_owned = False
         """True when this snapshot started QEMU's NBD server (and so stops it)."""
@@ -199,8 +204,9 @@ class LiveSnapshot:
         self._committed = True
 
     def export_name(self, device_id: str) -> str:
-        """NBD export name of a device's snapshot (its id)."""
-        return self._device(device_id).spec.device.id
+        """NBD export name of a device's snapshot: its id (on TCP, then a secret)."""
+        name = self._device(device_id).spec.device.id
+        return f"{name}-{self._secret}" if self._secret else name
 
     @property
     def nbd_address(self) -> str:
@@ -293,7 +299,7 @@ class LiveSnapshot:
             self._step(f"cannot export the snapshot of device '{d.spec.device.id}'",
                        "block-export-add",
                        {"type": "nbd", "id": d.names.export_id, "node-name": d.names.snap,
-                        "name": d.spec.device.id, "writable": True,
+                        "name": self.export_name(d.spec.device.id), "writable": True,
                         **({"bitmaps": [{"node": d.spec.device.node_name,
                                          "name": self.changes}]} if self.changes else {})})
             self._push(f"delete export {d.names.export_id}", self._export_del(d))

@@ -160,7 +160,8 @@ def test_job_check_the_example() -> None:
     assert lines[0] == f"{DEPLOY / 'jobs.toml'}: 3 job(s)"
     assert [line.split(":")[0].strip() for line in lines[1:]] == ["vm1", "vm2", "vm3"]
     # what would fail now is said, as warnings: here the VMs do not exist
-    assert b'warning: job "vm1": no monitor socket at /run/backup-agent/vm1.qmp' in proc.stderr
+    assert (b'warning: job "vm1": no monitor socket at /run/backup-agent/vm1/qmp.sock'
+            in proc.stderr)
     # the network job's credentials are read and checked: here they do not exist
     assert b'warning: job "vm3": ' in proc.stderr and b"/etc/backup-agent/tls/hv2" in proc.stderr
 
