@@ -1,0 +1,121 @@
+"""What the fuzzer (tests/fuzz/, docs/FUZZING.md) found, each cut down to the smallest
+archive that shows it.
+
+A test marked ``xfail(strict=True)`` is a bug still open: it fails today, and turns red
+(XPASS) once the bug is fixed, as a reminder to drop the mark and to set the matching
+``KNOWN_*`` flag in tests/fuzz/target.py to False, so that the fuzzer reports it again
+should it come back.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from agent.archive.format import INDEX_ENTRY, Footer, RecordType
+from agent.archive.indexed import IndexedArchive
+from agent.errors import ArchiveError
+from tests.fuzz.seeds import FULL, SEEDS
+from tests.unit.archive_util import assemble, read_archive, renumber, split
+
+T = RecordType
+
+
+def _entries(data: bytes) -> list[tuple[int, ...]]:
+    parts = split(data)
+    body = parts.records[parts.find(T.INDEX)].body
+    return [INDEX_ENTRY.unpack_from(body, k) for k in range(0, len(body), INDEX_ENTRY.size)]
+
+
+def _with_index(data: bytes, entries: list[tuple[int, ...]]) -> bytes:
+    """``data`` with its INDEX record replaced by ``entries``, everything else resealed:
+    the sequential reader (``verify``) accepts it, since it checks only the count."""
+    parts = split(data)
+    i = parts.find(T.INDEX)
+    parts.records[i].body = b"".join(INDEX_ENTRY.pack(*e) for e in entries)
+    return assemble(renumber(parts.records), keep_index=True)
+
+
+def _open(path: Path, data: bytes) -> IndexedArchive:
+    path.write_bytes(data)
+    return IndexedArchive(str(path))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: IndexedArchive takes the last 48 bytes for the "
+                   "footer unless they are all zero, so `info` refuses a valid archive "
+                   "followed by 1 to 47 bytes of tape padding", raises=ArchiveError)
+@pytest.mark.parametrize("padding", [1, 16, 47])
+def test_info_reads_an_archive_with_short_tape_padding(tmp_path: Path, padding: int) -> None:
+    data = FULL + bytes(padding)
+    read_archive(data)  # valid: verify and restore read it
+    with _open(tmp_path / "a.arc", data) as arc:
+        assert arc.archive_len == len(FULL)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a footer naming a byte position of 2^63 or more "
+                   "makes IndexedArchive (`info` on a file) raise ValueError from seek, not "
+                   "ArchiveError: `info` reports an internal error", raises=ValueError)
+def test_info_refuses_a_footer_past_2_63_as_damage(tmp_path: Path) -> None:
+    data = FULL[:-48] + Footer(2**63, 2**63, len(FULL)).encode()  # its own digest is right
+    with pytest.raises(ArchiveError):
+        _open(tmp_path / "a.arc", data)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: an index entry at a byte position of 2^63 or "
+                   "more makes IndexedArchive.read() raise ValueError from seek, not "
+                   "ArchiveError", raises=ValueError)
+def test_random_access_refuses_an_index_entry_past_2_63(tmp_path: Path) -> None:
+    entries = _entries(FULL)
+    first = min(range(len(entries)), key=lambda k: entries[k][6])  # that one is checked
+    last = max(k for k, e in enumerate(entries) if e[0] == T.DATA & 0xFF and k != first)
+    entries[last] = (*entries[last][:6], 2**63)
+    data = _with_index(FULL, entries)
+    read_archive(data)  # the sequential reader checks the index's length only
+    with _open(tmp_path / "a.arc", data) as arc, pytest.raises(ArchiveError):
+        e = entries[last]
+        arc.read("vda" if e[3] == 0 else "vdb", e[4], e[5])
+
+
+@pytest.mark.xfail(strict=True, reason="bug: IndexedArchive.read() of an archive without INDEX "
+                   "records (valid: readers must not require them) returns zeros for every "
+                   "stored byte instead of reading them or refusing", raises=AssertionError)
+def test_random_access_without_an_index_does_not_invent_zeros(tmp_path: Path) -> None:
+    data = SEEDS["no-index"]
+    want = read_archive(data)
+    with _open(tmp_path / "a.arc", data) as arc:
+        try:
+            got = arc.read("disk-0.raw", 0, 1024)
+        except ArchiveError:
+            return  # refusing is right too: it cannot find the bytes without scanning
+        assert got == want.image("disk-0.raw")
+
+
+@pytest.mark.xfail(strict=True, reason="bug: IndexedArchive.read() believes an index entry "
+                   "that calls a DATA record ZERO and returns zeros for its bytes; FORMAT.md "
+                   "says a seekable reader should check the record at each entry's pos",
+                   raises=AssertionError)
+def test_random_access_checks_a_zero_entry_against_its_record(tmp_path: Path) -> None:
+    entries = _entries(FULL)
+    first = min(range(len(entries)), key=lambda k: entries[k][6])  # that one is checked
+    k = next(k for k, e in enumerate(entries) if e[0] == T.DATA & 0xFF and k != first)
+    entries[k] = (T.ZERO & 0xFF, 0, *entries[k][2:])
+    data = _with_index(FULL, entries)
+    want = read_archive(data)
+    dev = "vda" if entries[k][3] == 0 else "vdb"
+    off, length = entries[k][4], entries[k][5]
+    with _open(tmp_path / "a.arc", data) as arc:
+        try:
+            got = arc.read(dev, off, length)
+        except ArchiveError:
+            return
+        assert got == want.image(dev)[off : off + length]
+
+
+def test_the_reproducers_are_what_they_claim() -> None:
+    """Each archive above is valid to the sequential reader, so the bugs are the
+    random-access reader's alone (guards the tests against testing the wrong thing)."""
+    entries = _entries(FULL)
+    assert [e[0] for e in entries].count(T.DATA & 0xFF) >= 2
+    assert struct.unpack_from("<Q", FULL, len(FULL) - 40)[0] != 2**64 - 1  # FULL has an index
