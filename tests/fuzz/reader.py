@@ -37,7 +37,9 @@ import threading
 import time
 import traceback
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = ROOT / ".fuzz"
@@ -243,32 +245,49 @@ _DONE = re.compile(r"^(?:Done (\d+) runs|stat::number_of_executed_units: (\d+))"
 _UNIT = re.compile(r"Test unit written to (\S+)")
 
 
+@dataclass
+class _ChildState:
+    """What a libFuzzer child said so far."""
+
+    ran: int = 0  # cases
+    crash: str | None = None  # the failing case it saved
+    cov: str = ""  # its coverage and corpus, for the report
+
+
 def _run_child(cmd: list[str], log_path: Path, every: float, started: float, before: int,
                found: int) -> tuple[int, str | None]:
-    """Run one libFuzzer child; return the cases it ran and the failing case it saved."""
-    ran = 0
-    crash = None
-    last = time.monotonic()
+    """Run one libFuzzer child; return the cases it ran and the failing case it saved.
+    Reports every ``every`` seconds from what the child last printed."""
+    state = _ChildState()
+
+    def follow(stream: IO[str], log: IO[str]) -> None:
+        for line in stream:
+            log.write(line)
+            m = _EXEC.match(line) or _DONE.match(line)
+            if m:
+                state.ran = max(state.ran, int(next(g for g in m.groups() if g)))
+            m2 = _UNIT.search(line)
+            if m2:
+                state.crash = m2.group(1)
+            cov = re.search(r"cov: (\d+) ft: (\d+) corp: (\S+)", line)
+            if cov:
+                state.cov = f", coverage {cov.group(1)} edges, corpus {cov.group(3)}"
+
     with open(log_path, "w") as log, subprocess.Popen(
             cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, errors="replace") as child:
         assert child.stdout is not None
-        for line in child.stdout:
-            log.write(line)
-            m = _EXEC.match(line) or _DONE.match(line)
-            if m:
-                ran = max(ran, int(next(g for g in m.groups() if g)))
-            m2 = _UNIT.search(line)
-            if m2:
-                crash = m2.group(1)
-            now = time.monotonic()
-            if now - last >= every:
-                last = now
-                cov = re.search(r"cov: (\d+) ft: (\d+) corp: (\S+)", line)
-                extra = f", coverage {cov.group(1)} edges, corpus {cov.group(3)}" if cov else ""
-                print(_summary(before + ran, now - started, Counter(), found).replace(
-                    ", 0% read as valid, 0 on known issues", "") + extra, flush=True)
-    return ran, crash
+        reader = threading.Thread(target=follow, args=(child.stdout, log), daemon=True)
+        reader.start()
+        while True:
+            reader.join(every)
+            if not reader.is_alive():
+                break
+            print(_summary(before + state.ran, time.monotonic() - started, Counter(),
+                           found).replace(", 0% read as valid, 0 on known issues", "")
+                  + state.cov, flush=True)
+        child.wait()
+    return state.ran, state.crash
 
 
 def _atheris_child(args: argparse.Namespace, rest: list[str]) -> int:
