@@ -119,6 +119,7 @@ def _value(rng: random.Random, fmt: str, old: int, pool: list[int]) -> int:
     """A new value for a field: a boundary, a neighbour of the old one, a value another
     record holds (an offset, a length, an id), or anything."""
     bits = struct.calcsize(fmt) * 8
+    v: int
     choice = rng.random()
     if choice < 0.35:
         v = rng.choice(_INTERESTING)
@@ -128,9 +129,8 @@ def _value(rng: random.Random, fmt: str, old: int, pool: list[int]) -> int:
         v = rng.choice(pool) + rng.choice([0, 0, 0, -1, 1])
     else:
         v = rng.getrandbits(bits)
-    if fmt.endswith("q"):
-        return (v + 2 ** (bits - 1)) % 2**bits - 2 ** (bits - 1)
-    return v % 2**bits
+    half, whole = 1 << (bits - 1), 1 << bits
+    return (v + half) % whole - half if fmt.endswith("q") else v % whole
 
 
 def _numbers(recs: list[Rec]) -> list[int]:

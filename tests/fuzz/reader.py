@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _have_atheris() -> bool:
     try:
-        import atheris  # noqa: F401
+        import atheris  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
         return False
     return True
