@@ -17,9 +17,9 @@ Engines:
   child processes that libFuzzer bounds (``-timeout``, ``-rss_limit_mb``); after a crash the
   supervisor saves it and starts the next child.
 * ``random``: the same mutator without coverage feedback, in one process with a time limit
-  per case (an interval timer, and a watchdog thread for a hang inside C code) and its
-  address space bounded (RLIMIT_AS). Reproducible from ``--seed``; CI runs it briefly
-  (tests/unit/test_fuzz_reader.py).
+  per case (an interval timer, and a watchdog thread for a hang inside C code), its peak
+  RSS checked after each case and its address space bounded (RLIMIT_AS). Reproducible
+  from ``--seed``; CI runs it briefly (tests/unit/test_fuzz_reader.py).
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corpus", type=Path, default=DEFAULT_DIR / "corpus")
     p.add_argument("--artifacts", type=Path, default=DEFAULT_DIR / "crashes")
     p.add_argument("--timeout", type=int, default=10, help="seconds per case (default 10)")
-    p.add_argument("--memory-mb", type=int, default=3072,
-                   help="address space (random) or RSS (atheris) limit in MiB")
+    p.add_argument("--memory-mb", type=int, default=1024,
+                   help="peak RSS a case may reach, in MiB (default 1024: a reader needs "
+                   "one record, at most 32 MiB, and its decompressed data)")
     p.add_argument("--max-len", type=int, default=1 << 15, help="largest case in bytes")
     p.add_argument("--engine-every", type=int, default=8,
                    help="run the restore engine (threads) on every Nth case (default 8)")
@@ -119,7 +120,9 @@ def _random(args: argparse.Namespace) -> int:
     from tests.fuzz.mutate import crossover, mutate
     from tests.fuzz.seeds import SEEDS
 
-    limit = args.memory_mb << 20
+    # The peak RSS is checked after each case; the address space is bounded too, so that a
+    # case that would take the machine's memory fails with MemoryError first.
+    limit = (args.memory_mb + 2048) << 20
     resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     rng = random.Random(seed)
@@ -157,10 +160,16 @@ def _random(args: argparse.Namespace) -> int:
             signal.setitimer(signal.ITIMER_REAL, 0)
             current[1] = 0.0
         n += 1
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
+        if peak_mb > args.memory_mb and label != "violation":
+            label = "memory"
+            path = _save(args.artifacts, data, f"peak RSS {peak_mb} MiB", "memory")
         outcomes[label] += 1
-        if label in ("timeout", "violation"):
+        if label in ("timeout", "violation", "memory"):
             found += 1
             print(f"fuzz: case {n} FAILS ({label}), saved as {path}", flush=True)
+            if label == "memory":
+                break  # the peak stays: later cases could not be told apart
         elif label.startswith("read") and len(pool) < 2000:
             pool.append(data)  # a valid mutant: a good parent for more
         now = time.monotonic()

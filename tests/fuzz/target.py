@@ -51,7 +51,7 @@ from agent.archive.indexed import IndexedArchive
 from agent.archive.reader import ArchiveReader, DataRecord
 from agent.chain import Link, check_chain
 from agent.errors import ArchiveError, InvalidArgument
-from agent.restore import RestoreOptions, restore, to_null
+from agent.restore import RestoreOptions, restore, restore_chain, to_null
 from tests.fuzz.mutate import parse
 
 T = RecordType
@@ -156,7 +156,7 @@ def check(data: bytes, *, engine: bool = True) -> str:
     if engine:
         _check_engine(data, full)
     _check_config(data, full)
-    _check_chains(data)
+    _check_chains(data, full, engine)
     try:
         _check_indexed(data, full)
     except KnownIssue as e:
@@ -377,7 +377,7 @@ def _images(c: Content) -> dict[str, bytearray]:
 # --- chains ------------------------------------------------------------------------------
 
 
-def _check_chains(data: bytes) -> None:
+def _check_chains(data: bytes, outcome: object, engine: bool) -> None:
     from tests.fuzz.seeds import FULL, INCREMENTAL
 
     def head(raw: bytes) -> Link:
@@ -388,6 +388,7 @@ def _check_chains(data: bytes) -> None:
     if not isinstance(link, Link):
         return
     full, inc = _seed_links(FULL, INCREMENTAL, head)
+    linked = False
     for chain in ([link], [full, link], [link, inc], [full, link, inc]):
         for wanted in (None, ["vda"], ["nothing"]):
             try:
@@ -397,6 +398,26 @@ def _check_chains(data: bytes) -> None:
             except Exception as e:
                 raise _unexpected("the chain check", e) from e
             _is_chain(chain, wanted)
+            linked = linked or (chain == [full, link] and wanted is None)
+    if engine:
+        _check_chain_restore(data, FULL, isinstance(outcome, Content) and linked)
+
+
+def _check_chain_restore(data: bytes, full: bytes, expect_ok: bool) -> None:
+    """``restore FULL X`` to a null target succeeds exactly when X is a valid archive that
+    builds on FULL."""
+    streams = [(io.BytesIO(full), "full"), (io.BytesIO(data), "x")]
+    try:
+        restore_chain(streams, to_null(), RestoreOptions(memory=1 << 20, workers=2))
+        ok = True
+    except (ArchiveError, InvalidArgument) as e:
+        if expect_ok:
+            raise Violation(f"restore of a valid chain failed: {e}") from e
+        return
+    except Exception as e:
+        raise _unexpected("restore of a chain", e) from e
+    if ok and not expect_ok:
+        raise Violation("restore of a chain succeeded where the reader or check_chain refuses")
 
 
 _SEED_LINKS: list[Link] = []
