@@ -1,5 +1,5 @@
-"""What the fuzzer (tests/fuzz/, docs/FUZZING.md) found, each cut down to the smallest
-archive that shows it.
+"""What the fuzzer (tests/fuzz/, docs/FUZZING.md) and the hostile-archive builder
+(tests/hostile/builder.py) found, each cut down to the smallest archive that shows it.
 
 A test marked ``xfail(strict=True)`` is a bug still open: it fails today, and turns red
 (XPASS) once the bug is fixed, as a reminder to drop the mark and to set the matching
@@ -9,15 +9,19 @@ should it come back.
 
 from __future__ import annotations
 
+import io
 import struct
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from agent.archive.format import INDEX_ENTRY, Footer, RecordType
 from agent.archive.indexed import IndexedArchive
+from agent.archive.reader import ArchiveReader
 from agent.errors import ArchiveError
 from tests.fuzz.seeds import FULL, SEEDS
+from tests.hostile import builder as hb
 from tests.unit.archive_util import assemble, read_archive, renumber, split
 
 T = RecordType
@@ -111,6 +115,33 @@ def test_random_access_checks_a_zero_entry_against_its_record(tmp_path: Path) ->
         except ArchiveError:
             return
         assert got == want.image(dev)[off : off + length]
+
+
+@pytest.mark.xfail(strict=True, reason="bug: `config NAME` keeps every config of the archive in "
+                   "memory (keep_configs=True), so a few KiB of zstd frames in another config "
+                   "make it hold 32 MiB per KiB", raises=AssertionError)
+def test_config_keeps_only_the_config_asked_for() -> None:
+    chunk = 32 << 20
+    arc = hb.seal([hb.Record(hb.T.HEADER, hb.header()),
+                   hb.Record(hb.T.CONFIG, hb.config(0, 4 * chunk, "bomb.xml")),
+                   *[hb.Record(hb.T.CONFIG_DATA, hb.config_data(
+                       0, i * chunk, hb.zstd_zeros(chunk), length=chunk, compression=1))
+                     for i in range(4)],
+                   hb.Record(hb.T.CONFIG, hb.config(1, 3, "vm.conf")),
+                   hb.Record(hb.T.CONFIG_DATA, hb.config_data(1, 0, b"abc"))])
+    assert len(arc) < 16 * 1024
+    tracemalloc.start()
+    try:
+        try:  # what `backup-agent config arc vm.conf` does
+            got = ArchiveReader(io.BytesIO(arc), verify_data=False).config("vm.conf")
+            assert got == b"abc"
+        except ArchiveError:
+            pass  # refusing so large a config is an answer too
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # One chunk decompressed at a time (32 MiB) and its record: not the 128 MiB config.
+    assert peak < 80 << 20, f"peak {peak >> 20} MiB"
 
 
 def test_the_reproducers_are_what_they_claim() -> None:
