@@ -220,7 +220,7 @@ def _new_payload(rng: random.Random, rec: Rec) -> Rec:
         return rec
     fixed = bytearray(rec.body[:24])
     length = struct.unpack_from("<I", fixed, 16)[0]
-    choice = rng.randrange(6)
+    choice = rng.randrange(7)
     n = length if rng.random() < 0.7 else rng.choice([0, 1, max(0, length - 1), length + 1])
     n = min(n, 1 << 16)  # the seeds' records are small; a claimed length may be anything
     content = bytes([rng.randrange(256)]) * n if rng.random() < 0.5 else rng.randbytes(n)
@@ -241,6 +241,11 @@ def _new_payload(rng: random.Random, rec: Rec) -> Rec:
         fixed[4] = 1
         half = len(content) // 2
         payload = _zstd(rng, content[:half], half) + _zstd(rng, content[half:], n - half)
+    elif choice == 5:  # an honest frame, then more: garbage, a frame, a skippable frame
+        fixed[4] = 1
+        more = rng.choice([rng.randbytes(rng.choice([1, 8, 40])), _zstd(rng, b"x" * 9, 9),
+                           b"\x50\x2a\x4d\x18\x04\x00\x00\x00abcd"])
+        payload = _zstd(rng, content, len(content)) + more
     else:  # a frame that expands to far more than the record's length says
         fixed[4] = 1
         big = rng.choice([length * 2 + 1, MAX_DATA_LENGTH, MAX_DATA_LENGTH + 1])

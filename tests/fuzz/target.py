@@ -27,6 +27,7 @@ Bounds on time and memory per case are the runner's (tests/fuzz/reader.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import itertools
 import os
@@ -35,11 +36,14 @@ import tempfile
 import traceback
 from dataclasses import dataclass, field
 
+from agent.archive import codec
 from agent.archive.format import (
+    CHUNK_FIXED,
     FOOTER,
     FRAME,
     INDEX_ENTRY,
     PREAMBLE,
+    Compression,
     Config,
     Device,
     End,
@@ -78,6 +82,9 @@ KNOWN_SHORT_PADDING = True
 #: IndexedArchive raises ValueError (not ArchiveError) where the footer or an index entry
 #: names a byte position of 2^63 or more: ``f.seek`` cannot go there.
 KNOWN_HUGE_POSITION = True
+#: codec.decompress() without an output buffer (config data, random access) accepts bytes
+#: after the zstd frame (garbage, a second frame) that it refuses with one (restore's DATA).
+KNOWN_CODEC_TRAILING = True
 
 
 @dataclass
@@ -158,6 +165,7 @@ def check(data: bytes, *, engine: bool = True) -> str:
     _check_config(data, full)
     _check_chains(data, full, engine)
     try:
+        _check_codec(data)
         _check_indexed(data, full)
     except KnownIssue as e:
         return f"{_label(full)}; known issue: {e}"
@@ -246,6 +254,34 @@ def honest_index(data: bytes) -> bool:
 
 
 # --- the other consumers ------------------------------------------------------------------
+
+
+def _check_codec(data: bytes) -> None:
+    """Both ways of decompressing a payload (into a new buffer: config data and random
+    access; into a reused one: restore's DATA records) agree on every payload in ``data``."""
+    parts = parse(data)
+    for r in parts.records if parts else []:
+        if r.rtype not in (T.DATA, T.CONFIG_DATA) or len(r.body) < CHUNK_FIXED:
+            continue
+        comp, length = r.body[4], struct.unpack_from("<I", r.body, 16)[0]
+        if comp != Compression.ZSTD or not 0 < length <= 1 << 20:
+            continue
+        got = [_attempt("codec.decompress", functools.partial(_decompress, r.body, length, out))
+               for out in (None, bytearray(length))]
+        if isinstance(got[0], bytes) != isinstance(got[1], bytes) or (
+                isinstance(got[0], bytes) and got[0] != got[1]):
+            if KNOWN_CODEC_TRAILING and isinstance(got[0], bytes):
+                raise KnownIssue("codec.decompress without a buffer accepts bytes after the frame")
+            raise Violation(f"codec.decompress gives {_label_codec(got[0])} into a new buffer "
+                            f"and {_label_codec(got[1])} into a given one")
+
+
+def _decompress(body: bytes, length: int, out: bytearray | None) -> bytes:
+    return bytes(codec.decompress(Compression.ZSTD, body[CHUNK_FIXED:], length, "payload", out))
+
+
+def _label_codec(got: object) -> str:
+    return f"{len(got)} bytes" if isinstance(got, bytes) else f"an error ({got})"
 
 
 def _check_engine(data: bytes, full: object) -> None:

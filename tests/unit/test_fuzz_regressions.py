@@ -15,8 +15,10 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import zstandard
 
-from agent.archive.format import INDEX_ENTRY, Footer, RecordType
+from agent.archive import codec
+from agent.archive.format import INDEX_ENTRY, Compression, Footer, RecordType
 from agent.archive.indexed import IndexedArchive
 from agent.archive.reader import ArchiveReader
 from agent.errors import ArchiveError
@@ -142,6 +144,23 @@ def test_config_keeps_only_the_config_asked_for() -> None:
         tracemalloc.stop()
     # One chunk decompressed at a time (32 MiB) and its record: not the 128 MiB config.
     assert peak < 80 << 20, f"peak {peak >> 20} MiB"
+
+
+@pytest.mark.xfail(strict=True, reason="bug: codec.decompress() without an output buffer (config "
+                   "data, random access) accepts bytes after the one zstd frame a payload may "
+                   "hold, which it refuses with a buffer (restore's DATA records)",
+                   raises=AssertionError)
+@pytest.mark.parametrize("after", [b"garbage!", b"second frame"])
+def test_decompress_refuses_bytes_after_the_frame_either_way(after: bytes) -> None:
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"a" * 4096)
+    payload = frame + (frame if after == b"second frame" else after)
+    outcomes = []
+    for out in (None, bytearray(4096)):
+        try:
+            outcomes.append(len(codec.decompress(Compression.ZSTD, payload, 4096, "x", out)))
+        except ArchiveError:
+            outcomes.append(-1)
+    assert outcomes == [-1, -1]  # "one zstd frame" (docs/FORMAT.md, DATA)
 
 
 def test_the_reproducers_are_what_they_claim() -> None:
