@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import random
 import re
@@ -37,7 +38,7 @@ import threading
 import time
 import traceback
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -106,8 +107,9 @@ def _save(artifacts: Path, data: bytes, why: str, prefix: str = "crash") -> Path
 def _summary(cases: int, seconds: float, outcomes: Counter[str], found: int) -> str:
     read = sum(v for k, v in outcomes.items() if k.startswith("read"))
     known = sum(v for k, v in outcomes.items() if "known issue" in k)
+    told = sum(outcomes.values())
     rate = cases / seconds if seconds else 0.0
-    pct = 100 * read / cases if cases else 0.0
+    pct = 100 * read / told if told else 0.0
     return (f"fuzz: {cases} cases in {seconds:.0f} s ({rate:.0f} cases/s), {pct:.0f}% read "
             f"as valid, {known} on known issues, {found} failing case(s) saved")
 
@@ -221,6 +223,7 @@ def _atheris_supervisor(args: argparse.Namespace) -> int:
     cases = 0
     found = 0
     child_no = 0
+    outcomes: Counter[str] = Counter()  # of the cases children told about (most of them)
     while True:
         left = None if deadline is None else int(deadline - time.monotonic())
         if (left is not None and left < 5) or (args.cases is not None and cases >= args.cases):
@@ -229,13 +232,14 @@ def _atheris_supervisor(args: argparse.Namespace) -> int:
         flags = [f"-timeout={args.timeout}", f"-rss_limit_mb={args.memory_mb}",
                  f"-max_len={args.max_len}", f"-artifact_prefix={args.artifacts}/",
                  "-print_final_stats=1", f"-seed={random.randrange(1, 1 << 31)}",
-                 "-print_pcs=0", "-reduce_inputs=1"]
+                 "-print_pcs=0", "-reduce_inputs=1", "-mutate_depth=2"]
         flags.append(f"-max_total_time={left}" if left is not None
                      else f"-runs={args.cases - cases}")
         cmd = [sys.executable, "-m", "tests.fuzz.reader", "--child",
                f"--engine-every={args.engine_every}", str(args.corpus), *flags]
         log_path = logs / f"child-{os.getpid()}-{child_no}.log"
-        ran, crash = _run_child(cmd, log_path, args.report_every, started, cases, found)
+        ran, crash = _run_child(cmd, log_path, args.report_every, started, cases, found,
+                                outcomes)
         cases += ran
         if crash is not None:
             found += 1
@@ -244,11 +248,12 @@ def _atheris_supervisor(args: argparse.Namespace) -> int:
         elif ran == 0:
             print(f"fuzz: child {child_no} ran nothing; see {log_path}", flush=True)
             return 2
-    print(_summary(cases, time.monotonic() - started, Counter(), found).replace(
-        ", 0% read as valid, 0 on known issues", ""), flush=True)
+    print(_summary(cases, time.monotonic() - started, outcomes, found), flush=True)
+    print(f"fuzz: outcomes: {dict(outcomes.most_common())}", flush=True)
     return 1 if found else 0
 
 
+_OUTCOMES = "fuzz-outcomes: "
 _EXEC = re.compile(r"^#(\d+)\s")
 _DONE = re.compile(r"^(?:Done (\d+) runs|stat::number_of_executed_units: (\d+))")
 _UNIT = re.compile(r"Test unit written to (\S+)")
@@ -259,12 +264,13 @@ class _ChildState:
     """What a libFuzzer child said so far."""
 
     ran: int = 0  # cases
+    outcomes: Counter[str] = field(default_factory=Counter)  # as the child last told them
     crash: str | None = None  # the failing case it saved
     cov: str = ""  # its coverage and corpus, for the report
 
 
 def _run_child(cmd: list[str], log_path: Path, every: float, started: float, before: int,
-               found: int) -> tuple[int, str | None]:
+               found: int, totals: Counter[str]) -> tuple[int, str | None]:
     """Run one libFuzzer child; return the cases it ran and the failing case it saved.
     Reports every ``every`` seconds from what the child last printed."""
     state = _ChildState()
@@ -278,6 +284,8 @@ def _run_child(cmd: list[str], log_path: Path, every: float, started: float, bef
             m2 = _UNIT.search(line)
             if m2:
                 state.crash = m2.group(1)
+            if line.startswith(_OUTCOMES):
+                state.outcomes = Counter(json.loads(line[len(_OUTCOMES):]))
             cov = re.search(r"cov: (\d+) ft: (\d+) corp: (\S+)", line)
             if cov:
                 state.cov = f", coverage {cov.group(1)} edges, corpus {cov.group(3)}"
@@ -292,10 +300,10 @@ def _run_child(cmd: list[str], log_path: Path, every: float, started: float, bef
             reader.join(every)
             if not reader.is_alive():
                 break
-            print(_summary(before + state.ran, time.monotonic() - started, Counter(),
-                           found).replace(", 0% read as valid, 0 on known issues", "")
-                  + state.cov, flush=True)
+            print(_summary(before + state.ran, time.monotonic() - started,
+                           totals + state.outcomes, found) + state.cov, flush=True)
         child.wait()
+    totals.update(state.outcomes)
     return state.ran, state.crash
 
 
@@ -304,24 +312,40 @@ def _atheris_child(args: argparse.Namespace, rest: list[str]) -> int:
 
     with atheris.instrument_imports(include=["agent"]):
         from tests.fuzz import target
-    from tests.fuzz.mutate import crossover, mutate
+    from tests.fuzz.mutate import crossover, mutate, repair
     from tests.fuzz.seeds import SEEDS
 
     donors = list(SEEDS.values())
     count = [0]
+    outcomes: Counter[str] = Counter()
+    told = [time.monotonic()]
 
     def one(data: bytes) -> None:
         count[0] += 1
-        target.check(data, engine=count[0] % args.engine_every == 0)
+        outcomes[target.check(data, engine=count[0] % args.engine_every == 0)] += 1
+        if count[0] % 256 == 0 and time.monotonic() - told[0] > 10:
+            told[0] = time.monotonic()
+            print(f"{_OUTCOMES}{json.dumps(outcomes)}", file=sys.stderr, flush=True)
 
     def mutator(data: bytes, max_size: int, seed: int) -> bytes:
         rng = random.Random(seed)
-        if rng.random() < 0.25:  # libFuzzer's own byte-level mutations
-            return bytes(atheris.Mutate(data, max_size))
+        if rng.random() < 0.25:  # libFuzzer's own byte-level mutations, often made whole again
+            out = bytes(atheris.Mutate(data, max_size))
+            return repair(out)[:max_size] if rng.random() < 0.5 else out
+        # The corpus fills with damaged archives (their refusals are new coverage): go back
+        # to a valid archive now and then, so deep checks keep being reached.
+        pick = rng.random()
+        if pick < 0.25:
+            data = rng.choice(donors)
+        elif pick < 0.45:
+            data = repair(data)
         return mutate(rng, data, rng.choice(donors), max_size)
 
     def cross(a: bytes, b: bytes, max_size: int, seed: int) -> bytes:
-        return crossover(random.Random(seed), a, b, max_size)
+        rng = random.Random(seed)
+        if rng.random() < 0.5:  # splices of two archives are mostly refused at once
+            return mutate(rng, a, b, max_size)
+        return crossover(rng, a, b, max_size)
 
     atheris.Setup([sys.argv[0], *rest], one, custom_mutator=mutator, custom_crossover=cross)
     try:
