@@ -30,6 +30,7 @@ import contextlib
 import functools
 import io
 import itertools
+import json
 import os
 import struct
 import tempfile
@@ -55,6 +56,7 @@ from agent.archive.indexed import IndexedArchive
 from agent.archive.reader import ArchiveReader, DataRecord
 from agent.chain import Link, check_chain
 from agent.errors import ArchiveError, InvalidArgument
+from agent.inspect import ArchiveInfo
 from agent.restore import RestoreOptions, restore, restore_chain, to_null
 from tests.fuzz.mutate import parse
 
@@ -162,6 +164,7 @@ def check(data: bytes, *, engine: bool = True) -> str:
         _consistent(data, full)
     if engine:
         _check_engine(data, full)
+    _check_info_pipe(data, full)
     _check_config(data, full)
     _check_chains(data, full, engine)
     try:
@@ -298,6 +301,24 @@ def _check_engine(data: bytes, full: object) -> None:
         raise Violation(f"the restore engine gave {ok!r}, the reader {_label(full)}")
 
 
+def _check_info_pipe(data: bytes, full: object) -> None:
+    """``info`` on a pipe: the records read but not checked or decompressed. It may accept
+    an archive whose data a full read refuses, never refuse one it accepts, and must agree
+    with it on what it shows."""
+
+    def info() -> tuple[object, ...]:
+        r = ArchiveReader(io.BytesIO(data), verify_data=False, keep_configs=False)
+        for _ in r.records():
+            pass
+        return (r.header, list(r.devices), list(r.configs), r.end, r.archive_len)
+
+    got = _attempt("info on a pipe", info)
+    if isinstance(full, Content) and got != (full.header, full.devices, full.config_list,
+                                             full.end, full.archive_len):
+        what = _label(got) if isinstance(got, ArchiveError) else "other contents"
+        raise Violation(f"info on a pipe gave {what} on an archive the full read accepts")
+
+
 def _check_config(data: bytes, full: object) -> None:
     def head() -> dict[str, bytes | ArchiveError]:
         r = ArchiveReader(io.BytesIO(data), verify_data=False)
@@ -347,6 +368,9 @@ def _check_indexed(data: bytes, full: object) -> None:
     def run() -> tuple[tuple[object, ...], list[tuple[str, int, bytes]]]:
         with IndexedArchive(path) as arc:
             seen = (arc.header, list(arc.devices), list(arc.configs), arc.end, arc.archive_len)
+            # what `info --json` prints of it
+            json.dumps(ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end,
+                                   arc.archive_len).as_dict())
             reads = []
             budget = READ_BUDGET
             for dev, off, ln in _windows(arc.devices, full):
