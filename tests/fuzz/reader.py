@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-mb", type=int, default=1024,
                    help="peak RSS a case may reach, in MiB (default 1024: a reader needs "
                    "one record, at most 32 MiB, and its decompressed data)")
-    p.add_argument("--max-len", type=int, default=1 << 15, help="largest case in bytes")
+    p.add_argument("--max-len", type=int, default=1 << 20, help="largest case in bytes")
     p.add_argument("--engine-every", type=int, default=8,
                    help="run the restore engine (threads) on every Nth case (default 8)")
     p.add_argument("--report-every", type=float, default=60.0, help="seconds between reports")

@@ -1,5 +1,6 @@
-"""Valid archives the fuzzer starts from: small (a few KiB, so that each case is fast) but
-between them holding every kind of record and most header fields a reader looks at.
+"""Valid archives the fuzzer starts from: small (a few KiB, so that each case is fast; one of
+600 KiB for the reader's path for large records) but between them holding every kind of
+record and most header fields a reader looks at.
 
 Each is built with the real writer, deterministically: the same bytes on every run, so a
 corpus or a reproducer saved by one run means the same on the next.
@@ -7,6 +8,8 @@ corpus or a reproducer saved by one run means the same on the next.
 
 from __future__ import annotations
 
+import itertools
+import struct
 import uuid
 import zlib
 from collections.abc import Callable
@@ -88,6 +91,31 @@ def _differential(w: ArchiveWriter) -> None:
     _data(w, vda.id, 512, _pattern(9, 1536), ZSTD)
 
 
+def _large(w: ArchiveWriter) -> None:
+    """Stored records past 256 KiB, which the reader reads straight into their own buffer
+    instead of through its read-ahead, between small ones (the switch between the two)."""
+    vda = w.add_device("vda", 1 << 20)
+    _data(w, vda.id, 0, _noise(10, 300 * 1024), NONE)
+    _data(w, vda.id, 300 * 1024, _pattern(11, 4096), ZSTD)
+    w.write_zero(vda.id, 304 * 1024, 100 * 1024)
+    _data(w, vda.id, 404 * 1024, _noise(12, 260 * 1024), NONE)
+    _data(w, vda.id, 664 * 1024, _noise(13, 1024), NONE)
+    w.write_zero(vda.id, 665 * 1024, (1 << 20) - 665 * 1024)
+
+
+def _chunked_config(data: bytes) -> bytes:
+    """A config in three CONFIG_DATA chunks (the writer cuts at 4 MiB, too large for a
+    seed; readers accept any chunk length), so chunks can be dropped and reordered."""
+    recs = renumber(split(data).records)
+    at = next(i for i, r in enumerate(recs) if r.rtype == 0x04 and len(r.body) > 30)
+    head, payload = recs[at].body[:24], recs[at].body[24:]
+    cfg = struct.unpack_from("<I", head)[0]  # stored (STORED has no compression)
+    cuts = [0, 10, 25, len(payload)]
+    chunks = [Rec(0x04, struct.pack("<IBBHQII", cfg, 0, 0, 0, a, b - a, 0) + payload[a:b])
+              for a, b in itertools.pairwise(cuts)]
+    return assemble([*recs[:at], *chunks, *recs[at + 1 :]], seal=True)
+
+
 def _build(build: Callable[[ArchiveWriter], None], header: Header) -> bytes:
     return write_archive(build, header)
 
@@ -125,4 +153,6 @@ SEEDS: dict[str, bytes] = {
     "full-padded": FULL + bytes(100),  # a tape drive's zero padding
     "no-index": _without_index(STORED),
     "optional-record": _with_unknown_optional(INCREMENTAL),
+    "chunked-config": _chunked_config(STORED),
+    "large-records": _build(_large, Header(uuid.UUID(int=0x1A56E), 2, "seed-5")),
 }
