@@ -1,0 +1,1 @@
+"""Crafted hostile archives for the hostile-input tests: see builder.py."""

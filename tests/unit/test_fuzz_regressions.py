@@ -1,0 +1,187 @@
+"""What the fuzzer (tests/fuzz/, docs/FUZZING.md) and the hostile-archive builder
+(tests/hostile/builder.py) found, each cut down to the smallest archive that shows it.
+
+A test marked ``xfail(strict=True)`` is a bug still open: it fails today, and turns red
+(XPASS) once the bug is fixed, as a reminder to drop the mark and to set the matching
+``KNOWN_*`` flag in tests/fuzz/target.py to False, so that the fuzzer reports it again
+should it come back.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from agent.archive import codec
+from agent.archive.format import INDEX_ENTRY, Compression, Footer, RecordType
+from agent.archive.indexed import IndexedArchive
+from agent.archive.reader import ArchiveReader
+from agent.errors import ArchiveError
+from tests.fuzz.seeds import FULL, SEEDS
+from tests.hostile import builder as hb
+from tests.unit.archive_util import assemble, read_archive, renumber, split
+
+T = RecordType
+
+
+def _entries(data: bytes) -> list[tuple[int, ...]]:
+    parts = split(data)
+    body = parts.records[parts.find(T.INDEX)].body
+    return [INDEX_ENTRY.unpack_from(body, k) for k in range(0, len(body), INDEX_ENTRY.size)]
+
+
+def _with_index(data: bytes, entries: list[tuple[int, ...]]) -> bytes:
+    """``data`` with its INDEX record replaced by ``entries``, everything else resealed:
+    the sequential reader (``verify``) accepts it, since it checks only the count."""
+    parts = split(data)
+    i = parts.find(T.INDEX)
+    parts.records[i].body = b"".join(INDEX_ENTRY.pack(*e) for e in entries)
+    return assemble(renumber(parts.records), keep_index=True)
+
+
+def _open(path: Path, data: bytes) -> IndexedArchive:
+    path.write_bytes(data)
+    return IndexedArchive(str(path))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: IndexedArchive takes the last 48 bytes for the "
+                   "footer unless they are all zero, so `info` refuses a valid archive "
+                   "followed by 1 to 47 bytes of tape padding", raises=ArchiveError)
+@pytest.mark.parametrize("padding", [1, 16, 47])
+def test_info_reads_an_archive_with_short_tape_padding(tmp_path: Path, padding: int) -> None:
+    data = FULL + bytes(padding)
+    read_archive(data)  # valid: verify and restore read it
+    with _open(tmp_path / "a.arc", data) as arc:
+        assert arc.archive_len == len(FULL)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a footer naming a byte position of 2^63 or more "
+                   "makes IndexedArchive (`info` on a file) raise ValueError from seek, and one "
+                   "just below it OSError (EINVAL) from the read, not ArchiveError: `info` "
+                   "reports an internal error", raises=(ValueError, OSError))
+@pytest.mark.parametrize("pos", [2**63, 2**63 - 8])
+def test_info_refuses_a_footer_past_2_63_as_damage(tmp_path: Path, pos: int) -> None:
+    data = FULL[:-48] + Footer(pos, pos, len(FULL)).encode()  # its own digest is right
+    with pytest.raises(ArchiveError):
+        _open(tmp_path / "a.arc", data)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: an index entry at a byte position of 2^63 or "
+                   "more makes IndexedArchive.read() raise ValueError from seek, not "
+                   "ArchiveError", raises=ValueError)
+def test_random_access_refuses_an_index_entry_past_2_63(tmp_path: Path) -> None:
+    entries = _entries(FULL)
+    first = min(range(len(entries)), key=lambda k: entries[k][6])  # that one is checked
+    last = max(k for k, e in enumerate(entries) if e[0] == T.DATA & 0xFF and k != first)
+    entries[last] = (*entries[last][:6], 2**63)
+    data = _with_index(FULL, entries)
+    read_archive(data)  # the sequential reader checks the index's length only
+    with _open(tmp_path / "a.arc", data) as arc, pytest.raises(ArchiveError):
+        e = entries[last]
+        arc.read("vda" if e[3] == 0 else "vdb", e[4], e[5])
+
+
+@pytest.mark.xfail(strict=True, reason="bug: IndexedArchive.read() of an archive without INDEX "
+                   "records (valid: readers must not require them) returns zeros for every "
+                   "stored byte instead of reading them or refusing", raises=AssertionError)
+def test_random_access_without_an_index_does_not_invent_zeros(tmp_path: Path) -> None:
+    data = SEEDS["no-index"]
+    want = read_archive(data)
+    with _open(tmp_path / "a.arc", data) as arc:
+        try:
+            got = arc.read("disk-0.raw", 0, 1024)
+        except ArchiveError:
+            return  # refusing is right too: it cannot find the bytes without scanning
+        assert got == want.image("disk-0.raw")
+
+
+@pytest.mark.xfail(strict=True, reason="bug: IndexedArchive.read() believes an index entry "
+                   "that calls a DATA record ZERO and returns zeros for its bytes; FORMAT.md "
+                   "says a seekable reader should check the record at each entry's pos",
+                   raises=AssertionError)
+def test_random_access_checks_a_zero_entry_against_its_record(tmp_path: Path) -> None:
+    entries = _entries(FULL)
+    first = min(range(len(entries)), key=lambda k: entries[k][6])  # that one is checked
+    k = next(k for k, e in enumerate(entries) if e[0] == T.DATA & 0xFF and k != first)
+    entries[k] = (T.ZERO & 0xFF, 0, *entries[k][2:])
+    data = _with_index(FULL, entries)
+    want = read_archive(data)
+    dev = "vda" if entries[k][3] == 0 else "vdb"
+    off, length = entries[k][4], entries[k][5]
+    with _open(tmp_path / "a.arc", data) as arc:
+        try:
+            got = arc.read(dev, off, length)
+        except ArchiveError:
+            return
+        assert got == want.image(dev)[off : off + length]
+
+
+@pytest.mark.xfail(strict=True, reason="bug: `config NAME` keeps every config of the archive in "
+                   "memory (keep_configs=True), so a few KiB of zstd frames in another config "
+                   "make it hold 32 MiB per KiB", raises=AssertionError)
+def test_config_keeps_only_the_config_asked_for() -> None:
+    chunk = 32 << 20
+    arc = hb.seal([hb.Record(hb.T.HEADER, hb.header()),
+                   hb.Record(hb.T.CONFIG, hb.config(0, 4 * chunk, "bomb.xml")),
+                   *[hb.Record(hb.T.CONFIG_DATA, hb.config_data(
+                       0, i * chunk, hb.zstd_zeros(chunk), length=chunk, compression=1))
+                     for i in range(4)],
+                   hb.Record(hb.T.CONFIG, hb.config(1, 3, "vm.conf")),
+                   hb.Record(hb.T.CONFIG_DATA, hb.config_data(1, 0, b"abc"))])
+    assert len(arc) < 16 * 1024
+    tracemalloc.start()
+    try:
+        try:  # what `backup-agent config arc vm.conf` does
+            got = ArchiveReader(io.BytesIO(arc), verify_data=False).config("vm.conf")
+            assert got == b"abc"
+        except ArchiveError:
+            pass  # refusing so large a config is an answer too
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # One chunk decompressed at a time (32 MiB) and its record: not the 128 MiB config.
+    assert peak < 80 << 20, f"peak {peak >> 20} MiB"
+
+
+@pytest.mark.xfail(strict=True, reason="bug: codec.decompress() without an output buffer (config "
+                   "data, random access) accepts bytes after the one zstd frame a payload may "
+                   "hold, which it refuses with a buffer (restore's DATA records)",
+                   raises=AssertionError)
+@pytest.mark.parametrize("after", [b"garbage!", b"second frame"])
+def test_decompress_refuses_bytes_after_the_frame_either_way(after: bytes) -> None:
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(b"a" * 4096)
+    payload = frame + (frame if after == b"second frame" else after)
+    outcomes = []
+    for out in (None, bytearray(4096)):
+        try:
+            outcomes.append(len(codec.decompress(Compression.ZSTD, payload, 4096, "x", out)))
+        except ArchiveError:
+            outcomes.append(-1)
+    assert outcomes == [-1, -1]  # "one zstd frame" (docs/FORMAT.md, DATA)
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a zstd frame (found by the fuzzer) that "
+                   "codec.decompress() refuses without an output buffer ('did not decompress "
+                   "full frame') but decompresses to its 68 bytes with one", raises=AssertionError)
+def test_decompress_agrees_with_itself_on_a_frame_it_refuses() -> None:
+    payload = bytes.fromhex("28b52ffd2044c4000088637075733d320a6d656d6f72793d31470a010041e75c02")
+    outcomes = []
+    for out in (None, bytearray(68)):
+        try:
+            outcomes.append(len(codec.decompress(Compression.ZSTD, payload, 68, "x", out)))
+        except ArchiveError:
+            outcomes.append(-1)
+    assert outcomes[0] == outcomes[1], outcomes
+
+
+def test_the_reproducers_are_what_they_claim() -> None:
+    """Each archive above is valid to the sequential reader, so the bugs are the
+    random-access reader's alone (guards the tests against testing the wrong thing)."""
+    entries = _entries(FULL)
+    assert [e[0] for e in entries].count(T.DATA & 0xFF) >= 2
+    assert struct.unpack_from("<Q", FULL, len(FULL) - 40)[0] != 2**64 - 1  # FULL has an index
