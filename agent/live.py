@@ -220,7 +220,8 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
             props = {"source-format": d.format, "source": "qemu-live"}
             dev = writer.add_device(archive_name(d), sources[d.id].size, props)
             by_name[d.id] = trackers[dev.id] = DeviceTracker(
-                dev.size, snap.cluster_size(d.id), releaser.for_device(d.id))
+                dev.size, snap.cluster_size(d.id), releaser.for_device(d.id),
+                partial_tail=snap.releases_partial_tail)
             pairs.append((dev, sources[d.id]))
         for name, data in configs:
             writer.add_config(name, data, job.engine.compression)

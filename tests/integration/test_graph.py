@@ -20,6 +20,7 @@ MiB = 1024 * KiB
 C = 64 * KiB  # copy cluster
 
 integration = pytest.mark.integration
+qemu = pytest.mark.qemu  # run on QEMU 10 too (make test)
 
 
 @pytest.mark.parametrize(("offset", "length", "cluster", "expected"), [
@@ -134,6 +135,7 @@ def target_copied(vm: Vm, sock: Path, node: str, offset: int, length: int) -> bo
 
 
 @integration
+@qemu
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 def test_point_in_time_view(vms: VmFactory, tmp_path: Path, short_tmp: Path, fmt: str) -> None:
     vm = vms.start([disk(tmp_path, "vda", fmt, 8 * MiB, 0x11)], paused=False)  # BIOS runs
@@ -167,6 +169,7 @@ def test_point_in_time_view(vms: VmFactory, tmp_path: Path, short_tmp: Path, fmt
 
 
 @integration
+@qemu
 def test_release(vms: VmFactory, tmp_path: Path, short_tmp: Path) -> None:
     vm = vms.start([disk(tmp_path, "vda", "qcow2", 8 * MiB, 0x11)])
     sock = short_tmp / "nbd.sock"
@@ -209,6 +212,7 @@ def test_release(vms: VmFactory, tmp_path: Path, short_tmp: Path) -> None:
 
 
 @integration
+@qemu
 def test_two_disks_one_point_in_time(vms: VmFactory, tmp_path: Path, short_tmp: Path) -> None:
     vm = vms.start([disk(tmp_path, "vda", "qcow2", 8 * MiB, 0x11),
                     disk(tmp_path, "vdb", "raw", 4 * MiB, 0x22)])
@@ -234,6 +238,7 @@ def test_two_disks_one_point_in_time(vms: VmFactory, tmp_path: Path, short_tmp: 
 
 
 @integration
+@qemu
 def test_cleanup_after_crash(vms: VmFactory, tmp_path: Path, short_tmp: Path) -> None:
     vm = vms.start([disk(tmp_path, "vda", "qcow2", 4 * MiB, 0x11),
                     disk(tmp_path, "vdb", "raw", 4 * MiB, 0x22)], paused=False)
@@ -261,6 +266,7 @@ def test_cleanup_after_crash(vms: VmFactory, tmp_path: Path, short_tmp: Path) ->
 
 
 @integration
+@qemu
 @pytest.mark.parametrize(("case", "message"), [
     ("bad-target", "cannot add the copy-before-write target for device 'vdb': QMP command "
                    "'blockdev-add' failed: "),
@@ -285,11 +291,14 @@ def test_failed_setup_leaves_nothing(
 
 
 @integration
+@qemu
 def test_release_of_the_partial_last_cluster(vms: VmFactory, tmp_path: Path,
                                              short_tmp: Path) -> None:
-    """A disk whose size is no multiple of the cluster: its last, partial cluster can be
-    released (QEMU 7.2's bitmaps accept a range that ends at the end of the disk), and
-    QEMU then stops copying it."""
+    """A disk whose size is no multiple of the cluster: on QEMU 7.2 its last, partial cluster
+    can be released (7.2's bitmaps accept a range that ends at the end of the disk), and QEMU
+    then stops copying it. Later QEMUs round snapshot trims inward themselves, so that cluster
+    stays in the snapshot: the agent, told so by the QMP schema, does not ask (QEMU would
+    ignore it), and a guest write there is copied as usual."""
     size = 4 * MiB + 4608
     vm = vms.start([disk(tmp_path, "vda", "raw", size, 0x11)])
     sock = short_tmp / "nbd.sock"
@@ -301,9 +310,14 @@ def test_release_of_the_partial_last_cluster(vms: VmFactory, tmp_path: Path,
             snap.release("vda", tail, size - tail)
             vm.guest_write("vda", 0xAB, tail, 4608)
             assert vm.running()
-            assert not target_copied(vm, sock, "ba-t3-vda-tgt", tail, 4608)
-            with pytest.raises(nbd.Error):
-                exp.read(tail, 4608)
+            released = snap.releases_partial_tail
+            assert released == (vm.qemu_major < 9)  # 7.2 can; 10.0 cannot (8.2, 9.x untested)
+            assert target_copied(vm, sock, "ba-t3-vda-tgt", tail, 4608) is not released
+            if released:
+                with pytest.raises(nbd.Error):
+                    exp.read(tail, 4608)
+            else:
+                assert exp.read(tail, 4608) == b"\x11" * 4608
             assert exp.read(tail - C, C) == b"\x11" * C  # the cluster before: untouched
         finally:
             exp.close()
