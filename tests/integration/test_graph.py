@@ -311,7 +311,7 @@ def test_release_of_the_partial_last_cluster(vms: VmFactory, tmp_path: Path,
             vm.guest_write("vda", 0xAB, tail, 4608)
             assert vm.running()
             released = snap.releases_partial_tail
-            assert released == (vm.qemu_major < 9)  # 7.2 can; 10.0 cannot (8.2, 9.x untested)
+            assert released == (vm.qemu_version < (9, 2))  # tested: 7.2 can, 10.0 cannot
             assert target_copied(vm, sock, "ba-t3-vda-tgt", tail, 4608) is not released
             if released:
                 with pytest.raises(nbd.Error):
@@ -323,3 +323,35 @@ def test_release_of_the_partial_last_cluster(vms: VmFactory, tmp_path: Path,
             exp.close()
     assert vm.running()
     vm.guest_verify("vda", 0xAB, tail, 4608)
+
+
+@integration
+@qemu
+def test_min_cluster_size(vms: VmFactory, tmp_path: Path, short_tmp: Path) -> None:
+    """QEMU 9.2 and later copy in larger clusters when asked (``min-cluster-size``): a 4 KiB
+    guest write then copies the whole larger cluster. An older QEMU is told no before anything
+    is added to its graph."""
+    vm = vms.start([disk(tmp_path, "vda", "raw", 8 * MiB, 0x11)])
+    before = graph_state(vm)
+    sock = short_tmp / "nbd.sock"
+    with Monitor(str(vm.agent_qmp)) as mon:
+        snap = LiveSnapshot(mon, specs(mon, tmp_path), tag="t6", nbd_socket=str(sock),
+                            min_cluster=4 * C)
+        if vm.qemu_version < (9, 2):
+            with pytest.raises(SnapshotError, match=r"no min-cluster-size .* leave the cluster"):
+                snap.setup()
+            assert not snap.caps.min_cluster_size
+            assert graph_state(vm) == before
+            return
+        with snap:
+            assert snap.caps.min_cluster_size
+            assert snap.cluster_size("vda") == 4 * C
+            vm.guest_write("vda", 0xAB, 1 * MiB + 4 * KiB, 4 * KiB)
+            assert target_copied(vm, sock, "ba-t6-vda-tgt", 1 * MiB + 3 * C, C)  # whole cluster
+            assert not target_copied(vm, sock, "ba-t6-vda-tgt", 1 * MiB + 4 * C, C)
+            exp = Export(sock, "vda")
+            try:
+                assert exp.read(1 * MiB, 4 * C) == b"\x11" * (4 * C)
+            finally:
+                exp.close()
+    assert graph_state(vm) == before

@@ -220,10 +220,11 @@ class Vm:
         return self.proc.poll() is None
 
     @property
-    def qemu_major(self) -> int:
-        """QEMU's major version (``query-version``): what tests check capability detection
-        against."""
-        return int(self.qmp.execute("query-version")["qemu"]["major"])
+    def qemu_version(self) -> tuple[int, int]:
+        """QEMU's (major, minor) version (``query-version``): what tests check the agent's
+        capability detection against."""
+        v = self.qmp.execute("query-version")["qemu"]
+        return int(v["major"]), int(v["minor"])
 
     def log_text(self) -> str:
         """QEMU's stdout and stderr so far."""
