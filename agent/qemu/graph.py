@@ -168,7 +168,10 @@ class LiveSnapshot:
         """Copy granularity to ask the filter for (``min-cluster-size``; QEMU 9.2 and later);
         None: QEMU's choice (64 KiB, or the target's cluster size if larger)."""
         self.caps = caps.QEMU_7_2
-        """What the running QEMU's copy-before-write can do; probed by :meth:`setup`."""
+        """What the running QEMU's copy-before-write can do; read by :meth:`setup` when it
+        matters (``min_cluster`` given, or a disk whose size is no multiple of its cluster),
+        else what every supported QEMU does alike."""
+        self._probed = False
         self.nbd_server_owned = False
         """True when this snapshot started QEMU's NBD server (and so stops it)."""
         self.transaction = list(transaction)
@@ -291,10 +294,12 @@ class LiveSnapshot:
     def _setup(self) -> None:
         mon = self.monitor
         devs = list(self._devices.values())
-        self.caps = caps.probe(mon)
-        if self.min_cluster is not None and not self.caps.min_cluster_size:
-            raise SnapshotError("this QEMU's copy-before-write filter has no min-cluster-size "
-                                "(it came in QEMU 9.2): leave the cluster size to QEMU")
+        if self.min_cluster is not None:
+            self._probe()
+            if not self.caps.min_cluster_size:
+                raise SnapshotError("this QEMU's copy-before-write filter has no "
+                                    "min-cluster-size (it came in QEMU 9.2): leave the cluster "
+                                    "size to QEMU")
         for d in devs:
             dev = d.spec.device
             if dev.qom_path is None:
@@ -306,6 +311,8 @@ class LiveSnapshot:
             self._push(f"delete node {d.names.target}", _blockdev_del(mon, d.names.target))
             d.cluster = max(MIN_CLUSTER, _cluster_size(mon, d.names.target),
                             self.min_cluster or 0)
+        if any(d.spec.device.virtual_size % d.cluster for d in devs):
+            self._probe()  # whether the partial last cluster can be released
         self._insert_filters(devs)
         for d in devs:
             self._step(f"cannot add the snapshot view of device '{d.spec.device.id}'",
@@ -321,6 +328,13 @@ class LiveSnapshot:
                         **({"bitmaps": [{"node": d.spec.device.node_name,
                                          "name": self.changes}]} if self.changes else {})})
             self._push(f"delete export {d.names.export_id}", self._export_del(d))
+
+    def _probe(self) -> None:
+        """Read what this QEMU can do; only when it matters (it costs 50-300 ms here)."""
+        if not self._probed:
+            self.caps = caps.probe(self.monitor)
+            self._probed = True
+            log.debug("QEMU's copy-before-write takes %s", sorted(self.caps.cbw_options))
 
     def _insert_filters(self, devs: list[_Device]) -> None:
         """While the VM is paused (one point in time for all disks, no write in flight):
