@@ -36,6 +36,7 @@ test: lint
 
 test-qemu10: setup
 	dir=$$(bash scripts/fetch-qemu.sh) && \
+	    echo "pytest -m qemu on $$("$$dir/bin/qemu-system-x86_64" --version | head -1)" && \
 	    BA_QEMU_DIR=$$dir $(VENV)/bin/pytest -q -m qemu $(PYTEST_ARGS)
 
 bench: setup

@@ -48,12 +48,13 @@ mirror=$(apt-cache policy 2>/dev/null \
 
 work="$DIR.partial"
 rm -rf "$work"
-mkdir -p "$work/lists/partial" "$work/archives/partial" "$work/root/bin"
+mkdir -p "$work/lists/partial" "$work/archives/partial" "$work/cache" "$work/root/bin"
 printf 'deb [signed-by=%s] %s %s main\n' "$KEYRING" "$mirror" "$SUITE" > "$work/sources.list"
 apt_opts=(
     -o "Dir::Etc::sourcelist=$work/sources.list"
     -o "Dir::Etc::sourceparts=/nonexistent"
     -o "Dir::State::Lists=$work/lists"
+    -o "Dir::Cache=$work/cache"  # apt's package cache too: nothing of the system's is written
     -o "Dir::Cache::archives=$work/archives"
     -o "Debug::NoLocking=1"  # our own lists: the system's apt lock is not ours to take
 )
