@@ -297,9 +297,9 @@ class LiveSnapshot:
         if self.min_cluster is not None:
             self._probe()
             if not self.caps.min_cluster_size:
-                raise SnapshotError("this QEMU's copy-before-write filter has no "
-                                    "min-cluster-size (it came in QEMU 9.2): leave the cluster "
-                                    "size to QEMU")
+                raise SnapshotError("this QEMU cannot copy in larger clusters: its "
+                                    "copy-before-write filter has no min-cluster-size (QEMU "
+                                    "9.2 and later have it)")
         for d in devs:
             dev = d.spec.device
             if dev.qom_path is None:
