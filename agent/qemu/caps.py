@@ -6,23 +6,23 @@ differ, the difference is read from ``query-qmp-schema`` (what ``blockdev-add`` 
 
 - ``min-cluster-size`` (QEMU 9.2 and later): the filter's copy granularity can be raised above
   the 64 KiB it picks for an NBD target.
-- How QEMU treats a trim on the snapshot view that is not aligned to the copy cluster::
+- How QEMU treats a trim on the snapshot view that is not aligned to the copy cluster. The
+  agent sends whole clusters only (an unaligned trim aborts QEMU 7.2), which for a disk that
+  ends mid-cluster means a trim that ends at the disk's end::
 
-      QEMU 7.2                         later (9.x, 10.x)
-      cluster |-------|-------|---|    |-------|-------|---|  (the disk ends mid-cluster)
-      trim        [=============]          [=============]
-      7.2: the ranges must be whole     rounds inward itself: releases
-      clusters (else it aborts!), but   only [c1, c2); the last, partial
-      one ending at the disk's end      cluster can never be released,
-      releases the partial cluster      and a guest write there is copied
+      cluster  |-------|-------|---|   (the disk ends mid-cluster)
+      trim             [===========]
+      QEMU 7.2         [===========]   released, the partial last cluster too
+      QEMU 10.0        [=======]       rounded inward by QEMU: the partial cluster stays in
+                                       the snapshot, and a guest write there is copied
 
   Nothing in the schema names this change; it came shortly before ``min-cluster-size``, so a
   QEMU that has that option rounds its snapshot trims (:attr:`QemuCaps.trims_rounded`). Either
   way the agent sends whole clusters only, so a QEMU between the two (a trim of the partial
   last cluster ignored, at most one partial cluster copied in vain) is safe too.
 
-Probing costs one QMP command (``query-qmp-schema``: 50-300 ms here, most of it QEMU
-building the 1,200-entry schema), so the snapshot probes only when the answer matters.
+Probing costs one QMP command (``query-qmp-schema``, a reply of 1,200 entries: 50-300 ms
+here), so the snapshot probes only when the answer matters.
 """
 
 from __future__ import annotations

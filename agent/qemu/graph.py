@@ -330,7 +330,7 @@ class LiveSnapshot:
             self._push(f"delete export {d.names.export_id}", self._export_del(d))
 
     def _probe(self) -> None:
-        """Read what this QEMU can do; only when it matters (it costs 50-300 ms here)."""
+        """Read what this QEMU can do (once: it costs 50-300 ms here)."""
         if not self._probed:
             self.caps = caps.probe(self.monitor)
             self._probed = True
