@@ -62,6 +62,7 @@ class LiveJob:
     engine: EngineOptions = field(default_factory=EngineOptions)
     cbw_timeout: int = 5  # seconds a guest write may wait for its copy
     cbw_memory: int = 256 * MiB  # per disk, old clusters kept in memory
+    cbw_cluster: int | None = None  # copy granularity (QEMU 9.2+); None: QEMU's (64 KiB)
     spool_dir: str | None = None
     spool_limit: int = 1024 * MiB  # per disk, old clusters spilled to a file
     # Where QEMU's NBD server listens when something else started it already (QEMU 7.2
@@ -153,7 +154,7 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
             server.wait_ready()
         snap = LiveSnapshot(mon, [SnapshotSpec(d, servers[d.id].blockdev()) for d in devices],
                             tag=tag, nbd_socket=job.nbd_socket or f"{work}/qemu-nbd.sock",
-                            cbw_timeout=job.cbw_timeout,
+                            cbw_timeout=job.cbw_timeout, min_cluster=job.cbw_cluster,
                             transaction=checkpoints.transaction(plan, archive, tag, devices),
                             changes=names.changes_bitmap(tag) if plan.base else None,
                             nbd_tcp=net.nbd_tcp, nbd_tls=net.nbd_tls)
@@ -222,7 +223,8 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
             props = {"source-format": d.format, "source": "qemu-live"}
             dev = writer.add_device(archive_name(d), sources[d.id].size, props)
             by_name[d.id] = trackers[dev.id] = DeviceTracker(
-                dev.size, snap.cluster_size(d.id), releaser.for_device(d.id))
+                dev.size, snap.cluster_size(d.id), releaser.for_device(d.id),
+                partial_tail=snap.releases_partial_tail)
             pairs.append((dev, sources[d.id]))
         for name, data in configs:
             writer.add_config(name, data, job.engine.compression)

@@ -6,9 +6,9 @@ saved just before a guest write (those cost memory in the target, so they go fir
 Each range is *claimed* before it is read, by whichever comes first, so no byte is read
 or recorded twice. Once a range is in the archive it is *released*: trimmed on the
 snapshot view, so QEMU stops copying it and the target frees it. Releases cover whole
-copy clusters only (an unaligned trim aborts QEMU 7.2; the disk's last cluster may be
-partial), so a cluster is released when the last of its bytes is written, whichever
-records they came in.
+copy clusters only (an unaligned trim aborts QEMU 7.2; there the disk's last cluster may be
+partial, while later QEMUs cannot release a partial one at all: ``partial_tail``), so a
+cluster is released when the last of its bytes is written, whichever records they came in.
 
 An incremental backup never reads the ranges its bitmap says are clean: the planner
 *skips* them, and they are released together with the written ranges they touch. Its
@@ -28,9 +28,12 @@ ReleaseFn = Callable[[int, int], None]  # (offset, length), whole clusters
 
 
 class DeviceTracker:
-    def __init__(self, size: int, cluster: int, release: ReleaseFn) -> None:
+    def __init__(self, size: int, cluster: int, release: ReleaseFn, *,
+                 partial_tail: bool = True) -> None:
         self.size = size
         self.cluster = cluster
+        self.partial_tail = partial_tail
+        """A partial last cluster can be released (QEMU 7.2; see agent.qemu.caps)."""
         self._release = release
         self._lock = threading.Lock()
         self._claimed = IntervalSet()
@@ -91,7 +94,7 @@ class DeviceTracker:
                 return
             lo = -(-run[0] // c) * c  # whole clusters only: round inward
             hi = run[1]
-            if hi != self.size:  # (the disk's last cluster may be partial)
+            if hi != self.size or not self.partial_tail:  # (the last cluster may be partial)
                 hi -= hi % c
             if hi <= lo:
                 return

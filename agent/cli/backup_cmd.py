@@ -23,7 +23,7 @@ MODES = ("full", "incremental", "differential", "auto")
 
 #: Options of a live backup only (their dests); --qemu-tls-server/-client have defaults.
 LIVE_ONLY = ("tls_creds", "tls_psk", "tls_username", "qemu_nbd_addr", "cbw_listen",
-             "qemu_tls_authz")
+             "qemu_tls_authz", "cbw_cluster_size")
 
 log = logging.getLogger("backup-agent")
 
@@ -65,6 +65,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     live.add_argument("--cbw-timeout", type=common.positive, default=5, metavar="SECONDS",
                       help="longest a guest write waits for its copy before the backup (not "
                       "the guest) fails (5)")
+    live.add_argument("--cbw-cluster-size", type=_cluster_size, metavar="SIZE",
+                      help="QEMU 9.2 and later: copy old data in clusters of SIZE (a power of "
+                      "two, 64K or more; QEMU's choice: 64K): fewer copies for long runs of "
+                      "writes, larger ones for random writes (docs/QEMU.md)")
     live.add_argument("--cbw-memory", type=common.byte_size, default=256 * 1024 * 1024,
                       metavar="SIZE", help="per disk, old clusters kept in memory (256M)")
     live.add_argument("--spool-dir", metavar="DIR",
@@ -109,6 +113,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.set_defaults(run=run)
 
 
+def _cluster_size(text: str) -> int:
+    n = common.byte_size(text)
+    if n < 64 * 1024 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is no power of two of at least 64K")
+    return n
+
+
 def _check_usage(args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot refuse, before anything is opened."""
     if args.request_size > MAX_DATA_LENGTH:
@@ -151,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
             result = run_live_backup(LiveJob(
                 qmp=args.qmp, output=args.output, drives=args.drive, configs=args.config,
                 engine=opts, cbw_timeout=args.cbw_timeout, cbw_memory=args.cbw_memory,
+                cbw_cluster=args.cbw_cluster_size,
                 spool_dir=args.spool_dir, spool_limit=args.spool_limit,
                 nbd_socket=args.qemu_nbd_socket, mode=Mode(args.mode),
                 tls_creds=args.tls_creds, tls_psk=args.tls_psk,

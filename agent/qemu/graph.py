@@ -43,6 +43,9 @@ object says we started it.
 
 Trims on the snapshot view (:meth:`LiveSnapshot.release`) must be aligned to the copy cluster:
 an unaligned one aborts QEMU 7.2 (an assertion in ``hbitmap_reset``), so :func:`round_inward`.
+Later QEMUs round trims inward themselves and so never release a disk's partial last cluster;
+what the running QEMU does is read from its QMP schema (:mod:`agent.qemu.caps`), as is whether
+the filter takes ``min-cluster-size`` (QEMU 9.2 and later).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ from urllib.parse import quote
 import nbd
 
 from agent.errors import InvalidArgument
-from agent.qemu import names
+from agent.qemu import caps, names
 from agent.qemu.block import BlockDevice
 from agent.qemu.qmp import Monitor, MonitorGone, QmpError, format_address
 from agent.tls import TlsCreds
@@ -142,9 +145,13 @@ class LiveSnapshot:
         self, monitor: Monitor, specs: Sequence[SnapshotSpec], *, tag: str, nbd_socket: str,
         cbw_timeout: int = 5, transaction: Sequence[Mapping[str, Any]] = (),
         changes: str | None = None, nbd_tcp: tuple[str, int] | None = None,
-        nbd_tls: NbdTls | None = None,
+        nbd_tls: NbdTls | None = None, min_cluster: int | None = None,
     ) -> None:
         names.check_tag(tag)
+        if min_cluster is not None and (min_cluster < MIN_CLUSTER
+                                        or min_cluster & (min_cluster - 1)):
+            raise InvalidArgument(f"the copy-before-write cluster size must be a power of two "
+                                  f"of at least {MIN_CLUSTER // 1024} KiB, got {min_cluster}")
         ids = [s.device.id for s in specs]
         if not specs or len(set(ids)) != len(ids):
             raise InvalidArgument(f"snapshot devices must be given once each, got {ids!r}")
@@ -162,6 +169,14 @@ class LiveSnapshot:
         # exports over QMP, knows where to read the snapshot.
         self._secret = os.urandom(16).hex() if nbd_tcp is not None else ""
         self.cbw_timeout = cbw_timeout
+        self.min_cluster = min_cluster
+        """Copy granularity to ask the filter for (``min-cluster-size``; QEMU 9.2 and later);
+        None: QEMU's choice (64 KiB, or the target's cluster size if larger)."""
+        self.caps = caps.QEMU_7_2
+        """What the running QEMU's copy-before-write can do; read by :meth:`setup` when it
+        matters (``min_cluster`` given, or a disk whose size is no multiple of its cluster),
+        else what every supported QEMU does alike."""
+        self._probed = False
         self.nbd_server_owned = False
         """True when this snapshot started QEMU's NBD server (and so stops it)."""
         self.transaction = list(transaction)
@@ -234,6 +249,12 @@ class LiveSnapshot:
         """Copy granularity of a device's filter: trims are rounded to it."""
         return self._device(device_id).cluster
 
+    @property
+    def releases_partial_tail(self) -> bool:
+        """Whether a trim can release a disk's last cluster when it is partial (the disk's
+        size is no multiple of the cluster): QEMU 7.2 can, later QEMUs cannot."""
+        return not self.caps.trims_rounded
+
     def release(self, device_id: str, offset: int, length: int) -> None:
         """Tell QEMU that ``[offset, offset+length)`` of the device is backed up: trim it on the
         snapshot export (QEMU stops copying it, the target frees it; reading it fails from now
@@ -246,7 +267,8 @@ class LiveSnapshot:
         if offset < 0 or length < 0 or offset + length > size:
             raise InvalidArgument(f"device '{device_id}': range {offset}+{length} is outside "
                                   f"the disk ({size} bytes)")
-        span = round_inward(offset, length, dev.cluster, size)
+        span = round_inward(offset, length, dev.cluster,
+                            size if self.releases_partial_tail else None)
         if span is None:
             return
         start, count = span
@@ -278,6 +300,12 @@ class LiveSnapshot:
     def _setup(self) -> None:
         mon = self.monitor
         devs = list(self._devices.values())
+        if self.min_cluster is not None:
+            self._probe()
+            if not self.caps.min_cluster_size:
+                raise SnapshotError("this QEMU cannot copy in larger clusters: its "
+                                    "copy-before-write filter has no min-cluster-size (QEMU "
+                                    "9.2 and later have it)")
         for d in devs:
             dev = d.spec.device
             if dev.qom_path is None:
@@ -287,7 +315,10 @@ class LiveSnapshot:
             self._step(f"cannot add the copy-before-write target for device '{dev.id}'",
                        "blockdev-add", opts)
             self._push(f"delete node {d.names.target}", _blockdev_del(mon, d.names.target))
-            d.cluster = max(MIN_CLUSTER, _cluster_size(mon, d.names.target))
+            d.cluster = max(MIN_CLUSTER, _cluster_size(mon, d.names.target),
+                            self.min_cluster or 0)
+        if any(d.spec.device.virtual_size % d.cluster for d in devs):
+            self._probe()  # whether the partial last cluster can be released
         self._insert_filters(devs)
         for d in devs:
             self._step(f"cannot add the snapshot view of device '{d.spec.device.id}'",
@@ -303,6 +334,13 @@ class LiveSnapshot:
                         **({"bitmaps": [{"node": d.spec.device.node_name,
                                          "name": self.changes}]} if self.changes else {})})
             self._push(f"delete export {d.names.export_id}", self._export_del(d))
+
+    def _probe(self) -> None:
+        """Read what this QEMU can do (once: it costs 50-300 ms here)."""
+        if not self._probed:
+            self.caps = caps.probe(self.monitor)
+            self._probed = True
+            log.debug("QEMU's copy-before-write takes %s", sorted(self.caps.cbw_options))
 
     def _insert_filters(self, devs: list[_Device]) -> None:
         """While the VM is paused (one point in time for all disks, no write in flight):
@@ -325,6 +363,7 @@ class LiveSnapshot:
                     {"driver": "copy-before-write", "node-name": d.names.cbw,
                      "file": d.spec.device.node_name, "target": d.names.target,
                      "on-cbw-error": "break-snapshot", "cbw-timeout": self.cbw_timeout,
+                     **({caps.MIN_CLUSTER_SIZE: self.min_cluster} if self.min_cluster else {}),
                      **({"bitmap": {"node": d.spec.device.node_name, "name": self.changes}}
                         if self.changes else {})},
                 )

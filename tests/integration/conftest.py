@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.process import accepts
-from tests.integration.vm import Guest, VmFactory, build_guest
+from tests.integration.vm import Guest, VmError, VmFactory, build_guest, qemu_version, select_qemu
 
 StrPath = str | os.PathLike[str]
 ImageOp = tuple[str, int, int] | tuple[str, int, int, int]
@@ -297,6 +298,18 @@ def nbd_server(short_tmp: Path) -> Iterator[NbdServerFactory]:
 
 
 # -- virtual machines (tests/integration/vm.py) -------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Select the QEMU under test (``BA_QEMU_DIR``) before any test starts a QEMU program."""
+    try:
+        select_qemu()
+    except VmError as e:
+        raise pytest.UsageError(str(e)) from e
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"QEMU under test: {qemu_version()} ({shutil.which('qemu-system-x86_64')})"
 
 
 @pytest.fixture

@@ -150,6 +150,7 @@ def test_bad_parameters_stop_nbdkit(short_tmp: Path) -> None:
         assert message in proc.stderr, proc.stderr
 
 
+@pytest.mark.qemu  # run on QEMU 10 too (make test)
 def test_qemu_copy_before_write_into_plugin(
     nbd_server: NbdServerFactory, short_tmp: Path
 ) -> None:

@@ -266,6 +266,7 @@ def _jobs(path: Path, body: str) -> Path:
     return path
 
 
+@pytest.mark.qemu  # a live backup: run on QEMU 10 too (make test)
 def test_job_run_into_a_directory(vm: tuple[Vm, Path], tmp_path: Path) -> None:
     machine, before = vm
     dest = tmp_path / "backups"
@@ -313,6 +314,7 @@ def _kind(name: str) -> str:
     return m.group(1)
 
 
+@pytest.mark.qemu  # a live backup: run on QEMU 10 too (make test)
 def test_job_run_auto_builds_chains_and_starts_new_ones(vm: tuple[Vm, Path],
                                                          tmp_path: Path) -> None:
     """mode auto (the default): a full, then incrementals on it; a full again when the
@@ -358,6 +360,7 @@ dir = "{dest}"
     assert _files(dest) == [last]
 
 
+@pytest.mark.qemu  # a live backup: run on QEMU 10 too (make test)
 def test_job_run_through_a_command(vm: tuple[Vm, Path], tmp_path: Path) -> None:
     machine, before = vm
     dest = tmp_path / "remote"
@@ -380,6 +383,7 @@ commit_command = "mv {dest}/.{{name}}.partial {dest}/{{name}}"
     assert qemu_img_compare(before, "qcow2", tmp_path / "r" / "vda.raw", "raw")
 
 
+@pytest.mark.qemu  # a live backup: run on QEMU 10 too (make test)
 def test_a_failing_command_fails_the_job(vm: tuple[Vm, Path], tmp_path: Path) -> None:
     machine, _ = vm
     marker = tmp_path / "committed"
@@ -426,6 +430,7 @@ command = "cat > {tmp_path}/{{name}} && touch {done}"
     assert not done.exists()
 
 
+@pytest.mark.qemu  # a live backup: run on QEMU 10 too (make test)
 def test_sigterm_stops_the_backup_and_the_command(vm: tuple[Vm, Path],
                                                   tmp_path: Path) -> None:
     """systemd stops a job with SIGTERM: the agent stops, and takes the command (its whole
@@ -452,6 +457,7 @@ command = "sleep 6{token}; cat > {tmp_path}/{{name}} && touch {done}"
     assert not done.exists()
 
 
+@pytest.mark.qemu  # a live backup: run on QEMU 10 too (make test)
 def test_every_failed_job_is_one_line_and_the_others_still_run(
         vm: tuple[Vm, Path], tmp_path: Path) -> None:
     machine, _ = vm

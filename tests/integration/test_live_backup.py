@@ -24,7 +24,7 @@ from tests.integration.cli_util import AGENT, agent, agent_from_file, assert_err
 from tests.integration.conftest import make_image, qemu_img_compare
 from tests.integration.vm import Disk, Vm, VmFactory
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.qemu]  # qemu: run on QEMU 10 too
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -56,11 +56,30 @@ def two_disks(vms: VmFactory, tmp_path: Path) -> tuple[Vm, dict[str, Path]]:
 def test_guest_writes_during_backup_do_not_reach_the_archive(
     two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path
 ) -> None:
+    _backup_racing_guest_writes(*two_disks, short_tmp)
+
+
+def test_larger_copy_clusters(two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path) -> None:
+    """--cbw-cluster-size: QEMU 9.2 and later copy in larger clusters, and the archive is
+    still the point in time; an older QEMU is refused in one line, its graph untouched."""
     vm, before = two_disks
+    if vm.qemu_version >= (9, 2):
+        _backup_racing_guest_writes(vm, before, short_tmp, "--cbw-cluster-size", "256K")
+        return
+    graph_before = _graph(vm)
+    arc = short_tmp / "x.arc"
+    made = agent("backup", "--qmp", vm.agent_qmp, "--cbw-cluster-size", "256K", "-o", arc)
+    assert_error(made, "larger clusters", "min-cluster-size", "9.2")
+    assert not arc.exists()
+    assert _graph(vm) == graph_before
+
+
+def _backup_racing_guest_writes(vm: Vm, before: dict[str, Path], short_tmp: Path,
+                                *extra: str) -> None:
     graph_before = _graph(vm)
     proc = subprocess.Popen(
         [AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-",
-         "--connections", "1", "--memory", "4M", "--request-size", "1M"],
+         "--connections", "1", "--memory", "4M", "--request-size", "1M", *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     try:

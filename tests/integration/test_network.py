@@ -30,7 +30,7 @@ from tests.integration.netns import (
 )
 from tests.integration.vm import Disk, Vm, VmFactory
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.qemu]  # qemu: run on QEMU 10 too
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -15,7 +15,7 @@ from agent.qemu.qmp import Monitor, MonitorBusy, QmpError
 from tests.integration.conftest import make_image
 from tests.integration.vm import Disk, Guest, Vm, VmError, VmFactory
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.qemu]  # qemu: run on QEMU 10 too
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -13,6 +13,10 @@ A :class:`Vm` is ``qemu-system-x86_64 -nodefaults -display none -accel tcg`` wit
   :class:`Guest` kernel and initramfs (see scripts/build-guest.sh), booted with ``-no-reboot``
   so that the guest's poweroff or a kernel panic ends QEMU.
 
+Which QEMU runs is PATH's choice: ``BA_QEMU_DIR`` (a directory made by
+scripts/fetch-qemu.sh) puts its wrappers first on PATH, for every QEMU program a test or the
+agent starts (:func:`select_qemu`, called by conftest.py before any test runs).
+
 Guest writes without a guest OS go through HMP ``qemu-io`` on the device's backend, as QEMU's
 own tests do (:meth:`Vm.guest_write`). Every VM is stopped by its own pid: ``quit`` over QMP,
 then SIGTERM, then SIGKILL, each with a timeout (:meth:`Vm.stop`, :class:`VmFactory`).
@@ -43,10 +47,40 @@ MAX_SOCKET_PATH = 107
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_GUEST = REPO / "scripts" / "build-guest.sh"
+#: Environment variable naming the QEMU under test: a directory made by scripts/fetch-qemu.sh
+#: (``BA_QEMU_DIR=$(scripts/fetch-qemu.sh) pytest -m qemu``); unset: the system's QEMU.
+QEMU_DIR_ENV = "BA_QEMU_DIR"
+#: The programs a QEMU directory must hold (in its ``bin/``).
+QEMU_PROGRAMS = ("qemu-system-x86_64", "qemu-img", "qemu-io", "qemu-nbd", "qemu-storage-daemon")
 
 
 class VmError(RuntimeError):
     """A VM helper failed; the message says what and includes QEMU's output."""
+
+
+def select_qemu(environ: dict[str, str] | None = None) -> str | None:
+    """Put the QEMU that ``BA_QEMU_DIR`` names first on PATH; return its ``bin`` directory
+    (None: the system's QEMU). Raises :class:`VmError` if the directory lacks a program."""
+    env = os.environ if environ is None else environ
+    root = env.get(QEMU_DIR_ENV)
+    if not root:
+        return None
+    bin_dir = Path(root).resolve() / "bin"
+    missing = [p for p in QEMU_PROGRAMS if not os.access(bin_dir / p, os.X_OK)]
+    if missing:
+        raise VmError(f"{QEMU_DIR_ENV}={root}: no {', '.join(missing)} in {bin_dir} "
+                      "(make it with scripts/fetch-qemu.sh)")
+    path = env.get("PATH", "").split(os.pathsep)
+    if str(bin_dir) not in path[:1]:
+        env["PATH"] = os.pathsep.join([str(bin_dir), *path])
+    return str(bin_dir)
+
+
+def qemu_version() -> str:
+    """First line of ``qemu-system-x86_64 --version`` of the QEMU on PATH."""
+    proc = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True,
+                          check=False)
+    return (proc.stdout.splitlines() or [proc.stderr.strip()])[0]
 
 
 @dataclass(frozen=True)
@@ -184,6 +218,13 @@ class Vm:
 
     def running(self) -> bool:
         return self.proc.poll() is None
+
+    @property
+    def qemu_version(self) -> tuple[int, int]:
+        """QEMU's (major, minor) version (``query-version``): what tests check the agent's
+        capability detection against."""
+        v = self.qmp.execute("query-version")["qemu"]
+        return int(v["major"]), int(v["minor"])
 
     def log_text(self) -> str:
         """QEMU's stdout and stderr so far."""
