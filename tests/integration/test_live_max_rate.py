@@ -3,6 +3,7 @@ guest writes are not, and a paced backup is still the disk at its point in time.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -51,7 +52,8 @@ class _Drain:
 
     def _run(self) -> None:
         assert self._proc.stdout is not None
-        while chunk := self._proc.stdout.read1(1 << 16):
+        fd = self._proc.stdout.fileno()
+        while chunk := os.read(fd, 1 << 16):
             self.chunks.append(chunk)
             self.got += len(chunk)
 
