@@ -107,11 +107,11 @@ def _wait_listening(path: str, proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def storage_daemon(work: Path, target: dict[str, str] | None) -> Iterator[str]:
-    """A qemu-storage-daemon exporting a 1 GiB disk, through a CBW filter if ``target``."""
+def storage_daemon(work: Path, target: dict[str, str] | None, size: int) -> Iterator[str]:
+    """A qemu-storage-daemon exporting a disk, through a CBW filter if ``target``."""
     disk = work / "disk.raw"
     with open(disk, "wb") as f:
-        f.truncate(GiB)
+        f.truncate(size)
     sock = str(work / "qsd.sock")
     args = ["qemu-storage-daemon",
             "--blockdev", f"file,node-name=disk-file,filename={disk}",
@@ -134,23 +134,24 @@ def storage_daemon(work: Path, target: dict[str, str] | None) -> Iterator[str]:
         disk.unlink()
 
 
-def worst_case(config: str, work: Path) -> Fio:
+def worst_case(config: str, work: Path, size: int = GiB) -> Fio:
     with ExitStack() as stack:
         target: dict[str, str] | None = None
         if config == "plugin":
             plugin = stack.enter_context(CbwTargetServer(
-                GiB, memory=2 * GiB, spool_dir=None, spool_limit=0, label="bench"))
+                size, memory=2 * size, spool_dir=None, spool_limit=0, label="bench"))
             plugin.wait_ready()
             target = {"driver": "nbd", "node-name": "tgt", "server.type": "unix",
                       "server.path": plugin.socket}
         elif config == "scratch":
             scratch = work / "scratch.raw"
             with open(scratch, "wb") as f:
-                f.truncate(GiB)
+                f.truncate(size)
             stack.callback(scratch.unlink)
             target = {"driver": "file", "node-name": "tgt", "filename": str(scratch)}
-        uri = stack.enter_context(storage_daemon(work, target))
-        return fio(uri, "write:64k")  # 8192 writes, each on a cluster of its own
+        uri = stack.enter_context(storage_daemon(work, target, size))
+        # 64 KiB writes 64 KiB apart, each on a cluster of its own: 8192 in 1 GiB
+        return fio(uri, "write:64k", size=str(size))
 
 
 # -- where the CPU goes -----------------------------------------------------------------
@@ -605,10 +606,10 @@ def main() -> int:
                     "compare are always run): " + ", ".join(s.key for s in SETTINGS))
     add_smoke_flag(ap)
     args = ap.parse_args()
-    disk_size = 2 * GiB
+    disk_size, worst_size = 2 * GiB, GiB
     settings = SETTINGS
     if args.smoke:
-        args.runs, args.runtime, disk_size = 1, 1, 512 * MiB
+        args.runs, args.runtime, disk_size, worst_size = 1, 1, 512 * MiB, 256 * MiB
         settings = [s for s in SETTINGS if s.key in SMOKE_SETTINGS]
     if args.settings:
         keys = {*args.settings.split(","), *SMOKE_SETTINGS}
@@ -623,7 +624,7 @@ def main() -> int:
         if args.only != "curve":
             for _ in range(args.runs):
                 for c in configs:
-                    worst[c].append(worst_case(c, work))
+                    worst[c].append(worst_case(c, work, worst_size))
         if args.only != "worst":
             curve = during_backup(work, settings, args.runs, args.runtime, disk_size)
     finally:
