@@ -184,8 +184,9 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _threads(pid: int) -> dict[int, tuple[str, int]]:
-    """tid -> (thread name, CPU ticks) of every thread of ``pid``."""
+def _threads(pid: int) -> dict[int, tuple[str, int, int]]:
+    """tid -> (thread name, CPU ticks, ns spent runnable but waiting for a core) of every
+    thread of ``pid``."""
     out = {}
     try:
         tids = os.listdir(f"/proc/{pid}/task")
@@ -193,8 +194,13 @@ def _threads(pid: int) -> dict[int, tuple[str, int]]:
         return {}
     for tid in tids:
         st = _stat(f"/proc/{pid}/task/{tid}/stat")
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                delay = int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            delay = 0
         if st is not None:
-            out[int(tid)] = (st[0], st[2])
+            out[int(tid)] = (st[0], st[2], delay)
     return out
 
 
@@ -208,32 +214,38 @@ def _machine() -> tuple[int, int]:
 
 CPU_ROLES = ("fio", "qemu main loop", "qemu I/O workers", "qemu other", "nbdkit (plugin)",
              "agent", "other processes", "idle")
+WAIT_ROLES = ("qemu main loop", "qemu I/O workers", "nbdkit (plugin)", "agent")
 
 
 def cpu_sample(qemu: int, agent: int | None) -> dict[str, float]:
     """CPU ticks so far by role (see CPU_ROLES): QEMU by thread (it names them with
-    ``-name ...,debug-threads=on``), our processes whole, fio as the reaped children."""
-    out = dict.fromkeys(CPU_ROLES, 0.0)
-    for tid, (name, ticks) in _threads(qemu).items():
+    ``-name ...,debug-threads=on``), our processes whole, fio as the reaped children; and
+    as "wait ROLE" the ticks they spent runnable, waiting for a core (schedstat)."""
+    out = dict.fromkeys(CPU_ROLES, 0.0) | {f"wait {r}": 0.0 for r in WAIT_ROLES}
+    for tid, (name, ticks, delay) in _threads(qemu).items():
         role = ("qemu main loop" if tid == qemu else
                 "qemu I/O workers" if name == "worker" else "qemu other")
         out[role] += ticks
+        if role in WAIT_ROLES:
+            out[f"wait {role}"] += delay * TICK / 1e9
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # fio, once it has been waited for
     out["fio"] = (kids.ru_utime + kids.ru_stime) * TICK
     if agent is not None:
         for pid in _descendants(agent):
             st = _stat(f"/proc/{pid}/stat")
             role = "nbdkit (plugin)" if st is not None and st[0] == "nbdkit" else "agent"
-            out[role] += sum(t for _, t in _threads(pid).values())
+            threads = _threads(pid).values()
+            out[role] += sum(t for _, t, _ in threads)
+            out[f"wait {role}"] += sum(d for _, _, d in threads) * TICK / 1e9
     busy, idle = _machine()
-    ours = sum(out.values())
+    ours = sum(out[r] for r in CPU_ROLES)
     out["other processes"] = busy - ours
     out["idle"] = idle
     return out
 
 
 def cores_used(a: dict[str, float], b: dict[str, float], seconds: float) -> dict[str, float]:
-    return {k: max(0.0, (b[k] - a[k]) / TICK / seconds) for k in CPU_ROLES}
+    return {k: max(0.0, (b[k] - a[k]) / TICK / seconds) for k in a}
 
 
 # -- workload 2: random writes during a backup, at several paces of its sweep -----------
@@ -572,8 +584,15 @@ def report_cpu(settings: list[Setting], results: dict[str, list[Outcome]]) -> No
     for s in settings:
         cpu = {r: statistics.median(o.cpu[r] for o in results[s.key]) for r in CPU_ROLES}
         print(f"| {s.label:<30} | " + " | ".join(f"{cpu[r]:>9.2f}" for r in CPU_ROLES) + " |")
+    print("\n   and the time they were runnable but waited for a core (s per s, all threads)\n")
+    print(f"| {'setting':<30} | " + " | ".join(f"{short[r]:>9}" for r in WAIT_ROLES) + " |")
+    print(f"|{'-' * 32}|" + "|".join("-" * 11 for _ in WAIT_ROLES) + "|")
+    for s in settings:
+        wait = {r: statistics.median(o.cpu[f"wait {r}"] for o in results[s.key])
+                for r in WAIT_ROLES}
+        print(f"| {s.label:<30} | " + " | ".join(f"{wait[r]:>9.2f}" for r in WAIT_ROLES)
+              + " |")
     print()
-
 
 def use_qemu(root: str | None) -> str:
     """Put the QEMU in ``root`` (a directory made by scripts/fetch-qemu.sh: bin/ holds
