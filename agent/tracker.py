@@ -41,6 +41,7 @@ class DeviceTracker:
         self._released = IntervalSet()
         self._copied: deque[tuple[int, int]] = deque()
         self.copied_ranges = 0  # announced by copy-before-write
+        self.copied_bytes = 0  # in those ranges (the adaptive sweep's signal: agent/pace.py)
         self.copied_first = 0  # of those, read ahead of the sweep
         self.released_bytes = 0
 
@@ -53,6 +54,7 @@ class DeviceTracker:
             with self._lock:
                 self._copied.append((offset, end))
                 self.copied_ranges += 1
+                self.copied_bytes += end - offset
 
     def take_copied(self) -> list[tuple[int, int]]:
         """Claim the copied ranges announced so far; return the parts nobody claimed yet."""

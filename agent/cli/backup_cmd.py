@@ -12,6 +12,8 @@ from agent.archive.format import MAX_DATA_LENGTH
 from agent.cli import common
 from agent.cli.common import UsageError
 from agent.cli.render import ProgressRenderer, size, summary_line
+from agent.errors import InvalidArgument
+from agent.pace import FLOOR, PaceSpec
 from agent.tls import QEMU_TLS_CLIENT, QEMU_TLS_SERVER, check_nbd_uri
 
 if TYPE_CHECKING:
@@ -52,6 +54,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--request-size", type=common.byte_size, default=2 * 1024 * 1024,
                    metavar="SIZE", help="bytes per read and at most per record (2M, max "
                    "32M; sent as NBD requests of at most 512K)")
+    p.add_argument("--max-rate", type=_rate, default=PaceSpec(), metavar="RATE|auto",
+                   help="cap on the background sweep's reads, bytes per second (e.g. 50M); "
+                   "auto (live backups): full speed, but down to "
+                   f"{FLOOR // 2**20}M/s while the guest writes clusters not yet backed "
+                   "up; auto:RATE: that, capped. Clusters copied before guest writes are "
+                   "never held back (default: unlimited)")
     live = p.add_argument_group("live backup of a running QEMU VM")
     live.add_argument("--qmp", metavar="SOCKET|HOST:PORT",
                       help="the VM's QMP monitor for the agent (a Unix socket or HOST:PORT); "
@@ -120,6 +128,13 @@ def _cluster_size(text: str) -> int:
     return n
 
 
+def _rate(text: str) -> PaceSpec:
+    try:
+        return PaceSpec.parse(text)
+    except InvalidArgument as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _check_usage(args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot refuse, before anything is opened."""
     if args.request_size > MAX_DATA_LENGTH:
@@ -133,6 +148,9 @@ def _check_usage(args: argparse.Namespace) -> None:
     for flag in LIVE_ONLY:
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag.replace('_', '-')} is for a live backup: it needs --qmp")
+    if args.max_rate.adaptive:
+        raise UsageError("--max-rate auto follows the copy-before-write copies of a live "
+                         "backup: it needs --qmp (give a rate such as 50M instead)")
     if args.mode != "full":
         raise UsageError("--mode incremental, differential and auto need the VM's dirty "
                          "bitmaps: use them with --qmp")
@@ -147,11 +165,11 @@ def run(args: argparse.Namespace) -> int:
     _check_usage(args)
     opts = EngineOptions(compression=args.compress, connections=args.connections,
                          memory=args.memory, request_size=args.request_size,
-                         workers=max(2, os.cpu_count() or 2))
+                         workers=max(2, os.cpu_count() or 2), pace=args.max_rate)
     conns = args.connections or f"{opts.connections_for(changes=False)} (1 for changes only)"
     log.debug("options: compression %s, connections per source %s, memory %s, request size "
-              "%s, %d worker(s)", args.compress, conns, size(args.memory),
-              size(args.request_size), opts.workers)
+              "%s, %d worker(s), sweep rate %s", args.compress, conns, size(args.memory),
+              size(args.request_size), opts.workers, args.max_rate)
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
     result: BackupSummary
     try:

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 from agent.archive.codec import CompressionSpec
 from agent.archive.format import check_name
 from agent.errors import ArchiveError, InvalidArgument
+from agent.pace import PaceSpec
 from agent.qemu.qmp import parse_address
 
 DEFAULT_PATH = "/etc/backup-agent/jobs.toml"
@@ -43,7 +44,7 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 # Keys [defaults] may set; keep_chains and full_every from there apply to dir jobs only.
 _SHARED = ("mode", "full_every", "keep_chains", "compression", "cbw_memory", "spool_dir",
-           "spool_limit", "cbw_timeout")
+           "spool_limit", "cbw_timeout", "max_rate")
 _NETWORK_KEYS = ("qemu_nbd_addr", "cbw_listen")  # jobs whose monitor is HOST:PORT only
 _JOB_KEYS = ("qmp", "tls", "drives", "dir", "command", "commit_command", "qemu_nbd_socket",
              "configs", *_NETWORK_KEYS, *_SHARED)
@@ -79,6 +80,7 @@ class Job:
     spool_dir: str | None = None
     spool_limit: int | None = None
     cbw_timeout: int | None = None
+    max_rate: PaceSpec | None = None  # the background sweep's pace (agent/pace.py)
     qemu_nbd_socket: str | None = None
     configs: tuple[tuple[str, str], ...] = ()  # (name in the archive, file)
     qemu_nbd_addr: str | None = None  # network jobs: QEMU's NBD server, HOST[:PORT]
@@ -196,6 +198,7 @@ def _shared(t: _Table) -> dict[str, Any]:
         "spool_dir": t.path("spool_dir"),
         "spool_limit": t.size("spool_limit"),
         "cbw_timeout": t.positive("cbw_timeout"),
+        "max_rate": t.rate("max_rate"),
     }
     return {k: v for k, v in found.items() if v is not None}
 
@@ -315,6 +318,19 @@ class _Table:
         if n < 4096:
             self._bad(key, 'a size of at least 4K, such as "256M" or "1G"')
         return n
+
+    def rate(self, key: str) -> PaceSpec | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if type(value) is int:
+            value = str(value)
+        if not isinstance(value, str):
+            self._bad(key, 'a rate in bytes per second such as "50M", or "auto"')
+        try:
+            return PaceSpec.parse(value)
+        except InvalidArgument as e:
+            self.fail(f"{key}: {e}")
 
     def duration(self, key: str) -> int | None:
         value = self.data.get(key)

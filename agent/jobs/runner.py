@@ -36,6 +36,7 @@ from agent.jobs.config import Job
 from agent.jobs.retention import ArchiveDesc, find_chains
 from agent.live import LiveJob, run_live_backup, select_devices
 from agent.network import plan as plan_network
+from agent.pace import PaceSpec
 from agent.pipeline import ProgressFn
 from agent.qemu import checkpoints
 from agent.qemu.block import query_block_devices
@@ -196,6 +197,8 @@ def _live_job(job: Job, output: str, mode: Mode) -> LiveJob:
                      tls_username=job.tls.psk_user)
     # Options the job leaves out keep LiveJob's defaults: one place to change them.
     return LiveJob(qmp=job.qmp, output=output, drives=list(job.drives),
-                   configs=list(job.configs), engine=EngineOptions(compression=job.compression),
+                   configs=list(job.configs),
+                   engine=EngineOptions(compression=job.compression,
+                                        pace=job.max_rate or PaceSpec()),
                    mode=mode, **{k: v for k, v in given.items() if v is not None})
 

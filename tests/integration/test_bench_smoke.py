@@ -22,7 +22,9 @@ CASES = {
                "0.25 GiB fully written raw, peak RSS"],
     "incremental.py": ["full live backup, 0.25 GiB half data, pipe",
                        "incremental, 1% of clusters changed"],
-    "guest_cost.py": ["our nbdkit plugin (memory)", "during a live backup"],
+    "guest_cost.py": ["our nbdkit plugin (memory)", "during a live backup",
+                      "QEMU fleecing, qcow2 scratch", "live, --max-rate auto",
+                      "live, sweep stopped (4K/s)"],
     "network.py": ["hypervisor       |   1ms", "backup server    |   5ms"],
 }
 

@@ -155,7 +155,7 @@ def test_defaults_when_nothing_is_said(tmp_path: Path) -> None:
     # unknown keys
     ('keep = 3', 'job "vm1": unknown key "keep" (did you mean "keep_chains"?); known keys: '
                  'cbw_listen, cbw_memory, cbw_timeout, command, commit_command, compression, '
-                 'configs, dir, drives, full_every, keep_chains, mode, qemu_nbd_addr, '
+                 'configs, dir, drives, full_every, keep_chains, max_rate, mode, qemu_nbd_addr, '
                  'qemu_nbd_socket, qmp, spool_dir, spool_limit, tls'),
     ('xyzzy = 3', 'job "vm1": unknown key "xyzzy"; known keys: cbw_listen, cbw_memory,'),
     ('cbw_listen = ":10900"', 'job "vm1": cbw_listen is only for a monitor reached over the '
@@ -210,7 +210,7 @@ def test_a_wrong_field(tmp_path: Path, text: str, expected: str) -> None:
     (f'[jobs.{"v" * 65}]\nqmp = "/run/vm1.qmp"', 'job name "vvvv'),
     ('[defaults]\nqmp = "/run/vm1.qmp"\n' + VM1,
      'defaults: unknown key "qmp"; known keys: cbw_memory, cbw_timeout, compression, '
-     'full_every, keep_chains, mode, spool_dir, spool_limit'),
+     'full_every, keep_chains, max_rate, mode, spool_dir, spool_limit'),
     ('[defaults]\nkeep_chains = -1\n' + VM1,
      'defaults: keep_chains must be a positive integer, got -1'),
     (VM1 + '[jobs.vm2]\nqmp = "/run/vm2.qmp"\ndir = "/srv/backups/vm1/"',
