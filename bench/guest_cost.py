@@ -144,7 +144,7 @@ def worst_case(config: str, work: Path, size: int = GiB) -> Fio:
                 size, memory=2 * size, spool_dir=None, spool_limit=0, label="bench"))
             plugin.wait_ready()
             target = {"driver": "nbd", "node-name": "tgt", "server.type": "unix",
-                      "server.path": plugin.socket}
+                      "server.path": plugin.socket, "export": plugin.export}
         elif config == "scratch":
             scratch = work / "scratch.raw"
             with open(scratch, "wb") as f:

@@ -60,10 +60,6 @@ def test_info_reads_an_archive_with_short_tape_padding(tmp_path: Path, padding: 
         assert arc.archive_len == len(FULL)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a footer naming a byte position of 2^63 or more "
-                   "makes IndexedArchive (`info` on a file) raise ValueError from seek, and one "
-                   "just below it OSError (EINVAL) from the read, not ArchiveError: `info` "
-                   "reports an internal error", raises=(ValueError, OSError))
 @pytest.mark.parametrize("pos", [2**63, 2**63 - 8])
 def test_info_refuses_a_footer_past_2_63_as_damage(tmp_path: Path, pos: int) -> None:
     data = FULL[:-48] + Footer(pos, pos, len(FULL)).encode()  # its own digest is right
@@ -71,9 +67,6 @@ def test_info_refuses_a_footer_past_2_63_as_damage(tmp_path: Path, pos: int) -> 
         _open(tmp_path / "a.arc", data)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an index entry at a byte position of 2^63 or "
-                   "more makes IndexedArchive.read() raise ValueError from seek, not "
-                   "ArchiveError", raises=ValueError)
 def test_random_access_refuses_an_index_entry_past_2_63(tmp_path: Path) -> None:
     entries = _entries(FULL)
     first = min(range(len(entries)), key=lambda k: entries[k][6])  # that one is checked
@@ -81,14 +74,12 @@ def test_random_access_refuses_an_index_entry_past_2_63(tmp_path: Path) -> None:
     entries[last] = (*entries[last][:6], 2**63)
     data = _with_index(FULL, entries)
     read_archive(data)  # the sequential reader checks the index's length only
-    with _open(tmp_path / "a.arc", data) as arc, pytest.raises(ArchiveError):
+    # refused at the latest by read(); since the index is walked on opening, already there
+    with pytest.raises(ArchiveError), _open(tmp_path / "a.arc", data) as arc:
         e = entries[last]
         arc.read("vda" if e[3] == 0 else "vdb", e[4], e[5])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: IndexedArchive.read() of an archive without INDEX "
-                   "records (valid: readers must not require them) returns zeros for every "
-                   "stored byte instead of reading them or refusing", raises=AssertionError)
 def test_random_access_without_an_index_does_not_invent_zeros(tmp_path: Path) -> None:
     data = SEEDS["no-index"]
     want = read_archive(data)
@@ -100,10 +91,6 @@ def test_random_access_without_an_index_does_not_invent_zeros(tmp_path: Path) ->
         assert got == want.image("disk-0.raw")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: IndexedArchive.read() believes an index entry "
-                   "that calls a DATA record ZERO and returns zeros for its bytes; FORMAT.md "
-                   "says a seekable reader should check the record at each entry's pos",
-                   raises=AssertionError)
 def test_random_access_checks_a_zero_entry_against_its_record(tmp_path: Path) -> None:
     entries = _entries(FULL)
     first = min(range(len(entries)), key=lambda k: entries[k][6])  # that one is checked
@@ -113,12 +100,12 @@ def test_random_access_checks_a_zero_entry_against_its_record(tmp_path: Path) ->
     want = read_archive(data)
     dev = "vda" if entries[k][3] == 0 else "vdb"
     off, length = entries[k][4], entries[k][5]
-    with _open(tmp_path / "a.arc", data) as arc:
-        try:
+    try:
+        with _open(tmp_path / "a.arc", data) as arc:  # the index is checked on opening
             got = arc.read(dev, off, length)
-        except ArchiveError:
-            return
-        assert got == want.image(dev)[off : off + length]
+    except ArchiveError:
+        return
+    assert got == want.image(dev)[off : off + length]
 
 
 @pytest.mark.xfail(strict=True, reason="bug: `config NAME` keeps every config of the archive in "
