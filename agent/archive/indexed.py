@@ -78,7 +78,7 @@ def _find_footer(f: BinaryIO, size: int) -> tuple[Footer, int]:
     try:
         footer = Footer.decode(last, size - FOOTER.size)
     except ArchiveError:
-        if last.strip(b"\0"):
+        if last[-1:] != b"\0":  # padding ends in zeros, though shorter ones hold footer bytes
             raise
     else:
         if footer.archive_len != size:

@@ -80,7 +80,7 @@ class KnownIssue(Exception):
 KNOWN_LYING_INDEX = False
 #: IndexedArchive (``info`` on a file) refuses a valid archive followed by 1 to 47 bytes
 #: of tape padding: it takes the last 48 bytes for the footer unless they are all zero.
-KNOWN_SHORT_PADDING = True
+KNOWN_SHORT_PADDING = False
 #: IndexedArchive raises ValueError (not ArchiveError) where the footer or an index entry
 #: names a byte position of 2^63 or more (``f.seek`` cannot go there), and OSError (EINVAL
 #: from the read) just below it.
