@@ -15,6 +15,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -82,6 +83,19 @@ def agent_from_file(
             cat.stdout.close()  # cat may get SIGPIPE when the agent stops reading early
         cat.wait(timeout=timeout)
     return proc
+
+
+def finish_streaming(proc: subprocess.Popen[bytes], timeout: float) -> tuple[bytes, bytes, int]:
+    """The rest of a running agent's stdout, all its stderr and its exit code: stdout is
+    read on a thread while stderr is read here, so neither pipe can fill and stall it."""
+    assert proc.stdout is not None and proc.stderr is not None
+    stdout = proc.stdout
+    rest: list[bytes] = []
+    reader = threading.Thread(target=lambda: rest.append(stdout.read()))
+    reader.start()
+    err = proc.stderr.read()
+    reader.join(timeout)
+    return rest[0] if rest else b"", err, proc.wait(timeout)
 
 
 def describe(proc: subprocess.CompletedProcess[bytes]) -> str:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-from tests.integration.cli_util import AGENT, agent_from_file, describe
+from tests.integration.cli_util import AGENT, agent_from_file, describe, finish_streaming
 from tests.integration.netns import BK_ADDR, HV_ADDR, PSK_USER, Pki, TwoHosts
 from tests.integration.test_network import (  # noqa: F401 (fixtures)
     QMP_PORT,
@@ -135,19 +134,15 @@ def test_only_the_qemu_being_backed_up_reaches_the_target(
         said = _intruder(hosts, kind, reader, "vda", "read:0",
                          at=(hosts.bk, HV_ADDR, NBD_PORT))
         assert said.startswith("refused:"), said
-        rest: list[bytes] = []
-        reader = threading.Thread(target=lambda: rest.append(proc.stdout.read()))  # type: ignore[union-attr]
-        reader.start()
-        err = proc.stderr.read()
-        reader.join(TIMEOUT)
-        assert proc.wait(TIMEOUT) == 0, err.decode()
+        rest, err, status = finish_streaming(proc, TIMEOUT)
+        assert status == 0, err.decode()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert b"refused 1 write(s) over clusters it had already stored" in err, err.decode()
     arc = tmp_path / "remote.arc"
-    arc.write_bytes(head + rest[0])
+    arc.write_bytes(head + rest)
     done = agent_from_file(arc, "verify", "-")
     assert done.returncode == 0, describe(done)
     _restore_and_compare([arc], {"vda": before["vda"]}, tmp_path / "r")

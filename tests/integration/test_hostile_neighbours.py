@@ -25,7 +25,6 @@ import stat
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,7 +33,13 @@ from pathlib import Path
 import pytest
 
 from agent.qemu.qmp import Monitor
-from tests.integration.cli_util import AGENT, agent_from_file, assert_error, describe
+from tests.integration.cli_util import (
+    AGENT,
+    agent_from_file,
+    assert_error,
+    describe,
+    finish_streaming,
+)
 from tests.integration.conftest import make_image, qemu_img_compare
 from tests.integration.vm import Disk
 
@@ -191,18 +196,14 @@ def test_another_vms_qemu_cannot_reach_a_backups_sockets(
         for sock in sockets:
             assert b.connect(sock) == "EACCES", sock
             assert a.connect(sock) == "connected", sock
-        rest: list[bytes] = []
-        reader = threading.Thread(target=lambda: rest.append(proc.stdout.read()))  # type: ignore[union-attr]
-        reader.start()
-        err = proc.stderr.read()
-        reader.join(TIMEOUT)
-        assert proc.wait(TIMEOUT) == 0, err.decode()
+        rest, err, status = finish_streaming(proc, TIMEOUT)
+        assert status == 0, err.decode()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     arc = tmp_path / "vm1.arc"
-    arc.write_bytes(head + rest[0])
+    arc.write_bytes(head + rest)
     out = tmp_path / "r"
     done = agent_from_file(arc, "restore", "-", "--to-dir", out)
     assert done.returncode == 0, describe(done)

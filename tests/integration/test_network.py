@@ -12,13 +12,19 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.cli_util import AGENT, agent, agent_from_file, assert_error, describe
+from tests.integration.cli_util import (
+    AGENT,
+    agent,
+    agent_from_file,
+    assert_error,
+    describe,
+    finish_streaming,
+)
 from tests.integration.conftest import make_image, qemu_img_compare
 from tests.integration.netns import (
     HV_ADDR,
@@ -123,18 +129,14 @@ def test_x509_backup_across_hosts_while_the_guest_writes(
                   ("vda", 0xA3, 30 * MiB, MiB), ("vdb", 0xB1, 4 * MiB, 4608)]
         for dev, pattern, off, length in writes:
             vm.guest_write(dev, pattern, off, length)
-        rest: list[bytes] = []
-        reader = threading.Thread(target=lambda: rest.append(proc.stdout.read()))  # type: ignore[union-attr]
-        reader.start()
-        err = proc.stderr.read()
-        reader.join(TIMEOUT)
-        assert proc.wait(TIMEOUT) == 0, err.decode()
+        rest, err, status = finish_streaming(proc, TIMEOUT)
+        assert status == 0, err.decode()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     arc = tmp_path / "remote.arc"
-    arc.write_bytes(head + rest[0])
+    arc.write_bytes(head + rest)
     done = agent_from_file(arc, "verify", "-")
     assert done.returncode == 0, describe(done)
     _restore_and_compare([arc], before, tmp_path / "r")
