@@ -39,16 +39,13 @@ from agent.archive.format import (
     MAX_DATA_LENGTH,
     MAX_DEVICE_SIZE,
     NO_INDEX,
-    Chain,
     Compression,
     End,
     Footer,
     Kind,
     RecordType,
-    digest,
-    pack_frame,
-    pack_preamble,
 )
+from tests.unit.archive_util import Framer
 
 T = RecordType
 ARCHIVE_UUID = uuid.UUID("01900000-0000-7000-8000-0000000ba11d")
@@ -143,23 +140,10 @@ def seal(records: Iterable[Record], *, padding: int = 0, index: bool = True) -> 
     seq numbers, frame CRCs and digests; INDEX records listing every DATA and ZERO record
     (``index``); END with the counts, totals and chained digest; the footer; then
     ``padding`` zero bytes (tape padding)."""
-    out = bytearray(pack_preamble())
-    chain = Chain(bytes(out))
+    framer = Framer()
+    out, put = framer.out, framer.put
     entries = bytearray()
     totals = {"data": 0, "zero": 0, "stored": 0, "devices": 0, "configs": 0}
-    seq = 0
-
-    def put(rtype: int, body: bytes, flags: int = 0) -> int:
-        nonlocal seq
-        pos = len(out)
-        frame = pack_frame(rtype, flags, seq, len(body))
-        dig = digest(body)
-        chain.add(frame, dig)
-        out.extend(frame)
-        out.extend(body)
-        out.extend(dig)
-        seq += 1
-        return pos
 
     for r in records:
         pos = put(r.rtype, r.body, r.flags)
@@ -181,8 +165,8 @@ def seal(records: Iterable[Record], *, padding: int = 0, index: bool = True) -> 
     for at in range(0, len(entries) if index else 0, step):
         pos = put(T.INDEX, bytes(entries[at : at + step]), FLAG_OPTIONAL)
         index_pos = pos if index_pos == NO_INDEX else index_pos
-    end = End(seq, totals["data"], totals["zero"], totals["stored"], totals["devices"],
-              totals["configs"], chain.value())
+    end = End(framer.seq, totals["data"], totals["zero"], totals["stored"], totals["devices"],
+              totals["configs"], framer.chain.value())
     end_pos = put(T.END, end.encode())
     out += Footer(index_pos, end_pos, len(out) + 48).encode()
     out += bytes(padding)

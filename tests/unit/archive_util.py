@@ -234,6 +234,28 @@ def reframe(data: bytes, pos: int, **fields: int) -> bytes:
     return data[:pos] + frame + data[pos + FRAME.size :]
 
 
+class Framer:
+    """Frames records as the writer does (sequence numbers, frame CRCs, digests, the seal's
+    chain) into ``out``, for builders that make large or crafted archives without it."""
+
+    def __init__(self) -> None:
+        self.out = bytearray(pack_preamble())
+        self.chain = Chain(bytes(self.out))
+        self.seq = 0
+
+    def put(self, rtype: int, body: bytes, flags: int = 0) -> int:
+        """Append one record; return its position."""
+        pos = len(self.out)
+        frame = pack_frame(rtype, flags, self.seq, len(body))
+        dig = digest(body)
+        self.chain.add(frame, dig)
+        self.out += frame
+        self.out += body
+        self.out += dig
+        self.seq += 1
+        return pos
+
+
 # --- hostile archives: valid, but built to cost a reader as much as possible ------------
 
 
@@ -302,21 +324,8 @@ def many_records(records: int, *, record_len: int = 4096, data_every: int = 1000
         Zero,
     )
 
-    out = bytearray(pack_preamble())
-    chain = Chain(bytes(out))
-    seq = 0
-
-    def record(rtype: int, body: bytes, flags: int = 0) -> int:
-        nonlocal seq
-        pos = len(out)
-        frame = pack_frame(rtype, flags, seq, len(body))
-        dig = digest(body)
-        chain.add(frame, dig)
-        out.extend(frame)
-        out.extend(body)
-        out.extend(dig)
-        seq += 1
-        return pos
+    framer = Framer()
+    out, record = framer.out, framer.put
 
     size = records * record_len
     record(RecordType.HEADER, header.encode())
@@ -339,7 +348,7 @@ def many_records(records: int, *, record_len: int = 4096, data_every: int = 1000
     for start in range(0, len(index), step):
         pos = record(RecordType.INDEX, bytes(index[start : start + step]), FLAG_OPTIONAL)
         index_pos = pos if index_pos == NO_INDEX else index_pos
-    end = End(seq, data_bytes, zero_bytes, data_bytes, 1, 0, chain.value())
+    end = End(framer.seq, data_bytes, zero_bytes, data_bytes, 1, 0, framer.chain.value())
     end_pos = record(RecordType.END, end.encode())
     out += Footer(index_pos, end_pos, len(out) + 48).encode()
     return bytes(out)
