@@ -28,6 +28,7 @@ PACKAGES=(
     systemd                # tests: systemd-analyze verify of the units in deploy/
     iproute2               # tests: network namespaces joined by a veth pair
     openssl                # tests: throwaway certificates for TLS
+    apparmor               # tests: apparmor_parser compiles the profile deploy/add-vm.sh edits
 )
 VENV=.venv
 STAMP="$VENV/.installed-stamp"
