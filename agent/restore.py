@@ -21,11 +21,11 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from agent import interrupts
 from agent.archive.format import CHUNK_FIXED, Device
@@ -43,15 +43,13 @@ from agent.files import (
     create_private,
     make_dirs,
     remove_made_dirs,
-    rename_noreplace,
     same_file,
     short_name,
 )
-from agent.nbd.target import ZEROS, FileTarget, Target
 from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
-
-if TYPE_CHECKING:
-    from agent.nbd.server import QemuNbd
+from agent.targets.base import ZEROS, Sink, SinkFactory, Target
+from agent.targets.file import FileTarget
+from agent.targets.null import NullTarget
 
 MiB = 1024 * 1024
 # Records go to the workers in batches of up to this many device bytes or records: a
@@ -79,65 +77,6 @@ class RestoreResult:
     archive_bytes: int = 0  # of the archives read, without tape padding
 
 
-class _Sink:
-    """Where one device goes, and how it is committed or thrown away."""
-
-    def __init__(self, device: Device, target: Target, final: Path | None = None,
-                 temp: Path | None = None, server: QemuNbd | None = None,
-                 in_place: bool = False, made_dirs: list[Path] | None = None,
-                 lock_fd: int = -1) -> None:
-        self.device = device
-        self.target = target
-        self.final = final  # rename temp -> final on commit
-        self.temp = temp
-        self.server = server
-        # Directories the restore created (shared by its sinks): removed again on failure.
-        self.made_dirs = made_dirs if made_dirs is not None else []
-        # The temporary file, open and locked while this restore lives (qemu-nbd writes it
-        # by name): another run's agent.files.remove_stale then leaves it alone.
-        self.lock_fd = lock_fd
-        # Written over what was there (restore --to): a failure leaves it half old, half new.
-        self.in_place = in_place
-        self.touched = False  # a write or zero request was sent
-        self.where = str(final) if final else target.name
-
-    def commit(self) -> None:
-        self.target.flush()
-        self.target.close()
-        if self.server is not None:
-            self.server.close()
-        if self.temp is not None and self.final is not None:
-            try:
-                rename_noreplace(self.temp, self.final)
-            except FileExistsError:
-                raise TargetError(f"{self.final} appeared while the restore ran: it was left "
-                                  "as it is; remove it or restore elsewhere") from None
-            except OSError as e:
-                raise TargetError(f"cannot rename {self.temp} to {self.final}: "
-                                  f"{e.strerror}") from e
-            log.debug("renamed %s to %s", self.temp, self.final)
-            self.temp = None  # nothing of ours left to remove under that name
-        self._unlock()
-
-    def _unlock(self) -> None:
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
-
-    def discard(self) -> None:
-        with contextlib.suppress(AgentError, OSError):
-            self.target.close()
-        if self.server is not None:
-            self.server.close()
-        if self.temp is not None:
-            _unlink(self.temp)
-        self._unlock()
-        remove_made_dirs(self.made_dirs)  # once the last sink's temporary file is gone
-
-
-SinkFactory = Callable[[Device], _Sink | None]
-
-
 def to_dir(directory: Path, fmt: str, names: set[str] | None, opts: RestoreOptions) -> SinkFactory:
     """Sinks that create ``DIR/NAME.raw`` or ``DIR/NAME.qcow2`` for each device (a name too
     long for one directory entry is shortened: see agent.files.short_name).
@@ -150,7 +89,7 @@ def to_dir(directory: Path, fmt: str, names: set[str] | None, opts: RestoreOptio
     made: list[Path] = []  # shared by the sinks: whichever is discarded last removes them
     leftovers: Leftovers | None = None  # DIR's temporary files, read once for every device
 
-    def make(dev: Device) -> _Sink | None:
+    def make(dev: Device) -> Sink | None:
         nonlocal leftovers
         if names is not None and dev.name not in names:
             return None
@@ -183,16 +122,16 @@ def _create_temp(final: Path, leftovers: Leftovers) -> tuple[int, Path]:
 
 
 def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path, fd: int,
-                   opts: RestoreOptions, made: list[Path]) -> _Sink:
+                   opts: RestoreOptions, made: list[Path]) -> Sink:
     """A sink writing ``dev`` into the new file ``temp`` (open as ``fd``, which it takes
     over), renamed to ``final`` on commit."""
     label = f"{final} (device {dev.name!r})"  # messages name the file the user asked for
     if fmt == "raw":
         target = FileTarget(str(temp), dev.size, fresh=True, label=label, fd=fd)
-        return _Sink(dev, target, final, temp, made_dirs=made)
+        return Sink(dev, target, final, temp, made_dirs=made)
     # Imported here: restores into files never load libnbd (start-up time).
-    from agent.nbd.nbd_target import NbdTarget
-    from agent.nbd.server import QemuNbd
+    from agent.nbd.qemu_nbd import QemuNbd
+    from agent.targets.nbd import NbdTarget
 
     try:
         # qemu-img and qemu-nbd open the file by name: it stays 0600 (qemu-img keeps an
@@ -212,7 +151,7 @@ def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path, fd: int,
         server.close()
         os.close(fd)
         raise
-    return _Sink(dev, nbd, final, temp, server, made_dirs=made, lock_fd=fd)
+    return Sink(dev, nbd, final, temp, server, made_dirs=made, lock_fd=fd)
 
 
 def _make_dir(directory: Path) -> list[Path]:
@@ -231,12 +170,12 @@ def _unlink(path: Path) -> None:
 def to_target(name: str, target: str, opts: RestoreOptions) -> SinkFactory:
     """A sink writing device ``name`` into an existing file, block device or NBD export."""
 
-    def make(dev: Device) -> _Sink | None:
+    def make(dev: Device) -> Sink | None:
         if dev.name != name:
             return None
         t: Target
         if "://" in target:
-            from agent.nbd.nbd_target import NbdTarget
+            from agent.targets.nbd import NbdTarget
 
             t = NbdTarget(target, opts.connections)
         else:
@@ -247,7 +186,7 @@ def to_target(name: str, target: str, opts: RestoreOptions) -> SinkFactory:
         if t.size < dev.size:
             t.close()
             raise TargetError(f"{target} holds {t.size} bytes, device {name!r} needs {dev.size}")
-        return _Sink(dev, t, in_place=True)
+        return Sink(dev, t, in_place=True)
 
     return make
 
@@ -294,7 +233,7 @@ class RestoreEngine:
         self.progress = progress
         self.control = Control()
         self.budget = ByteBudget(opts.memory, self.control)
-        self.sinks: dict[str, _Sink] = {}  # by device name: ids differ between archives
+        self.sinks: dict[str, Sink] = {}  # by device name: ids differ between archives
         devices = self.readers[0].devices
         # Each target stays open to the end: a file, or an image's qemu-nbd and connections.
         _allow_open_files(_FDS_SPARE + len(devices) * (opts.connections + _FDS_PER_SERVER))
@@ -472,7 +411,7 @@ def _offset(rec: DataRecord | ZeroRecord) -> int:
 class _Batch:
     """Records of one device that go to a worker as one task."""
 
-    def __init__(self, sink: _Sink) -> None:
+    def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self.records: list[DataRecord | ZeroRecord] = []
         self.length = 0  # device bytes
@@ -532,33 +471,6 @@ def restore_chain(
     return RestoreEngine(readers, make_sink, opts, progress).run()
 
 
-class NullTarget:
-    """Discards everything: restore to it and you have verified the archive."""
-
-    def __init__(self, device: Device) -> None:
-        self.name = f"(verify {device.name})"
-        self.size = device.size
-        self.fresh = True
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        pass
-
-    def writev(self, offset: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-        pass
-
-    def zero(self, offset: int, length: int) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def stop_when(self, stopped: Callable[[], bool]) -> None:
-        pass
-
-
 def to_null() -> SinkFactory:
     """Sinks for verification: every record is checked and decompressed, nothing kept."""
-    return lambda dev: _Sink(dev, NullTarget(dev))
+    return lambda dev: Sink(dev, NullTarget(dev))

@@ -132,13 +132,13 @@ def _error(args: argparse.Namespace, message: str, e: BaseException) -> None:
 
 
 def _report(r: JobResult) -> None:
-    from agent.jobs import store
+    from agent.jobs import catalog
 
     s = r.summary
     log.info("job %s: %s", r.job, summary_line(s.progress,
                                                  f"backed up {len(s.devices)} device(s)",
                                                  s.archive_bytes))
-    log.info("job %s: %s archive %s (%s)", r.job, store.kind_name(s.kind), r.archive,
+    log.info("job %s: %s archive %s (%s)", r.job, catalog.kind_name(s.kind), r.archive,
              size(s.archive_bytes))
     for path in r.adopted:
         log.info("job %s: named the archive a killed run left: %s", r.job, path)
@@ -149,13 +149,13 @@ def _report(r: JobResult) -> None:
 
 
 def run_prune(args: argparse.Namespace) -> int:
-    from agent.jobs import store
+    from agent.jobs import catalog
 
     if args.dry_run:
-        result = store.prune(args.directory, args.keep_chains, dry_run=True)
+        result = catalog.prune(args.directory, args.keep_chains, dry_run=True)
     else:
-        with store.locked(args.directory):
-            result = store.prune(args.directory, args.keep_chains)
+        with catalog.locked(args.directory):
+            result = catalog.prune(args.directory, args.keep_chains)
     p = result.plan
     doomed = "would delete" if args.dry_run else "deleted"
     for chain in p.delete:

@@ -16,7 +16,7 @@ from agent.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from agent.archive.format import Device
-    from agent.restore import SinkFactory, _Sink
+    from agent.targets.base import Sink, SinkFactory
 
 log = logging.getLogger("backup-agent")
 
@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
 def logged_sinks(factory: SinkFactory) -> SinkFactory:
     """``factory``, saying (with ``--debug``) where each device is written."""
 
-    def make(dev: Device) -> _Sink | None:
+    def make(dev: Device) -> Sink | None:
         sink = factory(dev)
         if sink is None:
             log.debug("%s: not restored (not asked for)", device_text(dev))

@@ -12,7 +12,7 @@ from agent.cli.render import ProgressRenderer, device_text, summary_line
 
 if TYPE_CHECKING:
     from agent.archive.format import Device
-    from agent.restore import _Sink
+    from agent.targets.base import Sink
 
 log = logging.getLogger("backup-agent")
 
@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     opts = RestoreOptions(workers=max(2, os.cpu_count() or 2))
     null = to_null()
 
-    def checked(dev: Device) -> _Sink | None:
+    def checked(dev: Device) -> Sink | None:
         log.debug("%s: checking every record", device_text(dev))
         return null(dev)
 
