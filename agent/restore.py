@@ -50,8 +50,8 @@ from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
 from agent.targets.base import ZEROS, Sink, SinkFactory, Target
 from agent.targets.file import FileTarget
 from agent.targets.null import NullTarget
+from agent.units import MiB
 
-MiB = 1024 * 1024
 # Records go to the workers in batches of up to this many device bytes or records: a
 # task costs the reading thread some 30 us (future, queue, budget, GIL hand-offs), about
 # what decompressing and writing a 64 KiB record takes. 2 MiB records go two at a time.
