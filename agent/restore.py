@@ -46,6 +46,7 @@ from agent.files import (
     same_file,
     short_name,
 )
+from agent.options import RestoreOptions as RestoreOptions  # re-exported for its users
 from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
 from agent.targets.base import ZEROS, Sink, SinkFactory, Target
 from agent.targets.file import FileTarget
@@ -60,13 +61,6 @@ BATCH_BYTES = 4 * MiB
 BATCH_RECORDS = 64
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RestoreOptions:
-    memory: int = 64 * MiB  # archive bytes read but not yet written
-    workers: int = max(2, os.cpu_count() or 2)
-    connections: int = 4  # per NBD target
 
 
 @dataclass

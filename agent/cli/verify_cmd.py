@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from agent.cli import common
 from agent.cli.render import ProgressRenderer, device_text, summary_line
+from agent.options import RestoreOptions
 
 if TYPE_CHECKING:
     from agent.archive.format import Device
@@ -30,9 +30,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: a backup need not pay for this command's imports
     from agent.archive.reader import open_stream
-    from agent.restore import RestoreOptions, restore, to_null
+    from agent.restore import restore, to_null
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
-    opts = RestoreOptions(workers=max(2, os.cpu_count() or 2))
+    opts = RestoreOptions()
     null = to_null()
 
     def checked(dev: Device) -> Sink | None:
