@@ -1,9 +1,16 @@
 """Restore: archive stream in, devices out, the pull pipeline in reverse.
 
 One thread reads the archive sequentially (it may be a pipe) and checks each DATA
-record's digest as it reads it; a pool of workers decompresses each record and
-writes it to its target with pwrite, in parallel and in any order. Zero ranges
-become holes, trims or write-zeroes, never written zeros.
+record's digest as it reads it, and gathers the records of one device into batches
+(up to BATCH_BYTES of device data or BATCH_RECORDS records, handed over early whenever
+the archive stalls). A pool of workers takes the batches, in parallel and in any order;
+a worker decompresses its batch's records in offset order and writes each run of
+adjacent ones together (``Target.writev``: one pwritev into a file; into an NBD export,
+still one request per record). Zero ranges become holes, trims or write-zeroes, never
+written zeros; on a target that reads as zeros already (a new file) they cost nothing,
+nor does a DATA record that decompresses to zeros. Records read but not yet written are bounded
+by ``RestoreOptions.memory``. A chain is applied one archive after another, each one
+wholly written before the next starts.
 
 A device restored into a new file (``--to-dir``) is written under a temporary
 name and renamed into place only after the archive's END seal checked out and
