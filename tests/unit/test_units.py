@@ -28,7 +28,8 @@ def _by_regex(pattern: re.Pattern[str], text: str) -> int | None:
     m = pattern.fullmatch(text.strip())
     if m is None:
         return None
-    return int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    n: int = int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    return n
 
 
 def _by_plugin(text: str) -> int | None:  # agent/cbw/plugin.py, parsed by hand
