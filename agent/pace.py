@@ -21,12 +21,11 @@ Pure logic: every method takes the time ``now`` (seconds, monotonic) from the ca
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from agent.errors import InvalidArgument
+from agent.units import MiB, parse_size
 
-MiB = 1024 * 1024
 #: Smallest rate a user may set: a 4K rate still moves a 2M read every 512 s.
 MIN_RATE = 4096
 #: The adaptive sweep never goes slower than this (bytes/s): 2 GiB in 4.3 minutes.
@@ -43,14 +42,12 @@ UNPACED = 4096 * MiB
 #: A bucket holds at most this many seconds of its rate (and at least one read).
 BURST_SECONDS = 0.05
 
-_SIZE = re.compile(r"(\d+)\s*([KMGT]?)", re.IGNORECASE)
-
-
 def _size(text: str) -> int:
-    m = _SIZE.fullmatch(text.strip())
-    if m is None:
-        raise InvalidArgument(f"not a rate: {text!r} (bytes per second, e.g. 50M or auto)")
-    n: int = int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    try:
+        n = parse_size(text)
+    except InvalidArgument:
+        raise InvalidArgument(
+            f"not a rate: {text!r} (bytes per second, e.g. 50M or auto)") from None
     if n < MIN_RATE:
         raise InvalidArgument(f"rate {text!r} is too small (at least 4K per second)")
     return n
@@ -74,7 +71,8 @@ class PaceSpec:
 
     @classmethod
     def parse(cls, text: str) -> PaceSpec:
-        """``50M`` (bytes per second, binary units), ``auto`` or ``auto:100M``."""
+        """``50M`` (bytes per second; sizes as agent/units.py reads them), ``auto`` or
+        ``auto:100M``."""
         t = text.strip().lower()
         if t == "auto":
             return cls(None, adaptive=True)

@@ -1,9 +1,16 @@
 """Restore: archive stream in, devices out, the pull pipeline in reverse.
 
 One thread reads the archive sequentially (it may be a pipe) and checks each DATA
-record's digest as it reads it; a pool of workers decompresses each record and
-writes it to its target with pwrite, in parallel and in any order. Zero ranges
-become holes, trims or write-zeroes, never written zeros.
+record's digest as it reads it, and gathers the records of one device into batches
+(up to BATCH_BYTES of device data or BATCH_RECORDS records, handed over early whenever
+the archive stalls). A pool of workers takes the batches, in parallel and in any order;
+a worker decompresses its batch's records in offset order and writes each run of
+adjacent ones together (``Target.writev``: one pwritev into a file; into an NBD export,
+still one request per record). Zero ranges become holes, trims or write-zeroes, never
+written zeros; on a target that reads as zeros already (a new file) they cost nothing,
+nor does a DATA record that decompresses to zeros. Records read but not yet written are bounded
+by ``RestoreOptions.memory``. A chain is applied one archive after another, each one
+wholly written before the next starts.
 
 A device restored into a new file (``--to-dir``) is written under a temporary
 name and renamed into place only after the archive's END seal checked out and
@@ -21,11 +28,11 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from agent import interrupts
 from agent.archive.format import CHUNK_FIXED, Device
@@ -43,17 +50,16 @@ from agent.files import (
     create_private,
     make_dirs,
     remove_made_dirs,
-    rename_noreplace,
     same_file,
     short_name,
 )
-from agent.nbd.target import ZEROS, FileTarget, Target
+from agent.options import RestoreOptions as RestoreOptions  # re-exported for its users
 from agent.pipeline import ByteBudget, Control, Meter, Progress, ProgressFn
+from agent.targets.base import ZEROS, Sink, SinkFactory, Target
+from agent.targets.file import FileTarget
+from agent.targets.null import NullTarget
+from agent.units import MiB
 
-if TYPE_CHECKING:
-    from agent.nbd.server import QemuNbd
-
-MiB = 1024 * 1024
 # Records go to the workers in batches of up to this many device bytes or records: a
 # task costs the reading thread some 30 us (future, queue, budget, GIL hand-offs), about
 # what decompressing and writing a 64 KiB record takes. 2 MiB records go two at a time.
@@ -64,78 +70,12 @@ BATCH_RECORDS = 64
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RestoreOptions:
-    memory: int = 64 * MiB  # archive bytes read but not yet written
-    workers: int = max(2, os.cpu_count() or 2)
-    connections: int = 4  # per NBD target
-
-
 @dataclass
 class RestoreResult:
     progress: Progress
     devices: list[str]  # names restored
     outputs: list[str]  # where each went
     archive_bytes: int = 0  # of the archives read, without tape padding
-
-
-class _Sink:
-    """Where one device goes, and how it is committed or thrown away."""
-
-    def __init__(self, device: Device, target: Target, final: Path | None = None,
-                 temp: Path | None = None, server: QemuNbd | None = None,
-                 in_place: bool = False, made_dirs: list[Path] | None = None,
-                 lock_fd: int = -1) -> None:
-        self.device = device
-        self.target = target
-        self.final = final  # rename temp -> final on commit
-        self.temp = temp
-        self.server = server
-        # Directories the restore created (shared by its sinks): removed again on failure.
-        self.made_dirs = made_dirs if made_dirs is not None else []
-        # The temporary file, open and locked while this restore lives (qemu-nbd writes it
-        # by name): another run's agent.files.remove_stale then leaves it alone.
-        self.lock_fd = lock_fd
-        # Written over what was there (restore --to): a failure leaves it half old, half new.
-        self.in_place = in_place
-        self.touched = False  # a write or zero request was sent
-        self.where = str(final) if final else target.name
-
-    def commit(self) -> None:
-        self.target.flush()
-        self.target.close()
-        if self.server is not None:
-            self.server.close()
-        if self.temp is not None and self.final is not None:
-            try:
-                rename_noreplace(self.temp, self.final)
-            except FileExistsError:
-                raise TargetError(f"{self.final} appeared while the restore ran: it was left "
-                                  "as it is; remove it or restore elsewhere") from None
-            except OSError as e:
-                raise TargetError(f"cannot rename {self.temp} to {self.final}: "
-                                  f"{e.strerror}") from e
-            log.debug("renamed %s to %s", self.temp, self.final)
-            self.temp = None  # nothing of ours left to remove under that name
-        self._unlock()
-
-    def _unlock(self) -> None:
-        if self.lock_fd >= 0:
-            os.close(self.lock_fd)
-            self.lock_fd = -1
-
-    def discard(self) -> None:
-        with contextlib.suppress(AgentError, OSError):
-            self.target.close()
-        if self.server is not None:
-            self.server.close()
-        if self.temp is not None:
-            _unlink(self.temp)
-        self._unlock()
-        remove_made_dirs(self.made_dirs)  # once the last sink's temporary file is gone
-
-
-SinkFactory = Callable[[Device], _Sink | None]
 
 
 def to_dir(directory: Path, fmt: str, names: set[str] | None, opts: RestoreOptions) -> SinkFactory:
@@ -150,7 +90,7 @@ def to_dir(directory: Path, fmt: str, names: set[str] | None, opts: RestoreOptio
     made: list[Path] = []  # shared by the sinks: whichever is discarded last removes them
     leftovers: Leftovers | None = None  # DIR's temporary files, read once for every device
 
-    def make(dev: Device) -> _Sink | None:
+    def make(dev: Device) -> Sink | None:
         nonlocal leftovers
         if names is not None and dev.name not in names:
             return None
@@ -183,16 +123,16 @@ def _create_temp(final: Path, leftovers: Leftovers) -> tuple[int, Path]:
 
 
 def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path, fd: int,
-                   opts: RestoreOptions, made: list[Path]) -> _Sink:
+                   opts: RestoreOptions, made: list[Path]) -> Sink:
     """A sink writing ``dev`` into the new file ``temp`` (open as ``fd``, which it takes
     over), renamed to ``final`` on commit."""
     label = f"{final} (device {dev.name!r})"  # messages name the file the user asked for
     if fmt == "raw":
         target = FileTarget(str(temp), dev.size, fresh=True, label=label, fd=fd)
-        return _Sink(dev, target, final, temp, made_dirs=made)
+        return Sink(dev, target, final, temp, made_dirs=made)
     # Imported here: restores into files never load libnbd (start-up time).
-    from agent.nbd.nbd_target import NbdTarget
-    from agent.nbd.server import QemuNbd
+    from agent.nbd.qemu_nbd import QemuNbd
+    from agent.targets.nbd import NbdTarget
 
     try:
         # qemu-img and qemu-nbd open the file by name: it stays 0600 (qemu-img keeps an
@@ -212,7 +152,7 @@ def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path, fd: int,
         server.close()
         os.close(fd)
         raise
-    return _Sink(dev, nbd, final, temp, server, made_dirs=made, lock_fd=fd)
+    return Sink(dev, nbd, final, temp, server, made_dirs=made, lock_fd=fd)
 
 
 def _make_dir(directory: Path) -> list[Path]:
@@ -231,12 +171,12 @@ def _unlink(path: Path) -> None:
 def to_target(name: str, target: str, opts: RestoreOptions) -> SinkFactory:
     """A sink writing device ``name`` into an existing file, block device or NBD export."""
 
-    def make(dev: Device) -> _Sink | None:
+    def make(dev: Device) -> Sink | None:
         if dev.name != name:
             return None
         t: Target
         if "://" in target:
-            from agent.nbd.nbd_target import NbdTarget
+            from agent.targets.nbd import NbdTarget
 
             t = NbdTarget(target, opts.connections)
         else:
@@ -247,7 +187,7 @@ def to_target(name: str, target: str, opts: RestoreOptions) -> SinkFactory:
         if t.size < dev.size:
             t.close()
             raise TargetError(f"{target} holds {t.size} bytes, device {name!r} needs {dev.size}")
-        return _Sink(dev, t, in_place=True)
+        return Sink(dev, t, in_place=True)
 
     return make
 
@@ -294,7 +234,7 @@ class RestoreEngine:
         self.progress = progress
         self.control = Control()
         self.budget = ByteBudget(opts.memory, self.control)
-        self.sinks: dict[str, _Sink] = {}  # by device name: ids differ between archives
+        self.sinks: dict[str, Sink] = {}  # by device name: ids differ between archives
         devices = self.readers[0].devices
         # Each target stays open to the end: a file, or an image's qemu-nbd and connections.
         _allow_open_files(_FDS_SPARE + len(devices) * (opts.connections + _FDS_PER_SERVER))
@@ -472,7 +412,7 @@ def _offset(rec: DataRecord | ZeroRecord) -> int:
 class _Batch:
     """Records of one device that go to a worker as one task."""
 
-    def __init__(self, sink: _Sink) -> None:
+    def __init__(self, sink: Sink) -> None:
         self.sink = sink
         self.records: list[DataRecord | ZeroRecord] = []
         self.length = 0  # device bytes
@@ -532,33 +472,6 @@ def restore_chain(
     return RestoreEngine(readers, make_sink, opts, progress).run()
 
 
-class NullTarget:
-    """Discards everything: restore to it and you have verified the archive."""
-
-    def __init__(self, device: Device) -> None:
-        self.name = f"(verify {device.name})"
-        self.size = device.size
-        self.fresh = True
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        pass
-
-    def writev(self, offset: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
-        pass
-
-    def zero(self, offset: int, length: int) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def stop_when(self, stopped: Callable[[], bool]) -> None:
-        pass
-
-
 def to_null() -> SinkFactory:
     """Sinks for verification: every record is checked and decompressed, nothing kept."""
-    return lambda dev: _Sink(dev, NullTarget(dev))
+    return lambda dev: Sink(dev, NullTarget(dev))

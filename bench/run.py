@@ -182,7 +182,7 @@ def bench_stream(out: Path, runs: int, size: int) -> list[Row]:
         rows.append(Row("half-data raw, --compress none, to /dev/null", a, p,
                         "nbdcopy URI null:", "<= 1.5x", a <= 1.5 * p))
         # The same through the qemu-nbd the agent runs itself (--image), whose malloc is
-        # told to keep request buffers (agent/nbd/server.py): shows what the shared
+        # told to keep request buffers (agent/nbd/qemu_nbd.py): shows what the shared
         # server's page faults cost. For information; the target is the row above.
         a, p = side_by_side(f"{AGENT} backup -q --image disk={img} --compress none "
                             "-o /dev/null", f"nbdcopy '{uri}' null:", runs)

@@ -25,12 +25,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: a backup need not pay for this command's imports
+    from agent.address import is_tcp
     from agent.errors import InvalidArgument
     from agent.qemu.graph import cleanup
-    from agent.qemu.qmp import Monitor, parse_address
+    from agent.qemu.qmp import Monitor
     from agent.tls import TlsCreds, require_tls
     tls = None
-    if isinstance(parse_address(args.qmp), tuple):
+    if is_tcp(args.qmp):
         creds = require_tls("the QMP monitor", args.qmp, TlsCreds.load(args.tls_creds, None),
                             args.insecure_plaintext)
         tls = creds.qmp_context() if creds else None

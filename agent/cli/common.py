@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 from agent.archive.codec import CompressionSpec
 from agent.cli.render import printable
-from agent.errors import OutputError
-
-_SIZE = re.compile(r"(\d+)([KMGT]?)(i?B)?", re.IGNORECASE)
+from agent.errors import InvalidArgument, OutputError
+from agent.units import parse_size
 
 
 class UsageError(Exception):
@@ -72,11 +70,11 @@ def compression(text: str) -> CompressionSpec:
 
 
 def byte_size(text: str) -> int:
-    """256M, 1G, 64K, 4096; binary units; at least 4K."""
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M or 1G)")
-    n: int = int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+    """256M, 1G, 64K, 4096 (agent/units.py has the grammar); at least 4K."""
+    try:
+        n = parse_size(text)
+    except InvalidArgument:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 256M or 1G)") from None
     if n < 4096:
         raise argparse.ArgumentTypeError(f"{text!r} is too small (at least 4K)")
     return n

@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     import datetime
     import json
 
-    from agent.inspect import archive_info
+    from agent.archive_info import archive_info
 
     log.debug("reading archive %s", common.archive_label(args.path))
     found = archive_info(args.path)

@@ -1,4 +1,4 @@
-"""``backup-agent job check|run`` (the job file) and ``backup-agent prune DIR`` (retention)."""
+"""``backup-agent job check|run``: the jobs of a job file."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from agent.cli import common
-from agent.cli.common import one_line
-from agent.cli.render import ProgressRenderer, printable, size, summary_line
+from agent.cli.render import ProgressRenderer, size, summary_line
 from agent.errors import AgentError, Interrupted
 
 if TYPE_CHECKING:
@@ -43,22 +42,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     run.add_argument("names", metavar="JOB", nargs="*", help="a job to run (default: all)")
     common.add_progress(run)
     run.set_defaults(run=run_jobs)
-
-    prune = sub.add_parser("prune", parents=[parent], help="delete old chains of archives",
-                           description="Keep the newest N chains of archives of each job "
-                           "in DIR (a chain: a full archive and everything built on it, found "
-                           "from the archives' headers; the job: the name before the time "
-                           "stamp, vm1 in vm1-20261126T020000Z-full.arc, other names counting "
-                           "as one job) and delete the older chains, whole, newest file "
-                           "first. Archives whose full is not in DIR, incomplete full archives "
-                           "and other files are left alone. Works on any directory of "
-                           "archives, a backup host's too.")
-    prune.add_argument("directory", metavar="DIR")
-    prune.add_argument("--keep-chains", metavar="N", type=common.positive, required=True,
-                       help="how many chains to keep per job (at least 1)")
-    prune.add_argument("--dry-run", action="store_true",
-                       help="only show what would be deleted")
-    prune.set_defaults(run=run_prune)
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -132,13 +115,13 @@ def _error(args: argparse.Namespace, message: str, e: BaseException) -> None:
 
 
 def _report(r: JobResult) -> None:
-    from agent.jobs import store
+    from agent.jobs import catalog
 
     s = r.summary
     log.info("job %s: %s", r.job, summary_line(s.progress,
                                                  f"backed up {len(s.devices)} device(s)",
                                                  s.archive_bytes))
-    log.info("job %s: %s archive %s (%s)", r.job, store.kind_name(s.kind), r.archive,
+    log.info("job %s: %s archive %s (%s)", r.job, catalog.kind_name(s.kind), r.archive,
              size(s.archive_bytes))
     for path in r.adopted:
         log.info("job %s: named the archive a killed run left: %s", r.job, path)
@@ -146,34 +129,3 @@ def _report(r: JobResult) -> None:
         log.info("job %s: deleted %s (an old chain)", r.job, a.path)
     for line in r.output.splitlines():
         log.info("job %s: command: %s", r.job, line)
-
-
-def run_prune(args: argparse.Namespace) -> int:
-    from agent.jobs import store
-
-    if args.dry_run:
-        result = store.prune(args.directory, args.keep_chains, dry_run=True)
-    else:
-        with store.locked(args.directory):
-            result = store.prune(args.directory, args.keep_chains)
-    p = result.plan
-    doomed = "would delete" if args.dry_run else "deleted"
-    for chain in p.delete:
-        for a in chain.archives:
-            print(f"{doomed:<12}  {printable(a.path)}")
-    for chain in p.keep:
-        for a in chain.archives:
-            print(f"{'keep':<12}  {printable(a.path)}")
-    for chain in p.incomplete:
-        for a in chain.archives:
-            print(f"{'keep':<12}  {printable(a.path)}  (its chain's full archive is incomplete)")
-    for a in p.orphans:
-        print(f"{'keep':<12}  {printable(a.path)}  (no full archive it builds on is here)")
-    for path, why in result.unreadable:
-        print(f"{'keep':<12}  {printable(path)}  (not readable as an archive: "
-              f"{printable(one_line(why))})")
-    freed = sum(a.size for c in p.delete for a in c.archives)
-    log.info("%s %d chain(s): %d archive(s), %s; kept %d chain(s)%s", doomed,
-             len(p.delete), sum(len(c.archives) for c in p.delete), size(freed), len(p.keep),
-             " (dry run: nothing deleted)" if args.dry_run else "")
-    return 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,15 +12,14 @@ from agent.cli import common
 from agent.cli.common import UsageError
 from agent.cli.render import ProgressRenderer, device_text, summary_line
 from agent.errors import InvalidArgument
+from agent.options import RestoreOptions
+from agent.units import MiB
 
 if TYPE_CHECKING:
     from agent.archive.format import Device
-    from agent.restore import SinkFactory, _Sink
+    from agent.targets.base import Sink, SinkFactory
 
 log = logging.getLogger("backup-agent")
-
-#: RestoreOptions.memory's default (agent.restore is imported only when a restore runs).
-DEFAULT_MEMORY = 64 * 1024 * 1024
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -44,11 +42,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     # No default: given with --to, it is refused rather than silently ignored.
     p.add_argument("--format", choices=["raw", "qcow2"],
                    help="file format with --to-dir (raw, the default: sparse files)")
-    p.add_argument("--connections", type=common.positive, default=4,
-                   help="NBD connections per target (4)")
-    p.add_argument("--memory", type=common.byte_size, default=DEFAULT_MEMORY, metavar="SIZE",
-                   help="cap on archive records read but not yet written (64M; a record "
-                   "larger than SIZE still goes, alone)")
+    p.add_argument("--connections", type=common.positive, default=RestoreOptions.connections,
+                   help="NBD connections per target (%(default)s)")
+    p.add_argument("--memory", type=common.byte_size, default=RestoreOptions.memory,
+                   metavar="SIZE", help="cap on archive records read but not yet written "
+                   f"({RestoreOptions.memory // MiB}M; a record larger than SIZE still goes, "
+                   "alone)")
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="allow --to nbd://HOST on another host: NBD over TCP in clear text, "
                    "readable by anyone on the way (otherwise refused: use nbds:// with TLS)")
@@ -77,11 +76,10 @@ def run(args: argparse.Namespace) -> int:
     _check_usage(args)
     # here, not at the top: a backup need not pay for this command's imports
     from agent.archive.reader import open_stream
-    from agent.restore import RestoreOptions, restore_chain, to_dir, to_target
+    from agent.restore import restore_chain, to_dir, to_target
     if args.paths.count("-") > 1:  # before --to-dir's DIR is created
         raise InvalidArgument("only one archive of a chain can come from standard input (-)")
-    opts = RestoreOptions(memory=args.memory, connections=args.connections,
-                          workers=max(2, os.cpu_count() or 2))
+    opts = RestoreOptions(memory=args.memory, connections=args.connections)
     factory: SinkFactory
     if args.to is not None:
         log.debug("restore device %r into %s, %d connection(s) per NBD target, %d worker(s), "
@@ -116,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
 def logged_sinks(factory: SinkFactory) -> SinkFactory:
     """``factory``, saying (with ``--debug``) where each device is written."""
 
-    def make(dev: Device) -> _Sink | None:
+    def make(dev: Device) -> Sink | None:
         sink = factory(dev)
         if sink is None:
             log.debug("%s: not restored (not asked for)", device_text(dev))

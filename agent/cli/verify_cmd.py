@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import TYPE_CHECKING
 
 from agent.cli import common
 from agent.cli.render import ProgressRenderer, device_text, summary_line
+from agent.options import RestoreOptions
 
 if TYPE_CHECKING:
     from agent.archive.format import Device
-    from agent.restore import _Sink
+    from agent.targets.base import Sink
 
 log = logging.getLogger("backup-agent")
 
@@ -30,12 +30,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: a backup need not pay for this command's imports
     from agent.archive.reader import open_stream
-    from agent.restore import RestoreOptions, restore, to_null
+    from agent.restore import restore, to_null
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
-    opts = RestoreOptions(workers=max(2, os.cpu_count() or 2))
+    opts = RestoreOptions()
     null = to_null()
 
-    def checked(dev: Device) -> _Sink | None:
+    def checked(dev: Device) -> Sink | None:
         log.debug("%s: checking every record", device_text(dev))
         return null(dev)
 

@@ -17,6 +17,7 @@ turns an option off.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -26,19 +27,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
+from agent.address import is_tcp
 from agent.archive.codec import CompressionSpec
 from agent.archive.format import check_name
 from agent.errors import ArchiveError, InvalidArgument
+from agent.modes import MODES
 from agent.pace import PaceSpec
-from agent.qemu.qmp import parse_address
+from agent.units import parse_size
 
 DEFAULT_PATH = "/etc/backup-agent/jobs.toml"
-MODES = ("full", "incremental", "differential", "auto")
 
 # Job names end up in file names, in shell commands ({name}) and in systemd instance names:
 # keep them to characters that need no quoting or escaping anywhere.
 _JOB_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_SIZE = re.compile(r"(\d+)\s*([KMGT]?)(i?B)?", re.IGNORECASE)
 _DURATION = re.compile(r"(\d+)\s*([smhdw])")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -89,7 +90,7 @@ class Job:
     @property
     def network(self) -> bool:
         """Whether the monitor is reached over TCP (``HOST:PORT``)."""
-        return isinstance(parse_address(self.qmp), tuple)
+        return is_tcp(self.qmp)
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def _job(name: str, t: _Table, defaults: dict[str, Any]) -> Job:
                'qmp = "/run/backup-agent/vm1.qmp"')
     tls_body = t.table("tls")
     tls = None
-    if isinstance(parse_address(qmp), tuple):
+    if is_tcp(qmp):
         if tls_body is None:
             t.fail(f"qmp {_show(qmp)} is a network address: it needs a [jobs.{name}.tls] table "
                    '(creds_dir = "..."); a monitor on a Unix socket needs none')
@@ -313,8 +314,9 @@ class _Table:
         n = -1
         if type(value) is int:
             n = value
-        elif isinstance(value, str) and (m := _SIZE.fullmatch(value.strip())):
-            n = int(m.group(1)) * 1024 ** " KMGT".index((m.group(2) or " ").upper())
+        elif isinstance(value, str):
+            with contextlib.suppress(InvalidArgument):
+                n = parse_size(value)
         if n < 4096:
             self._bad(key, 'a size of at least 4K, such as "256M" or "1G"')
         return n

@@ -22,7 +22,6 @@ Bitmaps persist only in qcow2 images: raw disks get full backups, with a note sa
 
 from __future__ import annotations
 
-import enum
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -32,6 +31,7 @@ from uuid import UUID
 
 from agent.archive.format import Kind
 from agent.errors import AgentError
+from agent.modes import Mode as Mode  # re-exported: agent/live.py and jobs/runner.py
 from agent.qemu import names
 from agent.qemu.block import BlockDevice
 from agent.qemu.qmp import Monitor, QmpError
@@ -46,13 +46,6 @@ _CHECKPOINT = re.compile(
     r"(ba-inc-|ba-full-)([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})")
 #: Image formats whose bitmaps survive a restart of QEMU.
 PERSISTENT_FORMATS = frozenset({"qcow2"})
-
-
-class Mode(enum.Enum):
-    FULL = "full"
-    INCREMENTAL = "incremental"
-    DIFFERENTIAL = "differential"
-    AUTO = "auto"
 
 
 class CheckpointError(AgentError):

@@ -62,10 +62,11 @@ from urllib.parse import quote
 
 import nbd
 
+from agent.address import format_address
 from agent.errors import InvalidArgument
 from agent.qemu import caps, names
 from agent.qemu.block import BlockDevice
-from agent.qemu.qmp import Monitor, MonitorGone, QmpError, format_address
+from agent.qemu.qmp import Monitor, MonitorGone, QmpError
 from agent.tls import TlsCreds
 
 log = logging.getLogger(__name__)

@@ -65,6 +65,12 @@ from qemu.qmp.message import Message
 from qemu.qmp.qmp_client import GreetingError
 
 from agent import interrupts
+
+# format_address and parse_address are re-exported ("as") until agent/network.py and
+# agent/cbw/server.py import them from agent.address.
+from agent.address import format_address as format_address
+from agent.address import is_tcp
+from agent.address import parse_address as parse_address
 from agent.errors import AgentError
 
 log = logging.getLogger(__name__)
@@ -98,23 +104,6 @@ class MonitorBusy(QmpError):
 
 class MonitorGone(QmpError):
     """The connection to the monitor is closed: QEMU most likely exited."""
-
-
-def parse_address(address: str) -> str | tuple[str, int]:
-    """A monitor address as ``QMPClient`` takes it: a Unix socket path, or ``(host, port)``.
-
-    ``HOST:PORT`` (no ``/``, a numeric port; ``[::1]:4444`` for IPv6) is a TCP address;
-    anything else is a Unix socket path (write ``./name:1234`` for a socket with such a name).
-    """
-    host, sep, port = address.rpartition(":")
-    if sep and host and "/" not in address and port.isdigit():
-        return host.removeprefix("[").removesuffix("]"), int(port)
-    return address
-
-
-def format_address(host: str, port: int) -> str:
-    """``HOST:PORT``, the inverse of :func:`parse_address` (``[::1]:4444`` for IPv6)."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _DemotedLog(logging.LoggerAdapter[logging.Logger]):
@@ -198,7 +187,7 @@ class Monitor:
         self.local_host: str | None = None
         """For a TCP monitor: this host's address on the connection, which QEMU can reach."""
         self._client: QMPClient | None = None
-        if tls is not None and not isinstance(parse_address(address), tuple):
+        if tls is not None and not is_tcp(address):
             raise QmpError(f"QMP over TLS needs a HOST:PORT address, not {address}")
         self._loop = _LoopThread(name=f"qmp {address}")
         try:

@@ -54,9 +54,9 @@ from agent.archive.format import (
 )
 from agent.archive.indexed import IndexedArchive
 from agent.archive.reader import ArchiveReader, DataRecord
+from agent.archive_info import ArchiveInfo
 from agent.chain import Link, check_chain
 from agent.errors import ArchiveError, InvalidArgument
-from agent.inspect import ArchiveInfo
 from agent.restore import RestoreOptions, restore, restore_chain, to_null
 from tests.fuzz.mutate import parse
 

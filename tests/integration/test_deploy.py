@@ -19,7 +19,7 @@ import pytest
 from agent.archive.format import Compression, Header, Kind
 from agent.archive.output import SequentialOutput
 from agent.archive.writer import ArchiveWriter
-from agent.jobs import store
+from agent.jobs import catalog
 from tests.integration.cli_util import (
     AGENT,
     ERROR_PREFIX,
@@ -51,7 +51,7 @@ INSTANCES = {"backup-agent@": "vm1", "backup-agent-prune@": "srv-backup-vmhost1"
 
 def _files(directory: Path) -> list[str]:
     """What a directory holds, without the lock file a job run or a prune leaves."""
-    return sorted(set(os.listdir(directory)) - {store.LOCK})
+    return sorted(set(os.listdir(directory)) - {catalog.LOCK})
 
 
 # -- systemd units --------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def test_prune_real_archives(tmp_path: Path) -> None:
         str(backups / n) for n in ("vm-0-full.arc", "vm-0a.arc", "vm-0b.arc")]
     assert b"nothing deleted" in dry.stderr
 
-    with store.locked(str(backups)):  # a job run holds the directory
+    with catalog.locked(str(backups)):  # a job run holds the directory
         assert "in use" in assert_error(agent("prune", backups, "--keep-chains", "2"))
 
     done = agent("prune", backups, "--keep-chains", "2")

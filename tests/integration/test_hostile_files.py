@@ -29,7 +29,7 @@ import pytest
 from agent.archive.format import Compression
 from agent.archive.writer import ArchiveWriter
 from agent.errors import AgentError
-from agent.jobs import store
+from agent.jobs import catalog
 from tests.integration.cli_util import (
     AGENT,
     DATA,
@@ -386,7 +386,7 @@ def test_job_run_never_writes_through_a_planted_link(vms: VmFactory, tmp_path: P
     dest = short_tmp / "backups"
     dest.mkdir()
     now = int(time.time())
-    planted = [dest / f".vm1-{store.stamp(t)}{store.SUFFIX}" for t in range(now - 2, now + 60)]
+    planted = [dest / f".vm1-{catalog.stamp(t)}{catalog.SUFFIX}" for t in range(now - 2, now + 60)]
     for link in planted:
         link.symlink_to("/dev/null")
     jobs = tmp_path / "jobs.toml"
@@ -403,13 +403,13 @@ spool_dir = "{tmp_path}"
     assert_ok(agent("verify", archives[0]))
     assert all(os.readlink(link) == "/dev/null" for link in planted)
     hidden = {p.name for p in dest.iterdir() if p.name.startswith(".")}
-    assert hidden == {p.name for p in planted} | {store.LOCK}
+    assert hidden == {p.name for p in planted} | {catalog.LOCK}
 
 
 def test_directory_lock_never_follows_a_link(short_tmp: Path) -> None:
     """A symbolic link planted at the lock's name: no file is created where it points."""
-    (short_tmp / store.LOCK).symlink_to(short_tmp / "elsewhere")
-    with pytest.raises(AgentError, match="cannot use directory"), store.locked(str(short_tmp)):
+    (short_tmp / catalog.LOCK).symlink_to(short_tmp / "elsewhere")
+    with pytest.raises(AgentError, match="cannot use directory"), catalog.locked(str(short_tmp)):
         pass
     assert not (short_tmp / "elsewhere").exists()
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbd
 import pytest
 
-from agent.nbd.server import MALLOC_ENV, QemuNbd
+from agent.nbd.qemu_nbd import MALLOC_ENV, QemuNbd
 
 
 def _environ(pid: int) -> dict[str, str]:

@@ -28,17 +28,16 @@ from agent.archive.reader import (
     size_class,
 )
 from agent.archive.writer import ArchiveWriter
-from agent.nbd.target import ZEROS
 from agent.restore import (
-    NullTarget,
     RestoreEngine,
     RestoreOptions,
-    _Sink,
     is_zero,
     restore,
     restore_chain,
     to_dir,
 )
+from agent.targets.base import ZEROS, Sink
+from agent.targets.null import NullTarget
 from tests.unit.archive_util import (
     HEADER,
     tiny_records,
@@ -147,7 +146,7 @@ def _records_read_while_the_target_waits(path: Path, memory: int) -> tuple[int, 
 
         opts = RestoreOptions(memory=memory, workers=2)
         engine = RestoreEngine(
-            [reader], lambda dev: _Sink(dev, _GateTarget(dev, stalled)), opts)
+            [reader], lambda dev: Sink(dev, _GateTarget(dev, stalled)), opts)
         engine.run()
         assert seen
         return seen[0], end
@@ -187,7 +186,7 @@ def test_records_of_a_device_not_restored_give_their_buffers_back(tmp_path: Path
     with open(path, "rb", buffering=0) as f:
         reader = ArchiveReader(f, keep_configs=False, spares=spares)
         opts = RestoreOptions(memory=1024 * KiB, workers=1)
-        RestoreEngine([reader], lambda d: _Sink(d, NullTarget(d)) if d.name == "a" else None,
+        RestoreEngine([reader], lambda d: Sink(d, NullTarget(d)) if d.name == "a" else None,
                       opts).run()
     # Every buffer came back, so the last one (device a's) is kept for reuse; had b's
     # records kept theirs (4 MiB), the spares would think the limit spent and keep none.

@@ -11,8 +11,8 @@ import pytest
 
 from agent.archive.format import MAX_DEVICE_SIZE, MAX_NAME, Kind
 from agent.archive.reader import ArchiveReader
+from agent.archive_info import archive_info
 from agent.errors import ArchiveError
-from agent.inspect import archive_info
 from agent.restore import RestoreOptions, RestoreResult, restore, to_null
 from tests.hostile import builder as hb
 from tests.unit.archive_util import read_archive, split

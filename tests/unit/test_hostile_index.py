@@ -29,9 +29,9 @@ from agent.archive.format import (
 from agent.archive.indexed import IndexedArchive, seal_of
 from agent.archive.reader import ArchiveReader
 from agent.archive.writer import ArchiveWriter
+from agent.archive_info import archive_info
 from agent.errors import ArchiveError
-from agent.inspect import archive_info
-from agent.jobs.store import read_desc
+from agent.jobs.catalog import read_desc
 from tests.unit.archive_util import (
     Parts,
     Rec,

@@ -67,9 +67,9 @@ def test_the_agents_thread_starters_start_inside_a_block(
     """Each class that starts a thread from the main thread does it inside held() (the
     engine's threads and the restore's pool are covered by the signal tests that run
     whole backups and restores)."""
-    from agent.nbd import nbd_target
     from agent.qemu.qmp import _LoopThread
     from agent.releaser import Releaser
+    from agent.targets import nbd as nbd_target
 
     depths: list[int] = []
     real_start = threading.Thread.start

@@ -259,3 +259,13 @@ def test_the_cli_default_job_file_is_the_config_default() -> None:
     from agent.jobs import config
 
     assert job_cmd.DEFAULT_PATH == config.DEFAULT_PATH
+
+
+def test_the_job_file_takes_every_backup_mode_and_no_other(tmp_path: Path) -> None:
+    from agent.modes import Mode
+
+    for mode in Mode:
+        assert _load(tmp_path, VM1 + f'mode = "{mode.value}"\n').jobs["vm1"].mode == mode.value
+    assert _error(tmp_path, VM1 + 'mode = "fast"\n') == (
+        'job "vm1": mode must be one of "full", "incremental", "differential", "auto", '
+        'got "fast"')

@@ -16,9 +16,9 @@ import pytest
 from agent.archive import codec
 from agent.archive.reader import ArchiveReader, DataRecord
 from agent.archive.writer import ArchiveWriter
-from agent.nbd import target as target_mod
-from agent.nbd.target import FileTarget
 from agent.restore import BATCH_BYTES, RestoreOptions, restore, to_dir
+from agent.targets import file as target_mod
+from agent.targets.file import FileTarget
 from tests.unit.archive_util import write_archive
 
 KiB = 1024

@@ -1,16 +1,15 @@
-"""restore's --memory: parsed like backup's, and its default is RestoreOptions' own."""
+"""restore's --memory: parsed like backup's, and its defaults are RestoreOptions' own."""
 
 from __future__ import annotations
 
 from agent.cli.main import build_parser
-from agent.cli.restore_cmd import DEFAULT_MEMORY
-from agent.restore import RestoreOptions
+from agent.options import RestoreOptions
 
 
-def test_default_memory_is_the_engines() -> None:
-    assert RestoreOptions().memory == DEFAULT_MEMORY
+def test_defaults_are_the_restores() -> None:
     args = build_parser().parse_args(["restore", "x.arc", "--to-dir", "out"])
-    assert args.memory == DEFAULT_MEMORY
+    assert args.memory == RestoreOptions().memory
+    assert args.connections == RestoreOptions().connections
 
 
 def test_memory_takes_sizes() -> None:

@@ -10,8 +10,8 @@ import pytest
 
 from agent.archive.format import Device
 from agent.errors import TargetError
-from agent.nbd.target import FileTarget
 from agent.restore import RestoreOptions, to_dir
+from agent.targets.file import FileTarget
 from tests.fsprobe import takes_file_of
 
 HUGE = 2**63 - 1  # a valid device size, larger than ext4 allows a file to be

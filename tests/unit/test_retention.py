@@ -1,4 +1,4 @@
-"""Retention (agent/jobs/retention.py, agent/jobs/store.py): chains found by parent links,
+"""Retention (agent/jobs/retention.py, agent/jobs/catalog.py): chains found by parent links,
 whole chains deleted oldest first, the newest chain and whatever cannot be placed in a chain
 never touched; then the same on real archive files in a directory."""
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from agent.archive.format import Header, Kind
 from agent.archive.writer import ArchiveWriter
 from agent.errors import AgentError, InvalidArgument
-from agent.jobs import store
+from agent.jobs import catalog
 from agent.jobs.retention import ArchiveDesc, Plan, find_chains, plan
 from tests.unit.archive_util import write_archive
 
@@ -185,7 +185,7 @@ def test_invariants(archives: list[ArchiveDesc], keep: int, groups: int) -> None
 
 def _files(directory: Path) -> list[str]:
     """What a directory holds, without the lock file a job run or a prune leaves."""
-    return sorted(set(os.listdir(directory)) - {store.LOCK})
+    return sorted(set(os.listdir(directory)) - {catalog.LOCK})
 
 
 # -- on real files ----------------------------------------------------------------------------
@@ -219,14 +219,14 @@ def test_prune_a_directory(tmp_path: Path) -> None:
     (tmp_path / "vm1-6-full.arc").write_bytes((tmp_path / "vm1-6-full.arc").read_bytes()[:-100])
     before = _files(tmp_path)
 
-    dry = store.prune(str(tmp_path), 1, dry_run=True)
+    dry = catalog.prune(str(tmp_path), 1, dry_run=True)
     assert _files(tmp_path) == before and dry.deleted == []
     assert [[os.path.basename(a.path) for a in c.archives] for c in dry.plan.delete] == [
         ["vm1-1-full.arc", "vm1-2-incremental.arc", "renamed-by-hand.arc"]]
     assert [os.path.basename(p) for p, _ in dry.unreadable] == ["notes.arc"]
 
-    with store.locked(str(tmp_path)):
-        done = store.prune(str(tmp_path), 1)
+    with catalog.locked(str(tmp_path)):
+        done = catalog.prune(str(tmp_path), 1)
     assert [os.path.basename(a.path) for a in done.deleted] == [
         "renamed-by-hand.arc", "vm1-2-incremental.arc", "vm1-1-full.arc"]
     assert _files(tmp_path) == sorted(
@@ -242,29 +242,29 @@ def test_prune_counts_chains_per_job(tmp_path: Path) -> None:
     web = _write(tmp_path / "web-1-20261101T020000Z-full.arc", created_ns=1)
     _write(tmp_path / "web-1-20261102T020000Z-incremental_2.arc", INC, web, created_ns=2)
     _write(tmp_path / "hand-made.arc", created_ns=0)  # no job's name: a group of its own
-    store.prune(str(tmp_path), 1)
+    catalog.prune(str(tmp_path), 1)
     assert _files(tmp_path) == [
         "hand-made.arc", "vm1-20261122T020000Z-full.arc", "web-1-20261101T020000Z-full.arc",
         "web-1-20261102T020000Z-incremental_2.arc"]
-    assert store.job_of("/x/web-1-20261101T020000Z-full.arc") == "web-1"
-    assert store.job_of("vm.2-20261101T020000Z.arc") == "vm.2"
-    assert store.job_of("vm1-20261101T020000Z-full_3.arc") == "vm1"
-    assert store.job_of("vm1-full.arc") == ""
+    assert catalog.job_of("/x/web-1-20261101T020000Z-full.arc") == "web-1"
+    assert catalog.job_of("vm.2-20261101T020000Z.arc") == "vm.2"
+    assert catalog.job_of("vm1-20261101T020000Z-full_3.arc") == "vm1"
+    assert catalog.job_of("vm1-full.arc") == ""
 
 
 def test_descriptions_read_from_headers(tmp_path: Path) -> None:
     parent = uuid.uuid4()
     u = _write(tmp_path / "x.arc", D, parent, created_ns=1234)
-    d = store.read_desc(str(tmp_path / "x.arc"))
+    d = catalog.read_desc(str(tmp_path / "x.arc"))
     assert (d.uuid, d.parent, d.kind, d.created_ns, d.complete) == (u, parent, D, 1234, True)
     assert d.size == (tmp_path / "x.arc").stat().st_size
     data = (tmp_path / "x.arc").read_bytes()
     (tmp_path / "cut.arc").write_bytes(data[: len(data) // 2])
-    cut = store.read_desc(str(tmp_path / "cut.arc"))
+    cut = catalog.read_desc(str(tmp_path / "cut.arc"))
     assert (cut.uuid, cut.parent, cut.complete) == (u, parent, False)  # lineage still known
     (tmp_path / "junk.arc").write_bytes(b"\0" * 100)
     with pytest.raises(AgentError):
-        store.read_desc(str(tmp_path / "junk.arc"))
+        catalog.read_desc(str(tmp_path / "junk.arc"))
 
 
 def test_newest_full_ignores_incomplete_ones(tmp_path: Path) -> None:
@@ -273,30 +273,30 @@ def test_newest_full_ignores_incomplete_ones(tmp_path: Path) -> None:
     _write(tmp_path / "c.arc", INC, b, created_ns=30)
     _write(tmp_path / "d.arc", created_ns=40)
     (tmp_path / "d.arc").write_bytes((tmp_path / "d.arc").read_bytes()[:-60])
-    newest = store.newest_full(store.scan(str(tmp_path)))
+    newest = catalog.newest_full(catalog.scan(str(tmp_path)))
     assert newest is not None and newest.uuid == b
 
 
 def test_names_publish_and_leftovers(tmp_path: Path) -> None:
     when = 1795658400  # 2026-11-26 02:00:00 UTC
-    assert store.archive_name("vm1", when, "full") == "vm1-20261126T020000Z-full.arc"
-    assert store.archive_name("vm1", when, None) == "vm1-20261126T020000Z.arc"
+    assert catalog.archive_name("vm1", when, "full") == "vm1-20261126T020000Z-full.arc"
+    assert catalog.archive_name("vm1", when, None) == "vm1-20261126T020000Z.arc"
     # what a job writes: a hidden name, renamed with the kind from the header
     _write(tmp_path / ".vm1-20261126T020000Z.arc", INC, uuid.uuid4())
-    path, kind = store.publish(str(tmp_path / ".vm1-20261126T020000Z.arc"), str(tmp_path),
+    path, kind = catalog.publish(str(tmp_path / ".vm1-20261126T020000Z.arc"), str(tmp_path),
                                "vm1", when)
     assert (os.path.basename(path), kind) == ("vm1-20261126T020000Z-incremental.arc",
                                               "incremental")
     # two backups started in one second: the second name gets a number, nothing is replaced
     _write(tmp_path / ".vm1-20261126T020000Z.arc", INC, uuid.uuid4())
-    path, _ = store.publish(str(tmp_path / ".vm1-20261126T020000Z.arc"), str(tmp_path), "vm1",
+    path, _ = catalog.publish(str(tmp_path / ".vm1-20261126T020000Z.arc"), str(tmp_path), "vm1",
                             when)
     assert os.path.basename(path) == "vm1-20261126T020000Z-incremental_2.arc"
     # a killed run left a finished archive under its hidden name: the next run names it
     _write(tmp_path / ".vm1-20261125T020000Z.arc")
     _write(tmp_path / ".vm2-20261125T020000Z.arc")  # another job's: not ours to touch
     (tmp_path / ".vm1-20261124T020000Z.arc").write_bytes(b"cut short")  # not finished
-    adopted = store.adopt_leftovers(str(tmp_path), "vm1")
+    adopted = catalog.adopt_leftovers(str(tmp_path), "vm1")
     assert [os.path.basename(p) for p in adopted] == ["vm1-20261125T020000Z-full.arc"]
     assert _files(tmp_path) == [
         ".vm1-20261124T020000Z.arc", ".vm2-20261125T020000Z.arc",
@@ -305,14 +305,14 @@ def test_names_publish_and_leftovers(tmp_path: Path) -> None:
 
 
 def test_one_user_of_a_directory_at_a_time(tmp_path: Path) -> None:
-    with (store.locked(str(tmp_path)),
+    with (catalog.locked(str(tmp_path)),
           pytest.raises(AgentError, match="is in use by another"),
-          store.locked(str(tmp_path))):
+          catalog.locked(str(tmp_path))):
         pass
-    with store.locked(str(tmp_path)):  # released on the way out
+    with catalog.locked(str(tmp_path)):  # released on the way out
         pass
     with (pytest.raises(AgentError, match=r"cannot use directory .*missing"),
-          store.locked(str(tmp_path / "missing"))):
+          catalog.locked(str(tmp_path / "missing"))):
         pass
     with pytest.raises(AgentError, match=r"cannot read directory .*missing"):
-        store.scan(str(tmp_path / "missing"))
+        catalog.scan(str(tmp_path / "missing"))

@@ -48,7 +48,8 @@ def wait():
 LAST_WRITES = r"""
 from agent.archive.format import Compression
 from agent.errors import TargetError
-from agent.restore import RestoreOptions, _Sink, restore
+from agent.restore import RestoreOptions, restore
+from agent.targets.base import Sink
 from tests.unit.archive_util import write_archive
 
 
@@ -82,7 +83,7 @@ def build(w):
 
 def wait():
     opts = RestoreOptions()
-    restore(io.BytesIO(write_archive(build)), lambda dev: _Sink(dev, Stalled()), opts)
+    restore(io.BytesIO(write_archive(build)), lambda dev: Sink(dev, Stalled()), opts)
 """
 
 QMP_WAIT = r"""

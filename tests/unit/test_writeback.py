@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import agent.nbd.target as target_mod
+import agent.targets.file as target_mod
 from agent.errors import TargetError
-from agent.nbd.target import FileTarget, WritebackWindows, coalesce
+from agent.targets.file import FileTarget, WritebackWindows, coalesce
 
 M = 1024 * 1024
 

@@ -6,7 +6,7 @@ import os
 import threading
 from pathlib import Path
 
-from agent.inspect import archive_info
+from agent.archive_info import archive_info
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny.arc"
 

@@ -1,9 +1,7 @@
-"""Restore targets: a file or block device, or an NBD export.
+"""The restore target for a regular file or a block device, written with pwrite.
 
-Writes come from several worker threads at once and in any order. Zero ranges
-never become written zeros: a freshly created sparse file already reads as zeros,
-an existing file gets holes punched, a block device BLKZEROOUT, an NBD export
-(agent/nbd/nbd_target.py) write-zeroes with trim allowed.
+Zero ranges never become written zeros: a freshly created sparse file already reads as
+zeros, an existing file gets holes punched, a block device BLKZEROOUT.
 """
 
 from __future__ import annotations
@@ -16,18 +14,15 @@ import stat
 import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 from agent.errors import TargetError
+from agent.targets.base import ZEROS
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _BLKGETSIZE64 = 0x80081272
 _BLKZEROOUT = 0x127F
 _ZERO_CHUNK = 8 * 1024 * 1024  # zeros written into a file per write
-# Shared by every target (a restore of 1,024 devices opens 1,024 of them at once), and
-# never written to: its pages stay the kernel's shared zero page, costing no memory.
-ZEROS = bytes(32 * 1024 * 1024)
 
 _SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
@@ -41,21 +36,6 @@ _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _sync_file_range = _libc.sync_file_range
 _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-
-
-class Target(Protocol):
-    name: str
-    size: int
-    fresh: bool  # reads as zeros everywhere: zero ranges need no request
-
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
-    # ``parts`` one after another from ``offset``: adjacent records in one request.
-    def writev(self, offset: int, parts: Sequence[bytes | bytearray | memoryview]) -> None: ...
-    def zero(self, offset: int, length: int) -> None: ...
-    def flush(self) -> None: ...
-    def close(self) -> None: ...
-    # Once stopped() is true (the restore was interrupted), no wait for a server lasts.
-    def stop_when(self, stopped: Callable[[], bool]) -> None: ...
 
 
 def coalesce(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

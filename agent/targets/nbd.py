@@ -17,7 +17,7 @@ import nbd
 
 from agent import interrupts
 from agent.errors import TargetError
-from agent.nbd.target import ZEROS
+from agent.targets.base import ZEROS
 
 # Write requests (data pieces, and zeros written where the server cannot write-zeroes)
 # are at most this long, or the server's advertised maximum: servers refuse larger ones
