@@ -88,7 +88,7 @@ def run_backup(job: BackupJob, progress: ProgressFn | None = None) -> BackupSumm
                       "server allows multi-conn)", name, uri, src.size, len(src.handles), conns)
             opened.append((name, src, {"source-format": "nbd"}))
         if job.images:  # qemu-nbd's module (subprocess, sockets) only when it runs
-            from agent.nbd.server import QemuNbd, image_info
+            from agent.nbd.qemu_nbd import QemuNbd, image_info
         for name, path in job.images:
             info = image_info(path)
             fmt = str(info.get("format", "raw"))

@@ -30,7 +30,7 @@ from agent.archive.format import Kind
 from agent.backup import BackupSummary
 from agent.engine import EngineOptions
 from agent.errors import AgentError, OutputError
-from agent.jobs import store
+from agent.jobs import catalog
 from agent.jobs.command import CommandOutput, run_shell
 from agent.jobs.config import Job
 from agent.jobs.retention import ArchiveDesc, find_chains
@@ -92,16 +92,16 @@ def _to_dir(job: Job, directory: str, started: float,
     if not os.path.isdir(directory):
         raise AgentError(f"{directory} is not a directory: create it first, writable by the "
                          "user the agent runs as")
-    with store.locked(directory):
-        adopted = store.adopt_leftovers(directory, job.name)
+    with catalog.locked(directory):
+        adopted = catalog.adopt_leftovers(directory, job.name)
         mode = _mode_for_dir(job, directory, started)
-        tmp = store.hidden_path(directory, job.name, started)
+        tmp = catalog.hidden_path(directory, job.name, started)
         summary = run_live_backup(_live_job(job, tmp, mode), progress)
-        path, _ = store.publish(tmp, directory, job.name, started)
+        path, _ = catalog.publish(tmp, directory, job.name, started)
         pruned: list[ArchiveDesc] = []
         if job.keep_chains is not None:
             try:
-                pruned = store.prune(directory, job.keep_chains).deleted
+                pruned = catalog.prune(directory, job.keep_chains).deleted
             except AgentError as e:
                 raise AgentError(f"the backup succeeded ({path}), but pruning failed: {e}"
                                  ) from e
@@ -116,7 +116,7 @@ def _to_command(job: Job, command: str, started: float,
         if plan is not None:
             mode = _resolved(plan)
     kind = None if mode is Mode.AUTO else mode.value  # AUTO: the VM could not be asked
-    name = store.archive_name(job.name, started, kind)
+    name = catalog.archive_name(job.name, started, kind)
     with CommandOutput(command.replace("{name}", name)) as sink:
         try:
             summary = run_live_backup(_live_job(job, sink.path, mode), progress)
@@ -143,12 +143,12 @@ def _mode_for_dir(job: Job, directory: str, now: float) -> Mode:
     plan = _plan(job, Mode(job.mode))
     if plan is None:
         return Mode(job.mode)  # the backup meets the same trouble and says what it is
-    found = store.scan(directory)
+    found = catalog.scan(directory)
     # Archives a restore from this directory can start from: those in a chain whose full
     # archive is here and complete.
     chains, _ = find_chains(found.archives)
     here = {a.uuid for c in chains if c.full.complete for a in c.archives}
-    newest = store.newest_full(found)
+    newest = catalog.newest_full(found)
     why = ""
     if plan.parent is not None and plan.parent not in here:
         why = (f"the archive an {plan.kind.name.lower()} backup would build on "
