@@ -241,6 +241,12 @@ class SpareBuffers:
         return self._bytes
 
 
+#: Config bytes an :class:`ArchiveReader` holds for :meth:`ArchiveReader.config`, all
+#: configs together (declared sizes, in the order declared): a config past it is checked
+#: and dropped, so a few KiB of zstd frames in one config cannot make a reader that wants
+#: another one hold gigabytes. Larger configs are read with ``on_config_data``.
+KEPT_CONFIG_BYTES = 16 * 1024 * 1024
+
 #: Bodies at least this long are read straight from the stream into their own buffer.
 _DIRECT = 256 * 1024
 #: How much a refill of the read-ahead buffer asks for while records are small.
@@ -333,9 +339,10 @@ class ArchiveReader:
         spares: SpareBuffers | None = None,
         on_config_data: Callable[[Config, bytes | bytearray | memoryview], None] | None = None,
     ) -> None:
-        # ``keep_configs``: hold every config in memory (small archives, tests). Or
-        # ``on_config_data``: each config's data, piece by piece and in order, as it is
-        # read (each piece checked and at most 32 MiB), kept by no one but the callee.
+        # ``keep_configs``: hold configs in memory for config(), up to KEPT_CONFIG_BYTES
+        # in all. And/or ``on_config_data``: each config's data, piece by piece and in
+        # order, as it is read (each piece checked and at most 32 MiB), kept by no one but
+        # the callee: the way to read a config of any size.
         # ``spares``: shared by the readers of a chain, whose archives are read one by one.
         self._in = _Input(f, spares)
         self.verify_data = verify_data
@@ -347,7 +354,8 @@ class ArchiveReader:
         self._pending: RawRecord | None = None
         self.devices: list[Device] = []
         self.configs: list[Config] = []
-        self.config_data: dict[str, bytearray] = {}
+        self.config_data: dict[str, bytearray] = {}  # the configs kept, by name
+        self._kept_bytes = 0  # declared sizes of the configs in config_data
         self._config_filled: list[int] = []
         self._coverage: list[IntervalSet] = []
         self.data_bytes = 0
@@ -453,8 +461,9 @@ class ArchiveReader:
             self._config_ids[cfg.name] = cfg.id
             self.configs.append(cfg)
             self._config_filled.append(0)
-            if self.keep_configs:
+            if self.keep_configs and self._kept_bytes + cfg.size <= KEPT_CONFIG_BYTES:
                 self.config_data[cfg.name] = bytearray()
+                self._kept_bytes += cfg.size
         else:
             self._checked(raw, "config data record")
             what = f"config data record at byte {raw.pos}"
@@ -466,8 +475,9 @@ class ArchiveReader:
                 raise ArchiveError(f"{what}: config {cfg.name!r} data out of order or too long")
             data = codec.decompress(ch.compression, raw.body[CHUNK_FIXED:], ch.length, what)
             self._config_filled[ch.target] += ch.length
-            if self.keep_configs:
-                self.config_data[cfg.name] += data
+            kept = self.config_data.get(cfg.name)
+            if kept is not None:
+                kept += data
             if self._on_config_data is not None:
                 self._on_config_data(cfg, data)
 
@@ -483,8 +493,17 @@ class ArchiveReader:
         return cfg
 
     def config(self, name: str) -> bytes:
-        """A stored config blob, complete and checked (``keep_configs`` only)."""
-        return bytes(self.config_data[self.config_info(name).name])
+        """A stored config blob, complete and checked, if this reader kept it
+        (``keep_configs``, up to :data:`KEPT_CONFIG_BYTES` of configs in all)."""
+        cfg = self.config_info(name)
+        kept = self.config_data.get(cfg.name)
+        if kept is None:
+            why = ("configs are not kept (keep_configs=False)" if not self.keep_configs else
+                   f"configs over {KEPT_CONFIG_BYTES} bytes in all are read only as they "
+                   "stream by")
+            raise ArchiveError(f"config {name!r} ({cfg.size} bytes) was not kept in memory: "
+                               f"{why}; `backup-agent config` writes any config out")
+        return bytes(kept)
 
     # -- data --------------------------------------------------------------------------
 

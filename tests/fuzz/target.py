@@ -53,7 +53,7 @@ from agent.archive.format import (
     RecordType,
 )
 from agent.archive.indexed import IndexedArchive
-from agent.archive.reader import ArchiveReader, DataRecord
+from agent.archive.reader import KEPT_CONFIG_BYTES, ArchiveReader, DataRecord
 from agent.chain import Link, check_chain
 from agent.errors import ArchiveError, InvalidArgument
 from agent.inspect import ArchiveInfo
@@ -111,7 +111,14 @@ def _unexpected(what: str, e: BaseException) -> Violation:
 
 def read_sequential(data: bytes, *, verify_data: bool, release: bool) -> Content:
     """Read like restore does: every record, decompressed; raises ArchiveError."""
-    r = ArchiveReader(io.BytesIO(data), verify_data=verify_data)
+    configs: dict[str, bytearray] = {}
+
+    def config_piece(cfg: Config, piece: bytes | bytearray | memoryview) -> None:
+        configs.setdefault(cfg.name, bytearray()).extend(piece)
+
+    # Every config, whatever its size (config() holds only KEPT_CONFIG_BYTES of them).
+    r = ArchiveReader(io.BytesIO(data), verify_data=verify_data, keep_configs=False,
+                      on_config_data=config_piece)
     recs: list[tuple[int, int, int, int, bytes | None]] = []
     for rec in r.records():
         if isinstance(rec, DataRecord):
@@ -125,7 +132,8 @@ def read_sequential(data: bytes, *, verify_data: bool, release: bool) -> Content
             recs.append((T.ZERO, rec.device.id, rec.offset, rec.length, None))
     if r.end is None:
         raise Violation("records() returned without an END record")
-    return Content(r.header, list(r.devices), {c.name: r.config(c.name) for c in r.configs},
+    return Content(r.header, list(r.devices),
+                   {c.name: bytes(configs.get(c.name, b"")) for c in r.configs},
                    recs, r.end, r.archive_len, list(r.configs))
 
 
@@ -331,7 +339,15 @@ def _check_config(data: bytes, full: object) -> None:
         if not isinstance(got, dict):
             raise Violation(f"config refused an archive the full read accepts: {got}")
         mine = {k: v for k, v in got.items() if not isinstance(v, ArchiveError)}
-        if mine != full.configs:
+        # config() may refuse a config only for its size: past KEPT_CONFIG_BYTES in all.
+        kept = 0
+        for cfg in full.config_list:
+            fits = kept + cfg.size <= KEPT_CONFIG_BYTES
+            kept += cfg.size if fits else 0
+            if fits != (cfg.name in mine):
+                raise Violation(f"config gave {cfg.name!r} ({cfg.size} bytes, {kept} kept): "
+                                f"{_label(got[cfg.name])}")
+        if mine != {k: v for k, v in full.configs.items() if k in mine}:
             raise Violation("config gave other configs than the full read")
 
 
