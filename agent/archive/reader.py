@@ -61,6 +61,7 @@ from agent.archive.format import (
     check_preamble,
     unpack_frame,
 )
+from agent.archive.index_check import IndexCheck
 from agent.archive.intervals import IntervalSet, Overlap
 from agent.archive.output import grow_pipe
 from agent.errors import ArchiveError, UnsupportedArchive
@@ -362,8 +363,7 @@ class ArchiveReader:
         self.zero_bytes = 0
         self.stored_bytes = 0
         self.end: End | None = None
-        self._data_records = 0
-        self._index_entries = 0
+        self._index_check = IndexCheck()  # counts the DATA/ZERO records and the entries
         self._index_pos = NO_INDEX
         self._seen_index = False
         self._chain_before_end = b""
@@ -580,7 +580,8 @@ class ArchiveReader:
             rec.check()
         self.data_bytes += ch.length
         self.stored_bytes += len(raw.body) - CHUNK_FIXED
-        self._data_records += 1
+        self._index_check.record(raw.rtype, ch.compression, ch.target, ch.offset, ch.length,
+                                 raw.pos)
         return rec
 
     def _zero(self, raw: RawRecord) -> ZeroRecord:
@@ -588,7 +589,7 @@ class ArchiveReader:
         z = Zero.decode(raw.body)
         dev = self._claim(raw, z.device, z.offset, z.length, "zero record")
         self.zero_bytes += z.length
-        self._data_records += 1
+        self._index_check.record(raw.rtype, 0, z.device, z.offset, z.length, raw.pos)
         return ZeroRecord(dev, z.offset, z.length)
 
     def _index(self, raw: RawRecord) -> None:
@@ -598,7 +599,7 @@ class ArchiveReader:
         if not self._seen_index:
             self._index_pos = raw.pos
         self._seen_index = True
-        self._index_entries += len(raw.body) // INDEX_ENTRY.size
+        self._index_check.index(raw.body)
 
     def _end(self, raw: RawRecord) -> None:
         chain_before = self._chain_before_end
@@ -615,9 +616,14 @@ class ArchiveReader:
             problems.append("data totals do not match")
         if (end.devices, end.configs) != (len(self.devices), len(self.configs)):
             problems.append("device or config counts do not match")
-        if self._seen_index and self._index_entries != self._data_records:
-            problems.append(f"the index lists {self._index_entries} records, "
-                            f"the archive holds {self._data_records}")
+        check = self._index_check
+        if self._seen_index and check.entries != check.records:
+            problems.append(f"the index lists {check.entries} records, "
+                            f"the archive holds {check.records}")
+        elif self._seen_index and not check.matches():
+            problems.append(f"its index lists {check.entries} records, as many as it holds, "
+                            "but not these: an entry's type, compression, device, range or "
+                            "position is not its record's")
         if problems:
             raise ArchiveError(f"end record at byte {raw.pos} does not seal the archive: "
                                + "; ".join(problems))

@@ -16,8 +16,8 @@ a property is broken:
   gives the configs the full read gives when that succeeds;
 * the random-access reader (``info`` on a file; agent/archive/indexed.py) raises only
   ArchiveError; on an archive the full read accepts it opens, agrees on header, devices,
-  configs and seal, and reads the device bytes the full read gives — unless the index
-  lies (it is checked only for its length by the full read), in which case it must refuse;
+  configs and seal, and reads the device bytes the full read gives (the full read accepts
+  an index only if it lists exactly the DATA and ZERO records, each at its position);
 * the chain check (agent/chain.py) over the input and fixed seed archives raises only
   InvalidArgument, and what it lets through is a chain by the rules of docs/FORMAT.md.
 
@@ -222,6 +222,8 @@ def _consistent(data: bytes, c: Content) -> None:
     framed = _framed(data)
     if framed[0] != [(t, d, o, ln) for t, d, o, ln, _ in c.records]:
         raise Violation("the records read are not the DATA and ZERO records in the bytes")
+    if c.end.records and _has_index(data) and not honest_index(data):
+        raise Violation("the full read accepted an index that does not list its records")
     if data[c.archive_len :].strip(b"\0") or framed[1] + FOOTER.size != c.archive_len:
         raise Violation("bytes after the footer that are not zero, or a misplaced footer")
 
@@ -243,9 +245,14 @@ def _framed(data: bytes) -> tuple[list[tuple[int, int, int, int]], int]:
     return out, pos
 
 
+def _has_index(data: bytes) -> bool:
+    parts = parse(data)
+    return parts is not None and any(r.rtype == T.INDEX for r in parts.records)
+
+
 def honest_index(data: bytes) -> bool:
     """Whether the INDEX records of a well-formed archive list exactly its DATA and ZERO
-    records, at their positions, in order."""
+    records, at their positions, in order (the entries' reserved field aside)."""
     parts = parse(data)
     assert parts is not None
     want = bytearray()
@@ -258,7 +265,11 @@ def honest_index(data: bytes) -> bool:
             dev, _r, off, ln = struct.unpack_from("<IIQQ", r.body)
             want += INDEX_ENTRY.pack(T.ZERO & 0xFF, 0, 0, dev, off, ln, r.pos)
         elif r.rtype == T.INDEX:
-            have += r.body
+            body = bytearray(r.body)
+            n = len(body) // INDEX_ENTRY.size
+            body[2 :: INDEX_ENTRY.size] = bytes(n)  # reserved: readers ignore it
+            body[3 :: INDEX_ENTRY.size] = bytes(n)
+            have += body
     return want == have
 
 
