@@ -367,12 +367,14 @@ class RestoreEngine:
     them are on the targets, so a later archive's record always lands over an earlier one's.
     Targets are committed once, after the last archive's seal checked out.
 
-    A device's sink is made when its first record arrives (those with none once the first
-    archive's seal checked out: an empty target of the device's size), and at most
-    ``open_targets`` of them are open at once: to open another, the least recently used one
-    that no worker is writing is suspended (closed, its file kept) and resumed when a record
-    comes for it again, or to commit it. An archive of 40,000 devices once opened 40,000
-    files, or started as many qemu-nbd processes, before reading a record.
+    At most ``open_targets`` sinks are open at once. The first devices' are made before any
+    record is read, as many as may be open (all of them, in an archive of a few devices);
+    the others' when their first record arrives (those with none once the first archive's
+    seal checked out: an empty target of the device's size). To open one more, the least
+    recently used sink that no worker is writing is suspended (closed, its file kept) and
+    resumed when a record comes for it again, or to commit it. An archive of 40,000 devices
+    once opened 40,000 files, or started as many qemu-nbd processes, before reading a
+    record.
     """
 
     def __init__(self, readers: Sequence[ArchiveReader], make_sink: SinkFactory,
@@ -398,6 +400,16 @@ class RestoreEngine:
         self.meter = self._meter(0)
         self._tasks = 0  # batches handed to the workers and not yet done
         self._tasks_done = threading.Condition()
+        # The first devices' sinks now, as many as may be open: every target of an archive
+        # of a few devices is checked (exists, is large enough) before a record is read.
+        try:
+            for dev in devices:
+                if len(self._open) >= max(1, opts.open_targets):
+                    break
+                self._sink_for(dev)
+        except BaseException:
+            self._discard()
+            raise
 
     def _meter(self, i: int) -> Meter:
         n = len(self.readers)
