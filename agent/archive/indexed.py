@@ -9,8 +9,8 @@ packed table of them (24 bytes an entry) the first time it is called.
 
 Everything an archive says at its end is checked before it is believed: the footer
 (its own length, where END is), END (its digest, its ``seq``), the index (see
-index_walk), and that both ends belong to one archive. Only ``verify`` reads the
-records themselves.
+index_walk; and that no two of its ranges overlap, overlaps.py), and that both ends
+belong to one archive. Only ``verify`` reads the records themselves.
 """
 
 from __future__ import annotations

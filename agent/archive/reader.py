@@ -8,7 +8,8 @@ The algorithm (docs/FORMAT.md, "Reading") in short:
    DATA or ZERO record. DATA and ZERO name a declared device, lie inside it and
    overlap nothing seen before. INDEX records come after all data.
 3. END carries the record count, the totals and the chained digest of every
-   record before it; all must match. A FULL archive must cover every byte of
+   record before it; all must match, and the INDEX records, if any, must list exactly
+   the DATA and ZERO records read (index_check.py). A FULL archive must cover every byte of
    every device. Then the 48-byte footer, then nothing but zero bytes (tape
    padding) until the end of the stream.
 
