@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import subprocess
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from agent.archive.format import Device
 from agent.restore import RestoreOptions, _Sink, restore, to_dir
 from tests.hostile import builder as hb
+from tests.integration.cli_util import AGENT, TIMEOUT
 
 pytestmark = pytest.mark.integration
 
@@ -73,3 +75,25 @@ def test_qcow2_restore_of_many_devices_runs_only_so_many_qemu_nbd(tmp_path: Path
     assert (out / "e0.qcow2").exists()
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"d{i}.qcow2" for i in range(devices)] + ["e0.qcow2"])
+
+
+def _nofile(limit: int) -> None:
+    """preexec_fn: soft and hard limits of open files both ``limit`` (no raising it)."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+def test_restore_of_1000_devices_within_200_open_files(tmp_path: Path) -> None:
+    """Through the command line, with a hard limit of 200 open files: before, the restore
+    opened a file per device up front and failed on the 190th or so."""
+    devices = 1000
+    arc = tmp_path / "many.arc"
+    arc.write_bytes(hb.many_devices(devices, size=4096, rounds=2, empty=2))
+    out = tmp_path / "out"
+    done = subprocess.run([AGENT, "restore", str(arc), "--to-dir", str(out), "--progress",
+                           "none"], capture_output=True, timeout=TIMEOUT,
+                          preexec_fn=lambda: _nofile(200), check=False)
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(list(out.iterdir())) == devices + 2
+    for i in (0, 499, devices - 1):
+        assert (out / f"d{i}.raw").read_bytes() == hb.device_content(i, 4096)
+    assert (out / "e1.raw").stat().st_size == 0
