@@ -18,3 +18,7 @@ class RestoreOptions:
     memory: int = 64 * MiB  # archive bytes read but not yet written
     workers: int = max(2, os.cpu_count() or 2)
     connections: int = 4  # per NBD target
+    # Targets open at once at most: a file each, or a qemu-nbd, its connections and a lock
+    # for an image. Each is opened when its device's first record arrives; past this many,
+    # the least recently used one is closed and reopened when it gets a record again.
+    open_targets: int = 64

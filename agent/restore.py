@@ -23,9 +23,11 @@ meanwhile, so two restores into one directory never mix up their files.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import resource
+import stat
 import threading
 import time
 from collections.abc import Collection, Sequence
@@ -127,9 +129,20 @@ def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path, fd: int,
     """A sink writing ``dev`` into the new file ``temp`` (open as ``fd``, which it takes
     over), renamed to ``final`` on commit."""
     label = f"{final} (device {dev.name!r})"  # messages name the file the user asked for
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    ident = (st.st_dev, st.st_ino)
     if fmt == "raw":
         target = FileTarget(str(temp), dev.size, fresh=True, label=label, fd=fd)
-        return Sink(dev, target, final, temp, made_dirs=made)
+
+        def reopen_raw() -> tuple[Target, QemuNbd | None, int]:
+            fd = _reopen_temp(temp, ident, label, dev.size)
+            return FileTarget(str(temp), label=label, fd=fd), None, -1
+
+        return Sink(dev, target, final, temp, made_dirs=made, reopen=reopen_raw)
     # Imported here: restores into files never load libnbd (start-up time).
     from agent.nbd.qemu_nbd import QemuNbd
     from agent.targets.nbd import NbdTarget
@@ -138,21 +151,58 @@ def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path, fd: int,
         # qemu-img and qemu-nbd open the file by name: it stays 0600 (qemu-img keeps an
         # existing file's mode), and must still be the file made above when they are done.
         _create_qcow2(temp, dev.size, label)
-        server = QemuNbd(str(temp), "qcow2", readonly=False, shared=opts.connections,
-                         extra=("--discard=unmap",))
     except BaseException:
         os.close(fd)
         raise
+
+    def serve(lock_fd: int, fresh: bool) -> tuple[Target, QemuNbd | None, int]:
+        """The image served by a qemu-nbd of ours, through ``lock_fd`` (taken over)."""
+        try:
+            server = QemuNbd(str(temp), "qcow2", readonly=False, shared=opts.connections,
+                             extra=("--discard=unmap",))
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        try:
+            if not same_file(lock_fd, temp):
+                raise TargetError(f"{temp} was replaced while the restore created it: "
+                                  f"is {temp.parent} writable by others?")
+            target = NbdTarget(server.uri, opts.connections, fresh=fresh, label=label)
+        except BaseException:
+            server.close()
+            os.close(lock_fd)
+            raise
+        return target, server, lock_fd
+
+    nbd, server, _ = serve(fd, True)
+    return Sink(dev, nbd, final, temp, server, made_dirs=made, lock_fd=fd,
+                 reopen=lambda: serve(_reopen_temp(temp, ident, label), False))
+
+
+def _reopen_temp(temp: Path, ident: tuple[int, int], label: str, size: int = -1) -> int:
+    """``temp`` open for writing and locked again, if it is still the file this restore made
+    (``ident``: its device and inode; ours; ``size`` bytes long unless -1): a suspended
+    target's file, closed meanwhile. (An inode number may be reused once a file is gone:
+    what someone else put there is told apart by its owner.)"""
     try:
-        if not same_file(fd, temp):
-            raise TargetError(f"{temp} was replaced while the restore created it: "
-                              f"is {temp.parent} writable by others?")
-        nbd = NbdTarget(server.uri, opts.connections, fresh=True, label=label)
-    except BaseException:
-        server.close()
-        os.close(fd)
-        raise
-    return Sink(dev, nbd, final, temp, server, made_dirs=made, lock_fd=fd)
+        st = os.lstat(temp)
+        if (stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == ident
+                and st.st_uid == os.geteuid() and size in (-1, st.st_size)):
+            # Not a FIFO (checked above, and O_NONBLOCK if one took its place since): an
+            # open that waited for a reader would hang the restore.
+            fd = os.open(temp, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == ident:
+                os.set_blocking(fd, True)
+                with contextlib.suppress(OSError):  # "in use": see agent.files
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            os.close(fd)
+    except OSError as e:
+        raise TargetError(f"{label}: cannot open its temporary file {temp} again: "
+                          f"{e.strerror}") from e
+    raise TargetError(f"{label}: its temporary file {temp} was replaced while the restore "
+                      f"ran: is {temp.parent} writable by others?")
 
 
 def _make_dir(directory: Path) -> list[Path]:
@@ -225,42 +275,106 @@ class RestoreEngine:
     Each archive's records are written in parallel; the next archive starts only when all of
     them are on the targets, so a later archive's record always lands over an earlier one's.
     Targets are committed once, after the last archive's seal checked out.
+
+    At most ``open_targets`` sinks are open at once. The first devices' are made before any
+    record is read, as many as may be open (all of them, in an archive of a few devices);
+    the others' when their first record arrives (those with none once the first archive's
+    seal checked out: an empty target of the device's size). To open one more, the least
+    recently used sink that no worker is writing is suspended (closed, its file kept) and
+    resumed when a record comes for it again, or to commit it. An archive of 40,000 devices
+    once opened 40,000 files, or started as many qemu-nbd processes, before reading a
+    record.
     """
 
     def __init__(self, readers: Sequence[ArchiveReader], make_sink: SinkFactory,
-                 opts: RestoreOptions, progress: ProgressFn | None = None) -> None:
+                 opts: RestoreOptions, progress: ProgressFn | None = None,
+                 wanted: Collection[str] | None = None) -> None:
         self.readers = list(readers)
         self.opts = opts
         self.progress = progress
         self.control = Control()
         self.budget = ByteBudget(opts.memory, self.control)
+        self._make_sink = make_sink
         self.sinks: dict[str, Sink] = {}  # by device name: ids differ between archives
+        self._unwanted: set[str] = set()  # devices the factory gave no sink
+        self._open: dict[str, None] = {}  # names of open sinks that can suspend, LRU first
+        self._busy: dict[str, int] = {}  # batches of a sink made and not yet applied
+        self._fresh = True  # targets are new: until the first archive is on them
         devices = self.readers[0].devices
-        # Each target stays open to the end: a file, or an image's qemu-nbd and connections.
-        _allow_open_files(_FDS_SPARE + len(devices) * (opts.connections + _FDS_PER_SERVER))
-        try:
-            for dev in devices:
-                sink = make_sink(dev)
-                if sink is not None:
-                    self.sinks[dev.name] = sink
-                    # A target waiting on a stalled server gives up once the restore stops
-                    # (Ctrl-C, SIGTERM, another worker's error), so the workers it blocks
-                    # can be joined and every connection and helper closed promptly.
-                    sink.target.stop_when(self.control.stopped)
-        except BaseException:
-            self._discard()
-            raise
+        # Only so many targets are open: files, or images' qemu-nbd and connections.
+        open_max = min(len(devices), max(1, opts.open_targets))
+        _allow_open_files(_FDS_SPARE + open_max * (opts.connections + _FDS_PER_SERVER))
+        self._total = sum(d.size for d in devices if wanted is None or d.name in wanted)
         self._lock = threading.Lock()
         self.meter = self._meter(0)
         self._tasks = 0  # batches handed to the workers and not yet done
         self._tasks_done = threading.Condition()
+        # The first devices' sinks now, as many as may be open: every target of an archive
+        # of a few devices is checked (exists, is large enough) before a record is read.
+        try:
+            for dev in devices:
+                if len(self._open) >= max(1, opts.open_targets):
+                    break
+                self._sink_for(dev)
+        except BaseException:
+            self._discard()
+            raise
 
     def _meter(self, i: int) -> Meter:
         n = len(self.readers)
         phase = "restore" if n == 1 else f"restore {i + 1}/{n}"
         # Only a full backup's size is known before its end: later archives hold the changes.
-        total = sum(s.device.size for s in self.sinks.values()) if i == 0 else 0
-        return Meter(phase, total, self.progress)
+        return Meter(phase, self._total if i == 0 else 0, self.progress)
+
+    def _sink_for(self, dev: Device) -> Sink | None:
+        """``dev``'s sink, open (made now if it was never asked for), or None if the
+        factory wants no sink for it. Called by the reading thread only."""
+        name = dev.name
+        sink = self.sinks.get(name)
+        if sink is not None and sink.is_open:
+            if name in self._open:
+                self._open[name] = self._open.pop(name)  # the most recently used now
+            return sink
+        if sink is None and name in self._unwanted:
+            return None
+        self._make_room()
+        if sink is None:
+            sink = self._make_sink(dev)
+            if sink is None:
+                self._unwanted.add(name)
+                return None
+            self.sinks[name] = sink
+            # A target waiting on a stalled server gives up once the restore stops (Ctrl-C,
+            # SIGTERM, another worker's error), so the workers it blocks can be joined and
+            # every connection and helper closed promptly.
+            sink.target.stop_when(self.control.stopped)
+            if not self._fresh:
+                sink.target.fresh = False
+        else:
+            sink.resume(self._fresh, self.control.stopped)
+        if sink.reopen is not None:
+            self._open[name] = None
+        return sink
+
+    def _make_room(self) -> None:
+        """Suspend open sinks until one more may open: the least recently used first that
+        no batch is for (waiting for the workers if every one has batches in flight)."""
+        while len(self._open) >= max(1, self.opts.open_targets):
+            with self._tasks_done:
+                idle = next((n for n in self._open if not self._busy.get(n)), None)
+                if idle is None:
+                    self._tasks_done.wait(interrupts.STEP)
+            if idle is None:
+                self.control.check_failed()
+                continue
+            del self._open[idle]
+            self.sinks[idle].suspend()
+
+    def _make_the_rest(self) -> None:
+        """The sinks of devices that had no record in the first archive: empty targets."""
+        for dev in self.readers[0].devices:
+            if dev.name not in self.sinks and dev.name not in self._unwanted:
+                self._sink_for(dev)
 
     def run(self) -> RestoreResult:
         started = time.monotonic()
@@ -270,11 +384,17 @@ class RestoreEngine:
                 if i:
                     self.meter = self._meter(i)
                 self._apply_archive(reader)
+                if i == 0:
+                    self._make_the_rest()
+                # Written now: the next archive's zero ranges must really be zeroed.
+                self._fresh = False
                 for sink in self.sinks.values():
-                    # Written now: the next archive's zero ranges must really be zeroed.
                     sink.target.fresh = False
                 finals.append(self.meter.final())
-            for sink in self.sinks.values():
+            # The open ones first, so that resuming a suspended one never opens one too many.
+            for sink in sorted(self.sinks.values(), key=lambda s: not s.is_open):
+                if not sink.is_open:
+                    sink.resume(False, self.control.stopped)
                 sink.commit()
         except BaseException as e:
             self._discard()
@@ -288,7 +408,8 @@ class RestoreEngine:
             sum(s.device.size for s in self.sinks.values()),
             sum(p.data_bytes for p in finals), sum(p.zero_bytes for p in finals),
             sum(p.stored_bytes for p in finals), time.monotonic() - started)
-        return RestoreResult(progress, list(self.sinks), [s.where for s in self.sinks.values()],
+        done = [self.sinks[d.name] for d in self.readers[0].devices if d.name in self.sinks]
+        return RestoreResult(progress, [s.device.name for s in done], [s.where for s in done],
                              sum(r.archive_len for r in self.readers))
 
     def _apply_archive(self, reader: ArchiveReader) -> None:
@@ -309,12 +430,15 @@ class RestoreEngine:
         try:
             for rec in reader.records():
                 self.control.check_failed()
-                sink = self.sinks.get(rec.device.name)
+                name = rec.device.name
+                if batch and batch.sink.device.name != name and name not in self._unwanted:
+                    submit()  # before opening another sink, which may wait for the workers
+                sink = self._sink_for(rec.device)
                 if sink is None:
                     if isinstance(rec, DataRecord):
                         rec.release()  # its buffers are the reader's to reuse
                     continue
-                if batch and (sink is not batch.sink or batch.length + rec.length > BATCH_BYTES):
+                if batch and batch.length + rec.length > BATCH_BYTES:
                     submit()
                 # What the record holds as allocated (its buffers and objects), not its
                 # length: 1-byte records in 64 KiB buffers once took a restore with
@@ -324,7 +448,10 @@ class RestoreEngine:
                     submit()  # never wait for the workers while holding records back from them
                     while not self.budget.acquire(cost):
                         self.control.check_failed()
-                batch = batch or _Batch(sink)
+                if batch is None:
+                    batch = _Batch(sink)
+                    with self._tasks_done:  # workers count down under it
+                        self._busy[name] = self._busy.get(name, 0) + 1
                 batch.add(rec, cost)
                 if batch.length >= BATCH_BYTES or len(batch.records) == BATCH_RECORDS:
                     submit()
@@ -390,6 +517,7 @@ class RestoreEngine:
         finally:
             self.budget.release(batch.cost)
             with self._tasks_done:
+                self._busy[sink.device.name] -= 1  # it may be suspended now
                 self._tasks -= 1
                 self._tasks_done.notify_all()
 
@@ -469,7 +597,7 @@ def restore_chain(
     if not single:
         check_chain([Link(label, r.header, r.devices)
                      for r, (_, label) in zip(readers, streams, strict=True)], wanted)
-    return RestoreEngine(readers, make_sink, opts, progress).run()
+    return RestoreEngine(readers, make_sink, opts, progress, wanted).run()
 
 
 def to_null() -> SinkFactory:

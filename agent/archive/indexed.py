@@ -9,8 +9,8 @@ packed table of them (24 bytes an entry) the first time it is called.
 
 Everything an archive says at its end is checked before it is believed: the footer
 (its own length, where END is), END (its digest, its ``seq``), the index (see
-index_walk), and that both ends belong to one archive. Only ``verify`` reads the
-records themselves.
+index_walk; and that no two of its ranges overlap, overlaps.py), and that both ends
+belong to one archive. Only ``verify`` reads the records themselves.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from agent.archive.format import (
     digest,
 )
 from agent.archive.index_walk import Collect, IndexFacts, frame_at, walk_index
+from agent.archive.overlaps import ExactCover, NoOverlap
 from agent.archive.reader import ArchiveReader
 from agent.errors import ArchiveError
 
@@ -271,10 +272,26 @@ class IndexedArchive:
             self._check_end_matches_start()
             self.index: IndexFacts | None = None
             if seal.footer.index_pos != NO_INDEX:
-                self.index = self._walk(None)
-                self._check_index(self.index)
+                self.index = self._walk_checking_ranges()
         except ArchiveError as e:
             raise self._mismatch(str(e)) from e
+
+    def _walk_checking_ranges(self) -> IndexFacts:
+        """Walk the index, checking it and that no two of its ranges overlap (overlaps.py:
+        a FULL archive's ranges must cover its devices exactly, in constant memory; other
+        kinds' are sorted on disk)."""
+        full = self.header.kind == Kind.FULL
+        ranges = ExactCover(self.devices) if full else NoOverlap()
+        try:
+            facts = self._walk(ranges.collect)
+            self._check_index(facts)
+            problem = ranges.finish([d.name for d in self.devices])
+        finally:
+            if isinstance(ranges, NoOverlap):
+                ranges.close()
+        if problem is not None:
+            raise ArchiveError(problem)
+        return facts
 
     def _walk(self, collect: Collect | None) -> IndexFacts:
         s = self._seal

@@ -8,7 +8,8 @@ The algorithm (docs/FORMAT.md, "Reading") in short:
    DATA or ZERO record. DATA and ZERO name a declared device, lie inside it and
    overlap nothing seen before. INDEX records come after all data.
 3. END carries the record count, the totals and the chained digest of every
-   record before it; all must match. A FULL archive must cover every byte of
+   record before it; all must match, and the INDEX records, if any, must list exactly
+   the DATA and ZERO records read (index_check.py). A FULL archive must cover every byte of
    every device. Then the 48-byte footer, then nothing but zero bytes (tape
    padding) until the end of the stream.
 
@@ -61,6 +62,7 @@ from agent.archive.format import (
     check_preamble,
     unpack_frame,
 )
+from agent.archive.index_check import IndexCheck
 from agent.archive.intervals import IntervalSet, Overlap
 from agent.archive.output import grow_pipe
 from agent.errors import ArchiveError, UnsupportedArchive
@@ -241,6 +243,12 @@ class SpareBuffers:
         return self._bytes
 
 
+#: Config bytes an :class:`ArchiveReader` holds for :meth:`ArchiveReader.config`, all
+#: configs together (declared sizes, in the order declared): a config past it is checked
+#: and dropped, so a few KiB of zstd frames in one config cannot make a reader that wants
+#: another one hold gigabytes. Larger configs are read with ``on_config_data``.
+KEPT_CONFIG_BYTES = 16 * 1024 * 1024
+
 #: Bodies at least this long are read straight from the stream into their own buffer.
 _DIRECT = 256 * 1024
 #: How much a refill of the read-ahead buffer asks for while records are small.
@@ -333,9 +341,10 @@ class ArchiveReader:
         spares: SpareBuffers | None = None,
         on_config_data: Callable[[Config, bytes | bytearray | memoryview], None] | None = None,
     ) -> None:
-        # ``keep_configs``: hold every config in memory (small archives, tests). Or
-        # ``on_config_data``: each config's data, piece by piece and in order, as it is
-        # read (each piece checked and at most 32 MiB), kept by no one but the callee.
+        # ``keep_configs``: hold configs in memory for config(), up to KEPT_CONFIG_BYTES
+        # in all. And/or ``on_config_data``: each config's data, piece by piece and in
+        # order, as it is read (each piece checked and at most 32 MiB), kept by no one but
+        # the callee: the way to read a config of any size.
         # ``spares``: shared by the readers of a chain, whose archives are read one by one.
         self._in = _Input(f, spares)
         self.verify_data = verify_data
@@ -347,15 +356,15 @@ class ArchiveReader:
         self._pending: RawRecord | None = None
         self.devices: list[Device] = []
         self.configs: list[Config] = []
-        self.config_data: dict[str, bytearray] = {}
+        self.config_data: dict[str, bytearray] = {}  # the configs kept, by name
+        self._kept_bytes = 0  # declared sizes of the configs in config_data
         self._config_filled: list[int] = []
         self._coverage: list[IntervalSet] = []
         self.data_bytes = 0
         self.zero_bytes = 0
         self.stored_bytes = 0
         self.end: End | None = None
-        self._data_records = 0
-        self._index_entries = 0
+        self._index_check = IndexCheck()  # counts the DATA/ZERO records and the entries
         self._index_pos = NO_INDEX
         self._seen_index = False
         self._chain_before_end = b""
@@ -453,8 +462,9 @@ class ArchiveReader:
             self._config_ids[cfg.name] = cfg.id
             self.configs.append(cfg)
             self._config_filled.append(0)
-            if self.keep_configs:
+            if self.keep_configs and self._kept_bytes + cfg.size <= KEPT_CONFIG_BYTES:
                 self.config_data[cfg.name] = bytearray()
+                self._kept_bytes += cfg.size
         else:
             self._checked(raw, "config data record")
             what = f"config data record at byte {raw.pos}"
@@ -466,8 +476,9 @@ class ArchiveReader:
                 raise ArchiveError(f"{what}: config {cfg.name!r} data out of order or too long")
             data = codec.decompress(ch.compression, raw.body[CHUNK_FIXED:], ch.length, what)
             self._config_filled[ch.target] += ch.length
-            if self.keep_configs:
-                self.config_data[cfg.name] += data
+            kept = self.config_data.get(cfg.name)
+            if kept is not None:
+                kept += data
             if self._on_config_data is not None:
                 self._on_config_data(cfg, data)
 
@@ -483,8 +494,17 @@ class ArchiveReader:
         return cfg
 
     def config(self, name: str) -> bytes:
-        """A stored config blob, complete and checked (``keep_configs`` only)."""
-        return bytes(self.config_data[self.config_info(name).name])
+        """A stored config blob, complete and checked, if this reader kept it
+        (``keep_configs``, up to :data:`KEPT_CONFIG_BYTES` of configs in all)."""
+        cfg = self.config_info(name)
+        kept = self.config_data.get(cfg.name)
+        if kept is None:
+            why = ("configs are not kept (keep_configs=False)" if not self.keep_configs else
+                   f"configs over {KEPT_CONFIG_BYTES} bytes in all are read only as they "
+                   "stream by")
+            raise ArchiveError(f"config {name!r} ({cfg.size} bytes) was not kept in memory: "
+                               f"{why}; `backup-agent config` writes any config out")
+        return bytes(kept)
 
     # -- data --------------------------------------------------------------------------
 
@@ -561,7 +581,8 @@ class ArchiveReader:
             rec.check()
         self.data_bytes += ch.length
         self.stored_bytes += len(raw.body) - CHUNK_FIXED
-        self._data_records += 1
+        self._index_check.record(raw.rtype, ch.compression, ch.target, ch.offset, ch.length,
+                                 raw.pos)
         return rec
 
     def _zero(self, raw: RawRecord) -> ZeroRecord:
@@ -569,7 +590,7 @@ class ArchiveReader:
         z = Zero.decode(raw.body)
         dev = self._claim(raw, z.device, z.offset, z.length, "zero record")
         self.zero_bytes += z.length
-        self._data_records += 1
+        self._index_check.record(raw.rtype, 0, z.device, z.offset, z.length, raw.pos)
         return ZeroRecord(dev, z.offset, z.length)
 
     def _index(self, raw: RawRecord) -> None:
@@ -579,7 +600,7 @@ class ArchiveReader:
         if not self._seen_index:
             self._index_pos = raw.pos
         self._seen_index = True
-        self._index_entries += len(raw.body) // INDEX_ENTRY.size
+        self._index_check.index(raw.body)
 
     def _end(self, raw: RawRecord) -> None:
         chain_before = self._chain_before_end
@@ -596,9 +617,14 @@ class ArchiveReader:
             problems.append("data totals do not match")
         if (end.devices, end.configs) != (len(self.devices), len(self.configs)):
             problems.append("device or config counts do not match")
-        if self._seen_index and self._index_entries != self._data_records:
-            problems.append(f"the index lists {self._index_entries} records, "
-                            f"the archive holds {self._data_records}")
+        check = self._index_check
+        if self._seen_index and check.entries != check.records:
+            problems.append(f"the index lists {check.entries} records, "
+                            f"the archive holds {check.records}")
+        elif self._seen_index and not check.matches():
+            problems.append(f"its index lists {check.entries} records, as many as it holds, "
+                            "but not these: an entry's type, compression, device, range or "
+                            "position is not its record's")
         if problems:
             raise ArchiveError(f"end record at byte {raw.pos} does not seal the archive: "
                                + "; ".join(problems))

@@ -47,9 +47,13 @@ class Sink:
     def __init__(self, device: Device, target: Target, final: Path | None = None,
                  temp: Path | None = None, server: QemuNbd | None = None,
                  in_place: bool = False, made_dirs: list[Path] | None = None,
-                 lock_fd: int = -1) -> None:
+                 lock_fd: int = -1, reopen: Reopen | None = None) -> None:
         self.device = device
         self.target = target
+        # Opens the target again after suspend() (None: never suspended; it holds nothing
+        # worth bounding, or is the only one).
+        self.reopen = reopen
+        self.is_open = True
         self.final = final  # rename temp -> final on commit
         self.temp = temp
         self.server = server
@@ -62,6 +66,27 @@ class Sink:
         self.in_place = in_place
         self.touched = False  # a write or zero request was sent
         self.where = str(final) if final else target.name
+
+    def suspend(self) -> None:
+        """Close the target, its qemu-nbd and lock, keeping what was written (restore
+        opens only so many targets at once: RestoreOptions.open_targets)."""
+        if self.server is not None:
+            self.target.flush()  # on the image before its qemu-nbd goes
+        self.target.close()
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        self._unlock()
+        self.is_open = False
+
+    def resume(self, fresh: bool, stopped: Callable[[], bool]) -> None:
+        """Open the target again after :meth:`suspend`."""
+        if self.reopen is None:
+            raise RuntimeError("internal: resuming a sink that cannot reopen")
+        self.target, self.server, self.lock_fd = self.reopen()
+        self.target.fresh = fresh
+        self.target.stop_when(stopped)
+        self.is_open = True
 
     def commit(self) -> None:
         self.target.flush()
@@ -98,5 +123,7 @@ class Sink:
         remove_made_dirs(self.made_dirs)  # once the last sink's temporary file is gone
 
 
+#: A sink's target (and its qemu-nbd and lock descriptor, or -1) opened again.
+Reopen = Callable[[], "tuple[Target, QemuNbd | None, int]"]
 #: Makes the sink of each device of an archive (None: the device is not restored).
 SinkFactory = Callable[[Device], Sink | None]

@@ -16,8 +16,8 @@ a property is broken:
   gives the configs the full read gives when that succeeds;
 * the random-access reader (``info`` on a file; agent/archive/indexed.py) raises only
   ArchiveError; on an archive the full read accepts it opens, agrees on header, devices,
-  configs and seal, and reads the device bytes the full read gives — unless the index
-  lies (it is checked only for its length by the full read), in which case it must refuse;
+  configs and seal, and reads the device bytes the full read gives (the full read accepts
+  an index only if it lists exactly the DATA and ZERO records, each at its position);
 * the chain check (agent/chain.py) over the input and fixed seed archives raises only
   InvalidArgument, and what it lets through is a chain by the rules of docs/FORMAT.md.
 
@@ -53,7 +53,7 @@ from agent.archive.format import (
     RecordType,
 )
 from agent.archive.indexed import IndexedArchive
-from agent.archive.reader import ArchiveReader, DataRecord
+from agent.archive.reader import KEPT_CONFIG_BYTES, ArchiveReader, DataRecord
 from agent.archive_info import ArchiveInfo
 from agent.chain import Link, check_chain
 from agent.errors import ArchiveError, InvalidArgument
@@ -85,10 +85,6 @@ KNOWN_SHORT_PADDING = False
 #: names a byte position of 2^63 or more (``f.seek`` cannot go there), and OSError (EINVAL
 #: from the read) just below it.
 KNOWN_HUGE_POSITION = False
-#: codec.decompress() without an output buffer (config data, random access) accepts bytes
-#: after the zstd frame (garbage, a second frame) that it refuses with one (restore's DATA);
-#: with one, it accepts a frame cut short after its content that it refuses without.
-KNOWN_CODEC_TRAILING = True
 
 
 @dataclass
@@ -115,7 +111,14 @@ def _unexpected(what: str, e: BaseException) -> Violation:
 
 def read_sequential(data: bytes, *, verify_data: bool, release: bool) -> Content:
     """Read like restore does: every record, decompressed; raises ArchiveError."""
-    r = ArchiveReader(io.BytesIO(data), verify_data=verify_data)
+    configs: dict[str, bytearray] = {}
+
+    def config_piece(cfg: Config, piece: bytes | bytearray | memoryview) -> None:
+        configs.setdefault(cfg.name, bytearray()).extend(piece)
+
+    # Every config, whatever its size (config() holds only KEPT_CONFIG_BYTES of them).
+    r = ArchiveReader(io.BytesIO(data), verify_data=verify_data, keep_configs=False,
+                      on_config_data=config_piece)
     recs: list[tuple[int, int, int, int, bytes | None]] = []
     for rec in r.records():
         if isinstance(rec, DataRecord):
@@ -129,7 +132,8 @@ def read_sequential(data: bytes, *, verify_data: bool, release: bool) -> Content
             recs.append((T.ZERO, rec.device.id, rec.offset, rec.length, None))
     if r.end is None:
         raise Violation("records() returned without an END record")
-    return Content(r.header, list(r.devices), {c.name: r.config(c.name) for c in r.configs},
+    return Content(r.header, list(r.devices),
+                   {c.name: bytes(configs.get(c.name, b"")) for c in r.configs},
                    recs, r.end, r.archive_len, list(r.configs))
 
 
@@ -218,6 +222,8 @@ def _consistent(data: bytes, c: Content) -> None:
     framed = _framed(data)
     if framed[0] != [(t, d, o, ln) for t, d, o, ln, _ in c.records]:
         raise Violation("the records read are not the DATA and ZERO records in the bytes")
+    if c.end.records and _has_index(data) and not honest_index(data):
+        raise Violation("the full read accepted an index that does not list its records")
     if data[c.archive_len :].strip(b"\0") or framed[1] + FOOTER.size != c.archive_len:
         raise Violation("bytes after the footer that are not zero, or a misplaced footer")
 
@@ -239,9 +245,14 @@ def _framed(data: bytes) -> tuple[list[tuple[int, int, int, int]], int]:
     return out, pos
 
 
+def _has_index(data: bytes) -> bool:
+    parts = parse(data)
+    return parts is not None and any(r.rtype == T.INDEX for r in parts.records)
+
+
 def honest_index(data: bytes) -> bool:
     """Whether the INDEX records of a well-formed archive list exactly its DATA and ZERO
-    records, at their positions, in order."""
+    records, at their positions, in order (the entries' reserved field aside)."""
     parts = parse(data)
     assert parts is not None
     want = bytearray()
@@ -254,7 +265,11 @@ def honest_index(data: bytes) -> bool:
             dev, _r, off, ln = struct.unpack_from("<IIQQ", r.body)
             want += INDEX_ENTRY.pack(T.ZERO & 0xFF, 0, 0, dev, off, ln, r.pos)
         elif r.rtype == T.INDEX:
-            have += r.body
+            body = bytearray(r.body)
+            n = len(body) // INDEX_ENTRY.size
+            body[2 :: INDEX_ENTRY.size] = bytes(n)  # reserved: readers ignore it
+            body[3 :: INDEX_ENTRY.size] = bytes(n)
+            have += body
     return want == have
 
 
@@ -275,8 +290,6 @@ def _check_codec(data: bytes) -> None:
                for out in (None, bytearray(length))]
         if isinstance(got[0], bytes) != isinstance(got[1], bytes) or (
                 isinstance(got[0], bytes) and got[0] != got[1]):
-            if KNOWN_CODEC_TRAILING:
-                raise KnownIssue("the two ways of codec.decompress disagree")
             raise Violation(f"codec.decompress gives {_label_codec(got[0])} into a new buffer "
                             f"and {_label_codec(got[1])} into a given one")
 
@@ -337,7 +350,15 @@ def _check_config(data: bytes, full: object) -> None:
         if not isinstance(got, dict):
             raise Violation(f"config refused an archive the full read accepts: {got}")
         mine = {k: v for k, v in got.items() if not isinstance(v, ArchiveError)}
-        if mine != full.configs:
+        # config() may refuse a config only for its size: past KEPT_CONFIG_BYTES in all.
+        kept = 0
+        for cfg in full.config_list:
+            fits = kept + cfg.size <= KEPT_CONFIG_BYTES
+            kept += cfg.size if fits else 0
+            if fits != (cfg.name in mine):
+                raise Violation(f"config gave {cfg.name!r} ({cfg.size} bytes, {kept} kept): "
+                                f"{_label(got[cfg.name])}")
+        if mine != {k: v for k, v in full.configs.items() if k in mine}:
             raise Violation("config gave other configs than the full read")
 
 

@@ -290,6 +290,27 @@ def zero_filled_data(count: int = 64, *, length: int = 65536, compressed: bool =
         for i in range(count)))
 
 
+def device_content(i: int, size: int) -> bytes:
+    """What :func:`many_devices` stores for device ``i``: its index, then a fill byte."""
+    return (i.to_bytes(4, "little") + bytes([i % 251 + 1]) * size)[:size]
+
+
+def many_devices(count: int = 40_000, *, size: int = 4096, rounds: int = 1,
+                 empty: int = 0) -> bytes:
+    """A FULL archive of ``count`` devices of ``size`` bytes each (``dN``, content
+    :func:`device_content`), each stored in ``rounds`` DATA records whose order interleaves
+    the devices (round 0 of every device, then round 1, ...), and ``empty`` more devices of
+    0 bytes (``eN``), which have no record at all. ``verify`` accepts it: about 100 bytes
+    of archive per device, and a restore that opens a target per device (a file, or a
+    qemu-nbd) opens ``count + empty`` of them."""
+    step = -(-size // rounds)
+    devs = [(f"d{i}", size) for i in range(count)] + [(f"e{i}", 0) for i in range(empty)]
+    content = [device_content(i, size) for i in range(count)]
+    recs = (Record(T.DATA, data(i, off, content[i][off : off + step]))
+            for off in range(0, size, step) for i in range(count))
+    return _archive(devs, recs)
+
+
 #: Strings a terminal, a log or a JSON consumer may choke on.
 FORGED = {
     "escape": "\x1b[2J\x1b[31mOK\x1b]0;pwned\x07",

@@ -142,3 +142,12 @@ def test_every_attack_gets_past_every_checksum(name: str) -> None:
     """split() asserts every digest; the seal is checked by the reader above."""
     recs = split(BUILDERS[name]()).records
     assert recs[0].rtype == hb.T.HEADER and recs[-1].rtype == hb.T.END
+
+
+def test_many_devices() -> None:
+    arc = hb.many_devices(30, size=1000, rounds=3, empty=2)
+    got = read_archive(arc)
+    assert len(got.devices) == 32 and got.devices["e1"] == 0
+    assert got.data["d7"] == [(0, hb.device_content(7, 1000)[:334]),
+                              (334, hb.device_content(7, 1000)[334:668]),
+                              (668, hb.device_content(7, 1000)[668:])]

@@ -291,7 +291,8 @@ def test_random_access_refuses_overlapping_ranges(tmp_path: Path) -> None:
     parts.records[i].body = _set(body, 1, 4, 2048)  # the middle one: the ends are read
     path = tmp_path / "inc.arc"
     path.write_bytes(assemble(renumber(parts.records), keep_index=True))
-    with IndexedArchive(str(path)) as arc, pytest.raises(ArchiveError, match="overlapping"):
+    # refused on opening (what `info` does), no longer only by the first read
+    with pytest.raises(ArchiveError, match="overlapping"), IndexedArchive(str(path)) as arc:
         arc.read("vda", 0, 65536)
 
 
@@ -319,3 +320,76 @@ def test_optional_records_among_the_index_are_skipped(tmp_path: Path) -> None:
         assert arc.read("vda", 8192, 8192) == b"\x01" * 4096 + b"\x02" * 4096
     assert seal_of(str(path)).end.records == 10
 
+
+
+# --- indexes that lie with the right counts: verify compares every entry ---------------
+
+
+def _set_many(body: bytearray, *changes: tuple[int, int, int]) -> bytes:
+    for n, field, value in changes:
+        _set(body, n, field, value)
+    return bytes(body)
+
+
+#: Lies that the index walk on opening lets through (the counts, the totals per device,
+#: the positions and the first and last records all check out): only a full read sees them.
+INNER_LIES: dict[str, Callable[[], bytes]] = {
+    "two inner entries' devices swapped": lambda: _with_index(
+        lambda b: _set_many(b, (1, 3, 0), (2, 3, 1))),
+    "the first entry's compression": lambda: _with_index(
+        lambda b: _set(b, 0, 1, Compression.ZSTD)),
+}
+
+
+@pytest.mark.parametrize("case", [*INNER_LIES, *LIES])
+def test_verify_refuses_an_index_that_lies_with_the_right_count(case: str) -> None:
+    data = INNER_LIES[case]() if case in INNER_LIES else LIES[case][0]()
+    entries = len(split(data).records[split(data).find(RecordType.INDEX)].body) // 32
+    assert entries == 4  # as many as the archive has DATA and ZERO records
+    with pytest.raises(ArchiveError, match=r"end record at byte \d+ does not seal the archive: "
+                       r"its index lists 4 records, as many as it holds, but not these: an "
+                       r"entry's type, compression, device, range or position is not its "
+                       r"record's"):
+        _verify(data)
+
+
+@pytest.mark.parametrize("case", list(INNER_LIES))
+def test_info_lets_these_lies_through(tmp_path: Path, case: str) -> None:
+    """Why the full read must compare entries: opening checks only what it can cheaply."""
+    path = tmp_path / "lying.arc"
+    path.write_bytes(INNER_LIES[case]())
+    assert archive_info(str(path)).end.records == 8  # HEADER, 2 DEVICE, 4 DATA/ZERO, INDEX
+
+
+def test_verify_ignores_the_entries_reserved_field() -> None:
+    _verify(_with_index(lambda b: _set(b, 1, 2, 0xBEEF)))  # readers ignore reserved fields
+
+
+def test_verify_command_says_the_index_lies_in_one_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from agent.cli.main import main
+
+    path = tmp_path / "lying.arc"
+    path.write_bytes(INNER_LIES["two inner entries' devices swapped"]())
+    assert main(["verify", "--progress", "none", str(path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("backup-agent: error: "), err
+    assert "is not its record's" in err[0]
+
+
+def test_comparing_the_index_holds_no_entries() -> None:
+    """140,000 records: 4.5 MB of index, compared through two digests, not kept. What the
+    read holds besides (its read-ahead, one INDEX record of 2 MiB and its masked copy)
+    came to 5.4 MB; keeping the expected entries would add their 4.5 MB."""
+    data = many_records(140_000)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        reader = ArchiveReader(io.BytesIO(data))
+        for _ in reader.records():
+            pass
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert reader.end is not None and reader.end.records > 140_000
+    assert peak < 8 * 1024 * 1024, peak
