@@ -23,6 +23,7 @@ meanwhile, so two restores into one directory never mix up their files.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -121,7 +122,8 @@ def _create_temp(final: Path, leftovers: Leftovers) -> tuple[int, Path]:
     try:
         return create_private(final.parent, final.name, leftovers=leftovers)
     except OSError as e:
-        raise TargetError(f"cannot create a file in {final.parent}: {e.strerror}") from e
+        hint = " (restore fewer at once: --open-targets N)" if e.errno == errno.EMFILE else ""
+        raise TargetError(f"cannot create a file in {final.parent}: {e.strerror}{hint}") from e
 
 
 def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path, fd: int,

@@ -48,6 +48,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    metavar="SIZE", help="cap on archive records read but not yet written "
                    f"({RestoreOptions.memory // MiB}M; a record larger than SIZE still goes, "
                    "alone)")
+    p.add_argument("--open-targets", type=common.positive, metavar="N",
+                   default=RestoreOptions.open_targets,
+                   help="devices whose target is open at once (%(default)s): a file each, or "
+                   "a qemu-nbd for qcow2; others are closed and reopened as their records come")
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="allow --to nbd://HOST on another host: NBD over TCP in clear text, "
                    "readable by anyone on the way (otherwise refused: use nbds:// with TLS)")
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     from agent.restore import restore_chain, to_dir, to_target
     if args.paths.count("-") > 1:  # before --to-dir's DIR is created
         raise InvalidArgument("only one archive of a chain can come from standard input (-)")
-    opts = RestoreOptions(memory=args.memory, connections=args.connections)
+    opts = RestoreOptions(memory=args.memory, connections=args.connections,
+                          open_targets=args.open_targets)
     factory: SinkFactory
     if args.to is not None:
         log.debug("restore device %r into %s, %d connection(s) per NBD target, %d worker(s), "

@@ -98,3 +98,26 @@ def test_restore_of_1000_devices_within_200_open_files(tmp_path: Path) -> None:
     for i in (0, 499, devices - 1):
         assert (out / f"d{i}.raw").read_bytes() == hb.device_content(i, 4096)
     assert (out / "e1.raw").stat().st_size == 0
+
+
+def test_open_targets_flag_bounds_the_files_open_at_once(tmp_path: Path) -> None:
+    """``--open-targets 8`` under a limit of 40 open files, which the default (64) exceeds."""
+    devices = 100
+    arc = tmp_path / "many.arc"
+    arc.write_bytes(hb.many_devices(devices, size=4096, rounds=2, empty=0))
+
+    def restore_with(extra: list[str], out: Path) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([AGENT, "restore", str(arc), "--to-dir", str(out), "--progress",
+                               "none", *extra], capture_output=True, timeout=TIMEOUT,
+                              preexec_fn=lambda: _nofile(40), check=False)
+
+    refused = restore_with([], tmp_path / "default")
+    assert refused.returncode == 1, refused.stderr.decode()
+    assert refused.stderr.decode().strip().endswith(
+        "Too many open files (restore fewer at once: --open-targets N)")
+    assert not (tmp_path / "default").exists() or not any((tmp_path / "default").iterdir())
+    done = restore_with(["--open-targets", "8"], tmp_path / "out")
+    assert done.returncode == 0, done.stderr.decode()
+    assert len(list((tmp_path / "out").iterdir())) == devices
+    for i in (0, 50, devices - 1):
+        assert (tmp_path / "out" / f"d{i}.raw").read_bytes() == hb.device_content(i, 4096)
