@@ -5,12 +5,13 @@ Order of the set-up (and, reversed, of the teardown on every way out)::
     QMP monitor ─▶ nbdkit + our plugin per disk (the copy-before-write targets)
                 ─▶ LiveSnapshot: filters inserted under all disks at one instant,
                    snapshot-access nodes exported over QEMU's NBD server
-                ─▶ NBD sources on those exports ─▶ the archive output
+                ─▶ NBD sources on those exports ─▶ the archive (agent/writing.py)
 
-While the engine sweeps the point-in-time view, a listener thread per disk hears from
-the plugin which clusters QEMU copied before a guest write; the engine reads those first
-(they cost memory in the target) and, once any range is in the archive, trims it on the
-snapshot view so QEMU stops copying it and the plugin frees it.
+While the engine sweeps the point-in-time view, a listener thread (agent/live/events.py)
+hears from each disk's plugin which clusters QEMU copied before a guest write; the engine
+reads those first (they cost memory in the target) and, once any range is in the archive,
+trims it on the snapshot view (agent/releaser.py) so QEMU stops copying it and the plugin
+frees it.
 """
 
 from __future__ import annotations
@@ -20,24 +21,18 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
-import time
-import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from uuid import UUID
 
-from agent import __version__, interrupts
-from agent.archive.format import Header, check_name, new_archive_uuid
-from agent.archive.output import open_output
-from agent.archive.writer import ArchiveWriter
-from agent.backup import BackupSummary, read_configs
-from agent.cbw.control import ControlError
+from agent.archive.format import check_name, new_archive_uuid
 from agent.cbw.server import CbwTargetServer
-from agent.engine import BackupEngine, EngineOptions
 from agent.errors import AgentError, ArchiveError, InvalidArgument, SourceError
+from agent.live import stats
+from agent.live.events import CopyListener
+from agent.live.job import LiveJob
+from agent.live.network import Network, explain_setup_error
+from agent.live.network import plan as plan_network
 from agent.nbd.source import NbdSource
-from agent.network import Network, explain_setup_error
-from agent.network import plan as plan_network
 from agent.pipeline import ProgressFn
 from agent.qemu import checkpoints, names
 from agent.qemu.block import BlockDevice, query_block_devices
@@ -46,40 +41,10 @@ from agent.qemu.graph import LiveSnapshot, SnapshotError, SnapshotSpec
 from agent.qemu.qmp import Monitor, MonitorGone, QmpError
 from agent.releaser import Releaser
 from agent.safedir import check_work_dirs
-from agent.tls import QEMU_TLS_CLIENT, QEMU_TLS_SERVER
 from agent.tracker import DeviceTracker
+from agent.writing import ArchiveFields, BackupSummary, read_configs, write_archive
 
 log = logging.getLogger("backup-agent")
-MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class LiveJob:
-    qmp: str  # the agent's own QMP monitor: a Unix socket path or HOST:PORT
-    output: str
-    drives: list[str] = field(default_factory=list)  # device ids or node names; [] = all
-    configs: list[tuple[str, str]] = field(default_factory=list)
-    engine: EngineOptions = field(default_factory=EngineOptions)
-    cbw_timeout: int = 5  # seconds a guest write may wait for its copy
-    cbw_memory: int = 256 * MiB  # per disk, old clusters kept in memory
-    cbw_cluster: int | None = None  # copy granularity (QEMU 9.2+); None: QEMU's (64 KiB)
-    spool_dir: str | None = None
-    spool_limit: int = 1024 * MiB  # per disk, old clusters spilled to a file
-    # Where QEMU's NBD server listens when something else started it already (QEMU 7.2
-    # cannot tell); None: the agent starts one on a private socket.
-    nbd_socket: str | None = None
-    mode: Mode = Mode.FULL  # see agent.qemu.checkpoints
-    # A VM on another host (qmp = HOST:PORT; see agent.network and agent.tls).
-    tls_creds: str | None = None  # x509 directory: ca-cert.pem, client-cert.pem, ...
-    tls_psk: str | None = None  # PSK file (USER:HEXKEY lines) for the NBD connections
-    tls_username: str | None = None  # identity in tls_psk; None: its first
-    insecure_plaintext: bool = False  # allow TCP without TLS
-    qemu_nbd_addr: str | None = None  # HOST[:PORT] of QEMU's NBD server on TCP
-    cbw_listen: str | None = None  # [HOST][:PORT] the copy-before-write target listens on
-    qemu_tls_server: str = QEMU_TLS_SERVER  # QEMU's endpoint=server credentials object
-    qemu_tls_client: str = QEMU_TLS_CLIENT  # QEMU's endpoint=client credentials object
-    qemu_tls_authz: str | None = None  # QEMU's authz object for x509 NBD clients
-
 
 def select_devices(found: list[BlockDevice], wanted: list[str]) -> list[BlockDevice]:
     """The disks to back up: all, or those named by device id or node name, once each."""
@@ -109,75 +74,77 @@ def archive_name(d: BlockDevice) -> str:
         return d.node_name
 
 
-def _listen(servers: dict[str, CbwTargetServer], trackers: dict[str, DeviceTracker],
-            stop: threading.Event, wake: int, failed: Callable[[BaseException], None]) -> None:
-    """Feed the copy-before-write events of every disk to its tracker, until ``stop`` is set
-    and ``wake`` (a pipe) made readable."""
-    try:
-        while not stop.is_set():
-            for name, server in servers.items():
-                for off, length in server.control.poll_events(timeout=0.05, wake=wake):
-                    trackers[name].copied(off, length)
-    except ControlError as e:
-        if not stop.is_set():
-            failed(e)
+@dataclass(frozen=True)
+class _Live:
+    """What the set-up made, in the order it made it."""
+
+    monitor: Monitor
+    devices: list[BlockDevice]
+    servers: dict[str, CbwTargetServer]  # by device id
+    plan: checkpoints.Plan  # the archive's kind, and its checkpoints
+    archive: UUID
+    snap: LiveSnapshot
 
 
 def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupSummary:
-    net = plan_network(job)
-    check_work_dirs(job.spool_dir)  # no other user may swap our sockets or spool
+    net = plan_network(job.qmp, job.network)
+    check_work_dirs(job.cbw.spool_dir)  # no other user may swap our sockets or spool
     configs = read_configs(job.configs)
     with contextlib.ExitStack() as stack:
-        mon = stack.enter_context(Monitor(job.qmp, tls=net.qmp_tls))
-        devices = select_devices(query_block_devices(mon), job.drives)
-        net.check_qemu(mon)
-        work = tempfile.mkdtemp(prefix="ba-live-")
-        stack.callback(shutil.rmtree, work, ignore_errors=True)
-        # Each disk's target starts now, all at once, and gets ready (nbdkit's Python
-        # takes ~35 ms) while the agent reads the checkpoints. Nothing is added to the VM
-        # before the plan is decided: a refused incremental changes nothing.
-        servers: dict[str, CbwTargetServer] = {}
-        for i, d in enumerate(devices):
-            servers[d.id] = stack.enter_context(CbwTargetServer(
-                d.virtual_size, memory=job.cbw_memory, spool_dir=job.spool_dir,
-                spool_limit=job.spool_limit, label=d.id, listen=net.cbw_address(mon, i),
-                tls=net.cbw_tls, qemu_tls_creds=net.qemu_tls_client, insecure=net.insecure))
-        plan = checkpoints.choose(job.mode, checkpoints.read(mon, devices))
-        if plan.note:
-            # Asked for a full backup, the user needs no warning that it starts no
-            # checkpoint; whoever relies on checkpoints (auto) does.
-            log.log(logging.DEBUG if job.mode is Mode.FULL else logging.WARNING, "%s",
-                    plan.note)
-        archive = new_archive_uuid()
-        tag = os.urandom(4).hex()  # (not secrets: its import costs 6 ms of start-up)
-        for server in servers.values():
-            server.wait_ready()
-        snap = LiveSnapshot(mon, [SnapshotSpec(d, servers[d.id].blockdev()) for d in devices],
-                            tag=tag, nbd_socket=job.nbd_socket or f"{work}/qemu-nbd.sock",
-                            cbw_timeout=job.cbw_timeout, min_cluster=job.cbw_cluster,
-                            transaction=checkpoints.transaction(plan, archive, tag, devices),
-                            changes=names.changes_bitmap(tag) if plan.base else None,
-                            nbd_tcp=net.nbd_tcp, nbd_tls=net.nbd_tls)
+        live = _set_up(job, net, stack)
         try:
-            stack.enter_context(snap)
-        except SnapshotError as e:
-            where = ", ".join(s.address for s in servers.values())
-            raise explain_setup_error(e, net, where) from e
-        _check_nbd_server(snap, job, net)
-        started = time.monotonic()
-
-        try:
-            return _stream(job, stack, snap, devices, servers, configs, progress, started,
-                           plan, archive)
+            return _stream(job, live, stack, configs, progress)
         except AgentError as e:
-            raise _explain(e, job, mon, servers) from e
+            raise _explain(e, job, live.monitor, live.servers) from e
     raise AssertionError("unreachable")  # for mypy: the with block returns or raises
+
+
+def _set_up(job: LiveJob, net: Network, stack: contextlib.ExitStack) -> _Live:
+    """Everything up to the snapshot, each part's teardown on ``stack``."""
+    cbw = job.cbw
+    mon = stack.enter_context(Monitor(job.qmp, tls=net.qmp_tls))
+    devices = select_devices(query_block_devices(mon), job.drives)
+    net.check_qemu(mon)
+    work = tempfile.mkdtemp(prefix="ba-live-")
+    stack.callback(shutil.rmtree, work, ignore_errors=True)
+    # Each disk's target starts now, all at once, and gets ready (nbdkit's Python
+    # takes ~35 ms) while the agent reads the checkpoints. Nothing is added to the VM
+    # before the plan is decided: a refused incremental changes nothing.
+    servers: dict[str, CbwTargetServer] = {}
+    for i, d in enumerate(devices):
+        servers[d.id] = stack.enter_context(CbwTargetServer(
+            d.virtual_size, memory=cbw.memory, spool_dir=cbw.spool_dir,
+            spool_limit=cbw.spool_limit, label=d.id, listen=net.cbw_address(mon, i),
+            tls=net.cbw_tls, qemu_tls_creds=net.qemu_tls_client, insecure=net.insecure))
+    plan = checkpoints.choose(job.mode, checkpoints.read(mon, devices))
+    if plan.note:
+        # Asked for a full backup, the user needs no warning that it starts no
+        # checkpoint; whoever relies on checkpoints (auto) does.
+        log.log(logging.DEBUG if job.mode is Mode.FULL else logging.WARNING, "%s",
+                plan.note)
+    archive = new_archive_uuid()
+    tag = os.urandom(4).hex()  # (not secrets: its import costs 6 ms of start-up)
+    for server in servers.values():
+        server.wait_ready()
+    snap = LiveSnapshot(mon, [SnapshotSpec(d, servers[d.id].blockdev()) for d in devices],
+                        tag=tag, nbd_socket=job.network.nbd_socket or f"{work}/qemu-nbd.sock",
+                        cbw_timeout=cbw.timeout, min_cluster=cbw.cluster,
+                        transaction=checkpoints.transaction(plan, archive, tag, devices),
+                        changes=names.changes_bitmap(tag) if plan.base else None,
+                        nbd_tcp=net.nbd_tcp, nbd_tls=net.nbd_tls)
+    try:
+        stack.enter_context(snap)
+    except SnapshotError as e:
+        where = ", ".join(s.address for s in servers.values())
+        raise explain_setup_error(e, net, where) from e
+    _check_nbd_server(snap, job, net)
+    return _Live(mon, devices, servers, plan, archive, snap)
 
 
 def _check_nbd_server(snap: LiveSnapshot, job: LiveJob, net: Network) -> None:
     """A server the agent did not start listens where QEMU 7.2 cannot tell: the user must
     have said where."""
-    if snap.nbd_server_owned or job.nbd_socket is not None or net.nbd_explicit:
+    if snap.nbd_server_owned or job.network.nbd_socket is not None or net.nbd_explicit:
         return
     if net.nbd_tcp is not None:
         raise AgentError(
@@ -190,87 +157,61 @@ def _check_nbd_server(snap: LiveSnapshot, job: LiveJob, net: Network) -> None:
     )
 
 
-def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
-            devices: list[BlockDevice], servers: dict[str, CbwTargetServer],
-            configs: list[tuple[str, bytes]], progress: ProgressFn | None,
-            started: float, plan: checkpoints.Plan, archive: uuid.UUID) -> BackupSummary:
+def _stream(job: LiveJob, live: _Live, stack: contextlib.ExitStack,
+            configs: list[tuple[str, bytes]], progress: ProgressFn | None) -> BackupSummary:
+    """Read the snapshot into the archive, then keep the checkpoints it started."""
+    snap = live.snap
+    sources = _open_sources(job, live, stack)
+    total = _changed_bytes(live)
+    releaser = Releaser(snap.release)
+    stack.callback(releaser.close)  # before the snapshot's teardown
+    trackers = {  # by device id
+        d.id: DeviceTracker(sources[d.id].size, snap.cluster_size(d.id),
+                            releaser.for_device(d.id), partial_tail=snap.releases_partial_tail)
+        for d in live.devices
+    }
+    new = checkpoints.new_checkpoints(live.plan, live.archive)
+    fields = ArchiveFields(uuid=live.archive, kind=live.plan.kind, parent=live.plan.parent,
+                           checkpoint=new[0] if new else "")
+    with write_archive(job.output, fields, job.engine, progress) as arc:
+        by_record_id: dict[int, DeviceTracker] = {}  # the engine's: by the archive's id
+        for d in live.devices:
+            props = {"source-format": d.format, "source": "qemu-live"}
+            dev = arc.add_device(archive_name(d), sources[d.id], props)
+            by_record_id[dev.id] = trackers[d.id]
+        for name, data in configs:
+            arc.add_config(name, data)
+        engine = arc.engine(by_record_id, total)
+        # Releases start once the engine writes; errors of either helper stop it.
+        releaser.start(engine.control.fail)
+        with CopyListener(live.servers, trackers, engine.control.fail):
+            summary = arc.run(engine)
+    # The archive is complete: its checkpoints stay, the ones it supersedes go.
+    snap.commit()
+    checkpoints.retire(snap.monitor, live.plan, live.archive, live.devices)
+    return replace(summary, live=stats.collect(live.servers, trackers), note=live.plan.note)
+
+
+def _open_sources(job: LiveJob, live: _Live, stack: contextlib.ExitStack
+                  ) -> dict[str, NbdSource]:
+    """An NBD source on each disk's snapshot export, by device id."""
+    snap = live.snap
     conns = job.engine.connections_for(changes=snap.changes is not None)
-    sources = {
+    return {
         d.id: stack.enter_context(contextlib.closing(NbdSource(
             snap.export_uri(d.id), conns, archive_name(d), changes=snap.changes,
             tls=snap.nbd_tls.client if snap.nbd_tls else None)))
-        for d in devices
+        for d in live.devices
     }
-    total = None
-    if snap.changes is not None:  # progress counts the changed bytes only
-        total = sum(b.count for disk in checkpoints.read(snap.monitor, devices)
-                    for b in disk.bitmaps if b.name == snap.changes)
-    out = open_output(job.output)
-    stack.callback(out.close)
-    try:
-        new = checkpoints.new_checkpoints(plan, archive)
-        header = Header(uuid=archive, created_ns=time.time_ns(), tool_version=__version__,
-                        kind=plan.kind, parent_uuid=plan.parent,
-                        checkpoint=new[0] if new else "")
-        writer = ArchiveWriter(out, header)
-        pairs = []
-        # Releases start only once the engine writes, so the engine exists by then.
-        releaser = Releaser(snap.release, lambda e: engine.control.fail(e))
-        stack.callback(releaser.close)  # before the snapshot's teardown
-        trackers: dict[int, DeviceTracker] = {}
-        by_name: dict[str, DeviceTracker] = {}
-        for d in devices:
-            props = {"source-format": d.format, "source": "qemu-live"}
-            dev = writer.add_device(archive_name(d), sources[d.id].size, props)
-            by_name[d.id] = trackers[dev.id] = DeviceTracker(
-                dev.size, snap.cluster_size(d.id), releaser.for_device(d.id),
-                partial_tail=snap.releases_partial_tail)
-            pairs.append((dev, sources[d.id]))
-        for name, data in configs:
-            writer.add_config(name, data, job.engine.compression)
 
-        engine = BackupEngine(writer, pairs, job.engine, progress, trackers, total)
-        stop = threading.Event()
-        wake_r, wake_w = os.pipe()
-        stack.callback(os.close, wake_r)
-        stack.callback(os.close, wake_w)
-        listener = threading.Thread(target=_listen, args=(servers, by_name, stop, wake_r,
-                                    engine.control.fail), name="ba-cbw-events", daemon=True)
-        with interrupts.held():  # see agent.interrupts
-            listener.start()
-        try:
-            result = engine.run()
-        finally:
-            stop.set()
-            os.write(wake_w, b"x")  # the listener's wait ends now, not at its timeout
-            listener.join(2)
-        writer.finish()
-        out.commit()
-    except BaseException:
-        out.abort()
-        raise
-    # The archive is complete: its checkpoints stay, the ones it supersedes go.
-    snap.commit()
-    checkpoints.retire(snap.monitor, plan, archive, devices)
-    stats = {name: s.stats() for name, s in servers.items()}
-    for name, st in stats.items():
-        if st.get("writes_refused"):  # the store kept what QEMU copied: see agent.cbw.store
-            log.warning("disk %r: the copy-before-write target refused %d write(s) over "
-                        "clusters it had already stored: a client other than QEMU reached it "
-                        "(the archive holds what QEMU copied)", name, st["writes_refused"])
-    extra = {
-        "clusters_copied": sum(s.get("clusters_copied", 0) for s in stats.values()),
-        "copied_read_first": sum(t.copied_first for t in by_name.values()),
-        "bytes_spilled": sum(s.get("bytes_spilled", 0) for s in stats.values()),
-        "peak_plugin_memory": max((s.get("peak_memory", 0) for s in stats.values()),
-                                  default=0),
-        "released_bytes": sum(t.released_bytes for t in by_name.values()),
-        "longest_copy_store_us": max((s.get("longest_write_us", 0) for s in stats.values()),
-                                     default=0),
-        "snapshot_seconds": round(time.monotonic() - started, 3),
-    }
-    return BackupSummary(header.uuid, writer.devices, result.progress, out.position,
-                         result.peak_buffer, extra, plan.kind, plan.parent, plan.note)
+
+def _changed_bytes(live: _Live) -> int | None:
+    """The bytes an incremental or differential backup covers, for progress (None: all)."""
+    changes = live.snap.changes
+    if changes is None:
+        return None
+    return sum(b.count for disk in checkpoints.read(live.monitor, live.devices)
+               for b in disk.bitmaps if b.name == changes)
 
 
 def _explain(e: AgentError, job: LiveJob, mon: Monitor,
@@ -300,7 +241,7 @@ def _explain(e: AgentError, job: LiveJob, mon: Monitor,
         return AgentError(
             f"the snapshot broke: QEMU stopped serving the point-in-time view, which it does "
             f"when a copy to the copy-before-write target fails or takes longer than "
-            f"--cbw-timeout ({job.cbw_timeout} s), to keep the guest writing; the guest was "
+            f"--cbw-timeout ({job.cbw.timeout} s), to keep the guest writing; the guest was "
             f"not affected ({e})"
         )
     return e
