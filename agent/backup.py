@@ -16,7 +16,7 @@ from agent.engine import EngineOptions
 from agent.errors import InvalidArgument
 from agent.nbd.source import NbdSource
 from agent.pipeline import ProgressFn
-from agent.writing import ArchiveFields, BackupSummary, read_configs, write_archive
+from agent.writing import BackupSummary, read_configs, write_archive
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def run_backup(job: BackupJob, progress: ProgressFn | None = None) -> BackupSumm
                 props["cluster-size"] = str(info["cluster-size"])
             opened.append((name, src, props))
 
-        with write_archive(job.output, ArchiveFields(), job.engine, progress) as arc:
+        with write_archive(job.output, job.engine, progress) as arc:
             for name, src, props in opened:
                 arc.add_device(name, src, props)
             for name, data in configs:

@@ -8,9 +8,9 @@ name to a complete archive and its summary.
 
 :func:`write_archive` is the only code that opens an archive output and decides between
 commit and abort, so what changes where archives go (an ``s3://`` output: another kind of
-:func:`~agent.archive.output.open_output`) or how their records are sealed (encryption: a
-field of :class:`ArchiveFields`, recorded in the header and handed to the writer's codec)
-plugs in here once, for both kinds of backup.
+:func:`~agent.archive.output.open_output`) or how their records are sealed (encryption: one
+more header field among its keyword arguments, handed on to the writer's codec) plugs in
+here once, for both kinds of backup.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
@@ -38,17 +38,6 @@ if TYPE_CHECKING:
     from agent.tracker import DeviceTracker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ArchiveFields:
-    """What the caller decides of an archive's header; the creation time and the tool's
-    version are filled in when it is written."""
-
-    uuid: UUID = field(default_factory=new_archive_uuid)  # a live backup names checkpoints
-    kind: Kind = Kind.FULL
-    parent: UUID | None = None  # the archive an incremental or differential builds on
-    checkpoint: str = ""  # the checkpoint (dirty bitmap) this archive starts, if any
 
 
 @dataclass(frozen=True)
@@ -105,8 +94,9 @@ class ArchiveSession:
 
     def engine(self, trackers: Mapping[int, DeviceTracker] | None = None,
                total: int | None = None) -> BackupEngine:
-        """The engine that copies the devices added (``trackers`` by device id, for a live
-        backup, whose helper threads report their errors to its control before it runs)."""
+        """The engine that copies the devices added. A live backup passes its trackers (by
+        the archive's device id) and hands the engine's control to its helper threads
+        before :meth:`run`; ``total``: the bytes progress counts to (default: all)."""
         return BackupEngine(self.writer, self._sources, self._opts, self._progress, trackers,
                             total)
 
@@ -122,18 +112,24 @@ class ArchiveSession:
 
 
 @contextlib.contextmanager
-def write_archive(output: str, fields: ArchiveFields, opts: EngineOptions,
-                  progress: ProgressFn | None = None) -> Iterator[ArchiveSession]:
+def write_archive(output: str, opts: EngineOptions, progress: ProgressFn | None = None, *,
+                  uuid: UUID | None = None, kind: Kind = Kind.FULL, parent: UUID | None = None,
+                  checkpoint: str = "") -> Iterator[ArchiveSession]:
     """Open ``output`` (a path, or ``-`` for standard output), write the header, and yield
     the session that adds devices and configs and runs the engine. Leaving the block any
     other way than after :meth:`ArchiveSession.run` aborts: nothing is left that could be
-    taken for a complete archive."""
+    taken for a complete archive.
+
+    The keyword arguments are the header's fields the caller decides (the creation time
+    and the tool's version are filled in here): ``uuid`` (default: a new one; a live backup
+    names its checkpoints after it first), ``kind`` and ``parent`` (the archive an
+    incremental or differential builds on), ``checkpoint`` (the dirty bitmap it starts)."""
     out = open_output(output)
     session = None
     try:
-        header = Header(uuid=fields.uuid, created_ns=time.time_ns(), tool_version=__version__,
-                        kind=fields.kind, parent_uuid=fields.parent,
-                        checkpoint=fields.checkpoint)
+        header = Header(uuid=new_archive_uuid() if uuid is None else uuid,
+                        created_ns=time.time_ns(), tool_version=__version__, kind=kind,
+                        parent_uuid=parent, checkpoint=checkpoint)
         log.debug("writing archive %s to %s", header.uuid, out.name)
         log.debug("%s", header.describe())
         session = ArchiveSession(out, header, opts, progress)

@@ -42,9 +42,10 @@ from agent.qemu.qmp import Monitor, MonitorGone, QmpError
 from agent.releaser import Releaser
 from agent.safedir import check_work_dirs
 from agent.tracker import DeviceTracker
-from agent.writing import ArchiveFields, BackupSummary, read_configs, write_archive
+from agent.writing import BackupSummary, read_configs, write_archive
 
 log = logging.getLogger("backup-agent")
+
 
 def select_devices(found: list[BlockDevice], wanted: list[str]) -> list[BlockDevice]:
     """The disks to back up: all, or those named by device id or node name, once each."""
@@ -171,9 +172,9 @@ def _stream(job: LiveJob, live: _Live, stack: contextlib.ExitStack,
         for d in live.devices
     }
     new = checkpoints.new_checkpoints(live.plan, live.archive)
-    fields = ArchiveFields(uuid=live.archive, kind=live.plan.kind, parent=live.plan.parent,
-                           checkpoint=new[0] if new else "")
-    with write_archive(job.output, fields, job.engine, progress) as arc:
+    with write_archive(job.output, job.engine, progress, uuid=live.archive,
+                       kind=live.plan.kind, parent=live.plan.parent,
+                       checkpoint=new[0] if new else "") as arc:
         by_record_id: dict[int, DeviceTracker] = {}  # the engine's: by the archive's id
         for d in live.devices:
             props = {"source-format": d.format, "source": "qemu-live"}
