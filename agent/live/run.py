@@ -5,13 +5,12 @@ Order of the set-up (and, reversed, of the teardown on every way out)::
     QMP monitor ─▶ nbdkit + our plugin per disk (the copy-before-write targets)
                 ─▶ LiveSnapshot: filters inserted under all disks at one instant,
                    snapshot-access nodes exported over QEMU's NBD server
-                ─▶ NBD sources on those exports ─▶ the archive (agent/writing.py)
+                ─▶ NBD sources on those exports ─▶ the archive output
 
-While the engine sweeps the point-in-time view, a listener thread (agent/live/events.py)
-hears from each disk's plugin which clusters QEMU copied before a guest write; the engine
-reads those first (they cost memory in the target) and, once any range is in the archive,
-trims it on the snapshot view (agent/releaser.py) so QEMU stops copying it and the plugin
-frees it.
+While the engine sweeps the point-in-time view, a listener thread (events.py) hears from
+the plugin which clusters QEMU copied before a guest write; the engine reads those first
+(they cost memory in the target) and, once any range is in the archive, trims it on the
+snapshot view so QEMU stops copying it and the plugin frees it.
 """
 
 from __future__ import annotations
@@ -77,7 +76,8 @@ def archive_name(d: BlockDevice) -> str:
 
 @dataclass(frozen=True)
 class _Live:
-    """What the set-up made, in the order it made it."""
+    """What the set-up made, for the stream: the monitor, the disks (by device id), the
+    archive's plan and identity, the snapshot."""
 
     monitor: Monitor
     devices: list[BlockDevice]
@@ -91,55 +91,51 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
     net = plan_network(job.qmp, job.network)
     check_work_dirs(job.cbw.spool_dir)  # no other user may swap our sockets or spool
     configs = read_configs(job.configs)
-    with contextlib.ExitStack() as stack:
-        live = _set_up(job, net, stack)
-        try:
-            return _stream(job, live, stack, configs, progress)
-        except AgentError as e:
-            raise _explain(e, job, live.monitor, live.servers) from e
-    raise AssertionError("unreachable")  # for mypy: the with block returns or raises
-
-
-def _set_up(job: LiveJob, net: Network, stack: contextlib.ExitStack) -> _Live:
-    """Everything up to the snapshot, each part's teardown on ``stack``."""
     cbw = job.cbw
-    mon = stack.enter_context(Monitor(job.qmp, tls=net.qmp_tls))
-    devices = select_devices(query_block_devices(mon), job.drives)
-    net.check_qemu(mon)
-    work = tempfile.mkdtemp(prefix="ba-live-")
-    stack.callback(shutil.rmtree, work, ignore_errors=True)
-    # Each disk's target starts now, all at once, and gets ready (nbdkit's Python
-    # takes ~35 ms) while the agent reads the checkpoints. Nothing is added to the VM
-    # before the plan is decided: a refused incremental changes nothing.
-    servers: dict[str, CbwTargetServer] = {}
-    for i, d in enumerate(devices):
-        servers[d.id] = stack.enter_context(CbwTargetServer(
-            d.virtual_size, memory=cbw.memory, spool_dir=cbw.spool_dir,
-            spool_limit=cbw.spool_limit, label=d.id, listen=net.cbw_address(mon, i),
-            tls=net.cbw_tls, qemu_tls_creds=net.qemu_tls_client, insecure=net.insecure))
-    plan = checkpoints.choose(job.mode, checkpoints.read(mon, devices))
-    if plan.note:
-        # Asked for a full backup, the user needs no warning that it starts no
-        # checkpoint; whoever relies on checkpoints (auto) does.
-        log.log(logging.DEBUG if job.mode is Mode.FULL else logging.WARNING, "%s",
-                plan.note)
-    archive = new_archive_uuid()
-    tag = os.urandom(4).hex()  # (not secrets: its import costs 6 ms of start-up)
-    for server in servers.values():
-        server.wait_ready()
-    snap = LiveSnapshot(mon, [SnapshotSpec(d, servers[d.id].blockdev()) for d in devices],
-                        tag=tag, nbd_socket=job.network.nbd_socket or f"{work}/qemu-nbd.sock",
-                        cbw_timeout=cbw.timeout, min_cluster=cbw.cluster,
-                        transaction=checkpoints.transaction(plan, archive, tag, devices),
-                        changes=names.changes_bitmap(tag) if plan.base else None,
-                        nbd_tcp=net.nbd_tcp, nbd_tls=net.nbd_tls)
-    try:
-        stack.enter_context(snap)
-    except SnapshotError as e:
-        where = ", ".join(s.address for s in servers.values())
-        raise explain_setup_error(e, net, where) from e
-    _check_nbd_server(snap, job, net)
-    return _Live(mon, devices, servers, plan, archive, snap)
+    with contextlib.ExitStack() as stack:
+        mon = stack.enter_context(Monitor(job.qmp, tls=net.qmp_tls))
+        devices = select_devices(query_block_devices(mon), job.drives)
+        net.check_qemu(mon)
+        work = tempfile.mkdtemp(prefix="ba-live-")
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        # Each disk's target starts now, all at once, and gets ready (nbdkit's Python
+        # takes ~35 ms) while the agent reads the checkpoints. Nothing is added to the VM
+        # before the plan is decided: a refused incremental changes nothing.
+        servers: dict[str, CbwTargetServer] = {}
+        for i, d in enumerate(devices):
+            servers[d.id] = stack.enter_context(CbwTargetServer(
+                d.virtual_size, memory=cbw.memory, spool_dir=cbw.spool_dir,
+                spool_limit=cbw.spool_limit, label=d.id, listen=net.cbw_address(mon, i),
+                tls=net.cbw_tls, qemu_tls_creds=net.qemu_tls_client, insecure=net.insecure))
+        plan = checkpoints.choose(job.mode, checkpoints.read(mon, devices))
+        if plan.note:
+            # Asked for a full backup, the user needs no warning that it starts no
+            # checkpoint; whoever relies on checkpoints (auto) does.
+            log.log(logging.DEBUG if job.mode is Mode.FULL else logging.WARNING, "%s",
+                    plan.note)
+        archive = new_archive_uuid()
+        tag = os.urandom(4).hex()  # (not secrets: its import costs 6 ms of start-up)
+        for server in servers.values():
+            server.wait_ready()
+        snap = LiveSnapshot(mon, [SnapshotSpec(d, servers[d.id].blockdev()) for d in devices],
+                            tag=tag, nbd_socket=job.network.nbd_socket or f"{work}/qemu-nbd.sock",
+                            cbw_timeout=cbw.timeout, min_cluster=cbw.cluster,
+                            transaction=checkpoints.transaction(plan, archive, tag, devices),
+                            changes=names.changes_bitmap(tag) if plan.base else None,
+                            nbd_tcp=net.nbd_tcp, nbd_tls=net.nbd_tls)
+        try:
+            stack.enter_context(snap)
+        except SnapshotError as e:
+            where = ", ".join(s.address for s in servers.values())
+            raise explain_setup_error(e, net, where) from e
+        _check_nbd_server(snap, job, net)
+
+        try:
+            return _stream(job, _Live(mon, devices, servers, plan, archive, snap), stack,
+                           configs, progress)
+        except AgentError as e:
+            raise _explain(e, job, mon, servers) from e
+    raise AssertionError("unreachable")  # for mypy: the with block returns or raises
 
 
 def _check_nbd_server(snap: LiveSnapshot, job: LiveJob, net: Network) -> None:
@@ -161,58 +157,57 @@ def _check_nbd_server(snap: LiveSnapshot, job: LiveJob, net: Network) -> None:
 def _stream(job: LiveJob, live: _Live, stack: contextlib.ExitStack,
             configs: list[tuple[str, bytes]], progress: ProgressFn | None) -> BackupSummary:
     """Read the snapshot into the archive, then keep the checkpoints it started."""
-    snap = live.snap
-    sources = _open_sources(job, live, stack)
-    total = _changed_bytes(live)
+    snap, devices, plan = live.snap, live.devices, live.plan
+    sources = _open_sources(job, stack, snap, devices)
+    total = _changed_bytes(snap, devices)
     releaser = Releaser(snap.release)
     stack.callback(releaser.close)  # before the snapshot's teardown
-    trackers = {  # by device id
+    by_name = {  # by device id
         d.id: DeviceTracker(sources[d.id].size, snap.cluster_size(d.id),
                             releaser.for_device(d.id), partial_tail=snap.releases_partial_tail)
-        for d in live.devices
+        for d in devices
     }
-    new = checkpoints.new_checkpoints(live.plan, live.archive)
-    with write_archive(job.output, job.engine, progress, uuid=live.archive,
-                       kind=live.plan.kind, parent=live.plan.parent,
-                       checkpoint=new[0] if new else "") as arc:
-        by_record_id: dict[int, DeviceTracker] = {}  # the engine's: by the archive's id
-        for d in live.devices:
+    new = checkpoints.new_checkpoints(plan, live.archive)
+    with write_archive(job.output, job.engine, progress, uuid=live.archive, kind=plan.kind,
+                       parent=plan.parent, checkpoint=new[0] if new else "") as arc:
+        trackers: dict[int, DeviceTracker] = {}  # the engine's: by the archive's device id
+        for d in devices:
             props = {"source-format": d.format, "source": "qemu-live"}
             dev = arc.add_device(archive_name(d), sources[d.id], props)
-            by_record_id[dev.id] = trackers[d.id]
+            trackers[dev.id] = by_name[d.id]
         for name, data in configs:
             arc.add_config(name, data)
-        engine = arc.engine(by_record_id, total)
-        # Releases start once the engine writes; errors of either helper stop it.
+        engine = arc.engine(trackers, total)
+        # Releases start only once the engine writes; errors of either helper stop it.
         releaser.start(engine.control.fail)
-        with CopyListener(live.servers, trackers, engine.control.fail):
+        with CopyListener(live.servers, by_name, engine.control.fail):
             summary = arc.run(engine)
     # The archive is complete: its checkpoints stay, the ones it supersedes go.
     snap.commit()
-    checkpoints.retire(snap.monitor, live.plan, live.archive, live.devices)
-    return replace(summary, live=stats.collect(live.servers, trackers), note=live.plan.note)
+    checkpoints.retire(snap.monitor, plan, live.archive, devices)
+    return replace(summary, live=stats.collect(live.servers, by_name), note=plan.note)
 
 
-def _open_sources(job: LiveJob, live: _Live, stack: contextlib.ExitStack
-                  ) -> dict[str, NbdSource]:
+def _open_sources(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
+                  devices: list[BlockDevice]) -> dict[str, NbdSource]:
     """An NBD source on each disk's snapshot export, by device id."""
-    snap = live.snap
     conns = job.engine.connections_for(changes=snap.changes is not None)
-    return {
+    sources = {
         d.id: stack.enter_context(contextlib.closing(NbdSource(
             snap.export_uri(d.id), conns, archive_name(d), changes=snap.changes,
             tls=snap.nbd_tls.client if snap.nbd_tls else None)))
-        for d in live.devices
+        for d in devices
     }
+    return sources
 
 
-def _changed_bytes(live: _Live) -> int | None:
-    """The bytes an incremental or differential backup covers, for progress (None: all)."""
-    changes = live.snap.changes
-    if changes is None:
-        return None
-    return sum(b.count for disk in checkpoints.read(live.monitor, live.devices)
-               for b in disk.bitmaps if b.name == changes)
+def _changed_bytes(snap: LiveSnapshot, devices: list[BlockDevice]) -> int | None:
+    """The bytes the backup covers, for progress (None: all of every disk)."""
+    total = None
+    if snap.changes is not None:  # progress counts the changed bytes only
+        total = sum(b.count for disk in checkpoints.read(snap.monitor, devices)
+                    for b in disk.bitmaps if b.name == snap.changes)
+    return total
 
 
 def _explain(e: AgentError, job: LiveJob, mon: Monitor,
