@@ -20,7 +20,8 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import NamedTuple
 from uuid import UUID
 
 from agent.archive.format import check_name, new_archive_uuid
@@ -74,8 +75,7 @@ def archive_name(d: BlockDevice) -> str:
         return d.node_name
 
 
-@dataclass(frozen=True)
-class _Live:
+class _Live(NamedTuple):  # (not a dataclass: one costs ~0.4 ms of start-up, this 0.07)
     """What the set-up made, for the stream: the monitor, the disks (by device id), the
     archive's plan and identity, the snapshot."""
 
