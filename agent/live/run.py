@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import replace
 from typing import NamedTuple
 from uuid import UUID
 
@@ -185,7 +184,7 @@ def _stream(job: LiveJob, live: _Live, stack: contextlib.ExitStack,
     # The archive is complete: its checkpoints stay, the ones it supersedes go.
     snap.commit()
     checkpoints.retire(snap.monitor, plan, live.archive, devices)
-    return replace(summary, live=stats.collect(live.servers, by_name), note=plan.note)
+    return summary._replace(live=stats.collect(live.servers, by_name), note=plan.note)
 
 
 def _open_sources(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
