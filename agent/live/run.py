@@ -75,7 +75,7 @@ def archive_name(d: BlockDevice) -> str:
 
 
 class _Live(NamedTuple):  # (not a dataclass: one costs ~0.4 ms of start-up, this 0.07)
-    """What the set-up made, for the stream: the monitor, the disks (by device id), the
+    """What the set-up made, for the stream: the monitor, the disks and their targets, the
     archive's plan and identity, the snapshot."""
 
     monitor: Monitor
