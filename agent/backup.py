@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
-import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from uuid import UUID
 
-from agent import __version__
-from agent.archive.format import Device, Header, Kind, new_archive_uuid
-from agent.archive.output import SequentialOutput, open_output
-from agent.archive.writer import ArchiveWriter
-from agent.engine import BackupEngine, EngineOptions
-from agent.errors import AgentError, InvalidArgument
+from agent.engine import EngineOptions
+from agent.errors import InvalidArgument
 from agent.nbd.source import NbdSource
-from agent.pipeline import Progress, ProgressFn
+from agent.pipeline import ProgressFn
+from agent.writing import BackupSummary, read_configs, write_archive
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +30,6 @@ class BackupJob:
     engine: EngineOptions = field(default_factory=EngineOptions)
 
 
-@dataclass(frozen=True)
-class BackupSummary:
-    uuid: uuid.UUID
-    devices: list[Device]
-    progress: Progress
-    archive_bytes: int
-    peak_buffer: int
-    extra: dict[str, float] = field(default_factory=dict)  # live backups: what the guest cost
-    kind: Kind = Kind.FULL
-    parent: UUID | None = None  # the archive an incremental or differential builds on
-    note: str = ""  # why the kind is not the one asked for, or why no checkpoint was started
-
-
 def _check_names(job: BackupJob) -> None:
     seen: set[str] = set()
     for name, _ in [*job.sources, *job.images]:
@@ -58,22 +38,6 @@ def _check_names(job: BackupJob) -> None:
         seen.add(name)
     if not seen:
         raise InvalidArgument("nothing to back up: give at least one --source or --image")
-
-
-def read_configs(configs: list[tuple[str, str]]) -> list[tuple[str, bytes]]:
-    """Every --config file's bytes, read before anything starts; names checked once."""
-    seen: set[str] = set()
-    out = []
-    for name, path in configs:
-        if name in seen:
-            raise InvalidArgument(f"config name {name!r} is given twice")
-        seen.add(name)
-        try:
-            out.append((name, Path(path).read_bytes()))
-        except OSError as e:
-            raise AgentError(f"config {name!r}: cannot read {path}: {e.strerror}") from e
-        log.debug("config %r: %d bytes from %s", name, len(out[-1][1]), path)
-    return out
 
 
 def run_backup(job: BackupJob, progress: ProgressFn | None = None) -> BackupSummary:
@@ -103,35 +67,10 @@ def run_backup(job: BackupJob, progress: ProgressFn | None = None) -> BackupSumm
                 props["cluster-size"] = str(info["cluster-size"])
             opened.append((name, src, props))
 
-        out = open_output(job.output)
-        stack.callback(out.close)
-        try:
-            return _write(job, out, opened, configs, progress)
-        except BaseException:
-            out.abort()
-            raise
+        with write_archive(job.output, job.engine, progress) as arc:
+            for name, src, props in opened:
+                arc.add_device(name, src, props)
+            for name, data in configs:
+                arc.add_config(name, data)
+            return arc.run()
     raise AssertionError("unreachable")  # for mypy: the with block returns or raises
-
-
-def _write(
-    job: BackupJob,
-    out: SequentialOutput,
-    opened: list[tuple[str, NbdSource, dict[str, str]]],
-    configs: list[tuple[str, bytes]],
-    progress: ProgressFn | None,
-) -> BackupSummary:
-    header = Header(uuid=new_archive_uuid(), created_ns=time.time_ns(), tool_version=__version__)
-    log.debug("writing archive %s to %s", header.uuid, out.name)
-    log.debug("%s", header.describe())
-    writer = ArchiveWriter(out, header)
-    pairs = [(writer.add_device(name, src.size, props), src) for name, src, props in opened]
-    for dev, _ in pairs:
-        log.debug("device %d %r: %d bytes (%s)", dev.id, dev.name, dev.size,
-                  ", ".join(f"{k}={v}" for k, v in dev.props.items()))
-    for name, data in configs:
-        writer.add_config(name, data, job.engine.compression)
-    result = BackupEngine(writer, pairs, job.engine, progress).run()
-    writer.finish()
-    out.commit()
-    return BackupSummary(header.uuid, writer.devices, result.progress, out.position,
-                         result.peak_buffer)

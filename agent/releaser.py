@@ -21,19 +21,23 @@ ReleaseFn = Callable[[int, int], None]  # (offset, length) of one device
 
 class Releaser:
     """``releaser.for_device("vda")`` is the :data:`ReleaseFn` a tracker calls; the ranges are
-    passed on to ``release(device, offset, length)`` in a background thread. The first error
-    goes to ``failed`` and stops the releases (the backup fails anyway). :meth:`close` drops
-    what is still queued: it comes after the last record, when the snapshot's teardown is
-    about to free everything at once."""
+    passed on to ``release(device, offset, length)`` in a background thread, from
+    :meth:`start` on. The first error goes to ``failed`` and stops the releases (the backup
+    fails anyway). :meth:`close` drops what is still queued: it comes after the last record,
+    when the snapshot's teardown is about to free everything at once."""
 
-    def __init__(self, release: Callable[[str, int, int], None],
-                 failed: Callable[[BaseException], None]) -> None:
+    def __init__(self, release: Callable[[str, int, int], None]) -> None:
         self._release = release
-        self._failed = failed
+        self._failed: Callable[[BaseException], None] = lambda e: None
         self._q: queue.SimpleQueue[tuple[str, int, int] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="ba-release", daemon=True)
+
+    def start(self, failed: Callable[[BaseException], None]) -> None:
+        """Start releasing; ``failed`` is where the first error goes (the engine's control:
+        the engine is made after the trackers, which need :meth:`for_device` first)."""
+        self._failed = failed
         with interrupts.held():  # see agent.interrupts
             self._thread.start()
 

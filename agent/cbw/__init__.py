@@ -2,5 +2,6 @@
 
 - :mod:`agent.cbw.store`: the bounded cluster store (memory, then a spool file);
 - :mod:`agent.cbw.control`: the Unix control socket (stored-range events, stats) and its client;
-- :mod:`agent.cbw.plugin`: the nbdkit callbacks' logic (configuration, request handling).
+- :mod:`agent.cbw.plugin`: the nbdkit callbacks' logic (configuration, request handling);
+- :mod:`agent.cbw.server`: nbdkit started with the plugin, one per disk of a live backup.
 """

@@ -17,7 +17,7 @@ from agent.pace import FLOOR, PaceSpec
 from agent.tls import QEMU_TLS_CLIENT, QEMU_TLS_SERVER, check_nbd_uri
 
 if TYPE_CHECKING:
-    from agent.backup import BackupSummary
+    from agent.writing import BackupSummary
 
 # The values of agent.qemu.checkpoints.Mode (a test keeps them equal): importing the live
 # backup's modules here would cost every other backup 35 ms of start-up.
@@ -174,20 +174,25 @@ def run(args: argparse.Namespace) -> int:
     result: BackupSummary
     try:
         if args.qmp:
-            from agent.live import LiveJob, run_live_backup
+            from agent.live.job import CbwOptions, LiveJob, NetworkOptions
+            from agent.live.run import run_live_backup
             from agent.qemu.checkpoints import Mode
 
             result = run_live_backup(LiveJob(
                 qmp=args.qmp, output=args.output, drives=args.drive, configs=args.config,
-                engine=opts, cbw_timeout=args.cbw_timeout, cbw_memory=args.cbw_memory,
-                cbw_cluster=args.cbw_cluster_size,
-                spool_dir=args.spool_dir, spool_limit=args.spool_limit,
-                nbd_socket=args.qemu_nbd_socket, mode=Mode(args.mode),
-                tls_creds=args.tls_creds, tls_psk=args.tls_psk,
-                tls_username=args.tls_username, insecure_plaintext=args.insecure_plaintext,
-                qemu_nbd_addr=args.qemu_nbd_addr, cbw_listen=args.cbw_listen,
-                qemu_tls_server=args.qemu_tls_server, qemu_tls_client=args.qemu_tls_client,
-                qemu_tls_authz=args.qemu_tls_authz,
+                mode=Mode(args.mode), engine=opts,
+                cbw=CbwOptions(
+                    timeout=args.cbw_timeout, memory=args.cbw_memory,
+                    cluster=args.cbw_cluster_size, spool_dir=args.spool_dir,
+                    spool_limit=args.spool_limit),
+                network=NetworkOptions(
+                    nbd_socket=args.qemu_nbd_socket, tls_creds=args.tls_creds,
+                    tls_psk=args.tls_psk, tls_username=args.tls_username,
+                    insecure_plaintext=args.insecure_plaintext,
+                    qemu_nbd_addr=args.qemu_nbd_addr, cbw_listen=args.cbw_listen,
+                    qemu_tls_server=args.qemu_tls_server,
+                    qemu_tls_client=args.qemu_tls_client,
+                    qemu_tls_authz=args.qemu_tls_authz),
             ), renderer.callback())
         else:
             for name, uri in args.source:
@@ -205,11 +210,11 @@ def run(args: argparse.Namespace) -> int:
     parent = f" of {result.parent}" if result.parent else ""
     log.info("archive %s (%s%s), %s of buffer at peak", result.uuid,
              result.kind.name.lower(), parent, size(result.peak_buffer))
-    if result.extra:
-        x = result.extra
+    if result.live is not None:
+        x = result.live
         log.info("guest writes: %d cluster(s) copied before write (%d read ahead of the "
                  "sweep), %s spilled, %s peak in the copy-before-write target, longest "
-                 "store of a copy %.1f ms", x["clusters_copied"], x["copied_read_first"],
-                 size(x["bytes_spilled"]), size(x["peak_plugin_memory"]),
-                 x["longest_copy_store_us"] / 1000)
+                 "store of a copy %.1f ms", x.clusters_copied, x.copied_read_first,
+                 size(x.bytes_spilled), size(x.peak_plugin_memory),
+                 x.longest_copy_store_us / 1000)
     return 0

@@ -24,24 +24,24 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from agent.archive.format import Kind
-from agent.backup import BackupSummary
 from agent.engine import EngineOptions
 from agent.errors import AgentError, OutputError
 from agent.jobs import catalog
 from agent.jobs.command import CommandOutput, run_shell
 from agent.jobs.config import Job
 from agent.jobs.retention import ArchiveDesc, find_chains
-from agent.live import LiveJob, run_live_backup, select_devices
-from agent.network import plan as plan_network
+from agent.live.job import CbwOptions, LiveJob, NetworkOptions
+from agent.live.network import plan as plan_network
+from agent.live.run import run_live_backup, select_devices
 from agent.pace import PaceSpec
 from agent.pipeline import ProgressFn
 from agent.qemu import checkpoints
 from agent.qemu.block import query_block_devices
 from agent.qemu.checkpoints import Mode
 from agent.qemu.qmp import Monitor
+from agent.writing import BackupSummary
 
 log = logging.getLogger("backup-agent")
 
@@ -71,7 +71,7 @@ def preflight(job: Job) -> list[str]:
     found = []
     if job.network:
         try:
-            plan_network(_live_job(job, "-", Mode.FULL))  # reads and checks the key files
+            plan_network(job.qmp, _network(job))  # reads and checks the key files
         except AgentError as e:
             found.append(str(e))
     elif not os.path.exists(job.qmp):
@@ -168,7 +168,7 @@ def _plan(job: Job, mode: Mode) -> checkpoints.Plan | None:
     """What the agent will make of ``mode`` for this VM, found the way the backup finds it
     (queries only: nothing changes in the VM). None if the VM cannot be asked now."""
     try:
-        net = plan_network(_live_job(job, "-", mode))
+        net = plan_network(job.qmp, _network(job))
         with Monitor(job.qmp, tls=net.qmp_tls) as mon:
             devices = select_devices(query_block_devices(mon), list(job.drives))
             return checkpoints.choose(mode, checkpoints.read(mon, devices))
@@ -186,19 +186,24 @@ def _resolved(plan: checkpoints.Plan) -> Mode:
 
 
 def _live_job(job: Job, output: str, mode: Mode) -> LiveJob:
-    given: dict[str, Any] = {
-        "cbw_memory": job.cbw_memory, "spool_dir": job.spool_dir,
-        "spool_limit": job.spool_limit, "cbw_timeout": job.cbw_timeout,
-        "nbd_socket": job.qemu_nbd_socket, "qemu_nbd_addr": job.qemu_nbd_addr,
-        "cbw_listen": job.cbw_listen,
-    }
-    if job.tls is not None:
-        given.update(tls_creds=job.tls.creds_dir, tls_psk=job.tls.psk_file,
-                     tls_username=job.tls.psk_user)
-    # Options the job leaves out keep LiveJob's defaults: one place to change them.
-    return LiveJob(qmp=job.qmp, output=output, drives=list(job.drives),
-                   configs=list(job.configs),
-                   engine=EngineOptions(compression=job.compression,
-                                        pace=job.max_rate or PaceSpec()),
-                   mode=mode, **{k: v for k, v in given.items() if v is not None})
+    # Options the job leaves out (None) keep the agent's defaults: one place to change them.
+    cbw = CbwOptions()
+    return LiveJob(
+        qmp=job.qmp, output=output, drives=list(job.drives), configs=list(job.configs),
+        mode=mode,
+        engine=EngineOptions(compression=job.compression, pace=job.max_rate or PaceSpec()),
+        cbw=CbwOptions(
+            timeout=cbw.timeout if job.cbw_timeout is None else job.cbw_timeout,
+            memory=cbw.memory if job.cbw_memory is None else job.cbw_memory,
+            spool_dir=job.spool_dir,
+            spool_limit=cbw.spool_limit if job.spool_limit is None else job.spool_limit),
+        network=_network(job))
 
+
+def _network(job: Job) -> NetworkOptions:
+    tls = job.tls
+    return NetworkOptions(
+        nbd_socket=job.qemu_nbd_socket, qemu_nbd_addr=job.qemu_nbd_addr,
+        cbw_listen=job.cbw_listen,
+        tls_creds=tls.creds_dir if tls else None, tls_psk=tls.psk_file if tls else None,
+        tls_username=tls.psk_user if tls else None)

@@ -34,7 +34,7 @@ from tests.integration.test_network import (  # noqa: F401 (fixtures)
 )
 from tests.integration.vm import Vm
 
-NBD_PORT = 10809  # QEMU's NBD server, started by the agent (agent.network.NBD_PORT)
+NBD_PORT = 10809  # QEMU's NBD server, started by the agent (agent.live.network.NBD_PORT)
 
 pytestmark = pytest.mark.integration
 

@@ -23,10 +23,11 @@ import nbd
 import pytest
 
 from agent.archive.reader import ArchiveReader, DataRecord
-from agent.backup import BackupJob, BackupSummary, run_backup
+from agent.backup import BackupJob, run_backup
 from agent.engine import EngineOptions
 from agent.pipeline import ProgressFn
 from agent.restore import RestoreOptions, restore, to_dir
+from agent.writing import BackupSummary
 from tests.integration.conftest import NbdServerFactory, make_image, qemu_img_compare
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,8 @@ import pytest
 
 from agent.archive.codec import CompressionSpec
 from agent.engine import EngineOptions
-from agent.live import LiveJob, run_live_backup
+from agent.live.job import LiveJob
+from agent.live.run import run_live_backup
 from agent.qemu.qmp import Monitor
 from tests.integration.cli_util import AGENT, agent, agent_from_file, assert_error, describe
 from tests.integration.conftest import make_image, qemu_img_compare

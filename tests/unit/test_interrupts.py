@@ -80,7 +80,8 @@ def test_the_agents_thread_starters_start_inside_a_block(
             real_start(self)
 
     monkeypatch.setattr(threading.Thread, "start", start)
-    releaser = Releaser(lambda *a: None, lambda e: None)
+    releaser = Releaser(lambda *a: None)
+    releaser.start(lambda e: None)
     releaser.close()
     loop = _LoopThread("test")
     loop.stop()

@@ -104,7 +104,7 @@ def test_defaults_when_nothing_is_said(tmp_path: Path) -> None:
     job = _load(tmp_path, VM1).jobs["vm1"]
     assert job == Job(name="vm1", qmp="/run/backup-agent/vm1.qmp", dir="/srv/backups/vm1")
     assert job.mode == "auto" and job.keep_chains is None and job.full_every is None
-    assert job.cbw_memory is None  # the agent's own default applies (agent/live.py)
+    assert job.cbw_memory is None  # the agent's own default applies (agent/live/job.py)
     assert job.compression == CompressionSpec()
 
 

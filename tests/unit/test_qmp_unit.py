@@ -135,7 +135,7 @@ def test_monitor_hangs_up_before_greeting(listener: socket.socket) -> None:
 
 
 def test_archive_name_falls_back_to_the_node_name() -> None:
-    from agent.live import archive_name
+    from agent.live.run import archive_name
     from agent.qemu.block import BlockDevice
 
     def dev(id_: str) -> BlockDevice:

@@ -19,7 +19,8 @@ def test_ranges_queued_during_a_release_are_merged() -> None:
         go.wait(5)
 
     errors: list[BaseException] = []
-    r = Releaser(release, errors.append)
+    r = Releaser(release)
+    r.start(errors.append)
     rel = r.for_device("vda")
     rel(0, C)
     assert started.wait(5)
@@ -46,7 +47,8 @@ def test_close_drops_what_is_queued() -> None:
         started.set()
         go.wait(5)
 
-    r = Releaser(release, lambda e: None)
+    r = Releaser(release)
+    r.start(lambda e: None)
     rel = r.for_device("vda")
     rel(0, C)
     assert started.wait(5)
@@ -73,7 +75,8 @@ def test_the_first_error_is_reported_and_stops_the_releases() -> None:
         errors.append(e)
         failed.set()
 
-    r = Releaser(release, fail)
+    r = Releaser(release)
+    r.start(fail)
     r.for_device("vda")(0, C)
     assert failed.wait(5)
     r.for_device("vda")(4 * C, C)

@@ -106,7 +106,8 @@ def wait():
         started.set()
         time.sleep(60)
 
-    r = Releaser(release, lambda e: None)
+    r = Releaser(release)
+    r.start(lambda e: None)
     r.for_device("vda")(0, 65536)
     started.wait(10)
     print("closing", flush=True)

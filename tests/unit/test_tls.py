@@ -4,14 +4,13 @@ tests/integration/test_network.py."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from agent.errors import InvalidArgument
-from agent.live import LiveJob
-from agent.network import NBD_PORT, Network, host_port, plan
+from agent.live.job import NetworkOptions
+from agent.live.network import NBD_PORT, Network, host_port, plan
 from agent.tls import TlsCreds, check_nbd_uri, check_private, psk_users, require_tls
 
 KEY = "backup:" + "ab" * 32
@@ -128,41 +127,42 @@ def test_bad_host_port(text: str) -> None:
         host_port(text, 7, "--x")
 
 
-JOB = LiveJob(qmp="/run/vm.qmp", output="-")
-TCP = replace(JOB, qmp="10.0.0.1:4444")
+LOCAL = "/run/vm.qmp"  # --qmp of an agent on the VM's host
+TCP = "10.0.0.1:4444"  # --qmp of an agent on another host
+Opts = NetworkOptions
 
 
 def test_a_local_monitor_needs_no_network() -> None:
-    assert plan(JOB) == Network()
+    assert plan(LOCAL, Opts()) == Network()
 
 
-@pytest.mark.parametrize(("job", "words"), [
-    (replace(JOB, tls_psk="/x"), "apply to TCP connections"),
-    (replace(JOB, insecure_plaintext=True), "apply to TCP connections"),
-    (replace(JOB, cbw_listen="10.0.0.2"), "--cbw-listen is for"),
-    (replace(TCP, nbd_socket="/s"), "--qemu-nbd-socket is QEMU's NBD server on a Unix"),
-    (TCP, "clear text"),
-    (replace(TCP, qemu_nbd_addr="h:x", insecure_plaintext=True), "--qemu-nbd-addr 'h:x'"),
+@pytest.mark.parametrize(("qmp", "opts", "words"), [
+    (LOCAL, Opts(tls_psk="/x"), "apply to TCP connections"),
+    (LOCAL, Opts(insecure_plaintext=True), "apply to TCP connections"),
+    (LOCAL, Opts(cbw_listen="10.0.0.2"), "--cbw-listen is for"),
+    (TCP, Opts(nbd_socket="/s"), "--qemu-nbd-socket is QEMU's NBD server on a Unix"),
+    (TCP, Opts(), "clear text"),
+    (TCP, Opts(qemu_nbd_addr="h:x", insecure_plaintext=True), "--qemu-nbd-addr 'h:x'"),
 ])
-def test_network_option_errors(job: LiveJob, words: str) -> None:
+def test_network_option_errors(qmp: str, opts: NetworkOptions, words: str) -> None:
     with pytest.raises(InvalidArgument, match=words):
-        plan(job)
+        plan(qmp, opts)
 
 
 def test_qmp_needs_x509_even_with_a_psk(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match=r"QMP over TCP needs x509 .* no TLS-PSK"):
-        plan(replace(TCP, tls_psk=str(_psk(tmp_path))))
+        plan(TCP, Opts(tls_psk=str(_psk(tmp_path))))
 
 
 def test_insecure_network_defaults() -> None:
-    net = plan(replace(TCP, insecure_plaintext=True, cbw_listen=":10900"))
+    net = plan(TCP, Opts(insecure_plaintext=True, cbw_listen=":10900"))
     assert net.qmp_tls is None and net.nbd_tls is None and net.cbw_tls is None
     assert net.nbd_tcp == ("10.0.0.1", NBD_PORT) and not net.nbd_explicit
     assert net.cbw_tcp and net.cbw_listen == (None, 10900)
-    net = plan(replace(TCP, insecure_plaintext=True, qemu_nbd_addr="10.0.0.9:7000",
-                       cbw_listen="10.0.0.2"))
+    net = plan(TCP, Opts(insecure_plaintext=True, qemu_nbd_addr="10.0.0.9:7000",
+                         cbw_listen="10.0.0.2"))
     assert net.nbd_tcp == ("10.0.0.9", 7000) and net.nbd_explicit
     assert net.cbw_listen == ("10.0.0.2", 0)
     # An agent on the VM's host reading a TCP NBD server someone else started.
-    local = plan(replace(JOB, qemu_nbd_addr="127.0.0.1:10809", insecure_plaintext=True))
+    local = plan(LOCAL, Opts(qemu_nbd_addr="127.0.0.1:10809", insecure_plaintext=True))
     assert local.nbd_tcp == ("127.0.0.1", 10809) and not local.cbw_tcp

@@ -39,7 +39,7 @@ from agent.tls import TlsCreds, require_tls
 if TYPE_CHECKING:
     import ssl
 
-    from agent.live import LiveJob
+    from agent.live.job import NetworkOptions
 
 #: Port of QEMU's NBD server when the agent starts it for a client on another host.
 NBD_PORT = 10809
@@ -138,57 +138,58 @@ class Network:
                              "docs/NETWORK.md)")
 
 
-def plan(job: LiveJob) -> Network:
-    """Check the network options of ``job`` and decide every transport (no I/O besides
-    reading the credential files)."""
-    qmp = parse_address(job.qmp)
+def plan(qmp_address: str, opts: NetworkOptions) -> Network:
+    """Check the network options of a live backup of the VM whose monitor is at
+    ``qmp_address`` and decide every transport (no I/O besides reading the credential
+    files)."""
+    qmp = parse_address(qmp_address)
     qmp_tcp = isinstance(qmp, tuple)
-    if job.nbd_socket is not None and (qmp_tcp or job.qemu_nbd_addr is not None):
+    if opts.nbd_socket is not None and (qmp_tcp or opts.qemu_nbd_addr is not None):
         raise InvalidArgument("--qemu-nbd-socket is QEMU's NBD server on a Unix socket, for an "
                               "agent on the VM's host; with --qmp HOST:PORT or --qemu-nbd-addr, "
                               "QEMU's NBD server is on TCP")
-    if job.cbw_listen is not None and not qmp_tcp:
+    if opts.cbw_listen is not None and not qmp_tcp:
         raise InvalidArgument("--cbw-listen is for an agent on another host than the VM "
                               "(--qmp HOST:PORT); with a local monitor the copy-before-write "
                               "target is a Unix socket")
     nbd_tcp: tuple[str, int] | None = None
-    if job.qemu_nbd_addr is not None:
-        nbd_tcp = host_port(job.qemu_nbd_addr, NBD_PORT, "--qemu-nbd-addr")
+    if opts.qemu_nbd_addr is not None:
+        nbd_tcp = host_port(opts.qemu_nbd_addr, NBD_PORT, "--qemu-nbd-addr")
     elif isinstance(qmp, tuple):
         nbd_tcp = (qmp[0], NBD_PORT)
-    given = (job.tls_creds, job.tls_psk, job.tls_username)
+    given = (opts.tls_creds, opts.tls_psk, opts.tls_username)
     if nbd_tcp is None and not qmp_tcp:
-        if any(x is not None for x in given) or job.insecure_plaintext:
+        if any(x is not None for x in given) or opts.insecure_plaintext:
             raise InvalidArgument("--tls-creds, --tls-psk, --tls-username and "
                                   "--insecure-plaintext apply to TCP connections: --qmp "
                                   "HOST:PORT or --qemu-nbd-addr")
         return Network()
-    creds = TlsCreds.load(job.tls_creds, job.tls_psk, job.tls_username)
-    insecure = job.insecure_plaintext
+    creds = TlsCreds.load(opts.tls_creds, opts.tls_psk, opts.tls_username)
+    insecure = opts.insecure_plaintext
     qmp_tls = None
     if isinstance(qmp, tuple):
-        use = require_tls("the QMP monitor", job.qmp, creds, insecure)
+        use = require_tls("the QMP monitor", qmp_address, creds, insecure)
         qmp_tls = use.qmp_context() if use else None
     nbd_tls = None
     if nbd_tcp is not None:
         use = require_tls("QEMU's NBD server", f"{nbd_tcp[0]}:{nbd_tcp[1]}", creds, insecure)
-        nbd_tls = NbdTls(job.qemu_tls_server, use, job.qemu_tls_authz) if use else None
+        nbd_tls = NbdTls(opts.qemu_tls_server, use, opts.qemu_tls_authz) if use else None
     listen: tuple[str | None, int] = (None, 0)
-    if job.cbw_listen is not None:
+    if opts.cbw_listen is not None:
         # A bare port is the common case: ":10900" or "10900".
-        text = job.cbw_listen
+        text = opts.cbw_listen
         if text.isdigit():
             text = f":{text}"
         if text.startswith(":"):
-            listen = (None, _port(text[1:], job.cbw_listen, "--cbw-listen"))
+            listen = (None, _port(text[1:], opts.cbw_listen, "--cbw-listen"))
         else:
             listen = host_port(text, 0, "--cbw-listen")
     if qmp_tcp and creds is not None and not insecure:
         creds.nbdkit_args()  # the files QEMU's connections to us need: checked now
     return Network(creds=creds, insecure=insecure, qmp_tls=qmp_tls, nbd_tcp=nbd_tcp,
-                   nbd_explicit=job.qemu_nbd_addr is not None, nbd_tls=nbd_tls,
+                   nbd_explicit=opts.qemu_nbd_addr is not None, nbd_tls=nbd_tls,
                    cbw_tcp=qmp_tcp, cbw_listen=listen,
-                   qemu_tls_client=job.qemu_tls_client if qmp_tcp else None)
+                   qemu_tls_client=opts.qemu_tls_client if qmp_tcp else None)
 
 
 def explain_setup_error(e: AgentError, net: Network, where: str) -> AgentError:
