@@ -275,6 +275,14 @@ class _Planner:
             gate.spend(item.length)
         return item
 
+    def claim_pushed(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """Claim data the copy-before-write target pushed (see :meth:`BackupEngine.push`),
+        under this lock: the sweep asks block status only about ranges nobody claimed."""
+        if self._tracker is None:
+            return []
+        with self._lock:
+            return self._tracker.pushed(offset, length)
+
     def _copied(self) -> _Read | _Gather:
         """The next copies to read. A guest's random writes are copied one 64 KiB cluster
         at a time, far apart: up to GATHER_PARTS of them go as one gathered read, which
@@ -311,6 +319,20 @@ class _Planner:
             for start, end in t.claim(item.offset, item.offset + item.length):
                 self._ready.append(type(item)(self._device, start, end - start))
         return self._ready.popleft()
+
+
+def _pack(dev: Device, offset: int, owned: list[tuple[int, int]], buf: bytearray
+          ) -> _Read | _Gather:
+    """The item for the owned parts of pushed data that starts at ``offset`` in ``buf``:
+    the parts are moved to the buffer's start, one after another, as a gather lays them."""
+    if len(owned) == 1 and owned[0][0] == offset:
+        return _Read(dev, offset, owned[0][1] - offset)
+    pos = 0
+    for a, b in owned:
+        if a - offset != pos:  # (forward only: pos <= a - offset)
+            buf[pos:pos + b - a] = buf[a - offset:b - offset]
+        pos += b - a
+    return _Gather(dev, tuple((a, b - a) for a, b in owned))
 
 
 def _between(start: int, end: int, runs: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
@@ -406,6 +428,9 @@ class BackupEngine:
         self._planners = [_Planner(d, s, opts, self.control, self.trackers.get(d.id),
                                    self._gate)
                           for d, s in sources]
+        self._by_device = {d.id: p for (d, _), p in zip(sources, self._planners, strict=True)}
+        self._push_lock = threading.Lock()
+        self._pushes_closed = False  # the readers are done: the records are all queued
 
     def run(self) -> BackupResult:
         """Run to completion; raises the first error. Interruptible from the main thread."""
@@ -426,6 +451,8 @@ class BackupEngine:
                     t.start()
             for t in readers:
                 interrupts.join(t)
+            with self._push_lock:  # every range is claimed now: no push owns anything
+                self._pushes_closed = True
             self._workers.shutdown(wait=True)
             self._q.put(None)
             interrupts.join(writer_t)
@@ -445,6 +472,41 @@ class BackupEngine:
         if ctl.error is not None:
             raise ctl.error
         return BackupResult(self.meter.final(), self.buffers.peak)
+
+    # -- copies pushed by the copy-before-write target (agent/cbw/feed.py) -------------
+
+    def push_buffer(self, n: int, block: bool = True) -> bytearray | None:
+        """A buffer for ``n`` bytes (at most ``opts.request_size``) of pushed data, from the
+        read buffers' budget: it waits while they are all out, which holds the target's feed
+        back (the target keeps the copies meanwhile). None once the backup stops (or at
+        once when ``block`` is false and the budget is spent)."""
+        return self.buffers.get(n, block)
+
+    def push(self, device_id: int, offset: int, length: int, buf: bytearray | None
+             ) -> list[tuple[int, int]]:
+        """QEMU copied ``[offset, offset+length)`` of a device before a guest write, and the
+        target sent its data: in ``buf`` (from :meth:`push_buffer`, the data at its start; the
+        engine owns it from now on), or all zeros when ``buf`` is None. Claims the parts
+        nobody claimed yet and queues their records; returns those parts (only they may be
+        dropped by the target: the others are read through the snapshot view)."""
+        planner = self._by_device[device_id]
+        with self._push_lock:
+            owned = [] if self._pushes_closed or self.control.stopped() else \
+                planner.claim_pushed(offset, length)
+            try:
+                if owned and buf is None:
+                    for a, b in owned:
+                        self._q.put(_Zero(planner._device, a, b - a))
+                elif owned and buf is not None:
+                    item = _pack(planner._device, offset, owned, buf)
+                    fut = self._workers.submit(_prepare, item, buf, self.opts.compression)
+                    fut.add_done_callback(self._q.put)
+                    buf = None
+            except RuntimeError:  # the workers shut down: the backup failed meanwhile
+                owned = []
+        if buf is not None:
+            self.buffers.put(buf)
+        return owned
 
     # -- readers -----------------------------------------------------------------------
 

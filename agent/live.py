@@ -7,10 +7,11 @@ Order of the set-up (and, reversed, of the teardown on every way out)::
                    snapshot-access nodes exported over QEMU's NBD server
                 ─▶ NBD sources on those exports ─▶ the archive output
 
-While the engine sweeps the point-in-time view, a listener thread per disk hears from
-the plugin which clusters QEMU copied before a guest write; the engine reads those first
-(they cost memory in the target) and, once any range is in the archive, trims it on the
-snapshot view so QEMU stops copying it and the plugin frees it.
+While the engine sweeps the point-in-time view, a feed thread per disk receives from the
+plugin the clusters QEMU copied before a guest write, with their data, and hands them to the
+engine (agent/cbw/feed.py): they are never read back through QEMU, and the plugin frees them
+on the agent's word. Once a range the sweep read is in the archive, it is trimmed on the
+snapshot view so QEMU stops copying it (and the plugin frees it, if it holds it).
 """
 
 from __future__ import annotations
@@ -20,18 +21,16 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent import __version__, interrupts
+from agent import __version__
 from agent.archive.format import Header, check_name, new_archive_uuid
 from agent.archive.output import open_output
 from agent.archive.writer import ArchiveWriter
 from agent.backup import BackupSummary, read_configs
-from agent.cbw.control import ControlError
+from agent.cbw.feed import CopyFeed
 from agent.cbw.server import CbwTargetServer
 from agent.engine import BackupEngine, EngineOptions
 from agent.errors import AgentError, ArchiveError, InvalidArgument, SourceError
@@ -107,20 +106,6 @@ def archive_name(d: BlockDevice) -> str:
         return d.id
     except ArchiveError:
         return d.node_name
-
-
-def _listen(servers: dict[str, CbwTargetServer], trackers: dict[str, DeviceTracker],
-            stop: threading.Event, wake: int, failed: Callable[[BaseException], None]) -> None:
-    """Feed the copy-before-write events of every disk to its tracker, until ``stop`` is set
-    and ``wake`` (a pipe) made readable."""
-    try:
-        while not stop.is_set():
-            for name, server in servers.items():
-                for off, length in server.control.poll_events(timeout=0.05, wake=wake):
-                    trackers[name].copied(off, length)
-    except ControlError as e:
-        if not stop.is_set():
-            failed(e)
 
 
 def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupSummary:
@@ -219,31 +204,24 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
         stack.callback(releaser.close)  # before the snapshot's teardown
         trackers: dict[int, DeviceTracker] = {}
         by_name: dict[str, DeviceTracker] = {}
+        feeds: dict[int, str] = {}  # device id -> its target's control socket
         for d in devices:
             props = {"source-format": d.format, "source": "qemu-live"}
             dev = writer.add_device(archive_name(d), sources[d.id].size, props)
             by_name[d.id] = trackers[dev.id] = DeviceTracker(
                 dev.size, snap.cluster_size(d.id), releaser.for_device(d.id),
                 partial_tail=snap.releases_partial_tail)
+            feeds[dev.id] = servers[d.id].control_path
             pairs.append((dev, sources[d.id]))
         for name, data in configs:
             writer.add_config(name, data, job.engine.compression)
 
         engine = BackupEngine(writer, pairs, job.engine, progress, trackers, total)
-        stop = threading.Event()
-        wake_r, wake_w = os.pipe()
-        stack.callback(os.close, wake_r)
-        stack.callback(os.close, wake_w)
-        listener = threading.Thread(target=_listen, args=(servers, by_name, stop, wake_r,
-                                    engine.control.fail), name="ba-cbw-events", daemon=True)
-        with interrupts.held():  # see agent.interrupts
-            listener.start()
+        feed = CopyFeed(engine, feeds, job.engine.request_size, engine.control.fail)
         try:
             result = engine.run()
         finally:
-            stop.set()
-            os.write(wake_w, b"x")  # the listener's wait ends now, not at its timeout
-            listener.join(2)
+            feed.close()
         writer.finish()
         out.commit()
     except BaseException:
@@ -265,6 +243,8 @@ def _stream(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,
         "peak_plugin_memory": max((s.get("peak_memory", 0) for s in stats.values()),
                                   default=0),
         "released_bytes": sum(t.released_bytes for t in by_name.values()),
+        "pushed_bytes": sum(t.pushed_bytes for t in by_name.values()),
+        "copies_read_back": sum(s.get("bytes_read", 0) for s in stats.values()),
         "longest_copy_store_us": max((s.get("longest_write_us", 0) for s in stats.values()),
                                      default=0),
         "snapshot_seconds": round(time.monotonic() - started, 3),
