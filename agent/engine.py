@@ -349,6 +349,12 @@ def _between(start: int, end: int, runs: list[tuple[int, int]]) -> Iterator[tupl
 class _Prepared:
     records: list[_Record]
     buf: bytearray  # back to the pool once the records are written (payloads may view it)
+    pool: BufferPool | None = None  # the pool buf came from; None: the read buffers
+
+
+def _prepare_pushed(item: _Read | _Gather, buf: bytearray, spec: codec.CompressionSpec,
+                    pool: BufferPool) -> _Prepared:
+    return _Prepared(_prepare(item, buf, spec).records, buf, pool)
 
 
 def _prepare(item: _Read | _Gather, buf: bytearray, spec: codec.CompressionSpec
@@ -396,7 +402,7 @@ def _split(dev: Device, base: int, view: memoryview, spec: codec.CompressionSpec
 @dataclass
 class BackupResult:
     progress: Progress
-    peak_buffer: int  # most bytes of read buffers in use at once
+    peak_buffer: int  # most bytes of read buffers in use at once (and of pushed copies)
 
 
 class BackupEngine:
@@ -419,6 +425,10 @@ class BackupEngine:
         self.opts = opts
         self.control = Control()
         self.buffers = BufferPool(opts.request_size, opts.memory, self.control)
+        # Copies pushed by the copy-before-write target have buffers of their own: in one
+        # pool the sweep, stalled on a slow output, would hold every buffer, and copies
+        # cost the target memory (they go first, as copies read back used to).
+        self.push_buffers = BufferPool(opts.request_size, opts.memory, self.control)
         self.meter = Meter("backup", sum(d.size for d, _ in sources) if total is None else total,
                            progress)
         self._q: queue.Queue[Future[_Prepared] | _Zero | None] = queue.Queue()
@@ -471,16 +481,16 @@ class BackupEngine:
                         t.join(max(0.0, deadline - time.monotonic()))
         if ctl.error is not None:
             raise ctl.error
-        return BackupResult(self.meter.final(), self.buffers.peak)
+        return BackupResult(self.meter.final(), self.buffers.peak + self.push_buffers.peak)
 
     # -- copies pushed by the copy-before-write target (agent/cbw/feed.py) -------------
 
     def push_buffer(self, n: int, block: bool = True) -> bytearray | None:
-        """A buffer for ``n`` bytes (at most ``opts.request_size``) of pushed data, from the
-        read buffers' budget: it waits while they are all out, which holds the target's feed
-        back (the target keeps the copies meanwhile). None once the backup stops (or at
-        once when ``block`` is false and the budget is spent)."""
-        return self.buffers.get(n, block)
+        """A buffer for ``n`` bytes (at most ``opts.request_size``) of pushed data, from a
+        budget of ``opts.memory`` beside the read buffers': it waits while they are all out,
+        which holds the target's feed back (the target keeps the copies meanwhile). None
+        once the backup stops (or at once when ``block`` is false and the budget is spent)."""
+        return self.push_buffers.get(n, block)
 
     def push(self, device_id: int, offset: int, length: int, buf: bytearray | None
              ) -> list[tuple[int, int]]:
@@ -499,13 +509,14 @@ class BackupEngine:
                         self._q.put(_Zero(planner._device, a, b - a))
                 elif owned and buf is not None:
                     item = _pack(planner._device, offset, owned, buf)
-                    fut = self._workers.submit(_prepare, item, buf, self.opts.compression)
+                    fut = self._workers.submit(_prepare_pushed, item, buf,
+                                               self.opts.compression, self.push_buffers)
                     fut.add_done_callback(self._q.put)
                     buf = None
             except RuntimeError:  # the workers shut down: the backup failed meanwhile
                 owned = []
         if buf is not None:
-            self.buffers.put(buf)
+            self.push_buffers.put(buf)
         return owned
 
     # -- readers -----------------------------------------------------------------------
@@ -622,7 +633,7 @@ class BackupEngine:
                 if not ctl.stopped():
                     self._write_records(prepared.records)
             finally:
-                self.buffers.put(prepared.buf)
+                (prepared.pool or self.buffers).put(prepared.buf)
 
     def _write_records(self, records: list[_Record]) -> None:
         w = self.writer
