@@ -185,6 +185,10 @@ class ControlServer:
                     time.sleep(FEED_LINGER)
         finally:
             sub.close()
+            # The acknowledgement thread's file keeps the socket open: end the connection
+            # itself, so that the client sees the stream end.
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
 
     def _take_acks(self, conn: socket.socket, sub: Subscription) -> None:
         """Free each range the client acknowledges; end the feed when the client goes."""

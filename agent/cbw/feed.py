@@ -79,6 +79,8 @@ class FeedClient:
         self.flush()
         try:
             chunk = self._sock.recv(RECV)
+        except ConnectionResetError:
+            chunk = b""  # the plugin went away: the end of the stream
         except OSError as e:
             raise self.error(e.strerror or str(e)) from e
         self._pending += chunk
