@@ -8,7 +8,7 @@ from typing import Any, cast
 from agent.archive.codec import CompressionSpec
 from agent.archive.format import Device
 from agent.archive.writer import ArchiveWriter
-from agent.engine import BackupEngine, EngineOptions, _Data, _Gather, _pack, _Prepared, _Read, _Zero
+from agent.engine import BackupEngine, EngineOptions, _Data, _Gather, _pack, _Read, _Zero
 from agent.nbd.source import NbdSource
 from agent.tracker import DeviceTracker
 
@@ -79,7 +79,7 @@ def queued(e: BackupEngine) -> list[Any]:
     while not e._q.empty():
         got = e._q.get()
         if isinstance(got, Future):
-            prepared = cast(_Prepared, got.result())
+            prepared = got.result()
             assert prepared.pool is e.push_buffers  # its buffer goes back where it came from
             out += prepared.records
         else:
