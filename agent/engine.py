@@ -275,13 +275,21 @@ class _Planner:
             gate.spend(item.length)
         return item
 
-    def claim_pushed(self, offset: int, length: int) -> list[tuple[int, int]]:
+    def claim_pushed(self, parts: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
         """Claim data the copy-before-write target pushed (see :meth:`BackupEngine.push`),
-        under this lock: the sweep asks block status only about ranges nobody claimed."""
+        under this lock: the sweep asks block status only about ranges nobody claimed.
+        Returns ``(start, end, position)``: the position of ``start`` in the parts laid
+        one after another."""
         if self._tracker is None:
             return []
+        owned: list[tuple[int, int, int]] = []
+        pos = 0
         with self._lock:
-            return self._tracker.pushed(offset, length)
+            for offset, length in parts:
+                owned += [(a, b, pos + a - offset)
+                          for a, b in self._tracker.pushed(offset, length)]
+                pos += length
+        return owned
 
     def _copied(self) -> _Read | _Gather:
         """The next copies to read. A guest's random writes are copied one 64 KiB cluster
@@ -321,18 +329,17 @@ class _Planner:
         return self._ready.popleft()
 
 
-def _pack(dev: Device, offset: int, owned: list[tuple[int, int]], buf: bytearray
-          ) -> _Read | _Gather:
-    """The item for the owned parts of pushed data that starts at ``offset`` in ``buf``:
-    the parts are moved to the buffer's start, one after another, as a gather lays them."""
-    if len(owned) == 1 and owned[0][0] == offset:
-        return _Read(dev, offset, owned[0][1] - offset)
+def _pack(dev: Device, owned: list[tuple[int, int, int]], buf: bytearray) -> _Read | _Gather:
+    """The item for the owned ``(start, end, position in buf)`` parts of pushed data: the
+    parts are moved to the buffer's start, one after another, as a gather lays them."""
+    if len(owned) == 1 and owned[0][2] == 0:
+        return _Read(dev, owned[0][0], owned[0][1] - owned[0][0])
     pos = 0
-    for a, b in owned:
-        if a - offset != pos:  # (forward only: pos <= a - offset)
-            buf[pos:pos + b - a] = buf[a - offset:b - offset]
+    for a, b, at in owned:
+        if at != pos:  # (forward only: pos <= at)
+            buf[pos:pos + b - a] = buf[at:at + b - a]
         pos += b - a
-    return _Gather(dev, tuple((a, b - a) for a, b in owned))
+    return _Gather(dev, tuple((a, b - a) for a, b, _ in owned))
 
 
 def _between(start: int, end: int, runs: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
@@ -492,23 +499,25 @@ class BackupEngine:
         once the backup stops (or at once when ``block`` is false and the budget is spent)."""
         return self.push_buffers.get(n, block)
 
-    def push(self, device_id: int, offset: int, length: int, buf: bytearray | None
+    def push(self, device_id: int, parts: list[tuple[int, int]], buf: bytearray | None
              ) -> list[tuple[int, int]]:
-        """QEMU copied ``[offset, offset+length)`` of a device before a guest write, and the
-        target sent its data: in ``buf`` (from :meth:`push_buffer`, the data at its start; the
-        engine owns it from now on), or all zeros when ``buf`` is None. Claims the parts
-        nobody claimed yet and queues their records; returns those parts (only they may be
-        dropped by the target: the others are read through the snapshot view)."""
+        """QEMU copied these ``(offset, length)`` parts of a device before guest writes, and
+        the target sent their data: in ``buf`` (from :meth:`push_buffer`, the parts one after
+        another from its start; the engine owns it from now on), or all zeros when ``buf`` is
+        None. Claims what nobody claimed yet and queues its records (one unit for all the
+        parts, as a gathered read is); returns the ``(start, end)`` ranges claimed: only they
+        may be dropped by the target, the others are read through the snapshot view."""
         planner = self._by_device[device_id]
+        owned: list[tuple[int, int, int]] = []  # (start, end, its position in buf)
         with self._push_lock:
-            owned = [] if self._pushes_closed or self.control.stopped() else \
-                planner.claim_pushed(offset, length)
+            if not self._pushes_closed and not self.control.stopped():
+                owned = planner.claim_pushed(parts)
             try:
                 if owned and buf is None:
-                    for a, b in owned:
+                    for a, b, _ in owned:
                         self._q.put(_Zero(planner._device, a, b - a))
                 elif owned and buf is not None:
-                    item = _pack(planner._device, offset, owned, buf)
+                    item = _pack(planner._device, owned, buf)
                     fut = self._workers.submit(_prepare_pushed, item, buf,
                                                self.opts.compression, self.push_buffers)
                     fut.add_done_callback(self._q.put)
@@ -517,7 +526,7 @@ class BackupEngine:
                 owned = []
         if buf is not None:
             self.push_buffers.put(buf)
-        return owned
+        return [(a, b) for a, b, _ in owned]
 
     # -- readers -----------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ the parts nobody claimed yet and queues their records. It then acknowledges exac
 parts, and the plugin frees them::
 
     plugin ── D off len + bytes ──▶ FeedClient ──▶ engine.push ──▶ workers ──▶ writer
+                                   (runs that arrive together: one buffer, one push)
        ▲                                │ owned parts
        └────────── A off len ───────────┘
 
@@ -27,6 +28,7 @@ Acknowledgements are sent in one batch whenever the thread is about to wait for 
 from __future__ import annotations
 
 import contextlib
+import select
 import socket
 import threading
 from collections.abc import Callable
@@ -37,6 +39,8 @@ from agent.cbw.control import ControlError
 
 #: Bytes asked of the socket at once for headers (data goes straight into its buffer).
 RECV = 1 << 16
+#: Runs handed to the engine at once at most (besides the buffer's size).
+GATHER = 64
 
 
 class Sink(Protocol):
@@ -44,7 +48,7 @@ class Sink(Protocol):
 
     def push_buffer(self, n: int, block: bool = True) -> bytearray | None: ...
 
-    def push(self, device_id: int, offset: int, length: int, buf: bytearray | None
+    def push(self, device_id: int, parts: list[tuple[int, int]], buf: bytearray | None
              ) -> list[tuple[int, int]]: ...
 
 
@@ -107,6 +111,13 @@ class FeedClient:
         if len(parts) != 3 or kind not in (b"D", b"Z") or offset < 0 or length <= 0:
             raise self.error(f"unexpected line {line!r}")
         return kind, offset, length
+
+    def ready(self) -> bool:
+        """Whether :meth:`next` has a header to return without waiting for the socket."""
+        if b"\n" in self._pending:
+            return True
+        readable, _, _ = select.select([self._sock], [], [], 0)
+        return bool(readable)
 
     def read_into(self, view: memoryview) -> None:
         """Fill ``view`` with the next ``len(view)`` bytes of data."""
@@ -191,22 +202,40 @@ class CopyFeed:
                 self._failed(e)
 
     def _feed(self, device_id: int, client: FeedClient) -> None:
+        # Runs that arrive together go to the engine together, in one buffer (as a gathered
+        # read does): one hand-off between the agent's threads per batch, not per cluster.
         sink, piece = self._sink, self._piece
-        while (header := client.next()) is not None:
+        parts: list[tuple[int, int]] = []  # in buf, one after another
+        buf: bytearray | None = None
+        used = 0
+        while True:
+            if parts and not client.ready():  # nothing more for now: hand these over
+                client.ack(sink.push(device_id, parts, buf))
+                parts, buf, used = [], None, 0
+            header = client.next()
+            if header is None:
+                if parts:  # (only the buffer matters now: nothing can be acknowledged)
+                    sink.push(device_id, parts, buf)
+                break
             kind, offset, length = header
             if kind == b"Z":
-                client.ack(sink.push(device_id, offset, length, None))
+                client.ack(sink.push(device_id, [(offset, length)], None))
                 continue
             end = offset + length
             for pos in range(offset, end, piece):
                 n = min(piece, end - pos)
-                buf = sink.push_buffer(n, block=False)
-                if buf is None:  # the budget is spent: free what the plugin may, then wait
-                    client.flush()
-                    buf = sink.push_buffer(n)
-                if buf is None:  # the backup stops
-                    return
-                client.read_into(memoryview(buf)[:n])
-                client.ack(sink.push(device_id, pos, n, buf))
+                if buf is not None and (used + n > len(buf) or len(parts) == GATHER):
+                    client.ack(sink.push(device_id, parts, buf))
+                    parts, buf, used = [], None, 0
+                if buf is None:
+                    buf = sink.push_buffer(piece, block=False)
+                    if buf is None:  # the budget is spent: free what the plugin may, wait
+                        client.flush()
+                        buf = sink.push_buffer(piece)
+                    if buf is None:  # the backup stops
+                        return
+                client.read_into(memoryview(buf)[used:used + n])
+                parts.append((pos, n))
+                used += n
         if not self._stopping.is_set():
             raise client.error("the plugin closed the stream")

@@ -186,16 +186,23 @@ class Sink:
     def __init__(self, size: int, budget: int = 1000) -> None:
         self.tracker = DeviceTracker(size, K, lambda off, n: None)
         self.records: dict[int, bytes] = {}
+        self.batches: list[int] = []  # runs per push
         self.budget = threading.Semaphore(budget)
 
     def push_buffer(self, n: int, block: bool = True) -> bytearray | None:
         return bytearray(n) if self.budget.acquire(blocking=block) else None
 
-    def push(self, device_id: int, offset: int, length: int, buf: bytearray | None
+    def push(self, device_id: int, parts: list[tuple[int, int]], buf: bytearray | None
              ) -> list[tuple[int, int]]:
-        owned = self.tracker.pushed(offset, length)
-        for a, b in owned:
-            self.records[a] = bytes(b - a) if buf is None else bytes(buf[a - offset:b - offset])
+        owned: list[tuple[int, int]] = []
+        pos = 0
+        for offset, length in parts:
+            for a, b in self.tracker.pushed(offset, length):
+                at = pos + a - offset
+                self.records[a] = bytes(b - a) if buf is None else bytes(buf[at:at + b - a])
+                owned.append((a, b))
+            pos += length
+        self.batches.append(len(parts))
         return owned
 
 
@@ -225,7 +232,7 @@ def test_a_slow_agent_holds_the_feed_back_and_acknowledges_what_it_has(
     s, path = served
     sink = Sink(64 * MiB, budget=3)
     failed: list[BaseException] = []
-    feed = CopyFeed(sink, {0: path}, K, failed.append)
+    feed = CopyFeed(sink, {0: path}, K, failed.append)  # one cluster per buffer
     try:
         for i in range(10):
             s.write(i * MiB, pat(i + 1))  # QEMU's copies never wait for the agent
@@ -252,3 +259,22 @@ def test_copy_feed_reports_a_plugin_that_goes_away(short_tmp: Path) -> None:
     wait_for(lambda: failed, "the feed fails")
     feed.close()
     assert "the plugin closed the stream" in str(failed[0])
+
+
+def test_copy_feed_hands_runs_that_arrive_together_over_in_one_push(
+    served: tuple[ClusterStore, str]
+) -> None:
+    s, path = served
+    for i in range(40):
+        s.write(i * MiB, pat(i + 1))  # before the feed starts: all in its first batch
+    sink = Sink(64 * MiB)
+    failed: list[BaseException] = []
+    feed = CopyFeed(sink, {0: path}, 2 * MiB, failed.append)
+    try:
+        wait_for(lambda: s.stats().clusters_taken == 40, "all are taken")
+    finally:
+        feed.close()
+    assert failed == []
+    assert sorted(sink.records) == [i * MiB for i in range(40)]
+    assert sink.records[7 * MiB] == pat(8)
+    assert sum(sink.batches) == 40 and len(sink.batches) < 40  # 2 MiB buffers: 32 a push

@@ -59,9 +59,9 @@ def test_a_pushed_partial_last_cluster_needs_no_trim() -> None:
 def test_pack_moves_owned_parts_to_the_front() -> None:
     dev = Device(0, "vda", 64 * MiB)
     buf = bytearray(b"".join(bytes([i]) * C for i in range(4)))
-    assert _pack(dev, 0, [(0, 4 * C)], buf) == _Read(dev, 0, 4 * C)
-    item = _pack(dev, MiB, [(MiB + C, MiB + 2 * C), (MiB + 3 * C, MiB + 4 * C)], buf)
-    assert item == _Gather(dev, ((MiB + C, C), (MiB + 3 * C, C)))
+    assert _pack(dev, [(0, 4 * C, 0)], buf) == _Read(dev, 0, 4 * C)
+    item = _pack(dev, [(MiB + C, MiB + 2 * C, C), (5 * MiB, 5 * MiB + C, 3 * C)], buf)
+    assert item == _Gather(dev, ((MiB + C, C), (5 * MiB, C)))
     assert buf[:2 * C] == bytes([1]) * C + bytes([3]) * C
 
 
@@ -93,13 +93,15 @@ def test_engine_push_queues_the_owned_parts_and_returns_them() -> None:
     buf = e.push_buffer(4 * C)
     assert buf is not None
     buf[:4 * C] = b"".join(bytes([i + 1]) * C for i in range(4))
-    assert e.push(0, 0, 4 * C, buf) == [(0, C), (2 * C, 4 * C)]
-    assert e.push(0, 8 * MiB, 2 * C, None) == [(8 * MiB, 8 * MiB + 2 * C)]
+    # two runs in one buffer, the sweep's cluster in the first one
+    assert e.push(0, [(0, 3 * C), (6 * C, C)], buf) == [(0, C), (2 * C, 3 * C), (6 * C, 7 * C)]
+    assert e.push(0, [(8 * MiB, 2 * C)], None) == [(8 * MiB, 8 * MiB + 2 * C)]
     e._workers.shutdown(wait=True)
     records = queued(e)
     data = sorted((r.offset, r.length, bytes(r.payload)) for r in records
                   if isinstance(r, _Data))
-    assert data == [(0, C, bytes([1]) * C), (2 * C, 2 * C, bytes([3]) * C + bytes([4]) * C)]
+    assert data == [(0, C, bytes([1]) * C), (2 * C, C, bytes([3]) * C),
+                    (6 * C, C, bytes([4]) * C)]
     assert [(r.offset, r.length) for r in records if isinstance(r, _Zero)] == [
         (8 * MiB, 2 * C)]
 
@@ -108,6 +110,6 @@ def test_engine_push_after_the_end_owns_nothing_and_returns_the_buffer() -> None
     e, _ = engine()
     e._pushes_closed = True  # as run() does once every reader is done
     buf = e.push_buffer(C)
-    assert e.push(0, 0, C, buf) == []
+    assert e.push(0, [(0, C)], buf) == []
     assert e.push_buffers._out == 0 and e._q.empty()
     e._workers.shutdown(wait=True)
