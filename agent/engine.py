@@ -299,6 +299,22 @@ class _Planner:
             gate.spend(item.length)
         return item
 
+    def claim_pushed(self, parts: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        """Claim data the copy-before-write target pushed (see :meth:`BackupEngine.push`),
+        under this lock: the sweep asks block status only about ranges nobody claimed.
+        Returns ``(start, end, position)``: the position of ``start`` in the parts laid
+        one after another."""
+        if self._tracker is None:
+            return []
+        owned: list[tuple[int, int, int]] = []
+        pos = 0
+        with self._lock:
+            for offset, length in parts:
+                owned += [(a, b, pos + a - offset)
+                          for a, b in self._tracker.pushed(offset, length)]
+                pos += length
+        return owned
+
     def _copied(self) -> _Read | _Gather:
         """The next copies to read. A guest's random writes are copied one 64 KiB cluster
         at a time, far apart: up to GATHER_PARTS of them go as one gathered read, which
@@ -337,6 +353,19 @@ class _Planner:
         return self._ready.popleft()
 
 
+def _pack(dev: Device, owned: list[tuple[int, int, int]], buf: bytearray) -> _Read | _Gather:
+    """The item for the owned ``(start, end, position in buf)`` parts of pushed data: the
+    parts are moved to the buffer's start, one after another, as a gather lays them."""
+    if len(owned) == 1 and owned[0][2] == 0:
+        return _Read(dev, owned[0][0], owned[0][1] - owned[0][0])
+    pos = 0
+    for a, b, at in owned:
+        if at != pos:  # (forward only: pos <= at)
+            buf[pos:pos + b - a] = buf[at:at + b - a]
+        pos += b - a
+    return _Gather(dev, tuple((a, b - a) for a, b, _ in owned))
+
+
 def _between(start: int, end: int, runs: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
     """The parts of [start, end) outside ``runs`` (sorted, disjoint, inside it)."""
     for a, b in runs:
@@ -351,6 +380,12 @@ def _between(start: int, end: int, runs: list[tuple[int, int]]) -> Iterator[tupl
 class _Prepared:
     records: list[_Record]
     buf: bytearray  # back to the pool once the records are written (payloads may view it)
+    pool: BufferPool | None = None  # the pool buf came from; None: the read buffers
+
+
+def _prepare_pushed(item: _Read | _Gather, buf: bytearray, spec: codec.CompressionSpec,
+                    pool: BufferPool) -> _Prepared:
+    return _Prepared(_prepare(item, buf, spec).records, buf, pool)
 
 
 def _prepare(item: _Read | _Gather, buf: bytearray, spec: codec.CompressionSpec
@@ -398,7 +433,7 @@ def _split(dev: Device, base: int, view: memoryview, spec: codec.CompressionSpec
 @dataclass
 class BackupResult:
     progress: Progress
-    peak_buffer: int  # most bytes of read buffers in use at once
+    peak_buffer: int  # most bytes of read buffers in use at once (and of pushed copies)
 
 
 class BackupEngine:
@@ -421,6 +456,10 @@ class BackupEngine:
         self.opts = opts
         self.control = Control()
         self.buffers = BufferPool(opts.request_size, opts.memory, self.control)
+        # Copies pushed by the copy-before-write target have buffers of their own: in one
+        # pool the sweep, stalled on a slow output, would hold every buffer, and copies
+        # cost the target memory (they go first, as copies read back used to).
+        self.push_buffers = BufferPool(opts.request_size, opts.memory, self.control)
         self.meter = Meter("backup", sum(d.size for d, _ in sources) if total is None else total,
                            progress)
         self._q: queue.Queue[Future[_Prepared] | _Zero | None] = queue.Queue()
@@ -430,6 +469,9 @@ class BackupEngine:
         self._planners = [_Planner(d, s, opts, self.control, self.trackers.get(d.id),
                                    self._gate)
                           for d, s in sources]
+        self._by_device = {d.id: p for (d, _), p in zip(sources, self._planners, strict=True)}
+        self._push_lock = threading.Lock()
+        self._pushes_closed = False  # the readers are done: the records are all queued
 
     def run(self) -> BackupResult:
         """Run to completion; raises the first error. Interruptible from the main thread."""
@@ -450,6 +492,8 @@ class BackupEngine:
                     t.start()
             for t in readers:
                 interrupts.join(t)
+            with self._push_lock:  # every range is claimed now: no push owns anything
+                self._pushes_closed = True
             self._workers.shutdown(wait=True)
             self._q.put(None)
             interrupts.join(writer_t)
@@ -468,7 +512,45 @@ class BackupEngine:
                         t.join(max(0.0, deadline - time.monotonic()))
         if ctl.error is not None:
             raise ctl.error
-        return BackupResult(self.meter.final(), self.buffers.peak)
+        return BackupResult(self.meter.final(), self.buffers.peak + self.push_buffers.peak)
+
+    # -- copies pushed by the copy-before-write target (agent/cbw/feed.py) -------------
+
+    def push_buffer(self, n: int, block: bool = True) -> bytearray | None:
+        """A buffer for ``n`` bytes (at most ``opts.request_size``) of pushed data, from a
+        budget of ``opts.memory`` beside the read buffers': it waits while they are all out,
+        which holds the target's feed back (the target keeps the copies meanwhile). None
+        once the backup stops (or at once when ``block`` is false and the budget is spent)."""
+        return self.push_buffers.get(n, block)
+
+    def push(self, device_id: int, parts: list[tuple[int, int]], buf: bytearray | None
+             ) -> list[tuple[int, int]]:
+        """QEMU copied these ``(offset, length)`` parts of a device before guest writes, and
+        the target sent their data: in ``buf`` (from :meth:`push_buffer`, the parts one after
+        another from its start; the engine owns it from now on), or all zeros when ``buf`` is
+        None. Claims what nobody claimed yet and queues its records (one unit for all the
+        parts, as a gathered read is); returns the ``(start, end)`` ranges claimed: only they
+        may be dropped by the target, the others are read through the snapshot view."""
+        planner = self._by_device[device_id]
+        owned: list[tuple[int, int, int]] = []  # (start, end, its position in buf)
+        with self._push_lock:
+            if not self._pushes_closed and not self.control.stopped():
+                owned = planner.claim_pushed(parts)
+            try:
+                if owned and buf is None:
+                    for a, b, _ in owned:
+                        self._q.put(_Zero(planner._device, a, b - a))
+                elif owned and buf is not None:
+                    item = _pack(planner._device, owned, buf)
+                    fut = self._workers.submit(_prepare_pushed, item, buf,
+                                               self.opts.compression, self.push_buffers)
+                    fut.add_done_callback(self._q.put)
+                    buf = None
+            except RuntimeError:  # the workers shut down: the backup failed meanwhile
+                owned = []
+        if buf is not None:
+            self.push_buffers.put(buf)
+        return [(a, b) for a, b, _ in owned]
 
     # -- readers -----------------------------------------------------------------------
 
@@ -585,7 +667,7 @@ class BackupEngine:
                 if not ctl.stopped():
                     self._write_records(prepared.records)
             finally:
-                self.buffers.put(prepared.buf)
+                (prepared.pool or self.buffers).put(prepared.buf)
 
     def _write_records(self, records: list[_Record]) -> None:
         w = self.writer

@@ -10,6 +10,14 @@ copy clusters only (an unaligned trim aborts QEMU 7.2; there the disk's last clu
 partial, while later QEMUs cannot release a partial one at all: ``partial_tail``), so a
 cluster is released when the last of its bytes is written, whichever records they came in.
 
+Copies usually come *pushed*: the target sends each copied cluster's data to the agent
+(agent/cbw/feed.py), which writes it without reading it through QEMU. A pushed range is
+claimed like any other; the parts someone claimed first are dropped (both sources hold the
+same point-in-time data, and the claimant reads it through the snapshot view, where the
+target must keep it until QEMU's trim). Whole clusters the push owns are marked released at
+once: QEMU copied them, so it never copies them again and needs no trim, and the target frees
+them on the agent's word instead. A trim of a written run then leaves them out.
+
 An incremental backup never reads the ranges its bitmap says are clean: the planner
 *skips* them, and they are released together with the written ranges they touch. Its
 scattered clusters then release as a few long ranges, not one trim (a round trip through
@@ -42,8 +50,9 @@ class DeviceTracker:
         self._copied: deque[tuple[int, int]] = deque()
         self.copied_ranges = 0  # announced by copy-before-write
         self.copied_bytes = 0  # in those ranges (the adaptive sweep's signal: agent/pace.py)
-        self.copied_first = 0  # of those, read ahead of the sweep
-        self.released_bytes = 0
+        self.copied_first = 0  # of those, read ahead of the sweep (or pushed)
+        self.released_bytes = 0  # trimmed on the snapshot view
+        self.pushed_bytes = 0  # taken from the target's feed (never read through QEMU)
 
     # -- producers ---------------------------------------------------------------------
 
@@ -55,6 +64,27 @@ class DeviceTracker:
                 self._copied.append((offset, end))
                 self.copied_ranges += 1
                 self.copied_bytes += end - offset
+
+    def pushed(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The target sent the data of [offset, offset+length), which QEMU copied: claim it
+        and return the parts nobody claimed before, now the caller's to write. Its whole
+        clusters are released without a trim (module docstring)."""
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return []
+        c = self.cluster
+        with self._lock:
+            self.copied_ranges += 1
+            self.copied_bytes += end - offset
+            owned = self._claimed.claim(offset, end)
+            self.copied_first += len(owned)
+            for a, b in owned:
+                self.pushed_bytes += b - a
+                lo = -(-a // c) * c
+                hi = b if b == self.size else b - b % c
+                if lo < hi:
+                    self._released.claim(lo, hi)
+            return owned
 
     def take_copied(self) -> list[tuple[int, int]]:
         """Claim the copied ranges announced so far; return the parts nobody claimed yet."""

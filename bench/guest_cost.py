@@ -287,7 +287,8 @@ SETTINGS = [
     Setting("auto", "live, --max-rate auto", "live", "auto"),
     Setting("stopped", "live, sweep stopped (4K/s)", "live", "4K", finish=False),
     # The copies alone, as QEMU makes them: the archive is all but unread, so the agent
-    # neither reads them back through QEMU nor releases them; they stay in the plugin.
+    # takes the first --memory (32M) of them off the plugin's feed and then stops; the rest
+    # stay in the plugin, unsent.
     Setting("held", "live, copies held in the plugin", "live", "4K", finish=False,
             drain=64 * 1024),
 ]

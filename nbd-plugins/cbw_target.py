@@ -1,9 +1,10 @@
 """nbdkit Python plugin: the copy-before-write target of a live backup.
 
 QEMU's copy-before-write filter writes the old contents of each cluster here just before the
-guest overwrites it; the agent reads them back (through QEMU's snapshot-access node), learns of
-them from the control socket, and trims them once they are in the archive. All logic lives in
-``agent.cbw`` (tested there); this file only maps nbdkit's callbacks and errno values.
+guest overwrites it; the control socket sends them on to the agent, which tells it when they
+may go (QEMU reads them here only for an agent read of the snapshot view that got there
+first, and trims those). All logic lives in ``agent.cbw`` (tested there); this file only maps
+nbdkit's callbacks and errno values.
 
     nbdkit --foreground -U SOCK python nbd-plugins/cbw_target.py \\
         size=SIZE [memory=SIZE] [spool-dir=DIR] [spool-limit=SIZE] [control=PATH]

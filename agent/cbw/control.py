@@ -1,14 +1,32 @@
-"""The copy-before-write target's control socket: stored-range events and stats.
+"""The copy-before-write target's control socket: stored ranges and their data, and stats.
 
 The plugin listens on a Unix socket (``control=PATH``, mode 0600). A client connects and
-sends one command line; the protocol is ASCII lines, so ``socat - UNIX:PATH`` can debug it::
+sends one command line; the protocol is ASCII lines (and, on ``feed``, the data itself), so
+``socat - UNIX:PATH`` can debug it::
 
     client: events\\n        server: R <offset> <length>\\n   for every range stored: first
                                     everything stored now (not yet trimmed), then each
                                     later write, in the order QEMU made them; the stream
                                     lasts until either side closes
+    client: feed\\n          server: D <offset> <length>\\n<length bytes>   data, or
+                                    Z <offset> <length>\\n   all-zero clusters: the same
+                                    ranges as ``events`` (runs of at most 1 MiB), with what
+                                    is stored there, each byte sent once
+            A <offset> <length>\\n   (any time, client to server) the client has the range and
+                                    will not read it through QEMU: the store frees every whole
+                                    cluster inside it (:meth:`ClusterStore.take`)
     client: stats\\n         server: {json}\\n                 the store's counters, then closes
     anything else           server: E <message>\\n            then closes
+
+Why ``feed``: the agent used to learn of a copy from ``events``, read it back through QEMU's
+snapshot-access node (agent → QEMU → copy-before-write → NBD → this plugin) and trim it there
+(through QEMU again) so that the plugin freed it: two more trips through QEMU's main loop per
+copied cluster, competing with the guest for it. Sent here, a copy crosses QEMU once, as it
+must. Until the client acknowledges a range (``A``) the store keeps it, because a read through
+the snapshot view may still come for it (the agent's sweep may have claimed it first); the
+client acknowledges only what it will never read that way. Nothing here makes QEMU's copy
+wait for the client: a client that reads slowly holds up only the sender thread, the store
+fills, and a copy it cannot take fails (ENOSPC: QEMU breaks the snapshot, never the guest).
 
 Why a pushed stream rather than asking the store what it holds: the agent must learn of a
 copy soon after QEMU makes it (those clusters cost memory) without polling or scanning; one
@@ -25,14 +43,21 @@ import os
 import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from types import TracebackType
 
-from agent.cbw.store import ClusterStore, Subscription
+from agent.cbw.store import ClusterStore, StoreError, Subscription
 from agent.errors import AgentError
 
 #: How often server threads look at their stop flag, in seconds.
 POLL_INTERVAL = 0.2
+#: Longest run of one ``D`` line, and bytes sent in one system call at most.
+FEED_RUN = 1 << 20
+#: Buffers in one system call at most (IOV_MAX is 1024).
+FEED_PARTS = 256
+#: How long the feed's sender lets copies gather after sending some, in seconds.
+FEED_LINGER = 0.002
 
 
 class ControlError(AgentError):
@@ -99,6 +124,9 @@ class ControlServer:
                 if command == "events":
                     conn.settimeout(None)
                     self._stream_events(conn)
+                elif command == "feed":
+                    conn.settimeout(None)
+                    self._feed(conn)
                 elif command == "stats":
                     conn.sendall(json.dumps(self.stats()).encode() + b"\n")
                 else:
@@ -122,6 +150,74 @@ class ControlServer:
                     return
         finally:
             sub.close()
+
+
+    def _feed(self, conn: socket.socket) -> None:
+        """Send each stored range with its data; free what the client acknowledges."""
+        sub: Subscription = self.store.subscribe()
+        acks = threading.Thread(target=self._take_acks, args=(conn, sub),
+                                name="cbw-control-acks", daemon=True)
+        acks.start()
+        store = self.store
+        try:
+            while not self._stop.is_set():
+                batch = sub.get(timeout=POLL_INTERVAL)
+                if batch is None:
+                    return
+                parts: list[bytes] = []
+                size = 0
+                for offset, length in batch:
+                    for o, n, chunks in store.data_runs(offset, length, FEED_RUN):
+                        if chunks is None:
+                            parts.append(f"Z {o} {n}\n".encode())
+                        else:
+                            parts.append(f"D {o} {n}\n".encode())
+                            parts += chunks
+                            size += n
+                        if size >= FEED_RUN or len(parts) >= FEED_PARTS:
+                            _send_parts(conn, parts)
+                            parts, size = [], 0
+                if parts:
+                    _send_parts(conn, parts)
+                if batch:
+                    # Let copies gather: one wake-up of this thread per few ms of copies,
+                    # not one per cluster (each takes the GIL from QEMU's next copy).
+                    time.sleep(FEED_LINGER)
+        finally:
+            sub.close()
+            # The acknowledgement thread's file keeps the socket open: end the connection
+            # itself, so that the client sees the stream end.
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    def _take_acks(self, conn: socket.socket, sub: Subscription) -> None:
+        """Free each range the client acknowledges; end the feed when the client goes."""
+        try:
+            with conn.makefile("rb") as lines:
+                for line in lines:
+                    parts = line.split()
+                    if len(parts) != 3 or parts[0] != b"A":
+                        return  # not our client: end the stream
+                    self.store.take(int(parts[1]), int(parts[2]))
+        except (OSError, ValueError, StoreError):
+            pass  # the client went away, or the store closed
+        finally:
+            sub.close()  # the sender stops at once
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+
+def _send_parts(conn: socket.socket, parts: list[bytes]) -> None:
+    """Send ``parts`` in order, as few system calls as the socket allows (no joining)."""
+    views = [memoryview(p) for p in parts]
+    while views:
+        sent = conn.sendmsg(views)
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 def _read_line(conn: socket.socket, limit: int = 256) -> str:

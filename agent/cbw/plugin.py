@@ -9,7 +9,7 @@ Parameters::
     memory=SIZE         bytes of copied clusters kept in memory (default 256M)
     spool-dir=DIR       directory of the spool file (default: $TMPDIR)
     spool-limit=SIZE    bytes of copied clusters kept in the spool file (default 0: none)
-    control=PATH        Unix socket for stored-range events and stats (optional)
+    control=PATH        Unix socket for stored ranges, the copies' feed and stats (optional)
     cluster=SIZE        copy cluster size (default 64K, QEMU's for an NBD target)
 
 SIZE takes a suffix K, M, G or T (powers of 1024), as nbdkit's own parameters do.

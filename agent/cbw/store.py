@@ -27,11 +27,20 @@ refused (:class:`Replaced`; the plugin answers EPERM), counted (``writes_refused
 what is stored as it was. One bit per cluster of the disk records what was ever written
 (2 MiB for a 1 TiB disk).
 
-Subscribers (the control socket's ``events`` clients, see :mod:`agent.cbw.control`) learn of
-stored ranges through an append-only journal: a subscription starts with every range stored
-at that moment, then receives each later write. Delivered ranges are filtered to what is still
-stored at delivery time, so a range trimmed in between is not announced. The journal keeps only
-entries some subscriber has not read yet; without subscribers nothing is journaled.
+Subscribers (the control socket's ``events`` and ``feed`` clients, see
+:mod:`agent.cbw.control`) learn of stored ranges through an append-only journal: a
+subscription starts with every range stored at that moment, then receives each later write.
+Delivered ranges are filtered to what is still stored at delivery time, so a range trimmed in
+between is not announced. The journal keeps only entries some subscriber has not read yet;
+without subscribers nothing is journaled. A write wakes waiting subscribers only when no wake
+is pending since one of them last started to wait: a burst of copies costs one wake-up, not
+one per cluster (a quarter of nbdkit's GIL time went to waking the stream per write).
+
+Two ways out of the store: :meth:`ClusterStore.trim` (QEMU's discard, when the agent releases
+a range on the snapshot view) and :meth:`ClusterStore.take` (the agent has the data from the
+``feed`` stream and will never read it through QEMU). A taken cluster stays *allocated* for
+block status: QEMU maps a copied cluster to its target and asserts the target has it, and it
+never learns that the agent took it.
 """
 
 from __future__ import annotations
@@ -116,6 +125,9 @@ class StoreStats:
     full_errors: int
     longest_write_us: int  # the longest one copy took to store here: part of a guest's wait
     writes_refused: int  # writes to clusters already written: not QEMU's (module docstring)
+    clusters_taken: int  # freed because the agent took them from the feed (not trimmed)
+    bytes_read: int  # served to reads (QEMU reading copies back for the snapshot view)
+    bytes_fed: int  # sent to the agent on the feed stream (agent.cbw.control)
 
     def __init__(self, **counters: int) -> None:
         if counters.keys() != self.__annotations__.keys():
@@ -129,6 +141,27 @@ class _Spooled:
     def __init__(self, slot: int, length: int) -> None:
         self.slot = slot
         self.length = length
+
+
+class _Bits:
+    """One bit per cluster index: a bitmap when the disk's size is known, else a set."""
+
+    __slots__ = ("_map", "_set")
+
+    def __init__(self, size: int | None, cluster: int) -> None:
+        self._map = bytearray(-(-size // cluster // 8) + 1) if size is not None else None
+        self._set: set[int] = set()
+
+    def __contains__(self, index: int) -> bool:
+        if self._map is None:
+            return index in self._set
+        return bool(self._map[index >> 3] & (1 << (index & 7)))
+
+    def add(self, index: int) -> None:
+        if self._map is None:
+            self._set.add(index)
+        else:
+            self._map[index >> 3] |= 1 << (index & 7)
 
 
 class ClusterStore:
@@ -176,9 +209,12 @@ class ClusterStore:
         self._full_errors = 0
         self._longest_write_ns = 0
         self._refused = 0
-        # Clusters ever written, one bit each (a set when the size is not known).
-        self._written = bytearray(-(-size // cluster // 8) + 1) if size is not None else None
-        self._written_set: set[int] = set()
+        self._taken_count = 0
+        self._bytes_read = 0
+        self._bytes_fed = 0
+        self._written = _Bits(size, cluster)  # clusters ever written
+        self._taken = _Bits(size, cluster)  # clusters the agent took (module docstring)
+        self._wake_pending = False  # a write woke the subscribers; none waits again yet
         self._journal: deque[tuple[int, int, int]] = deque()  # (seq, offset, length)
         self._seq = 0
         self._subs: set[Subscription] = set()
@@ -232,7 +268,9 @@ class ClusterStore:
         if self._subs:
             self._journal.append((self._seq, offset, length))
             self._seq += 1
-            self._changed.notify_all()
+            if not self._wake_pending:  # once per batch (module docstring)
+                self._wake_pending = True
+                self._changed.notify_all()
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Store zero clusters (a write-zeroes request): costs no memory."""
@@ -246,16 +284,11 @@ class ClusterStore:
             self._stored(offset, length, len(pieces), len(pieces))
 
     def _was_written(self, index: int) -> bool:
-        if self._written is None:
-            return index in self._written_set
-        return bool(self._written[index >> 3] & (1 << (index & 7)))
+        return index in self._written
 
     def _mark_written(self, indices: list[int]) -> None:
         for index in indices:
-            if self._written is None:
-                self._written_set.add(index)
-            else:
-                self._written[index >> 3] |= 1 << (index & 7)
+            self._written.add(index)
 
     def _check_first(self, indices: list[int], offset: int, length: int) -> None:
         """Raise Replaced if any cluster was written before (lock held)."""
@@ -316,7 +349,7 @@ class ClusterStore:
         """The stored bytes of ``[offset, offset+length)``; raises NotStored for any gap."""
         c = self.cluster
         end = offset + length
-        out = bytearray()
+        pieces: list[bytes | memoryview] = []
         with self._lock:
             self._check_open()
             for index in range(offset // c, (end + c - 1) // c):
@@ -329,8 +362,43 @@ class ClusterStore:
                         f"{index * c + (len(data) if data is not None else 0)} "
                         f"(read of {length} bytes at {offset})"
                     )
-                out += data[start:stop]
-        return bytes(out)
+                pieces.append(data if stop - start == len(data) else
+                              memoryview(data)[start:stop])
+            self._bytes_read += length
+        # The bytes are immutable and outlive a trim: join outside the lock, copying once
+        # (a whole cluster not at all).
+        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+            return pieces[0]
+        return b"".join(pieces)
+
+    def data_runs(self, offset: int, length: int, limit: int
+                  ) -> list[tuple[int, int, list[bytes] | None]]:
+        """The clusters of ``[offset, offset+length)`` still stored, as runs of at most
+        ``limit`` bytes for the ``feed`` stream: ``(offset, length, chunks)`` for data,
+        ``(offset, length, None)`` for all-zero clusters. Gaps (trimmed or taken) are
+        left out."""
+        c = self.cluster
+        end = offset + length
+        runs: list[tuple[int, int, list[bytes] | None]] = []
+        with self._lock:
+            self._check_open()
+            for index in range(offset // c, (end + c - 1) // c):
+                zero = self._zeros.get(index)
+                data = None if zero is not None else self._cluster_data(index)
+                if zero is None and data is None:
+                    continue
+                n = zero if zero is not None else len(data or b"")
+                pos = index * c
+                if runs:
+                    o, m, chunks = runs[-1]
+                    if o + m == pos and (chunks is None) == (data is None) and m + n <= limit:
+                        if chunks is not None and data is not None:
+                            chunks.append(data)
+                        runs[-1] = (o, m + n, chunks)
+                        continue
+                runs.append((pos, n, None if data is None else [data]))
+            self._bytes_fed += sum(n for _, n, chunks in runs if chunks is not None)
+        return runs
 
     def _cluster_data(self, index: int) -> bytes | None:
         data = self._mem.get(index)
@@ -361,6 +429,15 @@ class ClusterStore:
         Partial clusters at either end are kept (the range is rounded inward), except a short
         last cluster of the disk, which a range up to the end covers whole.
         """
+        return self._free(offset, length, taken=False)
+
+    def take(self, offset: int, length: int) -> int:
+        """The agent has the range from the feed and will not read it through QEMU: free
+        it as :meth:`trim` does, but keep its clusters allocated for block status (module
+        docstring). Returns how many clusters were freed."""
+        return self._free(offset, length, taken=True)
+
+    def _free(self, offset: int, length: int, *, taken: bool) -> int:
         c = self.cluster
         end = offset + length
         first = -(-offset // c)
@@ -377,8 +454,14 @@ class ClusterStore:
             else:
                 candidates = range(first, last)
             for index in candidates:
-                freed += self._drop(index)
-            self._trimmed += freed
+                if self._drop(index):
+                    freed += 1
+                    if taken:
+                        self._taken.add(index)
+            if taken:
+                self._taken_count += freed
+            else:
+                self._trimmed += freed
             if not self._spool and self._next_slot:
                 # Everything spilled has been released: give the disk space back.
                 os.ftruncate(self._spool_fd, 0)
@@ -410,10 +493,11 @@ class ClusterStore:
         end = offset + length
         first, last = offset // c, (end + c - 1) // c
         with self._lock:
-            if last - first > self._count():
+            if last - first > self._count() and not self._taken_count:
                 indices = sorted(i for i in self._all_indices() if first <= i < last)
             else:
-                indices = [i for i in range(first, last) if self._present(i)]
+                indices = [i for i in range(first, last)
+                           if self._present(i) or i in self._taken]
             states = [(i, i in self._zeros) for i in indices]
         runs: list[Extent] = []
         pos = offset
@@ -448,6 +532,9 @@ class ClusterStore:
                 full_errors=self._full_errors,
                 longest_write_us=self._longest_write_ns // 1000,
                 writes_refused=self._refused,
+                clusters_taken=self._taken_count,
+                bytes_read=self._bytes_read,
+                bytes_fed=self._bytes_fed,
             )
 
     def subscribe(self) -> Subscription:
@@ -484,6 +571,7 @@ class ClusterStore:
                 batch, sub.backlog = sub.backlog, []
                 return batch
             if not self._closed and sub.active and sub.cursor == self._seq:
+                self._wake_pending = False  # the next write wakes us (module docstring)
                 self._changed.wait(timeout)
             if self._closed or not sub.active:
                 return None

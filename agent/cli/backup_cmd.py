@@ -212,9 +212,9 @@ def run(args: argparse.Namespace) -> int:
              result.kind.name.lower(), parent, size(result.peak_buffer))
     if result.live is not None:
         x = result.live
-        log.info("guest writes: %d cluster(s) copied before write (%d read ahead of the "
-                 "sweep), %s spilled, %s peak in the copy-before-write target, longest "
-                 "store of a copy %.1f ms", x.clusters_copied, x.copied_read_first,
+        log.info("guest writes: %d cluster(s) copied before write (%s of them straight "
+                 "into the archive), %s spilled, %s peak in the copy-before-write target, "
+                 "longest store of a copy %.1f ms", x.clusters_copied, size(x.pushed_bytes),
                  size(x.bytes_spilled), size(x.peak_plugin_memory),
                  x.longest_copy_store_us / 1000)
     return 0

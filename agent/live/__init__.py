@@ -6,9 +6,9 @@
   before anything runs;
 - :mod:`agent.live.run`: the set-up, the stream into the archive and the teardown
   (:func:`~agent.live.run.run_live_backup`);
-- :mod:`agent.live.events`: the thread that hears which clusters QEMU copied;
 - :mod:`agent.live.stats`: what the backup cost the guest.
 
-The QEMU side (block graph, checkpoints) is agent/qemu/, the copy-before-write target
-agent/cbw/, the per-disk bookkeeping agent/tracker.py and agent/releaser.py.
+The QEMU side (block graph, checkpoints) is agent/qemu/; the copy-before-write target and
+the feed of its copies, agent/cbw/; the per-disk bookkeeping, agent/tracker.py and
+agent/releaser.py.
 """

@@ -7,10 +7,11 @@ Order of the set-up (and, reversed, of the teardown on every way out)::
                    snapshot-access nodes exported over QEMU's NBD server
                 ─▶ NBD sources on those exports ─▶ the archive output
 
-While the engine sweeps the point-in-time view, a listener thread (events.py) hears from
-the plugin which clusters QEMU copied before a guest write; the engine reads those first
-(they cost memory in the target) and, once any range is in the archive, trims it on the
-snapshot view so QEMU stops copying it and the plugin frees it.
+While the engine sweeps the point-in-time view, a feed thread per disk receives from the
+plugin the clusters QEMU copied before a guest write, with their data, and hands them to the
+engine (agent/cbw/feed.py): they are never read back through QEMU, and the plugin frees them
+on the agent's word. Once a range the sweep read is in the archive, it is trimmed on the
+snapshot view so QEMU stops copying it (and the plugin frees it, if it holds it).
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ from typing import NamedTuple
 from uuid import UUID
 
 from agent.archive.format import check_name, new_archive_uuid
+from agent.cbw.feed import CopyFeed
 from agent.cbw.server import CbwTargetServer
 from agent.errors import AgentError, ArchiveError, InvalidArgument, SourceError
 from agent.live import stats
-from agent.live.events import CopyListener
 from agent.live.job import LiveJob
 from agent.live.network import Network, explain_setup_error
 from agent.live.network import plan as plan_network
@@ -170,17 +171,22 @@ def _stream(job: LiveJob, live: _Live, stack: contextlib.ExitStack,
     with write_archive(job.output, job.engine, progress, uuid=live.archive, kind=plan.kind,
                        parent=plan.parent, checkpoint=new[0] if new else "") as arc:
         trackers: dict[int, DeviceTracker] = {}  # the engine's: by the archive's device id
+        feeds: dict[int, str] = {}  # archive's device id -> its target's control socket
         for d in devices:
             props = {"source-format": d.format, "source": "qemu-live"}
             dev = arc.add_device(archive_name(d), sources[d.id], props)
             trackers[dev.id] = by_name[d.id]
+            feeds[dev.id] = live.servers[d.id].control_path
         for name, data in configs:
             arc.add_config(name, data)
         engine = arc.engine(trackers, total)
         # Releases start only once the engine writes; errors of either helper stop it.
         releaser.start(engine.control.fail)
-        with CopyListener(live.servers, by_name, engine.control.fail):
+        feed = CopyFeed(engine, feeds, job.engine.request_size, engine.control.fail)
+        try:
             summary = arc.run(engine)
+        finally:
+            feed.close()
     # The archive is complete: its checkpoints stay, the ones it supersedes go.
     snap.commit()
     checkpoints.retire(snap.monitor, plan, live.archive, devices)

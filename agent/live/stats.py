@@ -16,7 +16,9 @@ log = logging.getLogger("backup-agent")
 @dataclass(frozen=True)
 class LiveStats:
     clusters_copied: int  # copied by QEMU before a guest write, all disks
-    copied_read_first: int  # of those, read ahead of the sweep
+    pushed_bytes: int  # of those, the bytes the archive took from the targets' feeds
+    copies_read_back: int  # bytes the targets served to reads through QEMU's snapshot view
+    released_bytes: int  # trimmed on the snapshot view once in the archive
     bytes_spilled: int  # to the targets' spool files
     peak_plugin_memory: int  # the most any one target held in memory
     longest_copy_store_us: int  # the longest any target took to store one copy
@@ -34,7 +36,9 @@ def collect(servers: Mapping[str, CbwTargetServer],
                         "(the archive holds what QEMU copied)", name, st["writes_refused"])
     return LiveStats(
         clusters_copied=sum(s.get("clusters_copied", 0) for s in stats.values()),
-        copied_read_first=sum(t.copied_first for t in trackers.values()),
+        pushed_bytes=sum(t.pushed_bytes for t in trackers.values()),
+        copies_read_back=sum(s.get("bytes_read", 0) for s in stats.values()),
+        released_bytes=sum(t.released_bytes for t in trackers.values()),
         bytes_spilled=sum(s.get("bytes_spilled", 0) for s in stats.values()),
         peak_plugin_memory=max((s.get("peak_memory", 0) for s in stats.values()), default=0),
         longest_copy_store_us=max((s.get("longest_write_us", 0) for s in stats.values()),

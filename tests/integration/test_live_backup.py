@@ -17,11 +17,21 @@ from pathlib import Path
 import pytest
 
 from agent.archive.codec import CompressionSpec
+from agent.cbw.control import ControlClient
 from agent.engine import EngineOptions
 from agent.live.job import LiveJob
 from agent.live.run import run_live_backup
 from agent.qemu.qmp import Monitor
-from tests.integration.cli_util import AGENT, agent, agent_from_file, assert_error, describe
+from agent.writing import BackupSummary
+from tests.integration.cli_util import (
+    AGENT,
+    agent,
+    agent_from_file,
+    assert_error,
+    children,
+    cmdline,
+    describe,
+)
 from tests.integration.conftest import make_image, qemu_img_compare
 from tests.integration.vm import Disk, Vm, VmFactory
 
@@ -223,3 +233,76 @@ def test_block_status_skips_ranges_already_released(
     done = agent_from_file(arc, "restore", "-", "--to-dir", out)
     assert done.returncode == 0, describe(done)
     assert qemu_img_compare(before["vda"], "qcow2", out / "vda.raw", "raw")
+
+
+def _plugin_control(parent: int) -> str:
+    """The control socket of the copy-before-write plugin that process ``parent`` started."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for pid in children(parent):
+            args = cmdline(pid)
+            if any("cbw_target.py" in a for a in args):
+                return next(a.split("=", 1)[1] for a in args if a.startswith("control="))
+        time.sleep(0.05)
+    raise AssertionError("no copy-before-write plugin was started")
+
+
+def test_copies_reach_the_archive_without_a_read_back_through_qemu(
+    two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path
+) -> None:
+    """The plugin sends each cluster QEMU copies to the agent on its control socket: the
+    agent never reads a copy back through QEMU's snapshot view (which would make QEMU read
+    it from the plugin), never trims one there, and the archive is still the disk at its
+    point in time. Copied zeros travel as zeros."""
+    vm, before = two_disks
+    fifo = short_tmp / "p.arc"
+    os.mkfifo(fifo)
+    job = LiveJob(qmp=str(vm.agent_qmp), output=str(fifo), drives=["vda"],
+                  engine=EngineOptions(compression=CompressionSpec.parse("none"),
+                                       connections=1, request_size=64 * KiB,
+                                       memory=8 * MiB, status_window=4 * MiB))
+    outcome: list[BackupSummary | BaseException] = []
+
+    def backup() -> None:
+        try:
+            outcome.append(run_live_backup(job))
+        except BaseException as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=backup)
+    worker.start()
+    data = bytearray()
+    with open(fifo, "rb") as pipe:
+        data += pipe.read(4096)  # the snapshot exists; the sweep is held within its first 10 MiB
+        control = ControlClient(_plugin_control(os.getpid()))
+        writes = [(off, 64 * KiB) for off in range(24 * MiB, 40 * MiB, MiB)]
+        writes.append((41 * MiB, 2 * MiB))  # one copy of 32 clusters
+        for i, (off, length) in enumerate(writes):
+            vm.guest_write("vda", 0xC0 + i, off, length)
+        vm.guest_zero("vda", 44 * MiB, 128 * KiB)  # over zeros: two zero clusters copied
+        copies = 16 + 32 + 2
+        deadline = time.monotonic() + 60
+        while control.stats()["clusters_taken"] < copies:  # the agent has them all
+            assert time.monotonic() < deadline, str(control.stats())
+            time.sleep(0.05)
+        stats = control.stats()
+        while chunk := pipe.read(1 << 20):
+            data += chunk
+    worker.join(120)
+    assert len(outcome) == 1 and isinstance(outcome[0], BackupSummary), outcome
+    summary = outcome[0]
+    assert stats["clusters_copied"] == copies and stats["clusters_stored"] == 0
+    assert stats["bytes_fed"] == (copies - 2) * 64 * KiB  # zeros went as zeros
+    assert summary.live is not None
+    assert summary.live.copies_read_back == 0  # no read reached the plugin
+    assert summary.live.pushed_bytes == copies * 64 * KiB
+    # every byte of the disk trimmed through QEMU, except what was pushed
+    assert summary.live.released_bytes == 48 * MiB - copies * 64 * KiB
+    arc = short_tmp / "p-got.arc"
+    arc.write_bytes(bytes(data))
+    out = short_tmp / "r"
+    done = agent_from_file(arc, "restore", "-", "--to-dir", out)
+    assert done.returncode == 0, describe(done)
+    assert qemu_img_compare(before["vda"], "qcow2", out / "vda.raw", "raw")
+    for i, (off, length) in enumerate(writes):
+        vm.guest_verify("vda", 0xC0 + i, off, length)

@@ -155,16 +155,17 @@ def test_copy_before_write_target_full(vm: Vm, stall: Callable[..., Stalled]) ->
     before = _graph(vm)
     # The smallest sizes that leave a margin: the CLI takes 4K and up.
     stalled = stall("--cbw-memory", "1M", "--spool-limit", "1M")
-    # 4 MiB of guest writes to clusters not backed up yet: the target keeps 1 MiB in memory
-    # and 1 MiB in its spool, then refuses (ENOSPC) and QEMU breaks the snapshot. Every
-    # write succeeds all the same.
-    for i in range(4):
-        vm.guest_write("vda", 0xA0 + i, 40 * MiB + i * MiB, MiB)
+    # 8 MiB of guest writes to clusters not backed up yet: the agent takes 4 MiB from the
+    # target (its --memory for copies; its output is stalled), the target keeps 1 MiB in
+    # memory and 1 MiB in its spool, then refuses (ENOSPC) and QEMU breaks the snapshot.
+    # Every write succeeds all the same.
+    for i in range(8):
+        vm.guest_write("vda", 0xA0 + i, 24 * MiB + i * MiB, MiB)
     code, err = stalled.drain()
     assert _graph(vm) == before
     stalled.assert_clean()
-    for i in range(4):
-        vm.guest_verify("vda", 0xA0 + i, 40 * MiB + i * MiB, MiB)
+    for i in range(8):
+        vm.guest_verify("vda", 0xA0 + i, 24 * MiB + i * MiB, MiB)
     _guest_unharmed(vm, 0x5A, 48 * MiB)
     message = assert_error((code, err), "vda", "copy-before-write target ran out of room",
                            "--cbw-memory", "--spool-limit", "guest was not affected")
