@@ -70,6 +70,16 @@ class _Opened:
 def _open_one(path: str) -> _Opened:
     check_seekable(path)
     try:
+        with open(path, "rb") as f:
+            read_seal(f)
+    except ArchiveError as e:
+        # The end is what serving needs first: a cut or still growing file has none.
+        raise ArchiveError(f"{path}: {e}: the archive is incomplete (truncated, or still "
+                           "being written); only a complete archive file can be served "
+                           "(`backup-agent verify` reads it from the start)") from e
+    except OSError as e:
+        raise ArchiveError(f"cannot open {path}: {e.strerror}") from e
+    try:
         with IndexedArchive(path) as arc:  # seal, index and both ends checked
             if arc.index is None:
                 raise ArchiveError(f"{path} has no index, so it cannot be served (it was "
