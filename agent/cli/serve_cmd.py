@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
 
 from agent import interrupts
 from agent.cli import common
+from agent.cli.common import UsageError
 from agent.errors import AgentError, Interrupted
+
+if TYPE_CHECKING:
+    from agent.tls import TlsCreds
 
 log = logging.getLogger("backup-agent")
 
@@ -25,8 +30,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        "their trailing index can be served.")
     p.add_argument("paths", metavar="ARCHIVE", nargs="+",
                    help="the archive, or a chain oldest first")
-    p.add_argument("--socket", metavar="PATH", required=True,
-                   help="the Unix socket to serve on (must not exist)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", metavar="PATH",
+                       help="the Unix socket to serve on (must not exist)")
+    where.add_argument("--listen", metavar="[HOST]:PORT",
+                       help="serve on TCP (port 10809 if only HOST is given; :0 any free "
+                       "port; no HOST: every address), under TLS")
     p.add_argument("--device", metavar="NAME", action="append",
                    help="serve only this device (repeatable)")
     p.add_argument("--cache", type=common.byte_size, default=DEFAULT_CACHE, metavar="SIZE",
@@ -34,7 +43,35 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--writable", action="store_true",
                    help="accept writes into a temporary overlay in $TMPDIR, discarded at "
                    "exit (the archive is never written); one device per server")
+    net = p.add_argument_group("TCP (--listen): TLS as for live backups, docs/NETWORK.md")
+    net.add_argument("--tls-creds", metavar="DIR",
+                     help="x509: ca-cert.pem, server-cert.pem, server-key.pem; clients must "
+                     "present a certificate signed by that CA")
+    net.add_argument("--tls-psk", metavar="FILE",
+                     help="a pre-shared key file (USER:HEXKEY lines) instead of x509")
+    net.add_argument("--insecure-plaintext", action="store_true",
+                     help="serve TCP in clear text, readable and reachable by anyone on the "
+                     "network (otherwise refused)")
     p.set_defaults(run=run)
+
+
+def _listen(args: argparse.Namespace) -> tuple[tuple[str, int] | None, TlsCreds | None]:
+    """Where on TCP and with which credentials, or (None, None) for the Unix socket."""
+    from agent.network import NBD_PORT, host_port
+    from agent.tls import TlsCreds, require_tls
+
+    if args.listen is None:
+        if args.tls_creds or args.tls_psk or args.insecure_plaintext:
+            raise UsageError("--tls-creds, --tls-psk and --insecure-plaintext apply to "
+                             "--listen only: a Unix socket is reached by this host alone")
+        return None, None
+    text = args.listen
+    if text.startswith(":"):  # no HOST: every address
+        host, port = "", host_port("any" + text, NBD_PORT, "--listen")[1]
+    else:
+        host, port = host_port(text, NBD_PORT, "--listen")
+    creds = TlsCreds.load(args.tls_creds, args.tls_psk)
+    return (host, port), require_tls("the NBD server", text, creds, args.insecure_plaintext)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     from agent.serve.archives import ServedArchives
     from agent.serve.server import ArchiveServer, check_socket_path
 
-    socket = check_socket_path(args.socket)
+    listen, tls = _listen(args)
+    socket = check_socket_path(args.socket) if args.socket is not None else None
     # Everything checked here first, so that a bad archive or chain is one clear line; the
     # plugin opens the archives again in nbdkit.
     served = ServedArchives(args.paths, args.device, args.cache)
@@ -56,13 +94,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         with interrupts.held():
             server = ArchiveServer(args.paths, devices, socket, cache=args.cache,
-                                   writable=args.writable)
+                                   writable=args.writable, listen=listen, tls=tls,
+                                   insecure=args.insecure_plaintext)
     except Interrupted:
         return 0
     try:
         common.write_stdout("".join(u + "\n" for u in server.uris()))
         log.info("serving %d device(s) on %s%s; Ctrl-C or SIGTERM stops", len(devices),
-                 socket, " (writable, changes discarded at exit)" if args.writable else "")
+                 server.where, " (writable, changes discarded at exit)" if args.writable else "")
         while True:
             status = server.wait(interrupts.STEP)
             if status is not None:

@@ -7,6 +7,12 @@ the lines the plugin writes for the user (``backup-agent: serve: ...``, a damage
 go to the agent's log as warnings; nbdkit's own (a Python traceback per failed request)
 only with ``--debug``.
 
+Over TCP (``listen=(host, port)``) the rules of live backups hold: TLS with the agent's
+credentials (:meth:`agent.tls.TlsCreds.nbdkit_args`: x509 with the clients' certificates
+checked against the CA, or a PSK), clear text only when the caller passes ``tls=None``
+(``--insecure-plaintext``). nbdkit 1.32 cannot filter client addresses: TLS and the firewall
+decide who may read the disks.
+
 ``writable``: nbdkit's ``cow`` filter takes the writes into a temporary overlay file in
 ``$TMPDIR`` (default /var/tmp), unlinked and gone when nbdkit exits; the archive is opened
 read-only. nbdkit 1.32's cow filter keeps one overlay per server, not per export (a write to
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket as socket_module
 import stat
 import subprocess
 import sys
@@ -30,7 +37,9 @@ from urllib.parse import quote
 import agent
 from agent.cbw.server import _pythonpath
 from agent.errors import AgentError, InvalidArgument
-from agent.process import START_TIMEOUT, accepts
+from agent.process import START_TIMEOUT, accepts, accepts_tcp
+from agent.qemu.qmp import format_address
+from agent.tls import SERVER_CERT, SERVER_KEY, TlsCreds
 
 log = logging.getLogger("backup-agent")
 
@@ -46,6 +55,37 @@ def find_plugin() -> Path:
 
 def uri(device: str, socket: str) -> str:
     return f"nbd+unix:///{quote(device, safe='')}?socket={quote(socket, safe='/')}"
+
+
+def tcp_uri(device: str, host: str, port: int, tls: TlsCreds | None) -> str:
+    """``nbds://[USER@]HOST:PORT/DEVICE`` (the client adds its own credentials, e.g.
+    ``?tls-psk-file=FILE``), or ``nbd://`` in clear text."""
+    scheme = "nbds" if tls is not None else "nbd"
+    user = f"{quote(tls.psk_user, safe='')}@" if tls is not None and tls.psk_user else ""
+    return f"{scheme}://{user}{format_address(host, port)}/{quote(device, safe='')}"
+
+
+def _free_port(host: str) -> int:
+    """A TCP port free on ``host`` (all addresses if empty) right now."""
+    family = socket_module.AF_INET6 if ":" in host else socket_module.AF_INET
+    with socket_module.socket(family, socket_module.SOCK_STREAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError as e:
+            raise InvalidArgument(f"--listen: cannot listen on {host or 'all addresses'}: "
+                                  f"{e.strerror or e} (is it an address of this host?)") from e
+        return int(s.getsockname()[1])
+
+
+def check_server_creds(tls: TlsCreds) -> None:
+    """Refuse x509 credentials without the server's certificate and key, saying why."""
+    if tls.psk_file is not None:
+        return
+    for name in (SERVER_CERT, SERVER_KEY):
+        if not os.path.isfile(os.path.join(tls.directory, name)):
+            raise InvalidArgument(f"TLS credentials directory {tls.directory} has no {name}: "
+                                  "serving over x509 needs this host's server certificate "
+                                  "and key (or use --tls-psk FILE; see docs/NETWORK.md)")
 
 
 def check_socket_path(path: str) -> str:
@@ -74,8 +114,10 @@ class ArchiveServer:
     the Unix socket ``socket``, which must not exist (:func:`check_socket_path`).
     The constructor starts nbdkit and waits until it serves."""
 
-    def __init__(self, paths: Sequence[str], devices: Sequence[str], socket: str, *,
-                 cache: int, writable: bool = False) -> None:
+    def __init__(self, paths: Sequence[str], devices: Sequence[str], socket: str | None, *,
+                 cache: int, writable: bool = False,
+                 listen: tuple[str, int] | None = None, tls: TlsCreds | None = None,
+                 insecure: bool = False) -> None:
         plugin = find_plugin()
         if not plugin.exists():
             raise AgentError(f"the serving plugin is missing: {plugin}")
@@ -83,10 +125,25 @@ class ArchiveServer:
             raise InvalidArgument("--writable serves one device per server (nbdkit's cow "
                                   "filter keeps one overlay for all exports): choose it with "
                                   "--device NAME, and run one serve per device")
+        if (socket is None) == (listen is None):
+            raise InvalidArgument("serve on a Unix socket or on TCP: one of the two")
+        if listen is not None and tls is None and not insecure:
+            raise InvalidArgument("serving over TCP needs TLS (or --insecure-plaintext)")
         self.socket = socket
         self.devices = list(devices)
+        self.tls = tls
+        self.tcp: tuple[str, int] | None = None
         self._last_user_line = ""
-        args = ["nbdkit", "--foreground", "--exit-with-parent", "-U", socket]
+        args = ["nbdkit", "--foreground", "--exit-with-parent"]
+        if listen is not None:
+            host, port = listen
+            self.tcp = (host, port or _free_port(host))
+            if tls is not None:
+                check_server_creds(tls)
+            args += [*(["-i", host] if host else []), "-p", str(self.tcp[1]),
+                     *(tls.nbdkit_args() if tls is not None else [])]
+        else:
+            args += ["-U", str(socket)]
         args += ["--filter=cow"] if writable else ["-r"]
         args += ["python", str(plugin), *(f"archive={p}" for p in paths),
                  *(f"device={d}" for d in devices), f"cache={cache}"]
@@ -112,7 +169,21 @@ class ArchiveServer:
         return self.proc.pid
 
     def uris(self) -> list[str]:
-        return [uri(d, self.socket) for d in self.devices]
+        if self.tcp is not None:
+            host = self.tcp[0] or socket_module.gethostname()
+            return [tcp_uri(d, host, self.tcp[1], self.tls) for d in self.devices]
+        return [uri(d, str(self.socket)) for d in self.devices]
+
+    def _serving(self) -> bool:
+        if self.tcp is not None:
+            return accepts_tcp(self.tcp[0] or "localhost", self.tcp[1])
+        return accepts(str(self.socket))
+
+    @property
+    def where(self) -> str:
+        if self.tcp is not None:
+            return format_address(self.tcp[0] or "*", self.tcp[1])
+        return str(self.socket)
 
     def _relay_stderr(self) -> None:
         stream = self.proc.stderr
@@ -133,10 +204,10 @@ class ArchiveServer:
                 self._relay.join(1.0)
                 why = self._last_user_line or f"nbdkit exited with status {self.proc.returncode}"
                 raise AgentError(f"could not serve: {why}")
-            if accepts(self.socket):
+            if self._serving():
                 return
             time.sleep(0.01)
-        raise AgentError(f"nbdkit did not start serving on {self.socket} within "
+        raise AgentError(f"nbdkit did not start serving on {self.where} within "
                          f"{START_TIMEOUT:.0f} s")
 
     def wait(self, timeout: float) -> int | None:
@@ -159,6 +230,8 @@ class ArchiveServer:
         if proc.stderr is not None:
             proc.stderr.close()
         # nbdkit removes its socket on a clean exit; after a crash it may be left behind.
+        if self.socket is None:
+            return
         try:
             if stat.S_ISSOCK(os.lstat(self.socket).st_mode):
                 os.unlink(self.socket)

@@ -293,3 +293,67 @@ def test_writable_keeps_writes_in_an_overlay_and_never_touches_the_archive(
         assert bytes(h.pread(5000, 70001)) == want[70001:75001]
         assert h.is_read_only()
         h.shutdown()
+
+
+def _start_tcp(archive: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    proc = subprocess.Popen([AGENT, "serve", str(archive), *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], START_TIMEOUT)
+    line = proc.stdout.readline().decode().strip() if ready else ""
+    if not line:
+        proc.kill()
+        raise AssertionError(f"serve did not start: {proc.communicate()[1].decode()}")
+    return proc, line
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+    return proc.returncode
+
+
+def test_tcp_is_served_under_tls_psk_only(tmp_path: Path) -> None:
+    chain = build_chain(tmp_path, [Kind.FULL], sizes={"vda": 3 * MiB})
+    psk = tmp_path / "keys.psk"
+    psk.write_text(f"backup:{os.urandom(32).hex()}\n")
+    psk.chmod(0o600)
+    proc, uri = _start_tcp(chain.paths[0], "--listen", "127.0.0.1:0", "--tls-psk", str(psk))
+    try:
+        assert uri.startswith("nbds://backup@127.0.0.1:") and uri.endswith("/vda")
+        h = nbd.NBD()  # with the key: the disk
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_psk_file(str(psk))
+        h.set_tls_username("backup")
+        h.connect_uri(uri)
+        assert bytes(h.pread(MiB, 1000)) == chain.expected["vda"][1000 : 1000 + MiB]
+        h.shutdown()
+        plain = nbd.NBD()  # without TLS: refused before any option is answered
+        with pytest.raises(nbd.Error):
+            plain.connect_uri(uri.replace("nbds://backup@", "nbd://"))
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_tcp_in_clear_text_only_when_asked_in_so_many_words(tmp_path: Path) -> None:
+    chain = build_chain(tmp_path, [Kind.FULL], sizes={"vda": 1 * MiB})
+    line = _refused(chain.paths[0], "--listen", "127.0.0.1:0", expect="in clear text")
+    assert "--insecure-plaintext" in line and "--tls-creds" in line
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "ca-cert.pem").write_text("not checked before the server files\n")
+    _refused(chain.paths[0], "--listen", "127.0.0.1:0", "--tls-creds", creds,
+             expect="has no server-cert.pem")
+    proc, uri = _start_tcp(chain.paths[0], "--listen", "127.0.0.1:0", "--insecure-plaintext")
+    try:
+        assert uri.startswith("nbd://127.0.0.1:") and uri.endswith("/vda")
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        assert bytes(h.pread(4096, 0)) == chain.expected["vda"][:4096]
+        h.shutdown()
+    finally:
+        assert _stop(proc) == 0
