@@ -33,21 +33,24 @@ API_VERSION = 2
 _plugin = ServePlugin()
 
 
+def _fail(e: Exception) -> None:
+    """Choose the errno the NBD client sees for ``e`` (raised again by the caller)."""
+    if isinstance(e, NoSuchExport):
+        nbdkit.set_error(errno.ENOENT)
+        return
+    if isinstance(e, DamagedRecord):
+        # The log line the user reads, naming the record; the client gets EIO.
+        sys.stderr.write(f"backup-agent: serve: {e}\n")
+        sys.stderr.flush()
+    nbdkit.set_error(errno.EIO)
+
+
 def _call(fn: Callable[[], _T]) -> _T:
     """Run one request, choosing the errno the NBD client sees on failure."""
     try:
         return fn()
-    except NoSuchExport:
-        nbdkit.set_error(errno.ENOENT)
-        raise
-    except DamagedRecord as e:
-        # The log line the user reads, naming the record; the client gets EIO.
-        sys.stderr.write(f"backup-agent: serve: {e}\n")
-        sys.stderr.flush()
-        nbdkit.set_error(errno.EIO)
-        raise
-    except Exception:
-        nbdkit.set_error(errno.EIO)
+    except Exception as e:
+        _fail(e)
         raise
 
 
@@ -106,7 +109,11 @@ def can_cache(h: Any) -> int:
 
 
 def pread(h: DeviceImage, buf: bytearray, offset: int, flags: int) -> None:
-    buf[:] = _call(lambda: h.read(offset, len(buf)))
+    try:  # not through _call: this is every read's path, a lambda less counts
+        buf[:] = h.read(offset, len(buf))
+    except Exception as e:
+        _fail(e)
+        raise
 
 
 def extents(h: DeviceImage, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import cast
 
-Buffer = bytes | memoryview
+Buffer = bytes | bytearray | memoryview
 
 
 @dataclass
@@ -47,6 +47,14 @@ class RecordCache:
 
     def get(self, key: Hashable, load: Callable[[], Buffer]) -> Buffer:
         """The cached value of ``key``, or ``load()``'s (once, however many threads ask)."""
+        value = self._items.get(key)  # the common case, without the lock: dict.get is atomic
+        if value is not None:
+            try:  # noqa: SIM105 (contextlib.suppress costs every cached read a context)
+                self._items.move_to_end(key)
+            except KeyError:  # evicted meanwhile: the value is still good for this read
+                pass
+            self.stats.hits += 1  # a counter for tests and benchmarks: a lost update is fine
+            return value
         with self._lock:
             value = self._items.get(key)
             if value is not None:

@@ -9,6 +9,7 @@ never served as data; the records around it still are.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,29 +97,44 @@ class DeviceImage:
             raise ArchiveError(f"device {self.name!r}: range {offset}+{length} is outside "
                                "the device")
         segs, end = self.segments, offset + length
+        # Most requests lie inside one segment: answer them without building a Segment.
+        i = bisect.bisect_right(segs.starts, offset) - 1
+        if i >= 0 and end <= segs.starts[i] + segs.lengths[i]:
+            pos = segs.pos[i]
+            if pos == ZERO:
+                return bytes(length)
+            rec_off = segs.rec_off[i]
+            rec = self._record_of(segs.layer[i], pos, rec_off, segs.starts[i], segs.lengths[i])
+            piece = rec[offset - rec_off : end - rec_off]
+            if len(piece) == length:
+                return piece  # no copy, no zero-filled buffer
+            raise self._short(segs.layer[i], pos)
+        out = bytearray(length)  # gaps read as zeros (ZERO records; none in a FULL)
         i = segs.first_at(offset)
-        out: bytearray | None = None
         while i < len(segs) and segs.starts[i] < end:
             s = segs[i]
             i += 1
             if s.pos == ZERO:
                 continue
-            try:
-                rec = self._record(s.layer, s.pos, s.rec_off)
-            except DamagedRecord as e:
-                raise DamagedRecord(f"device {self.name!r}: reads of bytes {s.start}..{s.end} "
-                                    f"fail: {e}") from e
+            rec = self._record_of(s.layer, s.pos, s.rec_off, s.start, s.length)
             lo, hi = max(offset, s.start), min(end, s.end)
             piece = rec[lo - s.rec_off : hi - s.rec_off]
-            if len(piece) != hi - lo:  # the record is shorter than the index says
-                raise DamagedRecord(f"{self.layers[s.layer].path}: data record at byte "
-                                    f"{s.pos} holds fewer bytes than its index entry")
-            if lo == offset and hi == end:
-                return piece  # one record answers it all: no copy, no zero-filled buffer
-            if out is None:
-                out = bytearray(length)  # gaps read as zeros (ZERO records, none in a FULL)
+            if len(piece) != hi - lo:
+                raise self._short(s.layer, s.pos)
             out[lo - offset : hi - offset] = piece
-        return bytes(out) if out is not None else bytes(length)
+        return out
+
+    def _record_of(self, layer: int, pos: int, rec_off: int, start: int, length: int) -> Buffer:
+        try:
+            return self._record(layer, pos, rec_off)
+        except DamagedRecord as e:
+            raise DamagedRecord(f"device {self.name!r}: reads of bytes {start}.."
+                                f"{start + length} fail: {e}") from e
+
+    def _short(self, layer: int, pos: int) -> DamagedRecord:
+        """The record is shorter than its index entry says (the index is damaged)."""
+        return DamagedRecord(f"device {self.name!r}: {self.layers[layer].path}: data record "
+                             f"at byte {pos} holds fewer bytes than its index entry")
 
     def extents(self, offset: int, length: int, limit: int = 4096) -> list[tuple[int, int, bool]]:
         """(offset, length, zero) runs from ``offset`` on, ascending and contiguous, at

@@ -45,6 +45,14 @@ log = logging.getLogger("backup-agent")
 
 USER_PREFIX = "backup-agent: serve: "
 
+#: One thread per connection. nbdkit 1.32.5 aborts (``raw_send_socket: Assertion `sock >= 0'
+#: failed``) when a client goes away while several threads of its connection still answer
+#: requests: nbdcopy stopping at a read error, a client killed mid-read. Seen with the C file
+#: plugin too, so it is nbdkit's, not ours. With one thread a connection's requests are
+#: answered in turn; connections still run in parallel (multi-conn). What it costs a
+#: single-connection reader at queue depth 16: docs/PERFORMANCE.md.
+NBDKIT_THREADS = ["--threads=1"]
+
 
 def find_plugin() -> Path:
     """The plugin script: beside ``agent/`` in a checkout, else where pip puts it."""
@@ -134,7 +142,7 @@ class ArchiveServer:
         self.tls = tls
         self.tcp: tuple[str, int] | None = None
         self._last_user_line = ""
-        args = ["nbdkit", "--foreground", "--exit-with-parent"]
+        args = ["nbdkit", "--foreground", "--exit-with-parent", *NBDKIT_THREADS]
         if listen is not None:
             host, port = listen
             self.tcp = (host, port or _free_port(host))

@@ -14,6 +14,7 @@ import random
 import select
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -357,3 +358,37 @@ def test_tcp_in_clear_text_only_when_asked_in_so_many_words(tmp_path: Path) -> N
         h.shutdown()
     finally:
         assert _stop(proc) == 0
+
+
+_VANISHING_CLIENT = """
+import os, sys, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+size = h.get_size()
+bufs = [nbd.Buffer(1 << 20) for _ in range(64)]
+for k, buf in enumerate(bufs):  # many reads in flight, then gone without a word (as if killed)
+    h.aio_pread(buf, (k << 20) % (size - (1 << 20)))
+while h.aio_in_flight() == 64 and h.aio_peek_command_completed() == 0:
+    h.poll(1)  # until the server answers the first: it is busy with the rest
+os._exit(0)
+"""
+
+
+def test_a_client_that_vanishes_mid_read_does_not_stop_the_server(
+        tmp_path: Path, short_tmp: Path, two_disks: tuple[Path, Path]) -> None:
+    """nbdkit 1.32.5 aborts when a client goes away while several threads answer its
+    requests (agent/serve/server.py, NBDKIT_THREADS): every other client would lose its disk."""
+    vda, _ = two_disks
+    arc = tmp_path / "vm.arc"
+    assert agent("backup", "--image", f"vda={vda}", "--compress", "none", "-o",
+                 arc).returncode == 0
+    image = vda.read_bytes()
+    with serving([arc], short_tmp / "s.sock", devices=1) as s:
+        for _ in range(5):
+            subprocess.run([sys.executable, "-c", _VANISHING_CLIENT, s.uri("vda")],
+                           check=True, timeout=60)
+            assert s.proc.poll() is None, s.stop() and s.stderr
+            h = nbd.NBD()
+            h.connect_uri(s.uri("vda"))
+            assert bytes(h.pread(MiB, 5 * MiB)) == image[5 * MiB : 6 * MiB]
+            h.shutdown()
