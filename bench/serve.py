@@ -106,18 +106,26 @@ def bench_sequential(work: Path, size: int, runs: int) -> tuple[list[Row], Path,
     sh(f"{AGENT} restore -q {arc} --to-dir {restored}")
     img.unlink()
     raw = restored / "disk.raw"
-    ours, peers = [], []
-    with served(arc) as (uri, _, _), qemu_nbd(raw, "raw") as peer:
-        for _ in range(runs):  # interleaved: noise hits both alike
+    stored = work / "stored.arc"
+    sh(f"{AGENT} backup -q --image disk={raw} --compress none -o {stored}")
+    ours, plain, peers = [], [], []
+    with served(arc) as (uri, _, _), served(stored) as (uri_plain, _, _), \
+            qemu_nbd(raw, "raw") as peer:
+        for _ in range(runs):  # interleaved: noise hits all alike
             settle()
             ours.append(sh(f"nbdcopy '{uri}' null:"))
             settle()
+            plain.append(sh(f"nbdcopy '{uri_plain}' null:"))
+            settle()
             peers.append(sh(f"nbdcopy '{peer}' null:"))
-    a, p = statistics.median(ours), statistics.median(peers)
+    stored.unlink()
+    a, b, p = statistics.median(ours), statistics.median(plain), statistics.median(peers)
     rows = [Row(f"sequential read, {size / GiB:g} GiB half data, zstd", a, p,
                 "qemu-nbd on restored raw", "throughput >= 0.7x", p / a >= 0.7,
                 f"throughput {p / a:.2f}x: {size / MiB / a:.0f} vs {size / MiB / p:.0f} "
-                f"MiB/s; archive {arc.stat().st_size / MiB:.0f} MiB")]
+                f"MiB/s; archive {arc.stat().st_size / MiB:.0f} MiB"),
+            Row("same, --compress none archive", b, p, "qemu-nbd on restored raw", "-", None,
+                f"throughput {p / b:.2f}x: what decompression costs")]
     return rows, arc, raw
 
 

@@ -21,6 +21,7 @@ one export shows in every other), so a writable server serves one device.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket as socket_module
@@ -73,15 +74,20 @@ def tcp_uri(device: str, host: str, port: int, tls: TlsCreds | None) -> str:
     return f"{scheme}://{user}{format_address(host, port)}/{quote(device, safe='')}"
 
 
-def _free_port(host: str) -> int:
-    """A TCP port free on ``host`` (all addresses if empty) right now."""
+def _free_port(host: str, port: int = 0) -> int:
+    """``port``, or any port if 0, checked free on ``host`` (all addresses if empty) right
+    now: a server already there would answer the readiness check in nbdkit's place."""
     family = socket_module.AF_INET6 if ":" in host else socket_module.AF_INET
     with socket_module.socket(family, socket_module.SOCK_STREAM) as s:
+        s.setsockopt(socket_module.SOL_SOCKET, socket_module.SO_REUSEADDR, 1)  # as nbdkit
         try:
-            s.bind((host, 0))
+            s.bind((host, port))
         except OSError as e:
-            raise InvalidArgument(f"--listen: cannot listen on {host or 'all addresses'}: "
-                                  f"{e.strerror or e} (is it an address of this host?)") from e
+            where = format_address(host, port) if host else f"port {port}"
+            hint = ("is another server on it?" if e.errno == errno.EADDRINUSE
+                    else "is it an address of this host?")
+            raise InvalidArgument(f"--listen: cannot listen on {where}: "
+                                  f"{e.strerror or e} ({hint})") from e
         return int(s.getsockname()[1])
 
 
@@ -145,7 +151,7 @@ class ArchiveServer:
         args = ["nbdkit", "--foreground", "--exit-with-parent", *NBDKIT_THREADS]
         if listen is not None:
             host, port = listen
-            self.tcp = (host, port or _free_port(host))
+            self.tcp = (host, _free_port(host, port))
             if tls is not None:
                 check_server_creds(tls)
             args += [*(["-i", host] if host else []), "-p", str(self.tcp[1]),

@@ -336,6 +336,10 @@ def test_tcp_is_served_under_tls_psk_only(tmp_path: Path) -> None:
         plain = nbd.NBD()  # without TLS: refused before any option is answered
         with pytest.raises(nbd.Error):
             plain.connect_uri(uri.replace("nbds://backup@", "nbd://"))
+        # the port is taken: said at once, not taken for this server being ready
+        port = uri.split(":")[2].split("/")[0]
+        _refused(chain.paths[0], "--listen", f"127.0.0.1:{port}", "--tls-psk", str(psk),
+                 expect=f"cannot listen on 127.0.0.1:{port}")
     finally:
         assert _stop(proc) == 0
 
