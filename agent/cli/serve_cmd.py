@@ -91,14 +91,12 @@ def run(args: argparse.Namespace) -> int:
                       len(image.segments))
     finally:
         served.close()
+    server = None
     try:
-        with interrupts.held():
+        with interrupts.held():  # it starts a thread (agent/interrupts.py)
             server = ArchiveServer(args.paths, devices, socket, cache=args.cache,
                                    writable=args.writable, listen=listen, tls=tls,
                                    insecure=args.insecure_plaintext)
-    except Interrupted:
-        return 0
-    try:
         common.write_stdout("".join(u + "\n" for u in server.uris()))
         log.info("serving %d device(s) on %s%s; Ctrl-C or SIGTERM stops", len(devices),
                  server.where, " (writable, changes discarded at exit)" if args.writable else "")
@@ -110,4 +108,5 @@ def run(args: argparse.Namespace) -> int:
         log.info("stopped serving")
         return 0
     finally:
-        server.close()
+        if server is not None:
+            server.close()

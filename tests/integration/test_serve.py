@@ -121,8 +121,11 @@ def test_every_device_reads_back_equal(tmp_path: Path, short_tmp: Path,
         assert s.uris == [f"nbd+unix:///vda?socket={sock}", f"nbd+unix:///vdb?socket={sock}"]
         _compare(vda, s.uri("vda"))
         _compare(vdb, s.uri("vdb"))
-        assert s.stop() == 0
+        pid = s.proc.pid
+        (nbdkit,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        assert s.stop() == 0  # SIGTERM: the normal way to stop serving
     assert not sock.exists()  # cleaned up
+    assert not Path(f"/proc/{nbdkit}").exists()  # nbdkit stopped with it (and reaped)
 
 
 @pytest.mark.parametrize("kinds", [
