@@ -266,3 +266,55 @@ def test_a_failed_load_is_not_remembered() -> None:
         with pytest.raises(DamagedRecord):
             cache.get("k", bad)
     assert cache.get("k", lambda: b"ok") == b"ok"
+
+
+def test_an_index_that_names_the_wrong_record_fails_the_read_not_the_data(
+        tmp_path: Path) -> None:
+    """Two entries of the index trade their offsets (everything else checks out: digests,
+    seal, totals, the first and last entry): a read of either range finds a record that
+    holds another range and fails, instead of serving that other range's bytes."""
+    from agent.archive.format import INDEX_ENTRY, RecordType
+    from tests.hostile import builder as hb
+    from tests.unit.archive_util import assemble, split
+
+    blocks = [bytes([0x41 + k]) * (64 * KiB) for k in range(4)]
+    arc = hb.seal([hb.Record(hb.T.HEADER, hb.header()),
+                   hb.Record(hb.T.DEVICE, hb.device(0, 4 * 64 * KiB, "vda")),
+                   *(hb.Record(hb.T.DATA, hb.data(0, k * 64 * KiB, b))
+                     for k, b in enumerate(blocks))])
+    parts = split(arc)
+    i = parts.find(RecordType.INDEX)
+    entries = [list(e) for e in INDEX_ENTRY.iter_unpack(parts.records[i].body)]
+    entries[1][4], entries[2][4] = entries[2][4], entries[1][4]  # the offsets
+    parts.records[i].body = b"".join(INDEX_ENTRY.pack(*e) for e in entries)
+    path = tmp_path / "swapped.arc"
+    path.write_bytes(assemble(parts.records, keep_index=True))
+    served = ServedArchives([str(path)])
+    try:
+        image = served.devices["vda"]
+        assert image.read(0, 64 * KiB) == blocks[0]
+        assert image.read(3 * 64 * KiB, 64 * KiB) == blocks[3]
+        for k in (1, 2):
+            with pytest.raises(DamagedRecord, match="not the record the index names"):
+                image.read(k * 64 * KiB + 10, 100)
+    finally:
+        served.close()
+
+
+def test_a_damaged_compressed_record_fails_its_reads(tmp_path: Path) -> None:
+    chain = build_chain(tmp_path, [Kind.FULL], compress=True, seed=3)
+    path = chain.paths[0]
+    served = ServedArchives([str(path)])
+    image = served.devices["vda"]
+    segs = image.segments
+    # a compressed record in the middle of the archive (opening checks the first and last)
+    data = [s for s in segs if s.pos != ZERO]
+    target = sorted(data, key=lambda s: s.pos)[len(data) // 2]
+    served.close()
+    path.write_bytes(flip(path.read_bytes(), target.pos + 24 + 24 + 5))
+    served = ServedArchives([str(path)])
+    try:
+        with pytest.raises(DamagedRecord, match=f"data record at byte {target.pos}"):
+            served.devices["vda"].read(target.start, 1)
+    finally:
+        served.close()
