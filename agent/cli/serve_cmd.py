@@ -81,16 +81,11 @@ def run(args: argparse.Namespace) -> int:
 
     listen, tls = _listen(args)
     socket = check_socket_path(args.socket) if args.socket is not None else None
-    # Everything checked here first, so that a bad archive or chain is one clear line; the
-    # plugin opens the archives again in nbdkit.
-    served = ServedArchives(args.paths, args.device, args.cache)
-    try:
-        devices = list(served.devices)
-        for name, image in served.devices.items():
-            log.debug("device %r: %d bytes in %d segment(s)", name, image.size,
-                      len(image.segments))
-    finally:
-        served.close()
+    # The archives and the chain checked here first, so that what is wrong is one clear
+    # line; nbdkit's plugin opens them again and builds the tables.
+    served = ServedArchives(args.paths, args.device, args.cache, tables=False)
+    devices = served.names
+    served.close()
     server = None
     try:
         with interrupts.held():  # it starts a thread (agent/interrupts.py)
