@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 import blake3
 
-from agent.archive.format import DIGEST_SIZE, FRAME, INDEX_ENTRY, NO_INDEX, RecordType
+from agent.archive.format import DIGEST_SIZE, FRAME, INDEX_ENTRY, RecordType
 from agent.archive.index_walk import PIECE, frame_at
 from agent.archive.indexed import IndexedArchive, read_seal
 from agent.chain import Link, check_chain
@@ -66,14 +66,15 @@ class _Opened:
     path: str
     fd: int
     link: Link
-    index_pos: int
+    index_pos: int  # the first INDEX record: every DATA record ends before it
+    end_pos: int  # the END record
 
 
 def _open_one(path: str) -> _Opened:
     check_seekable(path)
     try:
         with open(path, "rb") as f:
-            read_seal(f)
+            seal = read_seal(f)
     except ArchiveError as e:
         # The end is what serving needs first: a cut or still growing file has none.
         raise ArchiveError(f"{path}: {e}: the archive is incomplete (truncated, or still "
@@ -92,17 +93,11 @@ def _open_one(path: str) -> _Opened:
         raise ArchiveError(msg if msg.startswith(path) else f"{path}: {msg}") from e
     except OSError as e:
         raise ArchiveError(f"cannot open {path}: {e.strerror}") from e
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with os.fdopen(os.dup(fd), "rb") as f:
-            index_pos = read_seal(f).footer.index_pos
-    except BaseException:
-        os.close(fd)
-        raise
-    return _Opened(path, fd, link, index_pos)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # the file the rest is read from
+    return _Opened(path, fd, link, seal.footer.index_pos, seal.footer.end_pos)
 
 
-def _tables(opened: _Opened, wanted_ids: dict[int, int], layer: int) -> dict[int, Segments]:
+def _tables(opened: _Opened, wanted_ids: set[int], layer: int) -> dict[int, Segments]:
     """Each wanted device's entries in ``opened``'s index, sorted, as a segment table
     (keyed by the device's id in this archive)."""
     runs: dict[int, list[bytes]] = {dev: [] for dev in wanted_ids}
@@ -118,10 +113,7 @@ def _tables(opened: _Opened, wanted_ids: dict[int, int], layer: int) -> dict[int
             runs[dev].append(b"".join(slots))
 
     with os.fdopen(os.dup(opened.fd), "rb") as f:
-        seal = read_seal(f)
-        if seal.footer.index_pos == NO_INDEX:
-            raise ArchiveError(f"{opened.path}: internal: no index")
-        _index_pieces(f, seal.footer.index_pos, seal.footer.end_pos, collect)
+        _index_pieces(f, opened.index_pos, opened.end_pos, collect)
     return {dev: _table(parts, layer) for dev, parts in runs.items()}
 
 
@@ -234,7 +226,7 @@ class ServedArchives:
             return
         resolved: dict[str, Segments] = {}
         for layer, opened in enumerate(self._opened):
-            ids = {d.id: d.id for d in opened.link.devices if d.name in names}
+            ids = {d.id for d in opened.link.devices if d.name in names}
             by_id = _tables(opened, ids, layer)
             for d in opened.link.devices:
                 if d.name in names:
