@@ -20,6 +20,7 @@ from agent.archive.format import (
     DIGEST_SIZE,
     FRAME,
     Chunk,
+    Compression,
     RecordType,
     digest,
     unpack_frame,
@@ -68,7 +69,11 @@ def load_record(layer: Layer, pos: int, rec_off: int) -> Buffer:
         ch = Chunk.decode(body, "it")
         if (ch.target, ch.offset) != (layer.device_id, rec_off):
             raise ArchiveError("it is not the record the index names: the index is damaged")
-        data = codec.decompress(ch.compression, body[CHUNK_FIXED:], ch.length, "its payload")
+        # Into a buffer of its own, as restore decompresses DATA records: that path also
+        # refuses bytes after the frame (tests/unit/test_fuzz_regressions.py).
+        out = bytearray(ch.length) if ch.compression != Compression.NONE else None
+        data = codec.decompress(ch.compression, body[CHUNK_FIXED:], ch.length, "its payload",
+                                out=out)
     except OSError as e:
         raise DamagedRecord(f"{where}: cannot be read: {e.strerror or e}") from e
     except ArchiveError as e:

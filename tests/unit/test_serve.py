@@ -318,3 +318,29 @@ def test_a_damaged_compressed_record_fails_its_reads(tmp_path: Path) -> None:
             served.devices["vda"].read(target.start, 1)
     finally:
         served.close()
+
+
+def test_bytes_after_the_zstd_frame_fail_the_read_as_restore_refuses_them(
+        tmp_path: Path) -> None:
+    import zstandard
+
+    from tests.hostile import builder as hb
+
+    block = b"0123456789abcdef" * 4096
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(block)
+    arc = tmp_path / "tail.arc"
+    arc.write_bytes(hb.seal([
+        hb.Record(hb.T.HEADER, hb.header()),
+        hb.Record(hb.T.DEVICE, hb.device(0, 3 * len(block), "vda")),
+        hb.Record(hb.T.DATA, hb.data(0, 0, block)),
+        hb.Record(hb.T.DATA, hb.data(0, len(block), frame + b"more", length=len(block),
+                                     compression=hb.Compression.ZSTD)),
+        hb.Record(hb.T.DATA, hb.data(0, 2 * len(block), block))]))
+    served = ServedArchives([str(arc)])
+    try:
+        image = served.devices["vda"]
+        assert image.read(0, 10) == block[:10]
+        with pytest.raises(DamagedRecord, match="data record at byte"):
+            image.read(len(block), 10)
+    finally:
+        served.close()
