@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from agent.errors import InvalidArgument
 
+#: NBD's registered port: QEMU's NBD server started for another host, and `serve --listen`.
+NBD_PORT = 10809
+
 
 def parse_address(address: str) -> str | tuple[str, int]:
     """A monitor address as ``QMPClient`` takes it: a Unix socket path, or ``(host, port)``.
@@ -41,16 +44,17 @@ def host_port(text: str, default_port: int, flag: str) -> tuple[str, int]:
         if not bracket or (rest and not rest.startswith(":")):
             raise InvalidArgument(f"{flag} {text!r}: expected HOST[:PORT] ([V6ADDR]:PORT)")
         if rest:
-            port = _port(rest[1:], text, flag)
+            port = parse_port(rest[1:], text, flag)
     elif text.count(":") == 1:
         host, _, p = text.partition(":")
-        port = _port(p, text, flag)
+        port = parse_port(p, text, flag)
     if not host:
         raise InvalidArgument(f"{flag} {text!r}: expected HOST[:PORT]")
     return host, port
 
 
-def _port(text: str, whole: str, flag: str) -> int:
+def parse_port(text: str, whole: str, flag: str) -> int:
+    """A port number 0..65535 (``whole``: the text the user gave, for the message)."""
     if not text.isdecimal() or not 0 <= int(text) <= 65535:
         raise InvalidArgument(f"{flag} {whole!r}: the port must be a number from 0 to 65535")
     return int(text)

@@ -20,29 +20,29 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import nbd
 
 from agent import interrupts
 from agent.archive import codec
-from agent.archive.format import MAX_DATA_LENGTH, Compression, Device
+from agent.archive.format import Compression, Device
 from agent.archive.writer import ArchiveWriter, data_body_digest
-from agent.errors import InvalidArgument, SourceError
+from agent.errors import SourceError
 from agent.nbd.source import NbdSource
+from agent.options import EngineOptions as EngineOptions  # re-exported for its users
 from agent.pace import PaceSpec, SweepPacer
 from agent.pipeline import POLL, BufferPool, Control, Meter, Progress, ProgressFn
 from agent.tracker import DeviceTracker
+from agent.units import MiB
 
-MiB = 1024 * 1024
 ZERO_BLOCK = 64 * 1024  # data that reads as zeros is found and recorded at this grain
 STATUS_MIN_CHANGED = 4 * MiB  # smaller changed runs are read without asking block status
 GATHER_PARTS = 16  # ranges at most in one gathered read (QEMU serves 16 requests at once)
@@ -54,35 +54,6 @@ MAX_REQUEST = 512 * 1024
 # A reader held back by the sweep's pace with nothing in flight looks for new copies
 # this often (seconds): copies wait in the target's memory, and are never paced.
 PACE_NAP = 0.02
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    compression: codec.CompressionSpec = field(default_factory=codec.CompressionSpec)
-    connections: int | None = None  # per source; None: see connections_for()
-    request_size: int = 2 * MiB
-    memory: int = 32 * MiB  # read buffers: 16 requests in flight, small enough to stay in cache
-    workers: int = max(2, os.cpu_count() or 2)
-    inflight_per_connection: int = 16
-    status_window: int = 1024 * MiB
-    pace: PaceSpec = field(default_factory=PaceSpec)  # the sweep's rate: agent/pace.py
-
-    def __post_init__(self) -> None:
-        if not 0 < self.request_size <= MAX_DATA_LENGTH:
-            raise InvalidArgument(f"request size must be 1..{MAX_DATA_LENGTH} bytes")
-        if ((self.connections is not None and self.connections < 1) or self.workers < 1
-                or self.inflight_per_connection < 1):
-            raise InvalidArgument("connections, workers and reads in flight must be >= 1")
-
-    def connections_for(self, changes: bool) -> int:
-        """Connections per source: as given, else one Python thread per core up to 4 for
-        whole disks (2 cores: 2 connections back up 25% faster than 4), and one for an
-        incremental's changes. Its reads are mostly single scattered clusters, which one
-        connection with 16 in flight keeps QEMU busy with; a second reader thread costs
-        more in GIL hand-offs than it gains (2 cores, 1% of 8 GiB: 0.31 s against 0.33)."""
-        if self.connections is not None:
-            return self.connections
-        return 1 if changes else max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 from agent import interrupts
-
-ReleaseFn = Callable[[int, int], None]  # (offset, length) of one device
+from agent.tracker import ReleaseFn
 
 
 class Releaser:

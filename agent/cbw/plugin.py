@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 
+from agent import units
 from agent.cbw.control import ControlServer
 from agent.cbw.store import CLUSTER, ClusterStore, Extent
 from agent.errors import InvalidArgument
@@ -34,19 +35,14 @@ from agent.errors import InvalidArgument
 #: The environment variable holding the one export name the target serves (module doc).
 EXPORT_ENV = "BACKUP_AGENT_CBW_EXPORT"
 
-_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
 def parse_size(key: str, text: str) -> int:
-    """``64M`` -> 67108864 (also 64MB, 64MiB); raises InvalidArgument naming the parameter.
-    (Parsed by hand: ``re`` costs the plugin's start, which every live backup waits for.)"""
-    s = text.strip()
-    digits = s[:len(s) - len(s.lstrip("0123456789"))]
-    unit = s[len(digits):].strip().lower()
-    unit = unit[:-2] if unit.endswith("ib") else unit[:-1] if unit.endswith("b") else unit
-    if not digits or unit not in _SUFFIX:
-        raise InvalidArgument(f"cbw_target: {key}={text!r} is not a size (e.g. 512M, 4G)")
-    return int(digits) * _SUFFIX[unit]
+    """``64M`` -> 67108864 (agent.units' grammar); raises InvalidArgument naming the
+    parameter."""
+    try:
+        return units.parse_size(text)
+    except InvalidArgument:
+        raise InvalidArgument(f"cbw_target: {key}={text!r} is not a size (e.g. 512M, 4G)"
+                              ) from None
 
 
 class Config:

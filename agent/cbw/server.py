@@ -31,11 +31,11 @@ from types import TracebackType
 from typing import Any
 
 import agent
+from agent.address import format_address
 from agent.cbw.control import ControlClient
 from agent.cbw.plugin import EXPORT_ENV
 from agent.errors import AgentError, InvalidArgument
 from agent.process import HelperProcess, accepts, accepts_tcp
-from agent.qemu.qmp import format_address
 from agent.tls import TlsCreds
 
 

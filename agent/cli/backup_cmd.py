@@ -13,15 +13,15 @@ from agent.cli import common
 from agent.cli.common import UsageError
 from agent.cli.render import ProgressRenderer, size, summary_line
 from agent.errors import InvalidArgument
+from agent.modes import MODES
+from agent.options import CbwOptions, EngineOptions
 from agent.pace import FLOOR, PaceSpec
 from agent.tls import QEMU_TLS_CLIENT, QEMU_TLS_SERVER, check_nbd_uri
+from agent.units import KiB, MiB
 
 if TYPE_CHECKING:
     from agent.writing import BackupSummary
 
-# The values of agent.qemu.checkpoints.Mode (a test keeps them equal): importing the live
-# backup's modules here would cost every other backup 35 ms of start-up.
-MODES = ("full", "incremental", "differential", "auto")
 
 #: Options of a live backup only (their dests); --qemu-tls-server/-client have defaults.
 LIVE_ONLY = ("tls_creds", "tls_psk", "tls_username", "qemu_nbd_addr", "cbw_listen",
@@ -49,11 +49,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    help="NBD connections per source when the server allows multi-conn "
                    "(default: the number of cores, at most 4; 1 for an incremental or "
                    "differential backup)")
-    p.add_argument("--memory", type=common.byte_size, default=32 * 1024 * 1024,
-                   metavar="SIZE", help="cap on read buffers between read and write (32M)")
-    p.add_argument("--request-size", type=common.byte_size, default=2 * 1024 * 1024,
-                   metavar="SIZE", help="bytes per read and at most per record (2M, max "
-                   "32M; sent as NBD requests of at most 512K)")
+    p.add_argument("--memory", type=common.byte_size, default=EngineOptions.memory,
+                   metavar="SIZE", help="cap on read buffers between read and write "
+                   f"({EngineOptions.memory // MiB}M)")
+    p.add_argument("--request-size", type=common.byte_size, default=EngineOptions.request_size,
+                   metavar="SIZE", help="bytes per read and at most per record "
+                   f"({EngineOptions.request_size // MiB}M, max 32M; sent as NBD requests of "
+                   "at most 512K)")
     p.add_argument("--max-rate", type=_rate, default=PaceSpec(), metavar="RATE|auto",
                    help="cap on the background sweep's reads, bytes per second (e.g. 50M); "
                    "auto (live backups): full speed, but down to "
@@ -70,19 +72,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                       "full), or auto (incremental when possible, else full, saying why)")
     live.add_argument("--drive", metavar="ID", action="append", default=[],
                       help="back up only this disk (device id or node name; repeatable)")
-    live.add_argument("--cbw-timeout", type=common.positive, default=5, metavar="SECONDS",
-                      help="longest a guest write waits for its copy before the backup (not "
-                      "the guest) fails (5)")
+    live.add_argument("--cbw-timeout", type=common.positive, default=CbwOptions.timeout,
+                      metavar="SECONDS", help="longest a guest write waits for its copy "
+                      "before the backup (not the guest) fails (%(default)s)")
     live.add_argument("--cbw-cluster-size", type=_cluster_size, metavar="SIZE",
                       help="QEMU 9.2 and later: copy old data in clusters of SIZE (a power of "
                       "two, 64K or more; QEMU's choice: 64K): fewer copies for long runs of "
                       "writes, larger ones for random writes (docs/QEMU.md)")
-    live.add_argument("--cbw-memory", type=common.byte_size, default=256 * 1024 * 1024,
-                      metavar="SIZE", help="per disk, old clusters kept in memory (256M)")
+    live.add_argument("--cbw-memory", type=common.byte_size, default=CbwOptions.memory,
+                      metavar="SIZE", help="per disk, old clusters kept in memory "
+                      f"({CbwOptions.memory // MiB}M)")
     live.add_argument("--spool-dir", metavar="DIR",
                       help="where old clusters spill when memory is full ($TMPDIR)")
-    live.add_argument("--spool-limit", type=common.byte_size, default=1024 * 1024 * 1024,
-                      metavar="SIZE", help="per disk, old clusters spilled to the spool (1G)")
+    live.add_argument("--spool-limit", type=common.byte_size, default=CbwOptions.spool_limit,
+                      metavar="SIZE", help="per disk, old clusters spilled to the spool "
+                      f"({CbwOptions.spool_limit // MiB}M)")
     live.add_argument("--qemu-nbd-socket", metavar="PATH",
                       help="if QEMU already runs an NBD server (started by a management "
                       "tool), the Unix socket it listens on; otherwise the agent starts one")
@@ -123,7 +127,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 
 def _cluster_size(text: str) -> int:
     n = common.byte_size(text)
-    if n < 64 * 1024 or n & (n - 1):
+    if n < 64 * KiB or n & (n - 1):
         raise argparse.ArgumentTypeError(f"{text!r} is no power of two of at least 64K")
     return n
 
@@ -160,8 +164,6 @@ def _check_usage(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from agent.engine import EngineOptions  # here: restore and the rest never load it
-
     _check_usage(args)
     opts = EngineOptions(compression=args.compress, connections=args.connections,
                          memory=args.memory, request_size=args.request_size,
@@ -174,9 +176,9 @@ def run(args: argparse.Namespace) -> int:
     result: BackupSummary
     try:
         if args.qmp:
-            from agent.live.job import CbwOptions, LiveJob, NetworkOptions
+            from agent.live.job import LiveJob, NetworkOptions
             from agent.live.run import run_live_backup
-            from agent.qemu.checkpoints import Mode
+            from agent.modes import Mode
 
             result = run_live_backup(LiveJob(
                 qmp=args.qmp, output=args.output, drives=args.drive, configs=args.config,

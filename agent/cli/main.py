@@ -22,6 +22,7 @@ from agent.cli import (
     job_cmd,
     prune_cmd,
     restore_cmd,
+    serve_cmd,
     verify_cmd,
 )
 from agent.cli.common import UsageError, error_text, one_line
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"backup-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for mod in (backup_cmd, restore_cmd, verify_cmd, info_cmd, config_cmd, cleanup_cmd, job_cmd,
-                prune_cmd):
+                prune_cmd, serve_cmd):
         mod.add_parser(sub, common)
     for command in sub.choices.values():
         # a UsageError is reported with the usage of the command that raised it

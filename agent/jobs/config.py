@@ -76,7 +76,7 @@ class Job:
     keep_chains: int | None = None  # None: never prune
     full_every: int | None = None  # seconds
     compression: CompressionSpec = field(default_factory=CompressionSpec)
-    # None below: the agent's own default (agent/live.py LiveJob), one place to change it.
+    # None below: the agent's own default (agent/live/job.py LiveJob), one place to change it.
     cbw_memory: int | None = None
     spool_dir: str | None = None
     spool_limit: int | None = None

@@ -35,11 +35,11 @@ from agent.jobs.retention import ArchiveDesc, find_chains
 from agent.live.job import CbwOptions, LiveJob, NetworkOptions
 from agent.live.network import plan as plan_network
 from agent.live.run import run_live_backup, select_devices
+from agent.modes import Mode
 from agent.pace import PaceSpec
 from agent.pipeline import ProgressFn
 from agent.qemu import checkpoints
 from agent.qemu.block import query_block_devices
-from agent.qemu.checkpoints import Mode
 from agent.qemu.qmp import Monitor
 from agent.writing import BackupSummary
 

@@ -1,5 +1,5 @@
 """What a live backup is asked to do: a :class:`LiveJob`, its options grouped by the part
-that reads them (as :class:`~agent.engine.EngineOptions` is the engine's).
+that reads them (as :class:`~agent.options.EngineOptions` is the engine's).
 
 Defaults live here only: the command line and the job file leave out what the user did
 not give.
@@ -9,22 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from agent.engine import EngineOptions
-from agent.qemu.checkpoints import Mode
+from agent.modes import Mode
+from agent.options import CbwOptions as CbwOptions  # re-exported for its users
+from agent.options import EngineOptions
 from agent.tls import QEMU_TLS_CLIENT, QEMU_TLS_SERVER
-
-MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class CbwOptions:
-    """The copy-before-write filter over each disk and its target (agent/cbw/)."""
-
-    timeout: int = 5  # seconds a guest write may wait for its copy
-    memory: int = 256 * MiB  # per disk, old clusters kept in memory
-    cluster: int | None = None  # copy granularity (QEMU 9.2+); None: QEMU's (64 KiB)
-    spool_dir: str | None = None
-    spool_limit: int = 1024 * MiB  # per disk, old clusters spilled to a file
 
 
 @dataclass(frozen=True)

@@ -31,42 +31,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from agent.address import NBD_PORT as NBD_PORT  # re-exported for its tests
+from agent.address import host_port as host_port
+from agent.address import parse_address, parse_port
 from agent.errors import AgentError, InvalidArgument
 from agent.qemu.graph import NbdTls
-from agent.qemu.qmp import Monitor, parse_address
+from agent.qemu.qmp import Monitor
 from agent.tls import TlsCreds, require_tls
 
 if TYPE_CHECKING:
     import ssl
 
     from agent.live.job import NetworkOptions
-
-#: Port of QEMU's NBD server when the agent starts it for a client on another host.
-NBD_PORT = 10809
-
-
-def host_port(text: str, default_port: int, flag: str) -> tuple[str, int]:
-    """``HOST``, ``HOST:PORT``, ``[V6ADDR]`` or ``[V6ADDR]:PORT`` as ``(host, port)``."""
-    host, port = text, default_port
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise InvalidArgument(f"{flag} {text!r}: expected HOST[:PORT] ([V6ADDR]:PORT)")
-        if rest:
-            port = _port(rest[1:], text, flag)
-    elif text.count(":") == 1:
-        host, _, p = text.partition(":")
-        port = _port(p, text, flag)
-    if not host:
-        raise InvalidArgument(f"{flag} {text!r}: expected HOST[:PORT]")
-    return host, port
-
-
-def _port(text: str, whole: str, flag: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise InvalidArgument(f"{flag} {whole!r}: the port must be a number from 0 to 65535")
-    return int(text)
-
 
 @dataclass(frozen=True)
 class Network:
@@ -181,7 +157,7 @@ def plan(qmp_address: str, opts: NetworkOptions) -> Network:
         if text.isdigit():
             text = f":{text}"
         if text.startswith(":"):
-            listen = (None, _port(text[1:], opts.cbw_listen, "--cbw-listen"))
+            listen = (None, parse_port(text[1:], opts.cbw_listen, "--cbw-listen"))
         else:
             listen = host_port(text, 0, "--cbw-listen")
     if qmp_tcp and creds is not None and not insecure:

@@ -32,11 +32,11 @@ from agent.live import stats
 from agent.live.job import LiveJob
 from agent.live.network import Network, explain_setup_error
 from agent.live.network import plan as plan_network
+from agent.modes import Mode
 from agent.nbd.source import NbdSource
 from agent.pipeline import ProgressFn
 from agent.qemu import checkpoints, names
 from agent.qemu.block import BlockDevice, query_block_devices
-from agent.qemu.checkpoints import Mode
 from agent.qemu.graph import LiveSnapshot, SnapshotError, SnapshotSpec
 from agent.qemu.qmp import Monitor, MonitorGone, QmpError
 from agent.releaser import Releaser

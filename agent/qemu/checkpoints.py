@@ -31,7 +31,7 @@ from uuid import UUID
 
 from agent.archive.format import Kind
 from agent.errors import AgentError
-from agent.modes import Mode as Mode  # re-exported: agent/live.py and jobs/runner.py
+from agent.modes import Mode
 from agent.qemu import names
 from agent.qemu.block import BlockDevice
 from agent.qemu.qmp import Monitor, QmpError

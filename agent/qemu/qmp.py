@@ -65,12 +65,7 @@ from qemu.qmp.message import Message
 from qemu.qmp.qmp_client import GreetingError
 
 from agent import interrupts
-
-# format_address and parse_address are re-exported ("as") until agent/network.py and
-# agent/cbw/server.py import them from agent.address.
-from agent.address import format_address as format_address
-from agent.address import is_tcp
-from agent.address import parse_address as parse_address
+from agent.address import is_tcp, parse_address
 from agent.errors import AgentError
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,9 @@ CASES = {
                       "QEMU fleecing, qcow2 scratch", "live, --max-rate auto",
                       "live, sweep stopped (4K/s)"],
     "network.py": ["hypervisor       |   1ms", "backup server    |   5ms"],
+    "serve.py": ["sequential read, 0.0625 GiB half data, zstd",
+                 "random 4K QD16, warm cache", "1 TiB sparse archive, serve to first byte",
+                 "1 TiB sparse archive, nbdkit peak RSS"],
 }
 
 

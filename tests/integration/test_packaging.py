@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.cbw import server
+from agent.serve import server as serve_server
 
 pytestmark = pytest.mark.integration
 
@@ -27,9 +28,14 @@ def test_the_wheel_installs_the_plugin_under_share(tmp_path: Path) -> None:
                    check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("backup_agent-*.whl")
     with zipfile.ZipFile(wheel) as z:
-        plugin = [n for n in z.namelist() if n.endswith("/data/share/backup-agent/cbw_target.py")]
-        assert plugin, z.namelist()
-        assert z.read(plugin[0]) == (REPO / "nbd-plugins" / "cbw_target.py").read_bytes()
+        for name in ("cbw_target.py", "serve_archive.py"):  # live backups' and serve's
+            plugin = [n for n in z.namelist() if n.endswith(f"/data/share/backup-agent/{name}")]
+            assert plugin, z.namelist()
+            assert z.read(plugin[0]) == (REPO / "nbd-plugins" / name).read_bytes()
+
+
+def test_serve_finds_its_plugin_in_the_checkout() -> None:
+    assert serve_server.find_plugin() == REPO / "nbd-plugins" / "serve_archive.py"
 
 
 def test_find_plugin_prefers_the_checkout_then_the_install(tmp_path: Path,

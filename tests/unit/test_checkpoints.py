@@ -8,9 +8,10 @@ import uuid
 import pytest
 
 from agent.archive.format import Kind, new_archive_uuid
+from agent.modes import Mode
 from agent.qemu import checkpoints as cp
 from agent.qemu.block import BlockDevice
-from agent.qemu.checkpoints import Bitmap, CheckpointError, DiskCheckpoints, Mode
+from agent.qemu.checkpoints import Bitmap, CheckpointError, DiskCheckpoints
 
 U1 = uuid.UUID("01a2171c-147b-71c2-807a-1d61622430bd")  # older
 U2 = uuid.UUID("01a2171c-164d-7ef1-8846-98fc02243da0")  # newer
@@ -125,9 +126,3 @@ def test_parse_bitmaps_skips_anonymous_ones() -> None:
              {"recording": True, "busy": True, "count": 0, "granularity": 65536}, "junk"]
     assert cp.parse_bitmaps(reply) == (Bitmap("a", True, True, False, False, 65536),)
     assert cp.parse_bitmaps(None) == ()
-
-
-def test_the_cli_offers_every_mode() -> None:
-    from agent.cli import backup_cmd
-
-    assert tuple(m.value for m in Mode) == backup_cmd.MODES

@@ -6,7 +6,7 @@ from __future__ import annotations
 from agent.jobs.config import Job, Tls
 from agent.jobs.runner import _live_job
 from agent.live.job import CbwOptions, LiveJob, NetworkOptions
-from agent.qemu.checkpoints import Mode
+from agent.modes import Mode
 
 MiB = 1024 * 1024
 

@@ -11,8 +11,8 @@ from agent.cli.main import main
 from agent.errors import InvalidArgument
 from agent.jobs.config import load_jobs
 from agent.jobs.runner import _live_job
+from agent.modes import Mode
 from agent.pace import PaceSpec
-from agent.qemu.checkpoints import Mode
 
 MiB = 1024 * 1024
 

@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
+from agent.address import parse_address
 from agent.errors import AgentError
 from agent.qemu.block import BlockDevice, block_devices_from, device_id
-from agent.qemu.qmp import Monitor, MonitorBusy, QmpError, parse_address
+from agent.qemu.qmp import Monitor, MonitorBusy, QmpError
 
 
 @pytest.mark.parametrize(("address", "expected"), [

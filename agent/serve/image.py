@@ -1,0 +1,165 @@
+"""One served device: reads and block status over its resolved segments.
+
+Every DATA record is checked as the streaming reader checks it before a byte of it is
+served: the frame (magic, CRC, type, length within the archive), the digest of the body, the
+fixed part (device, offset, compression), and the decompressed length. A record that fails
+any of these fails the reads that need it (:class:`DamagedRecord`, EIO to the client) and is
+never served as data; the records around it still are.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent.archive import codec
+from agent.archive.format import (
+    CHUNK_FIXED,
+    DIGEST_SIZE,
+    FRAME,
+    Chunk,
+    Compression,
+    RecordType,
+    digest,
+    unpack_frame,
+)
+from agent.errors import ArchiveError
+from agent.serve.cache import Buffer, RecordCache
+from agent.serve.segments import ZERO, Segments
+
+
+class DamagedRecord(ArchiveError):
+    """A record needed by a read cannot be served: its message names the archive and
+    the record's byte position."""
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One archive of the chain as a device's records are read from it."""
+
+    path: str
+    fd: int  # opened read-only; os.pread only, so threads share it without seeking
+    data_end: int  # where the index starts: every DATA record ends before it
+    device_id: int  # the device's id in this archive (ids may differ between archives)
+
+
+def load_record(layer: Layer, pos: int, rec_off: int) -> Buffer:
+    """The decompressed DATA record at ``pos`` of ``layer``, which the index says starts at
+    device offset ``rec_off``; every check of the streaming reader made first."""
+    where = f"{layer.path}: data record at byte {pos}"
+    try:
+        head = os.pread(layer.fd, FRAME.size, pos)
+        if len(head) != FRAME.size:
+            raise ArchiveError("the archive is truncated there")
+        fr = unpack_frame(head, pos)
+        if fr.rtype != RecordType.DATA:
+            raise ArchiveError(f"the index names a record of type {fr.rtype:#06x} there: "
+                               "the index is damaged")
+        size = fr.body_len + DIGEST_SIZE
+        if pos + FRAME.size + size > layer.data_end:
+            raise ArchiveError("the record runs into the index")
+        raw = os.pread(layer.fd, size, pos + FRAME.size)
+        if len(raw) != size:
+            raise ArchiveError("the archive is truncated inside it")
+        body = memoryview(raw)[: fr.body_len]
+        if digest(body) != raw[fr.body_len:]:
+            raise ArchiveError("it fails its checksum")
+        ch = Chunk.decode(body, "it")
+        if (ch.target, ch.offset) != (layer.device_id, rec_off):
+            raise ArchiveError("it is not the record the index names: the index is damaged")
+        # Into a buffer of its own, as restore decompresses DATA records: that path also
+        # refuses bytes after the frame (tests/unit/test_fuzz_regressions.py).
+        out = bytearray(ch.length) if ch.compression != Compression.NONE else None
+        data = codec.decompress(ch.compression, body[CHUNK_FIXED:], ch.length, "its payload",
+                                out=out)
+    except OSError as e:
+        raise DamagedRecord(f"{where}: cannot be read: {e.strerror or e}") from e
+    except ArchiveError as e:
+        raise DamagedRecord(f"{where}: {e}") from e
+    return data if isinstance(data, bytes | memoryview) else bytes(data)
+
+
+class DeviceImage:
+    """A device of the served archive (or chain), read-only."""
+
+    def __init__(self, name: str, size: int, segments: Segments, layers: Sequence[Layer],
+                 cache: RecordCache) -> None:
+        self.name = name
+        self.size = size
+        self.segments = segments
+        self.layers = list(layers)
+        self._cache = cache
+
+    def _record(self, layer: int, pos: int, rec_off: int) -> Buffer:
+        lay = self.layers[layer]
+        return self._cache.get((lay.path, pos), lambda: load_record(lay, pos, rec_off))
+
+    def read(self, offset: int, length: int) -> Buffer:
+        """Bytes ``offset..offset+length``; raises :class:`DamagedRecord`."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ArchiveError(f"device {self.name!r}: range {offset}+{length} is outside "
+                               "the device")
+        segs, end = self.segments, offset + length
+        # Most requests lie inside one segment: answer them without building a Segment.
+        i = bisect.bisect_right(segs.starts, offset) - 1
+        if i >= 0 and end <= segs.starts[i] + segs.lengths[i]:
+            pos = segs.pos[i]
+            if pos == ZERO:
+                return bytes(length)
+            rec_off = segs.rec_off[i]
+            rec = self._record_of(segs.layer[i], pos, rec_off, segs.starts[i], segs.lengths[i])
+            piece = rec[offset - rec_off : end - rec_off]
+            if len(piece) == length:
+                return piece  # no copy, no zero-filled buffer
+            raise self._short(segs.layer[i], pos)
+        out = bytearray(length)  # gaps read as zeros (ZERO records; none in a FULL)
+        i = segs.first_at(offset)
+        while i < len(segs) and segs.starts[i] < end:
+            s = segs[i]
+            i += 1
+            if s.pos == ZERO:
+                continue
+            rec = self._record_of(s.layer, s.pos, s.rec_off, s.start, s.length)
+            lo, hi = max(offset, s.start), min(end, s.end)
+            piece = rec[lo - s.rec_off : hi - s.rec_off]
+            if len(piece) != hi - lo:
+                raise self._short(s.layer, s.pos)
+            out[lo - offset : hi - offset] = piece
+        return out
+
+    def _record_of(self, layer: int, pos: int, rec_off: int, start: int, length: int) -> Buffer:
+        try:
+            return self._record(layer, pos, rec_off)
+        except DamagedRecord as e:
+            raise DamagedRecord(f"device {self.name!r}: reads of bytes {start}.."
+                                f"{start + length} fail: {e}") from e
+
+    def _short(self, layer: int, pos: int) -> DamagedRecord:
+        """The record is shorter than its index entry says (the index is damaged)."""
+        return DamagedRecord(f"device {self.name!r}: {self.layers[layer].path}: data record "
+                             f"at byte {pos} holds fewer bytes than its index entry")
+
+    def extents(self, offset: int, length: int, limit: int = 4096) -> list[tuple[int, int, bool]]:
+        """(offset, length, zero) runs from ``offset`` on, ascending and contiguous, at
+        most ``limit`` of them, covering at least ``offset`` (as NBD block status may)."""
+        segs, end = self.segments, min(offset + length, self.size)
+        out: list[tuple[int, int, bool]] = []
+        cur = offset
+        i = segs.first_at(offset)
+        while cur < end and len(out) < limit:
+            if i < len(segs) and segs.starts[i] <= cur:
+                s = segs[i]
+                i += 1
+                run, zero = min(s.end, end) - cur, s.pos == ZERO
+            else:  # a gap: nothing was ever recorded there, it reads as zeros
+                nxt = segs.starts[i] if i < len(segs) else end
+                run, zero = min(nxt, end) - cur, True
+            if out and out[-1][2] == zero:
+                o, n, _ = out[-1]
+                out[-1] = (o, n + run, zero)
+            else:
+                out.append((cur, run, zero))
+            cur += run
+        return out
