@@ -8,7 +8,6 @@ VM's block graph must be exactly as before, on success and on failure.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -21,8 +20,8 @@ from agent.engine import EngineOptions
 from agent.live import LiveJob, run_live_backup
 from agent.qemu.qmp import Monitor
 from tests.integration.cli_util import AGENT, agent, agent_from_file, assert_error, describe
-from tests.integration.conftest import make_image, qemu_img_compare
-from tests.integration.vm import Disk, Vm, VmFactory
+from tests.integration.conftest import TwoDisks, TwoDiskVms, qemu_img_compare
+from tests.integration.vm import Vm
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu]  # qemu: run on QEMU 10 too
 
@@ -37,20 +36,11 @@ def _graph(vm: Vm) -> tuple[list[str], list[object]]:
 
 
 @pytest.fixture
-def two_disks(vms: VmFactory, tmp_path: Path) -> tuple[Vm, dict[str, Path]]:
-    """A VM with a qcow2 and a raw disk full of patterns, and copies of both taken before
-    the VM started (the point in time a backup must reproduce)."""
-    vda = make_image(tmp_path / "vda.qcow2", "qcow2", 48 * MiB, [
-        ("write", 0x11, 0, 20 * MiB), ("write", 0x22, 24 * MiB, 20 * MiB),
-        ("zero", 44 * MiB, MiB)])
-    vdb = make_image(tmp_path / "vdb.raw", "raw", 8 * MiB + 4608, [
-        ("write", 0x33, 0, 8 * MiB + 4608)])
-    before = {"vda": tmp_path / "before-vda.qcow2", "vdb": tmp_path / "before-vdb.raw"}
-    shutil.copy(vda, before["vda"])
-    shutil.copy(vdb, before["vdb"])
-    vm = vms.start([Disk(vda, "qcow2", "vda"), Disk(vdb, "raw", "vdb")])
-    vm.monitor.execute("cont")
-    return vm, before
+def two_disks(two_disk_vm: TwoDiskVms) -> TwoDisks:
+    """A 48 MiB qcow2 vda (data, a hole, data, zeros) and an 8 MiB + 4608 byte raw vdb."""
+    return two_disk_vm.start(48 * MiB, [("write", 0x11, 0, 20 * MiB),
+                                        ("write", 0x22, 24 * MiB, 20 * MiB),
+                                        ("zero", 44 * MiB, MiB)], 8 * MiB + 4608)
 
 
 def test_guest_writes_during_backup_do_not_reach_the_archive(

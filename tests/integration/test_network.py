@@ -25,7 +25,7 @@ from tests.integration.cli_util import (
     describe,
     finish_streaming,
 )
-from tests.integration.conftest import make_image, qemu_img_compare
+from tests.integration.conftest import TwoDisks, TwoDiskVms, qemu_img_compare
 from tests.integration.netns import (
     HV_ADDR,
     Pki,
@@ -34,7 +34,7 @@ from tests.integration.netns import (
     qemu_tls_args,
     two_hosts,
 )
-from tests.integration.vm import Disk, Vm, VmFactory
+from tests.integration.vm import Vm
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu]  # qemu: run on QEMU 10 too
 
@@ -57,22 +57,15 @@ def hosts() -> Iterator[TwoHosts]:
 
 
 @pytest.fixture
-def remote_vm(vms: VmFactory, hosts: TwoHosts, pki: Pki,
-              tmp_path: Path) -> tuple[Vm, dict[str, Path]]:
-    """A VM in the hypervisor namespace with a qcow2 and a raw disk, QMP over TLS on
-    HV_ADDR:4444 (and in clear text on :4445), and copies of its disks as they were."""
-    vda = make_image(tmp_path / "vda.qcow2", "qcow2", 32 * MiB, [
-        ("write", 0x11, 0, 12 * MiB), ("write", 0x22, 16 * MiB, 12 * MiB),
-        ("zero", 30 * MiB, MiB)])
-    vdb = make_image(tmp_path / "vdb.raw", "raw", 4 * MiB + 4608, [
-        ("write", 0x33, 0, 4 * MiB + 4608)])
-    before = {"vda": tmp_path / "before-vda.qcow2", "vdb": tmp_path / "before-vdb.raw"}
-    shutil.copy(vda, before["vda"])
-    shutil.copy(vdb, before["vdb"])
-    vm = vms.start([Disk(vda, "qcow2", "vda"), Disk(vdb, "raw", "vdb")], netns=hosts.hv,
-                   extra_args=qemu_tls_args(pki, QMP_PORT, PLAIN_QMP_PORT))
-    vm.qmp.execute("cont")
-    return vm, before
+def remote_vm(two_disk_vm: TwoDiskVms, hosts: TwoHosts, pki: Pki) -> TwoDisks:
+    """A VM in the hypervisor namespace with a 32 MiB qcow2 and a 4 MiB + 4608 byte raw disk,
+    QMP over TLS on HV_ADDR:4444 (and in clear text on :4445), and copies of its disks as
+    they were."""
+    return two_disk_vm.start(32 * MiB, [("write", 0x11, 0, 12 * MiB),
+                                        ("write", 0x22, 16 * MiB, 12 * MiB),
+                                        ("zero", 30 * MiB, MiB)], 4 * MiB + 4608,
+                             netns=hosts.hv, extra_args=qemu_tls_args(pki, QMP_PORT,
+                                                                      PLAIN_QMP_PORT))
 
 
 def _state(vm: Vm) -> tuple[list[str], list[object], list[str]]:
