@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.cli_util import AGENT, agent, assert_error, assert_ok, info_json
+from tests.integration.cli_util import (
+    AGENT,
+    agent,
+    assert_error,
+    assert_ok,
+    info_json,
+    running,
+)
 from tests.integration.conftest import make_image
 from tests.integration.vm import Disk, Vm, VmFactory
 
@@ -166,13 +173,12 @@ def test_guest_writes_during_an_incremental(guest: Guest, tmp_path: Path) -> Non
     for i in range(8):
         guest.write(0x50 + i, i * 2 * MiB, 256 * KiB)
     at_start = bytes(guest.model)
-    proc = subprocess.Popen(
+    with running(
         [AGENT, "backup", "--qmp", str(guest.vm.agent_qmp), "--mode", "incremental",
          "--compress", "none", "-o", "-", "--connections", "1", "--memory", "1M",
          "--request-size", "64K"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
         head = proc.stdout.read(4096)  # the snapshot exists; the rest waits on the pipe
         assert head.startswith(b"\x89BAGENT\n")
         guest.dirty = set()
@@ -187,10 +193,6 @@ def test_guest_writes_during_an_incremental(guest: Guest, tmp_path: Path) -> Non
         reader.join(120)
         rest = out[0]
         proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err.decode()
     inc = tmp_path / "inc.arc"
     inc.write_bytes(head + rest)
@@ -209,29 +211,28 @@ def test_failed_incrementals_lose_no_change(guest: Guest, tmp_path: Path) -> Non
 
     guest.write(0x81, 2 * MiB, 1 * MiB)
     # 1. The output is closed early.
-    proc = subprocess.Popen(
+    with running(
         [AGENT, "backup", "--qmp", str(guest.vm.agent_qmp), "--mode", "incremental", "-o",
          "-", "--compress", "none", "--memory", "1M", "--request-size", "64K"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.read(1000)
-    proc.stdout.close()
-    err = proc.stderr.read()
-    assert proc.wait(120) == 1
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.read(1000)
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(120) == 1
     assert_error((1, err), "closed")
     assert guest.bitmap_names() == before  # the new checkpoint is gone, the old one stays
 
     guest.write(0x82, 5 * MiB, 1 * MiB)
     # 2. The agent is killed; cleanup removes what it left in QEMU but the bitmaps.
-    proc = subprocess.Popen(
+    with running(
         [AGENT, "backup", "--qmp", str(guest.vm.agent_qmp), "--mode", "incremental", "-o",
          "-", "--compress", "none", "--memory", "1M", "--request-size", "64K"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    proc.stdout.read(1000)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    proc.stdout.close()
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
+        proc.stdout.read(1000)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
     assert_ok(agent("cleanup", "--qmp", guest.vm.agent_qmp))
     left = guest.bitmap_names()
     assert set(before) < set(left) and len(left) == len(before) + 1  # the dead run's checkpoint

@@ -19,7 +19,14 @@ from agent.archive.codec import CompressionSpec
 from agent.engine import EngineOptions
 from agent.live import LiveJob, run_live_backup
 from agent.qemu.qmp import Monitor
-from tests.integration.cli_util import AGENT, agent, agent_from_file, assert_error, describe
+from tests.integration.cli_util import (
+    AGENT,
+    agent,
+    agent_from_file,
+    assert_error,
+    describe,
+    running,
+)
 from tests.integration.conftest import TwoDisks, TwoDiskVms, qemu_img_compare
 from tests.integration.vm import Vm
 
@@ -67,12 +74,11 @@ def test_larger_copy_clusters(two_disks: tuple[Vm, dict[str, Path]], short_tmp: 
 def _backup_racing_guest_writes(vm: Vm, before: dict[str, Path], short_tmp: Path,
                                 *extra: str) -> None:
     graph_before = _graph(vm)
-    proc = subprocess.Popen(
+    with running(
         [AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-",
          "--connections", "1", "--memory", "4M", "--request-size", "1M", *extra],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         # The archive's first bytes come after the snapshot exists. The backup then stalls
         # on the pipe we do not read: the sweep cannot overtake the writes below.
         head = proc.stdout.read(4096)
@@ -88,10 +94,6 @@ def _backup_racing_guest_writes(vm: Vm, before: dict[str, Path], short_tmp: Path
         err = proc.stderr.read()
         reader.join(120)
         assert proc.wait(120) == 0, err.decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     arc = short_tmp / "live.arc"
     arc.write_bytes(head + rest[0])
     out = short_tmp / "restored"
@@ -136,14 +138,14 @@ def test_output_closed_early_leaves_the_graph_as_before(
 ) -> None:
     vm, _ = two_disks
     graph_before = _graph(vm)
-    proc = subprocess.Popen([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none",
-                             "-o", "-"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.read(1000)
-    proc.stdout.close()  # the reader goes away
-    err = proc.stderr.read()
-    assert proc.wait(60) == 1
+    with running([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-"],
+                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.read(1000)
+        proc.stdout.close()  # the reader goes away
+        err = proc.stderr.read()
+        assert proc.wait(60) == 1
     assert "closed the pipe" in assert_error((1, err))
     assert _graph(vm) == graph_before
     vm.guest_write("vda", 0x5C, 0, 64 * KiB)  # the guest is unharmed
@@ -153,14 +155,12 @@ def test_output_closed_early_leaves_the_graph_as_before(
 def test_cleanup_after_a_killed_agent(two_disks: tuple[Vm, dict[str, Path]]) -> None:
     vm, _ = two_disks
     graph_before = _graph(vm)
-    proc = subprocess.Popen([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none",
-                             "-o", "-"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    proc.stdout.read(1000)  # the snapshot exists; the backup now stalls on the pipe
-    proc.kill()
-    proc.wait()
-    proc.stdout.close()
+    with running([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-"],
+                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                 stderr=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
+        proc.stdout.read(1000)  # the snapshot exists; the backup now stalls on the pipe
+        proc.kill()
     assert _graph(vm) != graph_before  # what the agent left behind
     vm.guest_write("vda", 0x6D, 8 * MiB, 64 * KiB)  # the guest still writes (break-snapshot)
     vm.guest_verify("vda", 0x6D, 8 * MiB, 64 * KiB)

@@ -24,6 +24,7 @@ from tests.integration.cli_util import (
     assert_error,
     describe,
     finish_streaming,
+    running,
 )
 from tests.integration.conftest import TwoDisks, TwoDiskVms, qemu_img_compare
 from tests.integration.netns import (
@@ -106,14 +107,13 @@ def test_x509_backup_across_hosts_while_the_guest_writes(
     the guest made meanwhile, and QEMU is left as it was."""
     vm, before = remote_vm
     state = _state(vm)
-    proc = subprocess.Popen(
+    with running(
         hosts.run_in(hosts.bk, [
             AGENT, "backup", "--qmp", f"{HV_ADDR}:{QMP_PORT}", "--tls-creds", str(pki.agent),
             "--qemu-tls-authz", "backup-authz", "--compress", "none", "--connections", "1",
             "--memory", "4M", "--request-size", "1M", "-o", "-"]),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         # The first bytes come after the snapshot exists; the backup then stalls on the
         # pipe we do not read, so the writes below race it and must be copied first.
         head = proc.stdout.read(4096)
@@ -124,10 +124,6 @@ def test_x509_backup_across_hosts_while_the_guest_writes(
             vm.guest_write(dev, pattern, off, length)
         rest, err, status = finish_streaming(proc, TIMEOUT)
         assert status == 0, err.decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     arc = tmp_path / "remote.arc"
     arc.write_bytes(head + rest)
     done = agent_from_file(arc, "verify", "-")
@@ -235,17 +231,13 @@ def test_cleanup_over_tls_after_a_killed_remote_agent(
     vm, _ = remote_vm
     state = _state(vm)
     qmp = f"{HV_ADDR}:{QMP_PORT}"
-    proc = subprocess.Popen(
+    with running(
         hosts.run_in(hosts.bk, [AGENT, "backup", "--qmp", qmp, "--tls-creds", str(pki.agent),
                                 "--compress", "none", "-o", "-"]),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
         assert proc.stdout.read(1000).startswith(b"\x89BAGENT\n")  # the snapshot exists
-    finally:
         proc.kill()  # `ip netns exec` exec'd the agent: this pid is the agent's
-        proc.wait()
-        proc.stdout.close()
     assert _state(vm) != state
     vm.guest_write("vda", 0x6D, 8 * MiB, 64 * KiB)
     vm.guest_verify("vda", 0x6D, 8 * MiB, 64 * KiB)
