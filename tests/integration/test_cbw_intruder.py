@@ -42,7 +42,7 @@ from tests.integration.vm import Vm
 
 NBD_PORT = 10809  # QEMU's NBD server, started by the agent (agent.network.NBD_PORT)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.root("network namespaces"), pytest.mark.network]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -108,6 +108,7 @@ def _secret_export(agent_pid: int) -> str:
 
 
 @pytest.mark.parametrize("kind", ["x509", "psk"])
+@pytest.mark.slow
 def test_only_the_qemu_being_backed_up_reaches_the_target(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki, tmp_path: Path,  # noqa: F811
     kind: str

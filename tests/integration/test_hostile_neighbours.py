@@ -45,8 +45,7 @@ from tests.integration.cli_util import (
 from tests.integration.conftest import make_image, qemu_img_compare
 from tests.integration.vm import Disk
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: useradd, setuid")]
+pytestmark = [pytest.mark.integration, pytest.mark.root("useradd, setuid")]
 
 MiB = 1024 * 1024
 TIMEOUT = 120

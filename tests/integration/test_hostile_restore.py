@@ -34,6 +34,7 @@ def _peak_rss(*args: str | os.PathLike[str]) -> tuple[int, bytes]:
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("zstd", [False, True], ids=["stored", "zstd"])
+@pytest.mark.slow
 def test_restore_of_tiny_records_stays_within_memory(tmp_path: Path, zstd: bool) -> None:
     """40,000 records of 1 byte (2.6 MB of archive): each once took a 64 KiB buffer
     while --memory counted 25 bytes for it, and this restore peaked 77 MB above the

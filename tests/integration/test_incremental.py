@@ -118,6 +118,7 @@ def guest(vms: VmFactory, tmp_path: Path) -> Guest:
     return Guest(vms, image, vm, model)
 
 
+@pytest.mark.slow
 def test_chain_of_incrementals_restores_each_point_in_time(guest: Guest, tmp_path: Path) -> None:
     full = tmp_path / "0-full.arc"
     proc = guest.backup(full, "auto")
@@ -165,6 +166,7 @@ def test_chain_of_incrementals_restores_each_point_in_time(guest: Guest, tmp_pat
     assert guest.bitmap_names() == [f"ba-full-{i0['uuid']}", f"ba-inc-{i2['uuid']}"]
 
 
+@pytest.mark.slow
 def test_guest_writes_during_an_incremental(guest: Guest, tmp_path: Path) -> None:
     """The snapshot is one point in time: writes while the incremental runs (to changed
     and to unchanged clusters) reach the next incremental, never this one."""
@@ -204,6 +206,7 @@ def test_guest_writes_during_an_incremental(guest: Guest, tmp_path: Path) -> Non
     assert restored([full, inc, inc2], tmp_path / "r2") == guest.model
 
 
+@pytest.mark.slow
 def test_failed_incrementals_lose_no_change(guest: Guest, tmp_path: Path) -> None:
     full = tmp_path / "full.arc"
     assert_ok(guest.backup(full, "full"))
@@ -248,6 +251,7 @@ def test_failed_incrementals_lose_no_change(guest: Guest, tmp_path: Path) -> Non
     assert len(guest.bitmap_names()) == 2  # the dead run's checkpoint is retired too
 
 
+@pytest.mark.slow
 def test_checkpoints_survive_a_restart(guest: Guest, tmp_path: Path) -> None:
     full = tmp_path / "full.arc"
     assert_ok(guest.backup(full, "full"))
@@ -261,6 +265,7 @@ def test_checkpoints_survive_a_restart(guest: Guest, tmp_path: Path) -> None:
     assert restored([full, inc], tmp_path / "r") == guest.model
 
 
+@pytest.mark.slow
 def test_differential_after_two_incrementals(guest: Guest, tmp_path: Path) -> None:
     full = tmp_path / "full.arc"
     assert_ok(guest.backup(full, "full"))
@@ -286,6 +291,7 @@ def test_differential_after_two_incrementals(guest: Guest, tmp_path: Path) -> No
     assert restored([full, diff, inc], tmp_path / "r2") == guest.model
 
 
+@pytest.mark.slow
 def test_chain_errors(guest: Guest, vms: VmFactory, tmp_path: Path) -> None:
     full, inc1, inc2 = (tmp_path / n for n in ("full.arc", "inc1.arc", "inc2.arc"))
     assert_ok(guest.backup(full, "full"))
@@ -330,6 +336,7 @@ def test_raw_disks_get_full_backups(vms: VmFactory, tmp_path: Path) -> None:
                     "incremental", "-o", tmp_path / "i"))
 
 
+@pytest.mark.slow
 def test_missing_and_inconsistent_checkpoints(guest: Guest, tmp_path: Path) -> None:
     assert_ok(guest.backup(tmp_path / "f1.arc", "full"))
     # Deleted by hand.

@@ -50,6 +50,7 @@ def two_disks(two_disk_vm: TwoDiskVms) -> TwoDisks:
                                         ("zero", 44 * MiB, MiB)], 8 * MiB + 4608)
 
 
+@pytest.mark.slow
 def test_guest_writes_during_backup_do_not_reach_the_archive(
     two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path
 ) -> None:
@@ -120,6 +121,7 @@ def test_one_drive_only(two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path) 
                             strict=True)
 
 
+@pytest.mark.slow
 def test_unknown_drive_and_busy_monitor(two_disks: tuple[Vm, dict[str, Path]],
                                         short_tmp: Path) -> None:
     vm, _ = two_disks
@@ -171,6 +173,7 @@ def test_cleanup_after_a_killed_agent(two_disks: tuple[Vm, dict[str, Path]]) -> 
     assert again.returncode == 0 and b"nothing to clean up" in again.stderr
 
 
+@pytest.mark.slow
 def test_block_status_skips_ranges_already_released(
     two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path
 ) -> None:

@@ -96,6 +96,7 @@ def wait_block(vm: Vm, block: int, timeout: float = 60.0) -> None:
 
 
 @pytest.mark.timeout(900)  # the first run builds the guest: a 27 MB download
+@pytest.mark.slow
 def test_backup_while_the_guest_writes_restores_a_prefix_state(
     vms: VmFactory, guest: Guest, tmp_path: Path, short_tmp: Path
 ) -> None:

@@ -68,6 +68,7 @@ class _Drain:
 
 
 @pytest.mark.parametrize("rate", ["24M", "auto"])
+@pytest.mark.slow
 def test_paced_live_backup_restores_the_point_in_time(
     data_disk: tuple[Vm, Path], short_tmp: Path, rate: str
 ) -> None:

@@ -37,7 +37,8 @@ from tests.integration.netns import (
 )
 from tests.integration.vm import Vm
 
-pytestmark = [pytest.mark.integration, pytest.mark.qemu]  # qemu: run on QEMU 10 too
+pytestmark = [pytest.mark.integration, pytest.mark.qemu,  # qemu: run on QEMU 10 too
+              pytest.mark.root("network namespaces"), pytest.mark.network]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -99,6 +100,7 @@ def _restore_and_compare(arcs: list[Path], expected: dict[str, Path], out: Path)
         assert qemu_img_compare(image, fmt, out / f"{dev}.raw", "raw"), dev
 
 
+@pytest.mark.slow
 def test_x509_backup_across_hosts_while_the_guest_writes(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki, tmp_path: Path
 ) -> None:
@@ -136,6 +138,7 @@ def test_x509_backup_across_hosts_while_the_guest_writes(
     _assert_untouched(vm, state)
 
 
+@pytest.mark.slow
 def test_psk_full_then_incremental_across_hosts(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki, tmp_path: Path
 ) -> None:
@@ -196,6 +199,7 @@ def test_certificate_from_another_ca_is_refused(
     _assert_untouched(vm, state)
 
 
+@pytest.mark.slow
 def test_plain_tcp_is_refused_unless_asked_for(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki, tmp_path: Path
 ) -> None:
@@ -223,6 +227,7 @@ def test_plain_tcp_is_refused_unless_asked_for(
     _assert_untouched(vm, state)
 
 
+@pytest.mark.slow
 def test_cleanup_over_tls_after_a_killed_remote_agent(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki
 ) -> None:
@@ -248,6 +253,7 @@ def test_cleanup_over_tls_after_a_killed_remote_agent(
     _assert_untouched(vm, state)
 
 
+@pytest.mark.slow
 def test_a_scheduled_job_backs_up_a_vm_on_another_host(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki, tmp_path: Path
 ) -> None:
