@@ -5,12 +5,13 @@
 VENV := .venv
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-qemu10 lint bench clean
+.PHONY: help setup demo test test-quick test-qemu10 lint bench clean
 
 help:
 	@echo "make setup   install Debian packages, create $(VENV), install the project"
 	@echo "make demo    setup, then back up sample disks and a running VM through pipes, restore, check"
 	@echo "make test    setup, then ruff, mypy, pytest on the system's QEMU, and the QEMU tests on QEMU 10"
+	@echo "make test-quick    the quick loop: pytest -m 'not slow' on the system's QEMU, no lint"
 	@echo "make test-qemu10   the QEMU tests (pytest -m qemu) on QEMU 10 only"
 	@echo "make lint    setup, then ruff and mypy only"
 	@echo "make bench   setup, then run the benchmarks (bench/run.py)"
@@ -33,6 +34,11 @@ lint: setup
 test: lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 	$(MAKE) --no-print-directory test-qemu10
+
+# The quick loop while working: every test but those marked slow (1 s or more each; about a
+# quarter of the full run's time). Tests marked root skip, saying why, when not run as root.
+test-quick: setup
+	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test-qemu10: setup
 	dir=$$(bash scripts/fetch-qemu.sh) && \

@@ -1,14 +1,43 @@
-"""Fixtures shared by every test suite (unit and integration)."""
+"""Fixtures and markers shared by every test suite (unit and integration).
+
+Markers (registered in pyproject.toml, ``--strict-markers``): ``slow`` (1 s or more here:
+``pytest -m "not slow"`` is the quick loop, ``make test-quick``), ``root("why")`` (skipped
+with that reason unless run as root, as CI does), ``network`` (network namespaces or TCP
+listeners on the loopback), ``integration`` and ``qemu`` (run again on QEMU 10).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give Ctrl-C back its KeyboardInterrupt when pytest was started with SIGINT ignored.
+
+    A shell without job control starts ``cmd &`` with SIGINT ignored; Python then leaves it
+    ignored, and so does every program the tests start (SIG_IGN survives exec): the tests
+    of Ctrl-C handling would fail for the way the suite was started, not for the code.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip tests marked ``root("why")`` when not running as root, with the reason shown."""
+    if os.geteuid() == 0:
+        return
+    for item in items:
+        mark = item.get_closest_marker("root")
+        if mark is not None:
+            why = f": {mark.args[0]}" if mark.args else ""
+            item.add_marker(pytest.mark.skip(reason=f"needs root{why}"))
 
 
 @pytest.fixture

@@ -45,6 +45,7 @@ def _read_all(fd: int, proc: subprocess.Popen[bytes]) -> bytes:
     return bytes(got)
 
 
+@pytest.mark.slow
 def test_bar_with_rate_and_eta_on_a_terminal(nbd_server: NbdServerFactory) -> None:
     # 512 MiB whose reads nbdkit holds 50 ms each: the backup lasts about a second, long
     # enough for the bar to be redrawn with a measured rate (it redraws every 0.2 s).

@@ -51,6 +51,7 @@ def requests(log: Path) -> list[tuple[int, bool, str, int, dict[str, str]]]:
 # -- block status in windows ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_block_status_in_windows_as_the_copy_advances(
     tmp_path: Path, nbd_server: NbdServerFactory
 ) -> None:

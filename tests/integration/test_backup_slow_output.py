@@ -57,6 +57,7 @@ def _bytes_read(log: Path) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_slow_output_keeps_memory_bounded(tmp_path: Path, nbd_server: NbdServerFactory) -> None:
     log = tmp_path / "nbdkit.log"
     # nbdkit's pattern plugin: 512 MiB of data (every byte allocated, hardly zero), no file.

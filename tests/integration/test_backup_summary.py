@@ -52,6 +52,7 @@ def image(short_tmp: Path) -> Path:
     return img
 
 
+@pytest.mark.slow
 def test_backup_and_restore_summaries_name_every_number(image: Path, short_tmp: Path) -> None:
     arc = short_tmp / "b.arc"
     proc = agent("backup", "--image", f"d={image}", "--progress", "json", "-o", arc)

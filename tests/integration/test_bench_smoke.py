@@ -32,8 +32,14 @@ CASES = {
 }
 
 
+# network.py runs its hosts in network namespaces: root only.
+NETNS = pytest.mark.root("bench/network.py makes network namespaces"), pytest.mark.network
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("script", sorted(CASES))
+@pytest.mark.parametrize("script", [pytest.param(s, marks=NETNS if s == "network.py" else ())
+                                    for s in sorted(CASES)])
 def test_bench_script_runs(script: str, tmp_path: Path) -> None:
     argv = [sys.executable, str(ROOT / "bench" / script), "--smoke"]
     if script == "run.py":

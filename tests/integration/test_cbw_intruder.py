@@ -22,7 +22,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cli_util import AGENT, agent_from_file, describe, finish_streaming
+from tests.integration.cli_util import (
+    AGENT,
+    agent_from_file,
+    describe,
+    finish_streaming,
+    running,
+)
 from tests.integration.netns import BK_ADDR, HV_ADDR, PSK_USER, Pki, TwoHosts
 from tests.integration.test_network import (  # noqa: F401 (fixtures)
     QMP_PORT,
@@ -36,7 +42,7 @@ from tests.integration.vm import Vm
 
 NBD_PORT = 10809  # QEMU's NBD server, started by the agent (agent.live.network.NBD_PORT)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.root("network namespaces"), pytest.mark.network]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -102,6 +108,7 @@ def _secret_export(agent_pid: int) -> str:
 
 
 @pytest.mark.parametrize("kind", ["x509", "psk"])
+@pytest.mark.slow
 def test_only_the_qemu_being_backed_up_reaches_the_target(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki, tmp_path: Path,  # noqa: F811
     kind: str
@@ -113,14 +120,13 @@ def test_only_the_qemu_being_backed_up_reaches_the_target(
         tls += ["--tls-psk", str(pki.psk), "--qemu-tls-server", "backup-psk",
                 "--qemu-tls-client", "backup-psk-client"]
         creds = pki.psk
-    proc = subprocess.Popen(
+    with running(
         hosts.run_in(hosts.bk, [
             AGENT, "backup", "--qmp", f"{HV_ADDR}:{QMP_PORT}", *tls, "--drive", "vda",
             "--cbw-listen", f"{BK_ADDR}:{CBW_PORT}", "--compress", "none",
             "--connections", "1", "--memory", "4M", "--request-size", "1M", "-o", "-"]),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         head = proc.stdout.read(4096)  # the snapshot exists; the backup stalls on the pipe
         assert head.startswith(b"\x89BAGENT\n"), proc.stderr.read().decode()
         vm.guest_write("vda", 0xA1, 20 * MiB, 64 * KiB)  # QEMU copies the old cluster first
@@ -136,10 +142,6 @@ def test_only_the_qemu_being_backed_up_reaches_the_target(
         assert said.startswith("refused:"), said
         rest, err, status = finish_streaming(proc, TIMEOUT)
         assert status == 0, err.decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert b"refused 1 write(s) over clusters it had already stored" in err, err.decode()
     arc = tmp_path / "remote.arc"
     arc.write_bytes(head + rest)

@@ -13,6 +13,7 @@ import nbd
 import pytest
 
 from agent.cbw.control import ControlClient
+from tests.integration.cli_util import running
 from tests.integration.conftest import NbdServerFactory, Server
 
 pytestmark = pytest.mark.integration
@@ -161,22 +162,20 @@ def test_qemu_copy_before_write_into_plugin(
                    check=True, capture_output=True)
     target, control = start_plugin(nbd_server, short_tmp, "size=4M", "memory=1M")
     qsd_sock = str(short_tmp / "qsd.sock")
-    with open(short_tmp / "qsd.log", "wb") as log:
-        qsd = subprocess.Popen(
-            ["qemu-storage-daemon",
-             "--blockdev", f"file,node-name=disk0,filename={disk}",
-             "--blockdev", f'{{"driver":"nbd","node-name":"tgt","server":'
-                           f'{{"type":"unix","path":"{target.socket}"}}}}',
-             "--blockdev", '{"driver":"copy-before-write","node-name":"cbw","file":"disk0",'
-                           '"target":"tgt","on-cbw-error":"break-snapshot","cbw-timeout":5}',
-             "--blockdev", '{"driver":"snapshot-access","node-name":"snap","file":"cbw",'
-                           '"discard":"unmap"}',
-             "--nbd-server", f"addr.type=unix,addr.path={qsd_sock}",
-             "--export", "nbd,id=e1,node-name=cbw,name=disk,writable=on",
-             "--export", "nbd,id=e2,node-name=snap,name=snap,writable=on"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        )
-    try:
+    with open(short_tmp / "qsd.log", "wb") as log, running(
+        ["qemu-storage-daemon",
+         "--blockdev", f"file,node-name=disk0,filename={disk}",
+         "--blockdev", f'{{"driver":"nbd","node-name":"tgt","server":'
+                       f'{{"type":"unix","path":"{target.socket}"}}}}',
+         "--blockdev", '{"driver":"copy-before-write","node-name":"cbw","file":"disk0",'
+                       '"target":"tgt","on-cbw-error":"break-snapshot","cbw-timeout":5}',
+         "--blockdev", '{"driver":"snapshot-access","node-name":"snap","file":"cbw",'
+                       '"discard":"unmap"}',
+         "--nbd-server", f"addr.type=unix,addr.path={qsd_sock}",
+         "--export", "nbd,id=e1,node-name=cbw,name=disk,writable=on",
+         "--export", "nbd,id=e2,node-name=snap,name=snap,writable=on"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    ):
         guest = connect(f"nbd+unix:///disk?socket={qsd_sock}") if _wait(qsd_sock) else None
         assert guest is not None, (short_tmp / "qsd.log").read_text()
         snap = connect(f"nbd+unix:///snap?socket={qsd_sock}")
@@ -193,13 +192,6 @@ def test_qemu_copy_before_write_into_plugin(
             assert client.stats()["full_errors"] >= 1
         guest.shutdown()
         snap.shutdown()
-    finally:
-        qsd.terminate()
-        try:
-            qsd.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            qsd.kill()
-            qsd.wait()
 
 
 def _wait(sock: str, timeout: float = 10.0) -> bool:

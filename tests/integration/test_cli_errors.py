@@ -437,6 +437,7 @@ def _qemu_nbd_children(pid: int) -> list[int]:
     return [c for c in children(pid) if "qemu-nbd" in " ".join(cmdline(c))]
 
 
+@pytest.mark.slow
 def test_sigterm_during_backup_to_file(short_tmp: Path) -> None:
     big = write_random(short_tmp / "big.raw", 64 * MiB)
     arc = short_tmp / "x.arc"
@@ -460,6 +461,7 @@ def test_sigterm_during_backup_to_file(short_tmp: Path) -> None:
     assert processes_mentioning(str(big)) == []
 
 
+@pytest.mark.slow
 def test_sigterm_while_output_pipe_is_full(short_tmp: Path) -> None:
     big = write_random(short_tmp / "big.raw", 64 * MiB)
     with running([AGENT, "backup", "--image", f"vda={big}", "--compress", "none", "-o", "-"],

@@ -109,6 +109,7 @@ def test_units_stay_hardened(tmp_path: Path, unit: str, most: float) -> None:
     assert float(m.group(1)) <= most, proc.stdout
 
 
+@pytest.mark.root("systemd-tmpfiles --create makes files owned by the service user")
 def test_install_script(tmp_path: Path) -> None:
     root = tmp_path / "root"
     install = [str(DEPLOY / "install.sh"), "--root", str(root)]
@@ -315,6 +316,7 @@ def _kind(name: str) -> str:
 
 
 @pytest.mark.qemu  # a live backup: run on QEMU 10 too (make test)
+@pytest.mark.slow
 def test_job_run_auto_builds_chains_and_starts_new_ones(vm: tuple[Vm, Path],
                                                          tmp_path: Path) -> None:
     """mode auto (the default): a full, then incrementals on it; a full again when the

@@ -47,6 +47,7 @@ def _add(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60, check=False)
 
 
+@pytest.mark.root("systemd-tmpfiles --create makes files owned by the service user")
 def test_a_vm_gets_its_own_directory_and_rule(tmp_path: Path) -> None:
     root = _root(tmp_path)
     done = _add(root, "--user", "root", "--uuid", UUID, "vm1")

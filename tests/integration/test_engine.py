@@ -630,6 +630,7 @@ def _cli_backup_maxrss(uri: str, out: Path, *args: str) -> int:
     return rss * KiB
 
 
+@pytest.mark.slow
 def test_memory_bound(tmp_path: Path, nbd_server: NbdServerFactory) -> None:
     """256 MiB of random data through an 8 MiB budget: the engine's own count of buffers
     stays within the budget, and the process's resident memory does not grow with the

@@ -247,6 +247,7 @@ def test_output_closed_early(
     assert_backs_up_again(uri, image, size, tmp_path)
 
 
+@pytest.mark.slow
 def test_output_closed_by_pipe_reader(tmp_path: Path, nbd_server: NbdServerFactory) -> None:
     """The same through an anonymous pipe (``os.pipe``, given as ``/proc/self/fd/N``): the
     read end is closed after 4 KiB."""
@@ -305,6 +306,7 @@ def test_output_closed_after_records_then_backup_again(
 # -- a server at its connection limit ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_connection_limit_reached_is_reported(
     tmp_path: Path, nbd_server: NbdServerFactory
 ) -> None:

@@ -146,6 +146,7 @@ def test_backup_never_writes_through_a_planted_symlink(short_tmp: Path, disk: Pa
     assert_ok(agent("verify", arc))
 
 
+@pytest.mark.root("chown to another user")
 def test_backup_never_adopts_another_users_file(short_tmp: Path, disk: Path) -> None:
     """A file someone else made at ``.PATH.partial``, writable by all: the archive is not
     written into it (it would end up as the archive, owned and writable by them)."""
@@ -196,6 +197,7 @@ def _assert_only_stale_removed(made: dict[str, Path]) -> None:
     assert all(os.path.lexists(p) for k, p in made.items() if k != "stale")
 
 
+@pytest.mark.root("chown to another user")
 def test_backup_removes_only_what_killed_backups_left(short_tmp: Path, disk: Path) -> None:
     arc = short_tmp / "x.arc"
     with leftover_temps(short_tmp, "x.arc") as made:
@@ -205,6 +207,7 @@ def test_backup_removes_only_what_killed_backups_left(short_tmp: Path, disk: Pat
 
 
 @pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+@pytest.mark.root("chown to another user")
 def test_restore_removes_only_what_killed_restores_left(short_tmp: Path, fmt: str) -> None:
     out = short_tmp / "out"
     out.mkdir()
@@ -216,6 +219,7 @@ def test_restore_removes_only_what_killed_restores_left(short_tmp: Path, fmt: st
     assert (out / f"d.{fmt}").exists()
 
 
+@pytest.mark.slow
 def test_a_held_restore_keeps_its_file_locked(short_tmp: Path) -> None:
     """A qcow2 restore stalled on its input for longer than STALE_AFTER still holds its
     temporary file: a second restore of the same device does not remove it."""

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +40,12 @@ from tests.integration.cli_util import (
     assert_error,
     describe,
     finish_streaming,
+    running,
 )
 from tests.integration.conftest import make_image, qemu_img_compare
 from tests.integration.vm import Disk
 
-pytestmark = [pytest.mark.integration,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: useradd, setuid")]
+pytestmark = [pytest.mark.integration, pytest.mark.root("useradd, setuid")]
 
 MiB = 1024 * 1024
 TIMEOUT = 120
@@ -167,8 +168,9 @@ def vm1(users: tuple[User, User]) -> Iterator[Vm1]:
 
 
 def _agent_as(user: User, vm: Vm1, *args: str | Path, tmp: Path | None = None,
-              stdout: int = subprocess.PIPE) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
+              stdout: int = subprocess.PIPE) -> AbstractContextManager[subprocess.Popen[bytes]]:
+    """``backup-agent backup`` as ``user``, killed by its pid if still running at the end."""
+    return running(
         [AGENT, "backup", "--qmp", str(vm.qmp), *map(str, args)],
         stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE,
         preexec_fn=user.become(),
@@ -179,10 +181,9 @@ def test_another_vms_qemu_cannot_reach_a_backups_sockets(
     users: tuple[User, User], vm1: Vm1, tmp_path: Path
 ) -> None:
     a, b = users
-    proc = _agent_as(a, vm1, "--compress", "none", "--connections", "1", "--memory", "4M",
-                     "--request-size", "1M", "-o", "-")
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
+    with _agent_as(a, vm1, "--compress", "none", "--connections", "1", "--memory", "4M",
+                   "--request-size", "1M", "-o", "-") as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         head = proc.stdout.read(4096)  # the snapshot exists; the backup stalls on the pipe
         assert head.startswith(b"\x89BAGENT\n"), proc.stderr.read().decode()
         dirs = sorted(vm1.tmp.iterdir())
@@ -198,10 +199,6 @@ def test_another_vms_qemu_cannot_reach_a_backups_sockets(
             assert a.connect(sock) == "connected", sock
         rest, err, status = finish_streaming(proc, TIMEOUT)
         assert status == 0, err.decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     arc = tmp_path / "vm1.arc"
     arc.write_bytes(head + rest)
     out = tmp_path / "r"
@@ -213,8 +210,8 @@ def test_another_vms_qemu_cannot_reach_a_backups_sockets(
 
 def _run_agent_as(user: User, vm: Vm1, *args: str | Path,
                   tmp: Path | None = None) -> subprocess.CompletedProcess[bytes]:
-    proc = _agent_as(user, vm, *args, tmp=tmp, stdout=subprocess.DEVNULL)
-    _, err = proc.communicate(timeout=TIMEOUT)
+    with _agent_as(user, vm, *args, tmp=tmp, stdout=subprocess.DEVNULL) as proc:
+        _, err = proc.communicate(timeout=TIMEOUT)
     return subprocess.CompletedProcess(proc.args, proc.returncode, b"", err)
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from agent.archive.codec import CompressionSpec
 from agent.archive.writer import ArchiveWriter
-from tests.integration.cli_util import AGENT, MiB, agent
+from tests.integration.cli_util import AGENT, MiB, agent, running
 from tests.unit.archive_util import tiny_records, write_archive_to, zero_data
 
 
@@ -22,23 +22,19 @@ def _peak_rss(*args: str | os.PathLike[str]) -> tuple[int, bytes]:
     """Run ``backup-agent ARGS``; its exit code must be 0. Return its peak resident
     memory in bytes (its own, from wait4: not that of other children of this process)
     and its stderr."""
-    proc = subprocess.Popen([AGENT, *map(str, args)], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with running([AGENT, *map(str, args)], stdin=subprocess.DEVNULL,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
         assert proc.stderr is not None
         err = proc.stderr.read()
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err.decode()
     return usage.ru_maxrss * 1024, err
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("zstd", [False, True], ids=["stored", "zstd"])
+@pytest.mark.slow
 def test_restore_of_tiny_records_stays_within_memory(tmp_path: Path, zstd: bool) -> None:
     """40,000 records of 1 byte (2.6 MB of archive): each once took a 64 KiB buffer
     while --memory counted 25 bytes for it, and this restore peaked 77 MB above the

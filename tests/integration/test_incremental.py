@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from tests.integration.cli_util import AGENT, agent, assert_error, assert_ok, info_json
+from tests.integration.cli_util import (
+    AGENT,
+    agent,
+    assert_error,
+    assert_ok,
+    info_json,
+    running,
+)
 from tests.integration.conftest import make_image
 from tests.integration.vm import Disk, Vm, VmFactory
 
@@ -111,6 +118,7 @@ def guest(vms: VmFactory, tmp_path: Path) -> Guest:
     return Guest(vms, image, vm, model)
 
 
+@pytest.mark.slow
 def test_chain_of_incrementals_restores_each_point_in_time(guest: Guest, tmp_path: Path) -> None:
     full = tmp_path / "0-full.arc"
     proc = guest.backup(full, "auto")
@@ -158,6 +166,7 @@ def test_chain_of_incrementals_restores_each_point_in_time(guest: Guest, tmp_pat
     assert guest.bitmap_names() == [f"ba-full-{i0['uuid']}", f"ba-inc-{i2['uuid']}"]
 
 
+@pytest.mark.slow
 def test_guest_writes_during_an_incremental(guest: Guest, tmp_path: Path) -> None:
     """The snapshot is one point in time: writes while the incremental runs (to changed
     and to unchanged clusters) reach the next incremental, never this one."""
@@ -166,13 +175,12 @@ def test_guest_writes_during_an_incremental(guest: Guest, tmp_path: Path) -> Non
     for i in range(8):
         guest.write(0x50 + i, i * 2 * MiB, 256 * KiB)
     at_start = bytes(guest.model)
-    proc = subprocess.Popen(
+    with running(
         [AGENT, "backup", "--qmp", str(guest.vm.agent_qmp), "--mode", "incremental",
          "--compress", "none", "-o", "-", "--connections", "1", "--memory", "1M",
          "--request-size", "64K"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
         head = proc.stdout.read(4096)  # the snapshot exists; the rest waits on the pipe
         assert head.startswith(b"\x89BAGENT\n")
         guest.dirty = set()
@@ -187,10 +195,6 @@ def test_guest_writes_during_an_incremental(guest: Guest, tmp_path: Path) -> Non
         reader.join(120)
         rest = out[0]
         proc.wait(120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, err.decode()
     inc = tmp_path / "inc.arc"
     inc.write_bytes(head + rest)
@@ -202,6 +206,7 @@ def test_guest_writes_during_an_incremental(guest: Guest, tmp_path: Path) -> Non
     assert restored([full, inc, inc2], tmp_path / "r2") == guest.model
 
 
+@pytest.mark.slow
 def test_failed_incrementals_lose_no_change(guest: Guest, tmp_path: Path) -> None:
     full = tmp_path / "full.arc"
     assert_ok(guest.backup(full, "full"))
@@ -209,29 +214,28 @@ def test_failed_incrementals_lose_no_change(guest: Guest, tmp_path: Path) -> Non
 
     guest.write(0x81, 2 * MiB, 1 * MiB)
     # 1. The output is closed early.
-    proc = subprocess.Popen(
+    with running(
         [AGENT, "backup", "--qmp", str(guest.vm.agent_qmp), "--mode", "incremental", "-o",
          "-", "--compress", "none", "--memory", "1M", "--request-size", "64K"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.read(1000)
-    proc.stdout.close()
-    err = proc.stderr.read()
-    assert proc.wait(120) == 1
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.read(1000)
+        proc.stdout.close()
+        err = proc.stderr.read()
+        assert proc.wait(120) == 1
     assert_error((1, err), "closed")
     assert guest.bitmap_names() == before  # the new checkpoint is gone, the old one stays
 
     guest.write(0x82, 5 * MiB, 1 * MiB)
     # 2. The agent is killed; cleanup removes what it left in QEMU but the bitmaps.
-    proc = subprocess.Popen(
+    with running(
         [AGENT, "backup", "--qmp", str(guest.vm.agent_qmp), "--mode", "incremental", "-o",
          "-", "--compress", "none", "--memory", "1M", "--request-size", "64K"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    proc.stdout.read(1000)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    proc.stdout.close()
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
+        proc.stdout.read(1000)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
     assert_ok(agent("cleanup", "--qmp", guest.vm.agent_qmp))
     left = guest.bitmap_names()
     assert set(before) < set(left) and len(left) == len(before) + 1  # the dead run's checkpoint
@@ -247,6 +251,7 @@ def test_failed_incrementals_lose_no_change(guest: Guest, tmp_path: Path) -> Non
     assert len(guest.bitmap_names()) == 2  # the dead run's checkpoint is retired too
 
 
+@pytest.mark.slow
 def test_checkpoints_survive_a_restart(guest: Guest, tmp_path: Path) -> None:
     full = tmp_path / "full.arc"
     assert_ok(guest.backup(full, "full"))
@@ -260,6 +265,7 @@ def test_checkpoints_survive_a_restart(guest: Guest, tmp_path: Path) -> None:
     assert restored([full, inc], tmp_path / "r") == guest.model
 
 
+@pytest.mark.slow
 def test_differential_after_two_incrementals(guest: Guest, tmp_path: Path) -> None:
     full = tmp_path / "full.arc"
     assert_ok(guest.backup(full, "full"))
@@ -285,6 +291,7 @@ def test_differential_after_two_incrementals(guest: Guest, tmp_path: Path) -> No
     assert restored([full, diff, inc], tmp_path / "r2") == guest.model
 
 
+@pytest.mark.slow
 def test_chain_errors(guest: Guest, vms: VmFactory, tmp_path: Path) -> None:
     full, inc1, inc2 = (tmp_path / n for n in ("full.arc", "inc1.arc", "inc2.arc"))
     assert_ok(guest.backup(full, "full"))
@@ -329,6 +336,7 @@ def test_raw_disks_get_full_backups(vms: VmFactory, tmp_path: Path) -> None:
                     "incremental", "-o", tmp_path / "i"))
 
 
+@pytest.mark.slow
 def test_missing_and_inconsistent_checkpoints(guest: Guest, tmp_path: Path) -> None:
     assert_ok(guest.backup(tmp_path / "f1.arc", "full"))
     # Deleted by hand.

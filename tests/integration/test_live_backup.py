@@ -8,7 +8,6 @@ VM's block graph must be exactly as before, on success and on failure.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -31,9 +30,10 @@ from tests.integration.cli_util import (
     children,
     cmdline,
     describe,
+    running,
 )
-from tests.integration.conftest import make_image, qemu_img_compare
-from tests.integration.vm import Disk, Vm, VmFactory
+from tests.integration.conftest import TwoDisks, TwoDiskVms, qemu_img_compare
+from tests.integration.vm import Vm
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu]  # qemu: run on QEMU 10 too
 
@@ -48,22 +48,14 @@ def _graph(vm: Vm) -> tuple[list[str], list[object]]:
 
 
 @pytest.fixture
-def two_disks(vms: VmFactory, tmp_path: Path) -> tuple[Vm, dict[str, Path]]:
-    """A VM with a qcow2 and a raw disk full of patterns, and copies of both taken before
-    the VM started (the point in time a backup must reproduce)."""
-    vda = make_image(tmp_path / "vda.qcow2", "qcow2", 48 * MiB, [
-        ("write", 0x11, 0, 20 * MiB), ("write", 0x22, 24 * MiB, 20 * MiB),
-        ("zero", 44 * MiB, MiB)])
-    vdb = make_image(tmp_path / "vdb.raw", "raw", 8 * MiB + 4608, [
-        ("write", 0x33, 0, 8 * MiB + 4608)])
-    before = {"vda": tmp_path / "before-vda.qcow2", "vdb": tmp_path / "before-vdb.raw"}
-    shutil.copy(vda, before["vda"])
-    shutil.copy(vdb, before["vdb"])
-    vm = vms.start([Disk(vda, "qcow2", "vda"), Disk(vdb, "raw", "vdb")])
-    vm.monitor.execute("cont")
-    return vm, before
+def two_disks(two_disk_vm: TwoDiskVms) -> TwoDisks:
+    """A 48 MiB qcow2 vda (data, a hole, data, zeros) and an 8 MiB + 4608 byte raw vdb."""
+    return two_disk_vm.start(48 * MiB, [("write", 0x11, 0, 20 * MiB),
+                                        ("write", 0x22, 24 * MiB, 20 * MiB),
+                                        ("zero", 44 * MiB, MiB)], 8 * MiB + 4608)
 
 
+@pytest.mark.slow
 def test_guest_writes_during_backup_do_not_reach_the_archive(
     two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path
 ) -> None:
@@ -88,12 +80,11 @@ def test_larger_copy_clusters(two_disks: tuple[Vm, dict[str, Path]], short_tmp: 
 def _backup_racing_guest_writes(vm: Vm, before: dict[str, Path], short_tmp: Path,
                                 *extra: str) -> None:
     graph_before = _graph(vm)
-    proc = subprocess.Popen(
+    with running(
         [AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-",
          "--connections", "1", "--memory", "4M", "--request-size", "1M", *extra],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         # The archive's first bytes come after the snapshot exists. The backup then stalls
         # on the pipe we do not read: the sweep cannot overtake the writes below.
         head = proc.stdout.read(4096)
@@ -109,10 +100,6 @@ def _backup_racing_guest_writes(vm: Vm, before: dict[str, Path], short_tmp: Path
         err = proc.stderr.read()
         reader.join(120)
         assert proc.wait(120) == 0, err.decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     arc = short_tmp / "live.arc"
     arc.write_bytes(head + rest[0])
     out = short_tmp / "restored"
@@ -139,6 +126,7 @@ def test_one_drive_only(two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path) 
                             strict=True)
 
 
+@pytest.mark.slow
 def test_unknown_drive_and_busy_monitor(two_disks: tuple[Vm, dict[str, Path]],
                                         short_tmp: Path) -> None:
     vm, _ = two_disks
@@ -157,14 +145,14 @@ def test_output_closed_early_leaves_the_graph_as_before(
 ) -> None:
     vm, _ = two_disks
     graph_before = _graph(vm)
-    proc = subprocess.Popen([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none",
-                             "-o", "-"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.read(1000)
-    proc.stdout.close()  # the reader goes away
-    err = proc.stderr.read()
-    assert proc.wait(60) == 1
+    with running([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-"],
+                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.read(1000)
+        proc.stdout.close()  # the reader goes away
+        err = proc.stderr.read()
+        assert proc.wait(60) == 1
     assert "closed the pipe" in assert_error((1, err))
     assert _graph(vm) == graph_before
     vm.guest_write("vda", 0x5C, 0, 64 * KiB)  # the guest is unharmed
@@ -174,14 +162,12 @@ def test_output_closed_early_leaves_the_graph_as_before(
 def test_cleanup_after_a_killed_agent(two_disks: tuple[Vm, dict[str, Path]]) -> None:
     vm, _ = two_disks
     graph_before = _graph(vm)
-    proc = subprocess.Popen([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none",
-                             "-o", "-"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    proc.stdout.read(1000)  # the snapshot exists; the backup now stalls on the pipe
-    proc.kill()
-    proc.wait()
-    proc.stdout.close()
+    with running([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-"],
+                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                 stderr=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
+        proc.stdout.read(1000)  # the snapshot exists; the backup now stalls on the pipe
+        proc.kill()
     assert _graph(vm) != graph_before  # what the agent left behind
     vm.guest_write("vda", 0x6D, 8 * MiB, 64 * KiB)  # the guest still writes (break-snapshot)
     vm.guest_verify("vda", 0x6D, 8 * MiB, 64 * KiB)
@@ -192,6 +178,7 @@ def test_cleanup_after_a_killed_agent(two_disks: tuple[Vm, dict[str, Path]]) -> 
     assert again.returncode == 0 and b"nothing to clean up" in again.stderr
 
 
+@pytest.mark.slow
 def test_block_status_skips_ranges_already_released(
     two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path
 ) -> None:

@@ -172,6 +172,7 @@ def test_copy_before_write_target_full(vm: Vm, stall: Callable[..., Stalled]) ->
     _note(message)
 
 
+@pytest.mark.slow
 def test_copy_before_write_target_stalled(vm: Vm, stall: Callable[..., Stalled]) -> None:
     before = _graph(vm)
     stalled = stall("--cbw-timeout", "1")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cli_util import AGENT, agent_from_file, describe
+from tests.integration.cli_util import AGENT, agent_from_file, describe, running
 from tests.integration.conftest import make_image
 from tests.integration.vm import Disk, Guest, Vm, VmFactory
 
@@ -96,6 +96,7 @@ def wait_block(vm: Vm, block: int, timeout: float = 60.0) -> None:
 
 
 @pytest.mark.timeout(900)  # the first run builds the guest: a 27 MB download
+@pytest.mark.slow
 def test_backup_while_the_guest_writes_restores_a_prefix_state(
     vms: VmFactory, guest: Guest, tmp_path: Path, short_tmp: Path
 ) -> None:
@@ -108,12 +109,11 @@ def test_backup_while_the_guest_writes_restores_a_prefix_state(
     wait_block(vm, LEAD)
 
     written_before = last_block(vm.serial_text())  # these blocks precede the snapshot
-    proc = subprocess.Popen(
+    with running(
         [AGENT, "backup", "--qmp", str(vm.agent_qmp), "-o", "-", "--compress", "none",
          "--request-size", "64K", "--connections", "1", "--memory", "4M", "--progress", "none"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         # The archive's first bytes come after the snapshot exists. Then hold the pipe: the
         # sweep stalls a few MiB in while the guest writes on, ahead of it.
         head = proc.stdout.read(4096)
@@ -127,12 +127,6 @@ def test_backup_while_the_guest_writes_restores_a_prefix_state(
         err = proc.stderr.read().decode(errors="replace")
         reader.join(120)
         assert proc.wait(120) == 0, err
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
 
     # The guest finishes its sequence without an error and powers off by itself.
     console = vm.wait_serial("BA-GUEST: poweroff", timeout=120)

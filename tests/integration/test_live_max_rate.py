@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cli_util import AGENT, agent_from_file, assert_error, describe
+from tests.integration.cli_util import AGENT, agent_from_file, assert_error, describe, running
 from tests.integration.conftest import make_image, qemu_img_compare
 from tests.integration.vm import Disk, Vm, VmFactory
 
@@ -68,17 +68,17 @@ class _Drain:
 
 
 @pytest.mark.parametrize("rate", ["24M", "auto"])
+@pytest.mark.slow
 def test_paced_live_backup_restores_the_point_in_time(
     data_disk: tuple[Vm, Path], short_tmp: Path, rate: str
 ) -> None:
     vm, before = data_disk
     nodes = _nodes(vm)
-    proc = subprocess.Popen(
+    with running(
         [AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-",
          "--max-rate", rate, "--request-size", "256K"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
         drain = _Drain(proc)
         drain.wait_for(4096)  # the header: the snapshot exists
         # Guest writes race the sweep: each must reach the archive as it was before.
@@ -88,10 +88,6 @@ def test_paced_live_backup_restores_the_point_in_time(
         err = proc.stderr.read()
         assert proc.wait(120) == 0, err.decode()
         archive = drain.join()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     arc = short_tmp / "paced.arc"
     arc.write_bytes(archive)
     out = short_tmp / "restored"
@@ -111,12 +107,11 @@ def test_copies_are_read_while_the_sweep_waits(
     vm, _ = data_disk
     nodes = _nodes(vm)
     read = 64 * KiB
-    proc = subprocess.Popen(
+    with running(
         [AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-",
          "--max-rate", "4K", "--request-size", "64K", "--connections", "1"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stderr is not None
         drain = _Drain(proc)
         drain.wait_for(4096)
         start = time.monotonic()
@@ -132,10 +127,6 @@ def test_copies_are_read_while_the_sweep_waits(
         proc.send_signal(signal.SIGTERM)
         err = proc.stderr.read()
         code = proc.wait(60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert_error((code, err), "SIGTERM")
     assert _nodes(vm) == nodes  # everything the agent added is gone
     vm.guest_write("vda", 0xB2, 0, 64 * KiB)  # and the guest writes on

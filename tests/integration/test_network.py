@@ -24,8 +24,9 @@ from tests.integration.cli_util import (
     assert_error,
     describe,
     finish_streaming,
+    running,
 )
-from tests.integration.conftest import make_image, qemu_img_compare
+from tests.integration.conftest import TwoDisks, TwoDiskVms, qemu_img_compare
 from tests.integration.netns import (
     HV_ADDR,
     Pki,
@@ -34,9 +35,10 @@ from tests.integration.netns import (
     qemu_tls_args,
     two_hosts,
 )
-from tests.integration.vm import Disk, Vm, VmFactory
+from tests.integration.vm import Vm
 
-pytestmark = [pytest.mark.integration, pytest.mark.qemu]  # qemu: run on QEMU 10 too
+pytestmark = [pytest.mark.integration, pytest.mark.qemu,  # qemu: run on QEMU 10 too
+              pytest.mark.root("network namespaces"), pytest.mark.network]
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -57,22 +59,15 @@ def hosts() -> Iterator[TwoHosts]:
 
 
 @pytest.fixture
-def remote_vm(vms: VmFactory, hosts: TwoHosts, pki: Pki,
-              tmp_path: Path) -> tuple[Vm, dict[str, Path]]:
-    """A VM in the hypervisor namespace with a qcow2 and a raw disk, QMP over TLS on
-    HV_ADDR:4444 (and in clear text on :4445), and copies of its disks as they were."""
-    vda = make_image(tmp_path / "vda.qcow2", "qcow2", 32 * MiB, [
-        ("write", 0x11, 0, 12 * MiB), ("write", 0x22, 16 * MiB, 12 * MiB),
-        ("zero", 30 * MiB, MiB)])
-    vdb = make_image(tmp_path / "vdb.raw", "raw", 4 * MiB + 4608, [
-        ("write", 0x33, 0, 4 * MiB + 4608)])
-    before = {"vda": tmp_path / "before-vda.qcow2", "vdb": tmp_path / "before-vdb.raw"}
-    shutil.copy(vda, before["vda"])
-    shutil.copy(vdb, before["vdb"])
-    vm = vms.start([Disk(vda, "qcow2", "vda"), Disk(vdb, "raw", "vdb")], netns=hosts.hv,
-                   extra_args=qemu_tls_args(pki, QMP_PORT, PLAIN_QMP_PORT))
-    vm.qmp.execute("cont")
-    return vm, before
+def remote_vm(two_disk_vm: TwoDiskVms, hosts: TwoHosts, pki: Pki) -> TwoDisks:
+    """A VM in the hypervisor namespace with a 32 MiB qcow2 and a 4 MiB + 4608 byte raw disk,
+    QMP over TLS on HV_ADDR:4444 (and in clear text on :4445), and copies of its disks as
+    they were."""
+    return two_disk_vm.start(32 * MiB, [("write", 0x11, 0, 12 * MiB),
+                                        ("write", 0x22, 16 * MiB, 12 * MiB),
+                                        ("zero", 30 * MiB, MiB)], 4 * MiB + 4608,
+                             netns=hosts.hv, extra_args=qemu_tls_args(pki, QMP_PORT,
+                                                                      PLAIN_QMP_PORT))
 
 
 def _state(vm: Vm) -> tuple[list[str], list[object], list[str]]:
@@ -105,6 +100,7 @@ def _restore_and_compare(arcs: list[Path], expected: dict[str, Path], out: Path)
         assert qemu_img_compare(image, fmt, out / f"{dev}.raw", "raw"), dev
 
 
+@pytest.mark.slow
 def test_x509_backup_across_hosts_while_the_guest_writes(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki, tmp_path: Path
 ) -> None:
@@ -113,14 +109,13 @@ def test_x509_backup_across_hosts_while_the_guest_writes(
     the guest made meanwhile, and QEMU is left as it was."""
     vm, before = remote_vm
     state = _state(vm)
-    proc = subprocess.Popen(
+    with running(
         hosts.run_in(hosts.bk, [
             AGENT, "backup", "--qmp", f"{HV_ADDR}:{QMP_PORT}", "--tls-creds", str(pki.agent),
             "--qemu-tls-authz", "backup-authz", "--compress", "none", "--connections", "1",
             "--memory", "4M", "--request-size", "1M", "-o", "-"]),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
         # The first bytes come after the snapshot exists; the backup then stalls on the
         # pipe we do not read, so the writes below race it and must be copied first.
         head = proc.stdout.read(4096)
@@ -131,10 +126,6 @@ def test_x509_backup_across_hosts_while_the_guest_writes(
             vm.guest_write(dev, pattern, off, length)
         rest, err, status = finish_streaming(proc, TIMEOUT)
         assert status == 0, err.decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     arc = tmp_path / "remote.arc"
     arc.write_bytes(head + rest)
     done = agent_from_file(arc, "verify", "-")
@@ -147,6 +138,7 @@ def test_x509_backup_across_hosts_while_the_guest_writes(
     _assert_untouched(vm, state)
 
 
+@pytest.mark.slow
 def test_psk_full_then_incremental_across_hosts(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki, tmp_path: Path
 ) -> None:
@@ -207,6 +199,7 @@ def test_certificate_from_another_ca_is_refused(
     _assert_untouched(vm, state)
 
 
+@pytest.mark.slow
 def test_plain_tcp_is_refused_unless_asked_for(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki, tmp_path: Path
 ) -> None:
@@ -234,6 +227,7 @@ def test_plain_tcp_is_refused_unless_asked_for(
     _assert_untouched(vm, state)
 
 
+@pytest.mark.slow
 def test_cleanup_over_tls_after_a_killed_remote_agent(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki
 ) -> None:
@@ -242,17 +236,13 @@ def test_cleanup_over_tls_after_a_killed_remote_agent(
     vm, _ = remote_vm
     state = _state(vm)
     qmp = f"{HV_ADDR}:{QMP_PORT}"
-    proc = subprocess.Popen(
+    with running(
         hosts.run_in(hosts.bk, [AGENT, "backup", "--qmp", qmp, "--tls-creds", str(pki.agent),
                                 "--compress", "none", "-o", "-"]),
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    try:
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
         assert proc.stdout.read(1000).startswith(b"\x89BAGENT\n")  # the snapshot exists
-    finally:
         proc.kill()  # `ip netns exec` exec'd the agent: this pid is the agent's
-        proc.wait()
-        proc.stdout.close()
     assert _state(vm) != state
     vm.guest_write("vda", 0x6D, 8 * MiB, 64 * KiB)
     vm.guest_verify("vda", 0x6D, 8 * MiB, 64 * KiB)
@@ -263,6 +253,7 @@ def test_cleanup_over_tls_after_a_killed_remote_agent(
     _assert_untouched(vm, state)
 
 
+@pytest.mark.slow
 def test_a_scheduled_job_backs_up_a_vm_on_another_host(
     remote_vm: tuple[Vm, dict[str, Path]], hosts: TwoHosts, pki: Pki, tmp_path: Path
 ) -> None:

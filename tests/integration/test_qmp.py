@@ -38,6 +38,7 @@ def test_connect_and_query_status(vm: Vm) -> None:
     assert status["running"] is False
 
 
+@pytest.mark.network
 def test_tcp_address(vms: VmFactory) -> None:
     with socket.socket() as probe:  # a free port (the VM takes it a moment later)
         probe.bind(("127.0.0.1", 0))
@@ -65,6 +66,7 @@ def test_query_block_devices(vm: Vm, tmp_path: Path) -> None:
     assert devices[0].qom_path == "/machine/peripheral/vda"
 
 
+@pytest.mark.slow
 def test_second_client_is_busy(vm: Vm) -> None:
     with Monitor(str(vm.agent_qmp)) as first:
         with pytest.raises(MonitorBusy) as info:
@@ -158,6 +160,7 @@ def test_guest_write_lands(vm: Vm, short_tmp: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(900)  # the first run builds the guest: a 27 MB download
+@pytest.mark.slow
 def test_guest_boots_and_writes(vms: VmFactory, guest: Guest, tmp_path: Path) -> None:
     disk = make_image(tmp_path / "disk.raw", "raw", 1 * MiB)
     booting = Guest(guest.kernel, guest.initrd, "ba.pattern=0xcd ba.count=4 ba.passes=1")

@@ -15,7 +15,7 @@ import pytest
 from tests.integration.cli_util import MiB, agent, agent_from_file, describe
 from tests.integration.conftest import make_image, qemu_img_compare
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.root("loop devices (losetup)")]
 
 
 @pytest.fixture
@@ -31,6 +31,7 @@ def loop_device(short_tmp: Path) -> Iterator[tuple[str, Path]]:
         subprocess.run(["losetup", "--detach", dev], check=True)
 
 
+@pytest.mark.slow
 def test_restore_into_block_device(short_tmp: Path, loop_device: tuple[str, Path]) -> None:
     dev, backing = loop_device
     src = make_image(short_tmp / "src.raw", "raw", 16 * MiB, [

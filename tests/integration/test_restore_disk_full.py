@@ -27,7 +27,7 @@ from tests.integration.cli_util import (
 )
 from tests.unit.archive_util import write_archive
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.root("mounts a tmpfs")]
 
 SMALL_FS = 2 * MiB
 DISK = 8 * MiB  # four times what fits
@@ -37,8 +37,6 @@ NOSPACE = os.strerror(28)  # ENOSPC: "No space left on device"
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """An empty 2 MiB tmpfs, unmounted at teardown."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
     mnt = tmp_path / "small"
     mnt.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS},mode=0755", "tmpfs",

@@ -22,7 +22,7 @@ from tests.integration.cli_util import AGENT, assert_error, describe
 from tests.integration.netns import BK_ADDR, TwoHosts, two_hosts
 from tests.unit.archive_util import write_archive
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.root("network namespaces"), pytest.mark.network]
 
 MiB = 1024 * 1024
 PORT = 10811

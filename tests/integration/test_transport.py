@@ -34,7 +34,7 @@ from tests.integration.cli_util import (
 from tests.integration.conftest import qemu_img_compare
 from tests.integration.sshd import SshServer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.network]  # sshd on 127.0.0.1
 
 REPO = Path(__file__).resolve().parents[2]
 RECEIVE = REPO / "deploy" / "ssh" / "backup-receive"
@@ -191,6 +191,7 @@ def assert_restores(script: str, out: Path, image: Path) -> None:
 # -- ssh -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_backup_over_ssh_and_restore_from_ssh(
     sshd: SshServer, remote: Path, sample: Sample, short_tmp: Path
 ) -> None:
@@ -250,6 +251,7 @@ def example_options(store: Path) -> str:
                      f"sh {RECEIVE} {store}"))
 
 
+@pytest.mark.slow
 def test_forced_command_key_puts_commits_and_gets(
     sshd: SshServer, remote: Path, sample: Sample, short_tmp: Path
 ) -> None:

@@ -196,10 +196,12 @@ def _every_truncation_fails(data: bytes) -> None:
             pytest.fail(f"an archive cut to {n} of {len(data)} bytes was accepted")
 
 
+@pytest.mark.slow
 def test_truncation_at_every_byte_offset_fails() -> None:
     _every_truncation_fails(SMALL)
 
 
+@pytest.mark.slow
 def test_truncation_of_an_archive_with_many_small_records() -> None:
     def build(w: ArchiveWriter) -> None:
         w.add_device("vda", 64 * 16)
@@ -283,6 +285,7 @@ def test_flipped_bit_in_the_preamble() -> None:
     fails(flip(SMALL, 12), "archive preamble has unknown flags 0x1", exc=UnsupportedArchive)
 
 
+@pytest.mark.slow
 def test_any_single_bit_flip_is_caught() -> None:
     for i in range(len(SMALL)):
         with pytest.raises(ArchiveError):

@@ -659,6 +659,7 @@ def _mixed_archive() -> tuple[bytes, dict[int, bytes]]:
 
 
 @pytest.mark.parametrize("seed", range(5))
+@pytest.mark.slow
 def test_short_reads_from_a_pipe_like_stream(seed: int) -> None:
     data, blocks = _mixed_archive()
     r = ArchiveReader(_Trickle(data, 100_000, seed))  # type: ignore[arg-type]

@@ -40,6 +40,7 @@ def _run(tmp_path: Path, *args: str) -> str:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_short_fuzz_run_finds_nothing(tmp_path: Path) -> None:
     out = _run(tmp_path, "--engine", "random", "--cases", "2500", "--seed", "1")
     assert "fuzz: 2500 cases" in out, out
@@ -48,6 +49,7 @@ def test_short_fuzz_run_finds_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 @pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris not installed")
+@pytest.mark.slow
 def test_the_coverage_guided_engine_runs(tmp_path: Path) -> None:
     """The long-run engine (atheris) starts, runs cases through the mutator and ends."""
     out = _run(tmp_path, "--engine", "atheris", "--cases", "300")

@@ -78,6 +78,7 @@ def test_descending_ranges_with_gaps() -> None:
     verify(hb.descending_ranges(10, kind=Kind.FULL, gap=0))
 
 
+@pytest.mark.slow
 def test_large_index(tmp_path: object) -> None:
     arc = hb.large_index(70_000)  # two INDEX records: 65,536 entries and the rest
     indexes = [r for r in split(arc).records if r.rtype == hb.T.INDEX]

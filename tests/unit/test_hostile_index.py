@@ -75,6 +75,7 @@ def _child_peak_kib(*args: str) -> tuple[int, bytes]:
     return int(done.stderr.decode().rsplit("VmHWM ", 1)[1]), done.stdout
 
 
+@pytest.mark.slow
 def test_info_of_a_large_index_stays_small(tmp_path: Path) -> None:
     """400,000 records (12.8 MB of index): info held every entry as an object before, about
     100 MiB more than for a tiny archive; now what it holds does not depend on the index."""
@@ -87,6 +88,7 @@ def test_info_of_a_large_index_stays_small(tmp_path: Path) -> None:
     assert peak - base < 8 * 1024, (base, peak)
 
 
+@pytest.mark.slow
 def test_opening_for_random_access_holds_no_entries(tmp_path: Path) -> None:
     path = tmp_path / "big.arc"
     path.write_bytes(many_records(200_000))

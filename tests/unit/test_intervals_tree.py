@@ -33,6 +33,7 @@ def _orders() -> Iterator[tuple[str, list[int]]]:
 
 
 @pytest.mark.parametrize(("name", "order"), list(_orders()), ids=[n for n, _ in _orders()])
+@pytest.mark.slow
 def test_any_order_keeps_every_path_short_and_every_node_small(
         name: str, order: list[int]) -> None:
     """By construction, each add walks one root-to-leaf path and shifts at most FANOUT

@@ -160,6 +160,7 @@ def directories(draw: st.DrawFn) -> list[ArchiveDesc]:
 
 @settings(max_examples=300, deadline=None)
 @given(directories(), st.integers(1, 5), st.integers(1, 3))
+@pytest.mark.slow
 def test_invariants(archives: list[ArchiveDesc], keep: int, groups: int) -> None:
     def group(a: ArchiveDesc) -> str:
         return str(a.uuid.int % groups)

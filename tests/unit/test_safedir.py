@@ -35,7 +35,7 @@ def test_world_writable_without_sticky_bit_is_refused(tmp_path: Path) -> None:
         check_shared_dir(str(d), f"--spool-dir {d}")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+@pytest.mark.root("chown to another user")
 def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     d = _dir(tmp_path, 0o700, NOBODY)
     with pytest.raises(InvalidArgument, match="belongs to nobody, who could replace"):

@@ -162,6 +162,7 @@ def test_ctrl_c_taken_by_another_thread_stops_the_wait_for_the_releaser() -> Non
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_a_qmp_wait_in_steps_keeps_its_timeout_and_the_coroutines_own_errors() -> None:
     from agent.qemu.qmp import _LoopThread
 

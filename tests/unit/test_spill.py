@@ -54,6 +54,7 @@ def _write(path: Path, records: int, index_in_memory: int) -> None:
         w.finish()
 
 
+@pytest.mark.slow
 def test_a_spilled_index_writes_the_same_archive(tmp_path: Path) -> None:
     # More entries than one INDEX record holds, spilled in odd-sized pieces.
     records = INDEX_ENTRIES_PER_RECORD + 1000
@@ -84,6 +85,7 @@ def _index_memory(index_in_memory: int) -> int:
     return held
 
 
+@pytest.mark.slow
 def test_the_index_does_not_grow_in_memory() -> None:
     # 60,000 entries are 1.9 MB of index: all of it held without spilling (so this test
     # can tell), at most the 256 KiB threshold and small change with it.
