@@ -126,7 +126,7 @@ def progress_dict(p: Progress) -> dict[str, Any]:
     return {
         "phase": p.phase, "done": p.done, "total": p.total, "data_bytes": p.data_bytes,
         "zero_bytes": p.zero_bytes, "stored_bytes": p.stored_bytes,
-        "elapsed": round(p.elapsed, 3),
+        "elapsed": round(p.elapsed, 6),  # to the microsecond: a tiny job's rate must match it
     }
 
 
@@ -164,7 +164,7 @@ def summary_fields(p: Progress, archive_bytes: int | None = None,
         "written_what": written_what if writes else None,
         "data_bytes": p.data_bytes, "stored_bytes": payload, "archive_bytes": archive_bytes,
         "compression_ratio": ratio,
-        "elapsed": round(p.elapsed, 3),
+        "elapsed": round(p.elapsed, 6),  # to the microsecond: a tiny job's rate must match it
         "bytes_per_second": round(p.done / max(p.elapsed, 1e-9)),
     }
 
