@@ -185,8 +185,6 @@ class _Planner:
         self._request = opts.request_size
         self._tracker = tracker
         self._gate = gate
-        # (offset, length) copied before a guest write: read first
-        self._copies: deque[tuple[int, int]] = deque()
         self._ready: deque[_Item] = deque()  # the sweep's, claimed
 
     def _walk(self, dev: Device, src: NbdSource, opts: EngineOptions) -> Iterator[_Item]:
@@ -252,16 +250,8 @@ class _Planner:
                 self._handle = None
 
     def _next(self) -> _Item | _Wait | None:
-        t = self._tracker
-        if t is not None:
-            # A live backup: clusters QEMU copied before a guest write first (they cost
-            # memory in the target, and are never paced), then the sweep; every range is
-            # claimed before it is read, so nothing is read twice.
-            for start, end in t.take_copied():
-                for off in range(start, end, self._request):
-                    self._copies.append((off, min(self._request, end - off)))
-            if self._copies:
-                return self._copied()
+        # Copies QEMU saved before a guest write never come through here: the target pushes
+        # them (BackupEngine.push). The planner has only the sweep, paced by the gate.
         gate = self._gate
         if gate is not None and (wait := gate.wait()) > 0:
             return _Wait(wait)
@@ -285,26 +275,6 @@ class _Planner:
                           for a, b in self._tracker.pushed(offset, length)]
                 pos += length
         return owned
-
-    def _copied(self) -> _Read | _Gather:
-        """The next copies to read. A guest's random writes are copied one 64 KiB cluster
-        at a time, far apart: up to GATHER_PARTS of them go as one gathered read, which
-        costs the pipeline's threads one hand-off instead of one per cluster (random
-        writes during a backup, sweep stopped: 3.1 ms of the agent's CPU per MiB of
-        copies against 4.4)."""
-        copies, gathered = self._copies, 0
-        parts: list[tuple[int, int]] = []
-        while copies and len(parts) < GATHER_PARTS:
-            n = copies[0][1]
-            if parts and (n > MAX_REQUEST or gathered + n > self._request):
-                break
-            parts.append(copies.popleft())
-            gathered += n
-            if n > MAX_REQUEST:  # a large copy is cut in requests as a read of its own
-                break
-        if len(parts) == 1:
-            return _Read(self._device, *parts[0])
-        return _Gather(self._device, tuple(parts))
 
     def _sweep(self) -> _Item | None:
         t = self._tracker

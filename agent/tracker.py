@@ -1,7 +1,7 @@
 """Bookkeeping of a live backup, per device: what is claimed, written and released.
 
 During a live backup two producers want the same bytes: the sweep over the
-point-in-time view, and QEMU's copy-before-write, which announces every cluster it
+point-in-time view, and QEMU's copy-before-write, whose target pushes every cluster it
 saved just before a guest write (those cost memory in the target, so they go first).
 Each range is *claimed* before it is read, by whichever comes first, so no byte is read
 or recorded twice. Once a range is in the archive it is *released*: trimmed on the
@@ -10,7 +10,7 @@ copy clusters only (an unaligned trim aborts QEMU 7.2; there the disk's last clu
 partial, while later QEMUs cannot release a partial one at all: ``partial_tail``), so a
 cluster is released when the last of its bytes is written, whichever records they came in.
 
-Copies usually come *pushed*: the target sends each copied cluster's data to the agent
+Copies come *pushed*: the target sends each copied cluster's data to the agent
 (agent/cbw/feed.py), which writes it without reading it through QEMU. A pushed range is
 claimed like any other; the parts someone claimed first are dropped (both sources hold the
 same point-in-time data, and the claimant reads it through the snapshot view, where the
@@ -27,7 +27,6 @@ QEMU and the target) per cluster.
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Callable
 
 from agent.archive.intervals import IntervalSet
@@ -47,23 +46,13 @@ class DeviceTracker:
         self._claimed = IntervalSet()
         self._written = IntervalSet()  # written or skipped
         self._released = IntervalSet()
-        self._copied: deque[tuple[int, int]] = deque()
-        self.copied_ranges = 0  # announced by copy-before-write
+        self.copied_ranges = 0  # pushed by the copy-before-write target
         self.copied_bytes = 0  # in those ranges (the adaptive sweep's signal: agent/pace.py)
-        self.copied_first = 0  # of those, read ahead of the sweep (or pushed)
+        self.copied_first = 0  # parts of those the push claimed before the sweep
         self.released_bytes = 0  # trimmed on the snapshot view
         self.pushed_bytes = 0  # taken from the target's feed (never read through QEMU)
 
     # -- producers ---------------------------------------------------------------------
-
-    def copied(self, offset: int, length: int) -> None:
-        """QEMU saved [offset, offset+length) in the target (the event listener calls this)."""
-        end = min(offset + length, self.size)
-        if offset < end:
-            with self._lock:
-                self._copied.append((offset, end))
-                self.copied_ranges += 1
-                self.copied_bytes += end - offset
 
     def pushed(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The target sent the data of [offset, offset+length), which QEMU copied: claim it
@@ -85,15 +74,6 @@ class DeviceTracker:
                 if lo < hi:
                     self._released.claim(lo, hi)
             return owned
-
-    def take_copied(self) -> list[tuple[int, int]]:
-        """Claim the copied ranges announced so far; return the parts nobody claimed yet."""
-        with self._lock:
-            out: list[tuple[int, int]] = []
-            while self._copied:
-                out += self._claimed.claim(*self._copied.popleft())
-            self.copied_first += len(out)
-            return out
 
     def claim(self, start: int, end: int) -> list[tuple[int, int]]:
         with self._lock:

@@ -203,7 +203,7 @@ class IntervalSet:
         """Add whatever part of [start, end) is not in the set yet; return those parts.
 
         A live backup claims each range before reading it, from the sweep and from the
-        copy-before-write events alike, so no byte is read (or recorded) twice."""
+        copies the target pushed alike, so no byte is read (or recorded) twice."""
         new = self.missing(start, end)
         for s, e in new:
             self.add(s, e)

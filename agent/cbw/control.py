@@ -4,21 +4,19 @@ The plugin listens on a Unix socket (``control=PATH``, mode 0600). A client conn
 sends one command line; the protocol is ASCII lines (and, on ``feed``, the data itself), so
 ``socat - UNIX:PATH`` can debug it::
 
-    client: events\\n        server: R <offset> <length>\\n   for every range stored: first
-                                    everything stored now (not yet trimmed), then each
-                                    later write, in the order QEMU made them; the stream
-                                    lasts until either side closes
     client: feed\\n          server: D <offset> <length>\\n<length bytes>   data, or
-                                    Z <offset> <length>\\n   all-zero clusters: the same
-                                    ranges as ``events`` (runs of at most 1 MiB), with what
-                                    is stored there, each byte sent once
+                                    Z <offset> <length>\\n   all-zero clusters: every range
+                                    stored, first everything stored now (not yet trimmed),
+                                    then each later write in the order QEMU made them (runs
+                                    of at most 1 MiB), with what is stored there, each byte
+                                    sent once; the stream lasts until either side closes
             A <offset> <length>\\n   (any time, client to server) the client has the range and
                                     will not read it through QEMU: the store frees every whole
                                     cluster inside it (:meth:`ClusterStore.take`)
     client: stats\\n         server: {json}\\n                 the store's counters, then closes
     anything else           server: E <message>\\n            then closes
 
-Why ``feed``: the agent used to learn of a copy from ``events``, read it back through QEMU's
+Why ``feed``: the agent used to learn of a copy from a stream of ranges, read it back through QEMU's
 snapshot-access node (agent → QEMU → copy-before-write → NBD → this plugin) and trim it there
 (through QEMU again) so that the plugin freed it: two more trips through QEMU's main loop per
 copied cluster, competing with the guest for it. Sent here, a copy crosses QEMU once, as it
@@ -44,7 +42,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from types import TracebackType
 
 from agent.cbw.store import ClusterStore, StoreError, Subscription
@@ -121,10 +118,7 @@ class ControlServer:
             try:
                 conn.settimeout(5)
                 command = _read_line(conn)
-                if command == "events":
-                    conn.settimeout(None)
-                    self._stream_events(conn)
-                elif command == "feed":
+                if command == "feed":
                     conn.settimeout(None)
                     self._feed(conn)
                 elif command == "stats":
@@ -136,21 +130,6 @@ class ControlServer:
 
     def stats(self) -> dict[str, int]:
         return dict(vars(self.store.stats()))
-
-    def _stream_events(self, conn: socket.socket) -> None:
-        sub: Subscription = self.store.subscribe()
-        try:
-            while not self._stop.is_set():
-                batch = sub.get(timeout=POLL_INTERVAL)
-                if batch is None:
-                    return
-                if batch:
-                    conn.sendall("".join(f"R {o} {n}\n" for o, n in batch).encode())
-                elif _peer_closed(conn):
-                    return
-        finally:
-            sub.close()
-
 
     def _feed(self, conn: socket.socket) -> None:
         """Send each stored range with its data; free what the client acknowledges."""
@@ -242,18 +221,12 @@ def _peer_closed(conn: socket.socket) -> bool:
 
 
 class ControlClient:
-    """The agent's side of the control socket.
-
-    ``events()`` blocks and yields ``(offset, length)`` ranges; ``poll_events(timeout)``
-    returns what has arrived so far. Both share one ``events`` connection, opened on first use.
-    ``stats()`` uses a connection of its own.
-    """
+    """The agent's side of the control socket's ``stats`` command (``feed`` has a client
+    of its own: :class:`agent.cbw.feed.FeedClient`)."""
 
     def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.path = path
         self.timeout = timeout
-        self._events: socket.socket | None = None
-        self._buf = b""
 
     def _connect(self, command: str) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -288,61 +261,8 @@ class ControlClient:
             raise ControlError(f"control socket {self.path}: bad stats reply {data!r}") from e
         return stats
 
-    def _events_socket(self) -> socket.socket:
-        if self._events is None:
-            self._events = self._connect("events")
-        return self._events
-
-    def _take_lines(self) -> list[tuple[int, int]]:
-        *lines, self._buf = self._buf.split(b"\n")
-        ranges = []
-        for line in lines:
-            parts = line.split()
-            if len(parts) != 3 or parts[0] != b"R":
-                raise ControlError(f"control socket {self.path}: unexpected line {line!r}")
-            ranges.append((int(parts[1]), int(parts[2])))
-        return ranges
-
-    def _receive(self, sock: socket.socket) -> bool:
-        """Append what the socket has to the buffer; False at end of stream."""
-        try:
-            chunk = sock.recv(65536)
-        except TimeoutError:
-            return True
-        except OSError as e:
-            raise ControlError(f"control socket {self.path}: {e.strerror or e}") from e
-        self._buf += chunk
-        return bool(chunk)
-
-    def poll_events(self, timeout: float = 0.0, wake: int | None = None
-                    ) -> list[tuple[int, int]]:
-        """Ranges received so far, waiting up to ``timeout`` seconds for the first one, or
-        until file descriptor ``wake`` is readable (how a caller stops at once)."""
-        sock = self._events_socket()
-        ranges = self._take_lines()
-        if ranges:
-            return ranges
-        fds = [sock.fileno()] if wake is None else [sock.fileno(), wake]
-        readable, _, _ = select.select(fds, [], [], timeout)
-        if sock.fileno() in readable and not self._receive(sock):
-            raise ControlError(f"control socket {self.path}: the plugin closed the stream")
-        while select.select([sock], [], [], 0)[0] and self._receive(sock):
-            pass
-        return self._take_lines()
-
-    def events(self) -> Iterator[tuple[int, int]]:
-        """Every stored range, as it arrives; ends when the plugin closes the stream."""
-        sock = self._events_socket()
-        sock.settimeout(None)
-        while True:
-            yield from self._take_lines()
-            if not self._receive(sock):
-                return
-
     def close(self) -> None:
-        sock, self._events = self._events, None
-        if sock is not None:
-            sock.close()
+        pass  # each command's connection closes once its answer is read
 
     def __enter__(self) -> ControlClient:
         return self

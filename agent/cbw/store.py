@@ -27,7 +27,7 @@ refused (:class:`Replaced`; the plugin answers EPERM), counted (``writes_refused
 what is stored as it was. One bit per cluster of the disk records what was ever written
 (2 MiB for a 1 TiB disk).
 
-Subscribers (the control socket's ``events`` and ``feed`` clients, see
+Subscribers (the control socket's ``feed`` clients, see
 :mod:`agent.cbw.control`) learn of stored ranges through an append-only journal: a
 subscription starts with every range stored at that moment, then receives each later write.
 Delivered ranges are filtered to what is still stored at delivery time, so a range trimmed in

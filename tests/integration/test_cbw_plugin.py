@@ -13,6 +13,7 @@ import nbd
 import pytest
 
 from agent.cbw.control import ControlClient
+from agent.cbw.feed import FeedClient
 from tests.integration.cli_util import running
 from tests.integration.conftest import NbdServerFactory, Server
 
@@ -60,7 +61,7 @@ def block_status(h: nbd.NBD, offset: int, length: int) -> list[tuple[int, int]]:
     return runs
 
 
-def test_write_read_trim_status_events(nbd_server: NbdServerFactory, short_tmp: Path) -> None:
+def test_write_read_trim_status_feed(nbd_server: NbdServerFactory, short_tmp: Path) -> None:
     server, control = start_plugin(
         nbd_server, short_tmp, "size=64M", "memory=1M", "spool-limit=2M"
     )
@@ -78,20 +79,22 @@ def test_write_read_trim_status_events(nbd_server: NbdServerFactory, short_tmp: 
         assert block_status(h, 0, 2 * K) == [(K, 0), (K, nbd.STATE_HOLE)]
         assert block_status(h, 8 * MiB, K) == [(K, nbd.STATE_ZERO)]
 
-        with ControlClient(control) as client:
-            got: list[tuple[int, int]] = []
-            while len(got) < 3:
-                more = client.poll_events(5)
-                assert more, f"no events; got {got}"
-                got += more
-            assert sorted(got) == [(0, K), (4 * MiB, MiB), (8 * MiB, MiB)]
+        feed = FeedClient(control)  # what the agent receives: each stored range, with data
+        try:
+            got = [_receive(feed) for _ in range(3)]
+            assert sorted(got) == [(b"D", 0, b"\x11" * K), (b"D", 4 * MiB, b"\x22" * MiB),
+                                   (b"Z", 8 * MiB, MiB)]
 
             h.trim(MiB - 1, 4 * MiB + 1)  # rounded inward: frees 15 of the 16 clusters
             with pytest.raises(nbd.Error):
                 h.pread(K, 4 * MiB + K)
             assert h.pread(K, 4 * MiB) == b"\x22" * K
             h.pwrite(b"\x33" * K, 20 * MiB)
-            assert client.poll_events(5) == [(20 * MiB, K)]
+            assert _receive(feed) == (b"D", 20 * MiB, b"\x33" * K)
+        finally:
+            feed.shutdown()
+            feed.close()
+        with ControlClient(control) as client:
             stats = client.stats()
         assert stats["clusters_copied"] == 1 + 16 + 16 + 1
         assert stats["clusters_trimmed"] == 15
@@ -179,9 +182,12 @@ def test_qemu_copy_before_write_into_plugin(
         guest = connect(f"nbd+unix:///disk?socket={qsd_sock}") if _wait(qsd_sock) else None
         assert guest is not None, (short_tmp / "qsd.log").read_text()
         snap = connect(f"nbd+unix:///snap?socket={qsd_sock}")
+        feed = FeedClient(control)
         with ControlClient(control) as client:
             guest.pwrite(b"\x55" * 4096, 4096)  # one 4 KiB guest write copies one cluster
-            assert client.poll_events(5) == [(0, K)]
+            assert _receive(feed) == (b"D", 0, b"\xaa" * K)  # QEMU copied the old cluster
+            feed.shutdown()
+            feed.close()
             assert snap.pread(K, 0) == b"\xaa" * K  # the old data, read from the plugin
             assert guest.pread(4096, 4096) == b"\x55" * 4096
 
@@ -192,6 +198,18 @@ def test_qemu_copy_before_write_into_plugin(
             assert client.stats()["full_errors"] >= 1
         guest.shutdown()
         snap.shutdown()
+
+
+def _receive(feed: FeedClient) -> tuple[bytes, int, bytes | int]:
+    """The next range of the feed: ``(b"D", offset, data)`` or ``(b"Z", offset, length)``."""
+    header = feed.next()
+    assert header is not None, "the feed ended"
+    kind, offset, length = header
+    if kind == b"Z":
+        return kind, offset, length
+    data = bytearray(length)
+    feed.read_into(memoryview(data))
+    return kind, offset, bytes(data)
 
 
 def _wait(sock: str, timeout: float = 10.0) -> bool:

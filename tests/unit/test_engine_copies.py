@@ -1,4 +1,4 @@
-"""A live backup's planner: copies first, gathered, never paced; the sweep paced."""
+"""A live backup's planner: the sweep around what the target pushed, paced or not."""
 
 from __future__ import annotations
 
@@ -6,10 +6,7 @@ from typing import Any, cast
 
 from agent.archive.format import Device
 from agent.engine import (
-    GATHER_PARTS,
-    MAX_REQUEST,
     EngineOptions,
-    _Gather,
     _Planner,
     _Read,
     _SweepGate,
@@ -43,40 +40,30 @@ class _Sweep:
         return cast(Any, self.planner)._next()
 
 
-def test_scattered_copies_are_read_as_gathers() -> None:
-    s = _Sweep(64 * MiB)
-    clusters = [i * 3 * CLUSTER for i in range(40)]  # never adjacent
-    for off in clusters:
-        s.tracker.copied(off, CLUSTER)
-    got = [s.next() for _ in range(3)]
-    assert [type(g) for g in got] == [_Gather, _Gather, _Gather]
-    parts = [p for g in got for p in cast(_Gather, g).parts]
-    assert parts == [(off, CLUSTER) for off in clusters]
-    assert [len(cast(_Gather, g).parts) for g in got] == [GATHER_PARTS, GATHER_PARTS, 8]
-    assert isinstance(s.next(), _Read)  # then the sweep
-    assert s.tracker.copied_first == 40
+def test_pushed_copies_are_claimed_and_the_sweep_reads_around_them() -> None:
+    """Copies come pushed by the target (BackupEngine.push), never through the planner; the
+    sweep then reads only what no push claimed, so nothing is read or recorded twice."""
+    s = _Sweep(16 * MiB)
+    owned = s.planner.claim_pushed([(2 * MiB + CLUSTER, CLUSTER), (6 * MiB, 2 * MiB)])
+    assert owned == [(2 * MiB + CLUSTER, 2 * MiB + 2 * CLUSTER, 0),
+                     (6 * MiB, 8 * MiB, CLUSTER)]  # (start, end, position in the parts)
+    assert s.planner.claim_pushed([(6 * MiB, CLUSTER)]) == []  # claimed once only
+    got = []
+    while (item := s.next()) is not None:
+        got.append(item)
+    assert got == [_Read(s.dev, 0, 2 * MiB),
+                   _Read(s.dev, 2 * MiB, CLUSTER),
+                   _Read(s.dev, 2 * MiB + 2 * CLUSTER, 2 * MiB - 2 * CLUSTER),
+                   _Read(s.dev, 4 * MiB, 2 * MiB)] + [
+                   _Read(s.dev, o, 2 * MiB) for o in range(8 * MiB, 16 * MiB, 2 * MiB)]
+    assert s.tracker.copied_first == 2 and s.tracker.pushed_bytes == CLUSTER + 2 * MiB
 
 
-def test_a_gather_of_copies_stays_within_one_request_and_large_copies_go_alone() -> None:
-    s = _Sweep(64 * MiB)
-    s.tracker.copied(0, CLUSTER)
-    s.tracker.copied(8 * MiB, MiB)  # a copy larger than one NBD request
-    s.tracker.copied(16 * MiB, CLUSTER)
-    first, second, third = s.next(), s.next(), s.next()
-    assert first == _Read(s.dev, 0, CLUSTER)
-    assert second == _Read(s.dev, 8 * MiB, MiB) and MiB > MAX_REQUEST
-    assert third == _Read(s.dev, 16 * MiB, CLUSTER)
-
-
-def test_copies_pass_a_sweep_that_must_wait() -> None:
+def test_a_paced_sweep_waits_after_its_first_read() -> None:
     s = _Sweep(64 * MiB, PaceSpec(4 * KiB))
-    first = s.next()
-    assert first == _Read(s.dev, 0, 2 * MiB)  # the first read goes, then the bucket owes
+    assert s.next() == _Read(s.dev, 0, 2 * MiB)  # the first read goes, then the bucket owes
     assert isinstance(s.next(), _Wait)
-    s.tracker.copied(32 * MiB, CLUSTER)
-    s.tracker.copied(48 * MiB, CLUSTER)
-    assert s.next() == _Gather(s.dev, ((32 * MiB, CLUSTER), (48 * MiB, CLUSTER)))
-    assert isinstance(s.next(), _Wait)  # and the sweep still waits
+    assert isinstance(s.next(), _Wait)  # and keeps waiting
 
 
 def test_unpaced_sweep_never_waits() -> None:
