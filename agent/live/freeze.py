@@ -230,22 +230,16 @@ class Freezer:
     def _thaw_after_failed_freeze(self) -> bool:
         """After a freeze that failed or timed out: thaw; True once it is confirmed. qemu-ga
         thaws by itself when a freeze fails part-way, but a timed-out freeze may still be
-        running: the thaw is queued behind it (and read back, with whatever the freeze
-        answers first, for up to twice the timeout)."""
+        running: the thaw is queued behind it, confirmed within twice the timeout."""
         try:
             if self._ga is not None:
                 self._ga.send_only("guest-fsfreeze-thaw")
-                deadline = time.monotonic() + 2 * self.opts.timeout
-                while True:
-                    left = deadline - time.monotonic()
-                    try:
-                        self._ga.read_reply("guest-fsfreeze-thaw", left)
-                    except GuestAgentError as e:
-                        if isinstance(e, AgentTimeout):
-                            raise
-                        # the freeze's own late error, or the thaw's "not frozen": go on
-                    if self._ga.fsfreeze_status(timeout=max(left, 1.0)) == "thawed":
-                        break
+                # The sync is answered after the freeze and the thaw queued ahead of it; it
+                # drops their replies (a late freeze's, the thaw's).
+                self._ga.sync(2 * self.opts.timeout)
+                status = self._ga.fsfreeze_status()
+                if status != "thawed":
+                    raise FreezeError(f"guest-fsfreeze-status says {status!r} after the thaw")
             else:
                 assert self.opts.thaw_command is not None
                 _run_hook(self.opts.thaw_command, "--thaw-command", self.opts.timeout)
