@@ -21,6 +21,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -321,3 +322,59 @@ def test_sigkill_of_the_agent_while_it_freezes_is_thawed_by_the_watchdog(
     assert done.returncode == 0, done.stderr.decode()
     assert "freeze" not in done.stderr.decode()
 
+
+
+def test_sigterm_while_the_guest_freezes_thaws_it_and_cleans_up(
+        freeze_vm: Callable[..., FreezeVm], tmp_path: Path) -> None:
+    fv = freeze_vm()
+    fv.write_file("/run/slow", b"5\n")
+    nodes = node_names(fv.vm)
+    arc = tmp_path / "t.arc"
+    with running([AGENT, "backup", "--qmp", str(fv.vm.agent_qmp), "-o", str(arc),
+                  "--fs-freeze", "required", "--qga", str(fv.qga), "--freeze-timeout", "60",
+                  "--progress", "none"], stdin=subprocess.DEVNULL,
+                 stderr=subprocess.PIPE) as proc:
+        fv.vm.wait_serial("BA-GUEST: hook freeze", timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 1
+        assert proc.stderr is not None
+        err = proc.stderr.read().decode()
+    assert "stopped by SIGTERM" in err, err
+    # The agent itself thawed (no watchdog needed): by the time it exited.
+    assert fv.status() == "thawed"
+    assert fv.read_file("/run/hook.log") == b"freeze\nthaw\n"
+    assert node_names(fv.vm) == nodes
+    assert not arc.exists()
+
+
+#: A --freeze-command / --thaw-command that reaches qemu-ga itself, as `virsh domfsfreeze`
+#: would through libvirt.
+HOOK_COMMAND = """
+import sys
+from agent.qemu.qga import GuestAgent
+with GuestAgent(sys.argv[2], timeout=30) as ga:
+    if sys.argv[1] == "freeze":
+        ga.fsfreeze_freeze()
+    else:
+        ga.fsfreeze_thaw()
+"""
+
+
+def test_freeze_and_thaw_commands_for_a_channel_the_manager_holds(
+        freeze_vm: Callable[..., FreezeVm], tmp_path: Path) -> None:
+    fv = freeze_vm()
+    script = tmp_path / "hook.py"
+    script.write_text(HOOK_COMMAND)
+    py = f"{sys.executable} {script}"
+    arc = tmp_path / "h.arc"
+    done = backup(fv, arc, "--fs-freeze", "required",
+                  "--freeze-command", f"{py} freeze {fv.qga}",
+                  "--thaw-command", f"{py} thaw {fv.qga}")
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    assert "application-consistent: the guest's file systems were frozen for" in err, err
+    assert fv.status() == "thawed"
+    assert fv.read_file("/run/hook.log") == b"freeze\nthaw\n"
+    assert info(arc)["properties"] == {"consistency": "application"}
+    needs_recovery, clean, fsck = fs_state(restore(arc, tmp_path))
+    assert not needs_recovery and clean, fsck
