@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -186,6 +187,7 @@ class Freezer:
             log.warning("the backup will be crash-consistent: %s (the guest was thawed)", why)
             self._active = False
             self.result = FreezeResult(note=why)
+            self.close()
             yield
             return
         froze = time.monotonic() - start
@@ -199,6 +201,9 @@ class Freezer:
         total = time.monotonic() - start
         log.debug("guest frozen in %.3f s, thawed %.3f s after the freeze began", froze, total)
         self.result = FreezeResult("application", total, self._mountpoints, count)
+        # Thawed: let go of the channel (others may use it during the long copy) and of
+        # the watchdog.
+        self.close()
 
     def _freeze(self) -> int | None:
         if self._ga is not None:
@@ -331,13 +336,21 @@ def _run_hook(command: str, option: str, timeout: float) -> None:
     if not argv:
         raise FreezeError(f"{option} is empty")
     try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as e:
-        raise FreezeError(f"{option} {argv[0]} did not finish within {timeout:g} s") from e
+        # In a group of its own: on a timeout its children go too (and let go of the pipes).
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
     except OSError as e:
         raise FreezeError(f"{option}: cannot run {argv[0]}: {e.strerror or e}") from e
-    if done.returncode != 0:
-        err = done.stderr.decode(errors="replace").strip().splitlines()
-        raise FreezeError(f"{option} {argv[0]} failed (exit {done.returncode})"
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except BaseException as e:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        if isinstance(e, subprocess.TimeoutExpired):
+            raise FreezeError(f"{option} {argv[0]} did not finish within {timeout:g} s") from e
+        raise
+    if proc.returncode != 0:
+        err = stderr.decode(errors="replace").strip().splitlines()
+        raise FreezeError(f"{option} {argv[0]} failed (exit {proc.returncode})"
                           + (f": {err[-1]}" if err else ""))
