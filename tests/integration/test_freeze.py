@@ -308,11 +308,14 @@ def test_sigkill_of_the_agent_while_it_freezes_is_thawed_by_the_watchdog(
                  stderr=subprocess.PIPE) as proc:
         fv.vm.wait_serial("BA-GUEST: hook freeze", timeout=120)
         proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
         proc.wait(30)
     # The guest freezes after the agent died (the hook ends, qemu-ga freezes); no one but
     # the watchdog asks for the thaw.
     fv.vm.wait_serial("BA-GUEST: hook thaw", timeout=THAW_PROMISE)
     fv.wait_thawed()
+    # (reported, not asserted: the hook's 8 s are in it)
+    print(f"thawed by the watchdog {time.monotonic() - killed:.1f} s after the SIGKILL")
     assert fv.read_file("/run/hook.log") == b"freeze\nthaw\n"
     # The guest kept writing afterwards: its file system works.
     now = last_synced(fv.vm.serial_text())
