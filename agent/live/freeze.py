@@ -35,7 +35,7 @@ from pathlib import Path
 
 from agent import interrupts
 from agent.errors import AgentError, InvalidArgument
-from agent.qemu.qga import AgentTimeout, GuestAgent, GuestAgentError
+from agent.qemu.qga import AgentTimeout, CommandFailed, GuestAgent, GuestAgentError
 
 log = logging.getLogger("backup-agent")
 
@@ -106,7 +106,7 @@ class Freezer:
         if opts.mode == "off":
             self.result = FreezeResult(note="--fs-freeze off")
         elif not self._active:
-            self.result = FreezeResult(note="no guest agent channel given (--qga)")
+            self.result = FreezeResult(note="no --qga or --freeze-command given")
 
     # -- before the VM is touched ---------------------------------------------------------
 
@@ -133,16 +133,19 @@ class Freezer:
             raise GuestAgentError(
                 f"no guest agent answered on {self.opts.qga} within {probe:g} s (is qemu-ga "
                 "running in the guest? another client may also hold the channel)") from e
-        if ga.fsfreeze_status() == "frozen":
-            # Someone else's freeze (or a leftover): thawing it is not ours to decide.
+        try:
+            if ga.fsfreeze_status() == "frozen":
+                # Someone else's freeze (or a leftover): thawing it is not ours to decide.
+                raise GuestAgentError("the guest's file systems are already frozen by "
+                                      "someone else (guest-fsfreeze-status: frozen)")
+            if not self._mountpoints:
+                try:
+                    self._mountpoints = tuple(ga.fs_mountpoints())
+                except CommandFailed as e:  # only for the record
+                    log.debug("guest-get-fsinfo: %s", e)
+        except BaseException:
             ga.close()
-            raise GuestAgentError("the guest's file systems are already frozen by someone "
-                                  "else (guest-fsfreeze-status: frozen)")
-        if not self._mountpoints:
-            try:
-                self._mountpoints = tuple(ga.fs_mountpoints())
-            except GuestAgentError as e:  # only for the record
-                log.debug("guest-get-fsinfo: %s", e)
+            raise
         return ga
 
     def _give_up(self, why: str) -> None:
