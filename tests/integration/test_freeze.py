@@ -381,3 +381,14 @@ def test_freeze_and_thaw_commands_for_a_channel_the_manager_holds(
     assert info(arc)["properties"] == {"consistency": "application"}
     needs_recovery, clean, fsck = fs_state(restore(arc, tmp_path))
     assert not needs_recovery and clean, fsck
+
+
+def test_cleanup_thaws_a_guest_left_frozen(freeze_vm: Callable[..., FreezeVm]) -> None:
+    fv = freeze_vm()
+    with fv.ga() as ga:  # as if a backup and its watchdog had both died
+        assert ga.fsfreeze_freeze() == 1
+    assert fv.status() == "frozen"
+    done = agent("cleanup", "--qmp", fv.vm.agent_qmp, "--qga", fv.qga)
+    assert done.returncode == 0, done.stderr.decode()
+    assert "removed the guest's freeze (thawed 1 file system(s))" in done.stderr.decode()
+    assert fv.status() == "thawed"
