@@ -23,7 +23,9 @@ Steps, each undone in reverse order by :meth:`LiveSnapshot.teardown`:
       the backup, never a guest write; for an incremental, ``bitmap``: copy only the changed
       clusters — the filter copies the bitmap when it is created, hence after a.);
    c. ``qom-set drive`` of every device to its filter;
-   then ``cont``. (One ``transaction`` cannot do all this: ``qom-set`` is no transaction
+   then ``cont``. All of step 2 runs inside the caller's ``around`` context, if any: the
+   guest's file systems are frozen before the ``stop`` and thawed after the ``cont``
+   (agent/live/freeze.py). (One ``transaction`` cannot do all this: ``qom-set`` is no transaction
    action, and the ``blockdev-backup`` action that inserts a filter takes neither
    ``on-cbw-error`` nor ``cbw-timeout`` in QEMU 7.2, so a slow target would fail guest
    writes.)
