@@ -30,6 +30,7 @@ class ArchiveInfo:
             "parent_uuid": str(h.parent_uuid) if h.parent_uuid else None,
             "checkpoint": h.checkpoint or None,
             "tool_version": h.tool_version,
+            "properties": dict(h.props),  # a live backup's "consistency", "frozen-mountpoints"
             "devices": [{"name": d.name, "size": d.size, "properties": dict(d.props)}
                         for d in self.devices],
             "configs": [{"name": c.name, "size": c.size} for c in self.configs],

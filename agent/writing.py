@@ -112,7 +112,8 @@ class ArchiveSession:
 @contextlib.contextmanager
 def write_archive(output: str, opts: EngineOptions, progress: ProgressFn | None = None, *,
                   uuid: UUID | None = None, kind: Kind = Kind.FULL, parent: UUID | None = None,
-                  checkpoint: str = "") -> Iterator[ArchiveSession]:
+                  checkpoint: str = "",
+                  props: Mapping[str, str] | None = None) -> Iterator[ArchiveSession]:
     """Open ``output`` (a path, or ``-`` for standard output), write the header, and yield
     the session that adds devices and configs and runs the engine. Leaving the block any
     other way than after :meth:`ArchiveSession.run` aborts: nothing is left that could be
@@ -121,13 +122,14 @@ def write_archive(output: str, opts: EngineOptions, progress: ProgressFn | None 
     The keyword arguments are the header's fields the caller decides (the creation time
     and the tool's version are filled in here): ``uuid`` (default: a new one; a live backup
     names its checkpoints after it first), ``kind`` and ``parent`` (the archive an
-    incremental or differential builds on), ``checkpoint`` (the dirty bitmap it starts)."""
+    incremental or differential builds on), ``checkpoint`` (the dirty bitmap it starts),
+    ``props`` (the header's properties: a live backup's ``consistency``)."""
     out = open_output(output)
     session = None
     try:
         header = Header(uuid=new_archive_uuid() if uuid is None else uuid,
                         created_ns=time.time_ns(), tool_version=__version__, kind=kind,
-                        parent_uuid=parent, checkpoint=checkpoint)
+                        parent_uuid=parent, checkpoint=checkpoint, props=dict(props or {}))
         log.debug("writing archive %s to %s", header.uuid, out.name)
         log.debug("%s", header.describe())
         session = ArchiveSession(out, header, opts, progress)

@@ -16,6 +16,11 @@
 #
 #   ba.cmd="shell command"   run it (no double quotes inside), print "BA-GUEST: cmd exit N";
 #   ba.cmd64=BASE64          the same, for a command given in base64 (any characters);
+#   ba.qga=1                 first start Debian's qemu-ga on the virtio-serial port named
+#                            org.qemu.guest_agent.0 (printing "BA-GUEST: qga started"), with
+#                            the fsfreeze hook /etc/ba-fsfreeze-hook, which runs /run/ba-hook
+#                            FREEZE|THAW when a command made it; ext4 is built in, so a
+#                            command can mount an ext4 disk for qemu-ga to freeze;
 #   otherwise                write byte ba.pattern (default 0xab) in blocks of ba.bs bytes
 #                            (default 65536) over the first ba.count blocks of /dev/ba.dev
 #                            (default vda, whole disk), fsync after each block, printing
@@ -33,7 +38,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 SCRIPT="$PWD/scripts/build-guest.sh"
 OUT=${1:-.cache/guest}
 META_PACKAGE=linux-image-cloud-amd64
-MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk)
+# virtio_console: the guest agent's virtio-serial port (ext4 and its helpers are built into
+# the cloud kernel).
+MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk
+         virtio_console)
 BUSYBOX=/bin/busybox
 
 log() { printf 'build-guest: %s\n' "$*" >&2; }
@@ -124,6 +132,32 @@ for m in "${MODULES[@]}"; do
     echo "$m" >>"$root/etc/ba-modules"
 done
 
+# Debian's qemu-ga and the shared libraries it links, taken from this (Debian) system: the
+# package is of the same release. No udev in the guest: /init gives it its port.
+log "downloading qemu-guest-agent"
+(cd "$work" && apt-get download -q "${sandbox[@]}" qemu-guest-agent </dev/null >&2) \
+    || die "apt-get download qemu-guest-agent failed"
+gadeb=$(find "$work" -maxdepth 1 -name 'qemu-guest-agent_*.deb' | head -n1)
+[[ -n $gadeb ]] || die "apt-get download left no qemu-guest-agent_*.deb"
+dpkg -x "$gadeb" "$work/ga"
+cp "$work/ga/usr/sbin/qemu-ga" "$root/bin/qemu-ga"
+if ldd "$root/bin/qemu-ga" | grep -q 'not found'; then
+    die "qemu-ga needs libraries this system lacks: $(ldd "$root/bin/qemu-ga" | grep 'not found' | tr -s ' \n' ' ')"
+fi
+for lib in $(ldd "$root/bin/qemu-ga" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+done
+mkdir -p "$root/etc/qemu" "$root/run"
+cat >"$root/etc/ba-fsfreeze-hook" <<'HOOK'
+#!/bin/sh
+# qemu-ga runs this with "freeze" before it freezes and "thaw" after it thaws (-F): tests
+# put their hook in /run/ba-hook.
+[ -x /run/ba-hook ] && exec /run/ba-hook "$@"
+exit 0
+HOOK
+chmod 755 "$root/etc/ba-fsfreeze-hook"
+
 cat >"$root/init" <<'INIT'
 #!/bin/busybox sh
 # backup-agent test guest (scripts/build-guest.sh): load the virtio modules, then run
@@ -159,6 +193,26 @@ for d in /sys/block/vd*; do
     [ -e "$d" ] && disks="$disks ${d##*/}=$(($(cat "$d/size") * 512))"
 done
 say "ready${disks:- no disks}"
+
+if [ "$(param qga)" = 1 ]; then
+    port=""
+    i=0
+    while [ -z "$port" ] && [ $i -lt 100 ]; do
+        for p in /sys/class/virtio-ports/*; do
+            [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && [ -c "/dev/${p##*/}" ] \
+                && port=/dev/${p##*/}
+        done
+        [ -n "$port" ] || { sleep 0.1; i=$((i + 1)); }
+    done
+    if [ -n "$port" ]; then
+        mkdir -p /run/qga
+        qemu-ga -m virtio-serial -p "$port" -t /run/qga -f /run/qga.pid \
+            -F/etc/ba-fsfreeze-hook -l /run/qga.log &
+        say "qga started $port"
+    else
+        say "error: no virtio-serial port org.qemu.guest_agent.0"
+    fi
+fi
 
 cmd=$(sed -n 's/.*ba\.cmd="\([^"]*\)".*/\1/p' /proc/cmdline)
 [ -n "$cmd" ] || cmd=$(param cmd)

@@ -21,6 +21,7 @@ PACKAGES=(
     zstd
     cpio                   # building test initramfs images
     busybox-static         # test guest userland
+    e2fsprogs              # tests: the ext4 disk the guest agent freezes (mkfs, e2fsck, debugfs)
     fio                    # bench/guest_cost.py: guest write latency during a backup
     openssh-server         # tests: a backup carried over a real ssh connection
     openssh-client

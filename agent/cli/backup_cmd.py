@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 #: Options of a live backup only (their dests); --qemu-tls-server/-client have defaults.
 LIVE_ONLY = ("tls_creds", "tls_psk", "tls_username", "qemu_nbd_addr", "cbw_listen",
-             "qemu_tls_authz", "cbw_cluster_size")
+             "qemu_tls_authz", "cbw_cluster_size", "fs_freeze", "qga", "freeze_timeout",
+             "freeze_command", "thaw_command")
 
 log = logging.getLogger("backup-agent")
 
@@ -90,6 +91,27 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     live.add_argument("--qemu-nbd-socket", metavar="PATH",
                       help="if QEMU already runs an NBD server (started by a management "
                       "tool), the Unix socket it listens on; otherwise the agent starts one")
+    fz = p.add_argument_group(
+        "application-consistent live backups: the guest's file systems frozen through the "
+        "QEMU guest agent around the snapshot's start (docs/LIVE.md)")
+    fz.add_argument("--fs-freeze", choices=("auto", "required", "off"),
+                    help="auto (default): freeze when a guest agent answers on --qga, "
+                    "else back up crash-consistent and say so; required: fail, before "
+                    "changing anything on the VM, when the guest cannot be frozen; off")
+    fz.add_argument("--qga", metavar="SOCKET",
+                    help="the host end of the VM's guest-agent channel (a Unix socket that "
+                    "serves one client: not one libvirt holds)")
+    fz.add_argument("--freeze-mountpoint", metavar="PATH", action="append", default=[],
+                    help="freeze only this guest mount point (repeatable; default: all)")
+    fz.add_argument("--freeze-timeout", type=common.positive, metavar="SECONDS",
+                    help="longest wait for the guest to freeze or thaw (10, as Windows VSS "
+                    "allows); past it the guest is thawed")
+    fz.add_argument("--freeze-command", metavar="CMD",
+                    help="run CMD to freeze the guest instead of --qga (e.g. virsh "
+                    "domfsfreeze VM, for a channel libvirt holds); needs --thaw-command")
+    fz.add_argument("--thaw-command", metavar="CMD",
+                    help="run CMD to thaw the guest (e.g. virsh domfsthaw VM); it also runs "
+                    "if the agent is killed while the guest is frozen")
     net = p.add_argument_group(
         "a VM on another host (--qmp HOST:PORT; every TCP connection under TLS, see "
         "docs/NETWORK.md)")
@@ -147,8 +169,9 @@ def _check_usage(args: argparse.Namespace) -> None:
         if args.source or args.image:
             raise UsageError("--qmp backs up a VM's disks: do not add --source or --image")
         return
-    if args.drive:
-        raise UsageError("--drive picks disks of a VM: it needs --qmp")
+    if args.drive or args.freeze_mountpoint:
+        raise UsageError(f"--{'drive' if args.drive else 'freeze-mountpoint'} is for a VM: it "
+                         "needs --qmp")
     for flag in LIVE_ONLY:
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag.replace('_', '-')} is for a live backup: it needs --qmp")
@@ -176,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     result: BackupSummary
     try:
         if args.qmp:
+            from agent.live.freeze import FreezeOptions
             from agent.live.job import LiveJob, NetworkOptions
             from agent.live.run import run_live_backup
             from agent.modes import Mode
@@ -195,6 +219,11 @@ def run(args: argparse.Namespace) -> int:
                     qemu_tls_server=args.qemu_tls_server,
                     qemu_tls_client=args.qemu_tls_client,
                     qemu_tls_authz=args.qemu_tls_authz),
+                freeze=FreezeOptions(
+                    mode=args.fs_freeze or "auto", qga=args.qga,
+                    mountpoints=args.freeze_mountpoint,
+                    **({"timeout": args.freeze_timeout} if args.freeze_timeout else {}),
+                    freeze_command=args.freeze_command, thaw_command=args.thaw_command),
             ), renderer.callback())
         else:
             for name, uri in args.source:
@@ -219,4 +248,11 @@ def run(args: argparse.Namespace) -> int:
                  "longest store of a copy %.1f ms", x.clusters_copied, size(x.pushed_bytes),
                  size(x.bytes_spilled), size(x.peak_plugin_memory),
                  x.longest_copy_store_us / 1000)
+        f = x.freeze
+        if f.consistency == "application":
+            where = f" ({', '.join(f.mountpoints)})" if f.mountpoints else ""
+            log.info("application-consistent: the guest's file systems%s were frozen for "
+                     "%.3f s", where, f.frozen_seconds or 0.0)
+        else:
+            log.info("crash-consistent (%s)", f.note or "no freeze")
     return 0

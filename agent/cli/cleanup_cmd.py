@@ -20,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    "client-key.pem; see docs/NETWORK.md)")
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="allow QMP over TCP without TLS")
+    p.add_argument("--qga", metavar="SOCKET",
+                   help="the VM's guest-agent channel: also thaw the guest's file systems if "
+                   "they are frozen (a killed backup's watchdog normally did)")
     p.set_defaults(run=run)
 
 
@@ -37,9 +40,22 @@ def run(args: argparse.Namespace) -> int:
         tls = creds.qmp_context() if creds else None
     elif args.tls_creds or args.insecure_plaintext:
         raise InvalidArgument("--tls-creds and --insecure-plaintext are for --qmp HOST:PORT")
+    removed = []
+    thaw_error = None
+    if args.qga:  # first: a frozen guest is an outage; its failure stops no graph clean-up
+        from agent.qemu.qga import GuestAgent, GuestAgentError
+        try:
+            with GuestAgent(args.qga) as ga:
+                if ga.fsfreeze_status() == "frozen":
+                    n = ga.fsfreeze_thaw()
+                    removed.append(f"the guest's freeze (thawed {n} file system(s))")
+        except GuestAgentError as e:
+            thaw_error = e
     with Monitor(args.qmp, tls=tls) as mon:
-        removed = cleanup(mon)
+        removed += cleanup(mon)
     for what in removed:
         log.info("removed %s", what)
     log.info("nothing to clean up" if not removed else f"cleaned up {len(removed)} item(s)")
+    if thaw_error is not None:
+        raise thaw_error
     return 0

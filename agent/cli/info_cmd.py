@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 
 from agent.cli import common
 from agent.cli.render import log_contents, printable, size
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         *([f"starts    checkpoint {shown(info['checkpoint'])}"] if info["checkpoint"] else []),
         f"created   {created:%Y-%m-%d %H:%M:%S} UTC",
         f"tool      backup-agent {shown(info['tool_version'])}",
+        *_consistency(info["properties"], shown),
         f"seal      {info['seal']}",
         "",
         f"{'DEVICE':<20} {'SIZE':>12}  PROPERTIES",
@@ -75,3 +77,12 @@ def run(args: argparse.Namespace) -> int:
     ]
     common.write_stdout("\n".join(lines) + "\n")
     return 0
+
+
+def _consistency(props: dict[str, str], shown: Callable[[str], str]) -> list[str]:
+    """``consistency: application (frozen: /, /data)`` for a live backup that says."""
+    if "consistency" not in props:
+        return []
+    frozen = [m for m in props.get("frozen-mountpoints", "").split("\n") if m]
+    where = f" (frozen: {', '.join(shown(m) for m in frozen)})" if frozen else ""
+    return [f"consistency: {shown(props['consistency'])}{where}"]

@@ -45,10 +45,12 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 # Keys [defaults] may set; keep_chains and full_every from there apply to dir jobs only.
 _SHARED = ("mode", "full_every", "keep_chains", "compression", "cbw_memory", "spool_dir",
-           "spool_limit", "cbw_timeout", "max_rate")
+           "spool_limit", "cbw_timeout", "max_rate", "fs_freeze", "freeze_timeout")
+# The guest agent (docs/LIVE.md): each VM has its own channel or hooks.
+_FREEZE_KEYS = ("qga", "freeze_mountpoints", "freeze_command", "thaw_command")
 _NETWORK_KEYS = ("qemu_nbd_addr", "cbw_listen")  # jobs whose monitor is HOST:PORT only
 _JOB_KEYS = ("qmp", "tls", "drives", "dir", "command", "commit_command", "qemu_nbd_socket",
-             "configs", *_NETWORK_KEYS, *_SHARED)
+             "configs", *_NETWORK_KEYS, *_SHARED, *_FREEZE_KEYS)
 _TLS_KEYS = ("creds_dir", "psk_file", "psk_user")
 _DIR_ONLY = ("keep_chains", "full_every")
 
@@ -86,6 +88,12 @@ class Job:
     configs: tuple[tuple[str, str], ...] = ()  # (name in the archive, file)
     qemu_nbd_addr: str | None = None  # network jobs: QEMU's NBD server, HOST[:PORT]
     cbw_listen: str | None = None  # network jobs: where the copy-before-write target listens
+    fs_freeze: str | None = None  # auto | required | off (docs/LIVE.md); None: auto
+    freeze_timeout: int | None = None
+    qga: str | None = None  # the guest agent's channel
+    freeze_mountpoints: tuple[str, ...] = ()
+    freeze_command: str | None = None
+    thaw_command: str | None = None
 
     @property
     def network(self) -> bool:
@@ -185,7 +193,24 @@ def _job(name: str, t: _Table, defaults: dict[str, Any]) -> Job:
                commit_command=commit_command, drives=t.strings("drives") or (),
                qemu_nbd_socket=t.path("qemu_nbd_socket"), configs=_configs(t),
                qemu_nbd_addr=t.string("qemu_nbd_addr"), cbw_listen=t.string("cbw_listen"),
-               **settings)
+               **_freeze(t, settings), **settings)
+
+
+def _freeze(t: _Table, settings: dict[str, Any]) -> dict[str, Any]:
+    """The guest agent's keys, checked together as ``backup`` checks its options."""
+    from agent.live.freeze import FreezeOptions  # (only jobs files pay for it)
+    found: dict[str, Any] = {
+        "qga": t.path("qga"), "freeze_mountpoints": t.strings("freeze_mountpoints") or (),
+        "freeze_command": t.string("freeze_command"), "thaw_command": t.string("thaw_command"),
+    }
+    try:
+        FreezeOptions(mode=settings.get("fs_freeze") or "auto", qga=found["qga"],
+                      mountpoints=list(found["freeze_mountpoints"]),
+                      freeze_command=found["freeze_command"],
+                      thaw_command=found["thaw_command"]).check()
+    except InvalidArgument as e:
+        t.fail(str(e).replace("--fs-freeze", "fs_freeze").replace("--", "").replace("-", "_"))
+    return found
 
 
 def _shared(t: _Table) -> dict[str, Any]:
@@ -200,6 +225,8 @@ def _shared(t: _Table) -> dict[str, Any]:
         "spool_limit": t.size("spool_limit"),
         "cbw_timeout": t.positive("cbw_timeout"),
         "max_rate": t.rate("max_rate"),
+        "fs_freeze": t.choice("fs_freeze", ("auto", "required", "off")),
+        "freeze_timeout": t.positive("freeze_timeout"),
     }
     return {k: v for k, v in found.items() if v is not None}
 

@@ -32,6 +32,7 @@ from agent.jobs import catalog
 from agent.jobs.command import CommandOutput, run_shell
 from agent.jobs.config import Job
 from agent.jobs.retention import ArchiveDesc, find_chains
+from agent.live.freeze import FreezeOptions
 from agent.live.job import CbwOptions, LiveJob, NetworkOptions
 from agent.live.network import plan as plan_network
 from agent.live.run import run_live_backup, select_devices
@@ -197,7 +198,11 @@ def _live_job(job: Job, output: str, mode: Mode) -> LiveJob:
             memory=cbw.memory if job.cbw_memory is None else job.cbw_memory,
             spool_dir=job.spool_dir,
             spool_limit=cbw.spool_limit if job.spool_limit is None else job.spool_limit),
-        network=_network(job))
+        network=_network(job),
+        freeze=FreezeOptions(
+            mode=job.fs_freeze or "auto", qga=job.qga, mountpoints=list(job.freeze_mountpoints),
+            freeze_command=job.freeze_command, thaw_command=job.thaw_command,
+            **({"timeout": job.freeze_timeout} if job.freeze_timeout else {})))
 
 
 def _network(job: Job) -> NetworkOptions:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from agent.live.freeze import FreezeOptions
 from agent.modes import Mode
 from agent.options import CbwOptions as CbwOptions  # re-exported for its users
 from agent.options import EngineOptions
@@ -45,3 +46,4 @@ class LiveJob:
     engine: EngineOptions = field(default_factory=EngineOptions)
     cbw: CbwOptions = field(default_factory=CbwOptions)
     network: NetworkOptions = field(default_factory=NetworkOptions)
+    freeze: FreezeOptions = field(default_factory=FreezeOptions)  # --fs-freeze and friends

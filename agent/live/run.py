@@ -17,6 +17,7 @@ snapshot view so QEMU stops copying it (and the plugin frees it, if it holds it)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -29,6 +30,7 @@ from agent.cbw.feed import CopyFeed
 from agent.cbw.server import CbwTargetServer
 from agent.errors import AgentError, ArchiveError, InvalidArgument, SourceError
 from agent.live import stats
+from agent.live.freeze import Freezer
 from agent.live.job import LiveJob
 from agent.live.network import Network, explain_setup_error
 from agent.live.network import plan as plan_network
@@ -85,6 +87,7 @@ class _Live(NamedTuple):  # (not a dataclass: one costs ~0.4 ms of start-up, thi
     plan: checkpoints.Plan  # the archive's kind, and its checkpoints
     archive: UUID
     snap: LiveSnapshot
+    freezer: Freezer
 
 
 def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupSummary:
@@ -93,6 +96,9 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
     configs = read_configs(job.configs)
     cbw = job.cbw
     with contextlib.ExitStack() as stack:
+        # The guest agent first: --fs-freeze required fails before anything else is done.
+        freezer = stack.enter_context(Freezer(job.freeze))
+        freezer.prepare()
         mon = stack.enter_context(Monitor(job.qmp, tls=net.qmp_tls))
         devices = select_devices(query_block_devices(mon), job.drives)
         net.check_qemu(mon)
@@ -121,6 +127,7 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
                             tag=tag, nbd_socket=job.network.nbd_socket or f"{work}/qemu-nbd.sock",
                             cbw_timeout=cbw.timeout, min_cluster=cbw.cluster,
                             transaction=checkpoints.transaction(plan, archive, tag, devices),
+                            around=freezer.frozen,
                             changes=names.changes_bitmap(tag) if plan.base else None,
                             nbd_tcp=net.nbd_tcp, nbd_tls=net.nbd_tls)
         try:
@@ -131,7 +138,7 @@ def run_live_backup(job: LiveJob, progress: ProgressFn | None = None) -> BackupS
         _check_nbd_server(snap, job, net)
 
         try:
-            return _stream(job, _Live(mon, devices, servers, plan, archive, snap), stack,
+            return _stream(job, _Live(mon, devices, servers, plan, archive, snap, freezer), stack,
                            configs, progress)
         except AgentError as e:
             raise _explain(e, job, mon, servers) from e
@@ -168,8 +175,10 @@ def _stream(job: LiveJob, live: _Live, stack: contextlib.ExitStack,
         for d in devices
     }
     new = checkpoints.new_checkpoints(plan, live.archive)
+    frozen = live.freezer.result
     with write_archive(job.output, job.engine, progress, uuid=live.archive, kind=plan.kind,
-                       parent=plan.parent, checkpoint=new[0] if new else "") as arc:
+                       parent=plan.parent, checkpoint=new[0] if new else "",
+                       props=frozen.header_props()) as arc:
         trackers: dict[int, DeviceTracker] = {}  # the engine's: by the archive's device id
         feeds: dict[int, str] = {}  # archive's device id -> its target's control socket
         for d in devices:
@@ -190,7 +199,9 @@ def _stream(job: LiveJob, live: _Live, stack: contextlib.ExitStack,
     # The archive is complete: its checkpoints stay, the ones it supersedes go.
     snap.commit()
     checkpoints.retire(snap.monitor, plan, live.archive, devices)
-    return summary._replace(live=stats.collect(live.servers, by_name), note=plan.note)
+    return summary._replace(
+        live=dataclasses.replace(stats.collect(live.servers, by_name), freeze=frozen),
+        note=plan.note)
 
 
 def _open_sources(job: LiveJob, stack: contextlib.ExitStack, snap: LiveSnapshot,

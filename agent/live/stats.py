@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from agent.cbw.server import CbwTargetServer
+from agent.live.freeze import FreezeResult
 from agent.tracker import DeviceTracker
 
 log = logging.getLogger("backup-agent")
@@ -22,6 +23,8 @@ class LiveStats:
     bytes_spilled: int  # to the targets' spool files
     peak_plugin_memory: int  # the most any one target held in memory
     longest_copy_store_us: int  # the longest any target took to store one copy
+    # application- or crash-consistent, and how long the guest was frozen
+    freeze: FreezeResult = field(default_factory=FreezeResult)
 
 
 def collect(servers: Mapping[str, CbwTargetServer],

@@ -23,7 +23,9 @@ Steps, each undone in reverse order by :meth:`LiveSnapshot.teardown`:
       the backup, never a guest write; for an incremental, ``bitmap``: copy only the changed
       clusters — the filter copies the bitmap when it is created, hence after a.);
    c. ``qom-set drive`` of every device to its filter;
-   then ``cont``. (One ``transaction`` cannot do all this: ``qom-set`` is no transaction
+   then ``cont``. All of step 2 runs inside the caller's ``around`` context, if any: the
+   guest's file systems are frozen before the ``stop`` and thawed after the ``cont``
+   (agent/live/freeze.py). (One ``transaction`` cannot do all this: ``qom-set`` is no transaction
    action, and the ``blockdev-backup`` action that inserts a filter takes neither
    ``on-cbw-error`` nor ``cbw-timeout`` in QEMU 7.2, so a slow target would fail guest
    writes.)
@@ -50,6 +52,7 @@ the filter takes ``min-cluster-size`` (QEMU 9.2 and later).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -145,6 +148,7 @@ class LiveSnapshot:
     def __init__(
         self, monitor: Monitor, specs: Sequence[SnapshotSpec], *, tag: str, nbd_socket: str,
         cbw_timeout: int = 5, transaction: Sequence[Mapping[str, Any]] = (),
+        around: Callable[[], contextlib.AbstractContextManager[None]] | None = None,
         changes: str | None = None, nbd_tcp: tuple[str, int] | None = None,
         nbd_tls: NbdTls | None = None, min_cluster: int | None = None,
     ) -> None:
@@ -180,6 +184,9 @@ class LiveSnapshot:
         self._probed = False
         self.nbd_server_owned = False
         """True when this snapshot started QEMU's NBD server (and so stops it)."""
+        self.around = around
+        """Entered around the point in time only (the pause, the transaction, the filters'
+        insertion): the guest's file systems frozen (agent/live/freeze.py)."""
         self.transaction = list(transaction)
         """QMP ``transaction`` actions run at the point in time (dirty bitmaps: see
         :mod:`agent.qemu.checkpoints`); every bitmap they add is removed at teardown, the
@@ -349,7 +356,7 @@ class LiveSnapshot:
         created, so after the transaction), switch every device to its filter."""
         mon = self.monitor
         switched: list[tuple[str, str]] = []  # (qom path, original root node)
-        with _Paused(mon):
+        with self.around() if self.around else contextlib.nullcontext(), _Paused(mon):
             if self.transaction:
                 self._step("cannot start the backup's dirty bitmaps", "transaction",
                            {"actions": self.transaction})

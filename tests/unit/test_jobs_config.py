@@ -155,8 +155,19 @@ def test_defaults_when_nothing_is_said(tmp_path: Path) -> None:
     # unknown keys
     ('keep = 3', 'job "vm1": unknown key "keep" (did you mean "keep_chains"?); known keys: '
                  'cbw_listen, cbw_memory, cbw_timeout, command, commit_command, compression, '
-                 'configs, dir, drives, full_every, keep_chains, max_rate, mode, qemu_nbd_addr, '
-                 'qemu_nbd_socket, qmp, spool_dir, spool_limit, tls'),
+                 'configs, dir, drives, freeze_command, freeze_mountpoints, freeze_timeout, '
+                 'fs_freeze, full_every, keep_chains, max_rate, mode, qemu_nbd_addr, '
+                 'qemu_nbd_socket, qga, qmp, spool_dir, spool_limit, thaw_command, tls'),
+    # the guest agent
+    ('fs_freeze = "yes"', 'job "vm1": fs_freeze must be one of "auto", "required", "off", '
+                          'got "yes"'),
+    ('fs_freeze = "required"', 'job "vm1": fs_freeze required needs the guest agent\'s '
+                               'channel (qga SOCKET) or freeze_command/thaw_command'),
+    ('freeze_command = "virsh domfsfreeze vm1"', 'job "vm1": freeze_command and '
+                                                 'thaw_command go together'),
+    ('freeze_mountpoints = ["/"]', 'job "vm1": freeze_mountpoint needs qga'),
+    ('freeze_timeout = 0', 'job "vm1": freeze_timeout must be a positive integer, got 0'),
+    ('qga = "qga.sock"', 'job "vm1": qga must be an absolute path, got "qga.sock"'),
     ('xyzzy = 3', 'job "vm1": unknown key "xyzzy"; known keys: cbw_listen, cbw_memory,'),
     ('cbw_listen = ":10900"', 'job "vm1": cbw_listen is only for a monitor reached over the '
                               'network'),
@@ -210,7 +221,8 @@ def test_a_wrong_field(tmp_path: Path, text: str, expected: str) -> None:
     (f'[jobs.{"v" * 65}]\nqmp = "/run/vm1.qmp"', 'job name "vvvv'),
     ('[defaults]\nqmp = "/run/vm1.qmp"\n' + VM1,
      'defaults: unknown key "qmp"; known keys: cbw_memory, cbw_timeout, compression, '
-     'full_every, keep_chains, max_rate, mode, spool_dir, spool_limit'),
+     'freeze_timeout, fs_freeze, full_every, keep_chains, max_rate, mode, spool_dir, '
+     'spool_limit'),
     ('[defaults]\nkeep_chains = -1\n' + VM1,
      'defaults: keep_chains must be a positive integer, got -1'),
     (VM1 + '[jobs.vm2]\nqmp = "/run/vm2.qmp"\ndir = "/srv/backups/vm1/"',

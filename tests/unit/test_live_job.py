@@ -30,3 +30,17 @@ def test_what_a_job_says_reaches_the_option_groups() -> None:
     assert live.network == NetworkOptions(tls_creds="/tls", tls_psk="/tls/keys.psk",
                                           tls_username="backup", qemu_nbd_addr="hv:10810",
                                           cbw_listen=":10900")
+
+
+def test_the_guest_agent_keys_reach_the_freeze_options() -> None:
+    from agent.live.freeze import FreezeOptions
+    job = Job(name="vm1", qmp="/run/vm1.qmp", dir="/srv", fs_freeze="required",
+              freeze_timeout=4, qga="/run/vm1/qga.sock", freeze_mountpoints=("/", "/data"))
+    assert _live_job(job, "out", Mode.FULL).freeze == FreezeOptions(
+        mode="required", qga="/run/vm1/qga.sock", mountpoints=["/", "/data"], timeout=4)
+    hooks = Job(name="vm1", qmp="/run/vm1.qmp", dir="/srv", freeze_command="virsh domfsfreeze x",
+                thaw_command="virsh domfsthaw x")
+    assert _live_job(hooks, "out", Mode.FULL).freeze == FreezeOptions(
+        freeze_command="virsh domfsfreeze x", thaw_command="virsh domfsthaw x")
+    assert _live_job(Job(name="vm1", qmp="/q", dir="/srv"), "out", Mode.FULL).freeze == \
+        FreezeOptions()
