@@ -11,6 +11,8 @@ from uuid import UUID
 
 import pytest
 import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.archive.format import Compression, Header
 from agent.archive.output import Buf, SequentialOutput
@@ -320,3 +322,61 @@ def test_data_after_the_end() -> None:
 
 def test_garbage_in_place_of_an_extent() -> None:
     assert "wrong magic" in _error(_header() + _full() + b"\1" * 512)
+
+
+# -- hostile input: any damage is an ArchiveError, never another exception -----------------
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, 26111), st.integers(0, 255)), min_size=1,
+                max_size=8),
+       st.integers(0, 26112))
+def test_damaged_fixture_is_read_or_refused_cleanly(flips: list[tuple[int, int]],
+                                                    cut: int) -> None:
+    data = bytearray(tiny())
+    for pos, value in flips:
+        data[pos] = value
+    try:
+        read_all(bytes(data[:cut]))
+    except ArchiveError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=0, max_size=2048))
+def test_random_extents_after_a_good_header(tail: bytes) -> None:
+    try:
+        read_all(_header() + tail)
+    except ArchiveError as e:
+        assert "\n" not in str(e)
+
+
+def _reseal(data: bytearray) -> None:
+    """Recompute the fixture's MD5s after damage, so that the checks behind them run."""
+    import hashlib
+
+    for at, size, md5_at in ((0, 12800, 32), (0x3200, 512, 24), (0x5400, 512, 24)):
+        if len(data) >= at + size:
+            data[at + md5_at : at + md5_at + 16] = bytes(16)
+            data[at + md5_at : at + md5_at + 16] = hashlib.md5(data[at : at + size]).digest()
+
+
+@pytest.mark.slow
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from([*range(0, 64), *range(0x7FC, 0x800),
+                                           *range(0xBFC, 0xC00), *range(0x1020, 0x1030),
+                                           *range(0x3000, 0x3060), *range(0x3200, 0x3240),
+                                           *range(0x5400, 0x5430)]),
+                          st.integers(0, 255)), min_size=1, max_size=4),
+       st.integers(0, 26112 + 600))
+def test_damage_behind_valid_md5s_is_read_or_refused_cleanly(flips: list[tuple[int, int]],
+                                                             cut: int) -> None:
+    data = bytearray(tiny()) + bytearray(600)
+    for pos, value in flips:
+        data[pos] = value
+    _reseal(data)
+    try:
+        read_all(bytes(data[:cut]))
+    except ArchiveError as e:
+        assert "\n" not in str(e)
