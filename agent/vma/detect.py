@@ -10,6 +10,8 @@ through ``lzop -dc``.
 from __future__ import annotations
 
 import io
+import os
+import stat
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from agent.errors import ArchiveError
@@ -125,9 +127,15 @@ def refuse_to_serve(paths: list[str]) -> None:
     """``serve`` reads an archive through its index: VMA has none, and a compressed
     stream cannot be read at random. Say what to do instead."""
     for path in paths:
-        if path != "-" and not plain_native(path):
+        try:  # only regular files (a FIFO's open would wait); the rest is left to serve
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                continue
             with open(path, "rb") as f:
-                kind = "a VMA archive" if f.read(4) == MAGIC else "a compressed stream"
+                head = f.read(_SNIFF)
+        except OSError:
+            continue
+        if head == MAGIC or head.startswith((_ZSTD, _GZIP, _LZO)):
+            kind = "a VMA archive" if head == MAGIC else "a compressed stream"
             raise ArchiveError(
                 f"{path} is {kind}, which has no index to serve from: restore it first "
                 f"(backup-agent restore {path} --to-dir DIR) and serve the disk, or back the "
