@@ -122,3 +122,18 @@ def test_damaged_vma_leaves_nothing_behind(tmp_path: Path, disks: dict[str, Path
     assert not out.exists() or not list(out.iterdir())
     assert_error(agent("verify", cut), "truncated")
     assert_error(agent("serve", vma, "--socket", tmp_path / "s"), "VMA", "restore it first")
+
+
+def test_restore_vma_into_an_existing_file_zeroes_what_the_masks_leave_out(
+        tmp_path: Path, disks: dict[str, Path]) -> None:
+    """--to an existing target full of old data: zero clusters and left-out 4 KiB blocks
+    must read as zeros afterwards (written as zeros there, never skipped)."""
+    vma = tmp_path / "vm.vma"
+    assert_ok(agent("backup", "--image", f"drive-scsi0={disks['drive-scsi0']}", "--format",
+                    "vma", "-o", vma, "-q"))
+    target = tmp_path / "old.raw"
+    size = disks["drive-scsi0"].stat().st_size
+    target.write_bytes(b"\xee" * size)
+    assert_ok(agent_from_file(vma, "restore", "-", "--device", "drive-scsi0", "--to", target,
+                              "-q"))
+    assert target.read_bytes() == disks["drive-scsi0"].read_bytes()
