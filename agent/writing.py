@@ -33,11 +33,11 @@ from agent.engine import BackupEngine, EngineOptions
 from agent.errors import AgentError, InvalidArgument
 from agent.nbd.source import NbdSource
 from agent.pipeline import Progress, ProgressFn
-from agent.vma.writer import VmaWriter
 
 if TYPE_CHECKING:
     from agent.live.stats import LiveStats
     from agent.tracker import DeviceTracker
+    from agent.vma.writer import VmaWriter
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ class ArchiveSession:
         self.writer: ArchiveWriter | VmaWriter
         if opts.archive_format == "vma":
             # Proxmox's format: clusters stored as they are (checked by write_archive).
+            from agent.vma.writer import VmaWriter  # only when asked for
+
             self.writer = VmaWriter(out, header)
             opts = dataclasses.replace(opts, compression=CompressionSpec(Compression.NONE, 0))
         else:
