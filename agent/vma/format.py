@@ -27,6 +27,7 @@ import struct
 from dataclasses import dataclass, field
 from uuid import UUID
 
+from agent.archive.format import check_name
 from agent.errors import ArchiveError
 
 MAGIC = b"VMA\0"
@@ -122,9 +123,18 @@ def _string(blobs: dict[int, bytes], ptr: int, what: str) -> str:
         raise ArchiveError(f"VMA header: {what} points to no NUL-terminated string "
                            f"(blob offset {ptr})")
     try:
-        return blob[:-1].decode()
+        text = blob[:-1].decode()
     except UnicodeDecodeError:
         raise ArchiveError(f"VMA header: {what} is not UTF-8 (blob offset {ptr})") from None
+    # Names become file names on restore: the same rule as our own archives' (no "/",
+    # no "..": vzdump's drive-scsi0, qemu-server.conf and the like all pass).
+    try:
+        check_name(text, "name")
+    except ArchiveError as e:
+        rule = str(e).split("is not allowed: ", 1)[-1]
+        raise ArchiveError(f"VMA header: {what} {text!r} is not allowed as a file name: "
+                           f"{rule}") from None
+    return text
 
 
 def parse_header(head: bytes) -> VmaHeader:

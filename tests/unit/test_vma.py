@@ -380,3 +380,8 @@ def test_damage_behind_valid_md5s_is_read_or_refused_cleanly(flips: list[tuple[i
         read_all(bytes(data[:cut]))
     except ArchiveError as e:
         assert "\n" not in str(e)
+
+
+def test_device_name_that_would_escape_the_restore_directory() -> None:
+    head = _header([(1, "../../etc/passwd", 3 * CLUSTER_SIZE)])
+    assert "not allowed as a file name" in _error(head + _full())
