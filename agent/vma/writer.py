@@ -4,11 +4,13 @@ It stands where :class:`~agent.archive.writer.ArchiveWriter` stands (agent/writi
 chooses), with the same methods the engine calls. The engine's records are ranges of any
 length in completion order; VMA stores whole 64 KiB clusters, each exactly once. So:
 
-- a record that covers whole clusters goes into the current extent at once;
+- a record that covers whole clusters goes into the current extent at once, by reference
+  (no copy: the extent is one ``writev`` of its header and views of the records' buffers);
 - a cluster that records cover only in part waits in a buffer of its own until the rest
   of it arrives (records are 4 KiB-aligned runs of the engine's reads, so few wait);
 - each cluster's 4 KiB blocks of zeros are left out (its mask says which are stored), and
-  an extent is written when it holds 59 clusters, its header's MD5 over its blockinfo.
+  an extent is written when it holds 59 clusters, or when the engine's batch ends (its
+  buffers are reused after that): its header's MD5 over its blockinfo.
 
 The header (devices, configs) is written before the first extent, when all are known.
 A full backup covers every byte of every device; :meth:`VmaWriter.finish` checks that
@@ -32,12 +34,10 @@ from agent.vma.format import (
     BLOCK_SIZE,
     CLUSTER_SIZE,
     CLUSTERS_PER_EXTENT,
-    EXTENT_HEADER_SIZE,
     MAX_BLOB,
     MAX_CONFIGS,
     MAX_DEVICE_SIZE,
     MAX_DEVICES,
-    MAX_EXTENT_SIZE,
     VMSTATE,
     VmaDevice,
     build_extent_header,
@@ -70,9 +70,10 @@ class VmaWriter:
         self._config_data: list[tuple[str, bytes]] = []
         self._ctime = header.created_ns // 10**9 if header.created_ns else int(time.time())
         self._header_written = False
-        self._ext = bytearray(MAX_EXTENT_SIZE)
-        self._ext_pos = EXTENT_HEADER_SIZE
+        self._parts: list[Buf] = []  # the current extent's stored blocks, in order
+        self._blocks = 0  # 4 KiB blocks in them
         self._words: list[int] = []
+        self._batching = False
         self._partial: dict[tuple[int, int], _Partial] = {}
         self._done: list[int] = []  # clusters written, per device
         self._finished = False
@@ -137,7 +138,15 @@ class VmaWriter:
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        yield  # extents collect clusters already: a batch changes nothing
+        """The payloads written inside stay valid until the block ends (the engine's
+        promise, as for ArchiveWriter): the extent refers to them until then. On an
+        exception nothing more is written (the archive is incomplete anyway)."""
+        self._batching = True
+        try:
+            yield
+        finally:
+            self._batching = False
+        self._flush()
 
     def write_data(self, device: int, offset: int, length: int, comp: Compression,
                    payload: Buf, body_digest: bytes | None = None) -> None:
@@ -147,6 +156,8 @@ class VmaWriter:
         self.totals.data_bytes += length
         self.totals.stored_bytes += length
         self._place(device, offset, memoryview(payload)[:length])
+        if not self._batching:
+            self._flush()  # ``payload`` is the caller's again once this returns
 
     def write_zero(self, device: int, offset: int, length: int) -> None:
         self.totals.zero_bytes += length
@@ -186,21 +197,19 @@ class VmaWriter:
         mask = 0
         if data is not None and not ZEROS.startswith(data):
             if len(data) == CLUSTER_SIZE and not _has_zero_block(data):
-                mask = 0xFFFF  # the common case: one copy of the whole cluster
-                self._ext[self._ext_pos : self._ext_pos + CLUSTER_SIZE] = data
-                self._ext_pos += CLUSTER_SIZE
+                mask = 0xFFFF  # the common case: the whole cluster as it is
+                self._parts.append(data)
+                self._blocks += 16
             else:
                 for b in range(0, len(data), BLOCK_SIZE):
                     block = data[b : b + BLOCK_SIZE]
                     if ZEROS.startswith(block):
                         continue
                     mask |= 1 << (b // BLOCK_SIZE)
-                    at = self._ext_pos
-                    self._ext[at : at + len(block)] = block
+                    self._parts.append(block)
                     if len(block) < BLOCK_SIZE:  # the device's last block: padded with zeros
-                        self._ext[at + len(block) : at + BLOCK_SIZE] = bytes(BLOCK_SIZE -
-                                                                            len(block))
-                    self._ext_pos += BLOCK_SIZE
+                        self._parts.append(ZEROS[: BLOCK_SIZE - len(block)])
+                    self._blocks += 1
         self._words.append(pack_blockinfo(device + 1, cluster, mask))
         self._done[device] += 1
         if len(self._words) == CLUSTERS_PER_EXTENT:
@@ -212,13 +221,10 @@ class VmaWriter:
             self.out.write([self._header_bytes()])
         if not self._words:
             return
-        blocks = (self._ext_pos - EXTENT_HEADER_SIZE) // BLOCK_SIZE
-        self._ext[:EXTENT_HEADER_SIZE] = build_extent_header(self.header.uuid, self._words,
-                                                             blocks)
-        self.out.write([memoryview(self._ext)[: self._ext_pos]])
+        head = build_extent_header(self.header.uuid, self._words, self._blocks)
+        self.out.write([head, *self._parts])
         self.totals.records += 1
-        self._words = []
-        self._ext_pos = EXTENT_HEADER_SIZE
+        self._words, self._parts, self._blocks = [], [], 0
 
     # -- the end -----------------------------------------------------------------------
 
