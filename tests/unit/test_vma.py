@@ -123,12 +123,20 @@ def write_vma(disks: dict[str, bytes], configs: dict[str, bytes], seed: int = 1,
             records.append((dev_id, off, n))
             off += n
     rng.shuffle(records)
-    for dev_id, off, n in records:
-        chunk = list(disks.values())[dev_id][off : off + n]
-        if any(chunk):
-            w.write_data(dev_id, off, n, Compression.NONE, chunk)
-        else:
-            w.write_zero(dev_id, off, n)
+    while records:
+        k = rng.randint(1, 5)
+        group, records = records[:k], records[k:]
+        bufs = []
+        with w.batch():  # as the engine writes: its buffers are reused after the batch
+            for dev_id, off, n in group:
+                chunk = bytearray(list(disks.values())[dev_id][off : off + n])
+                bufs.append(chunk)
+                if any(chunk):
+                    w.write_data(dev_id, off, n, Compression.NONE, chunk)
+                else:
+                    w.write_zero(dev_id, off, n)
+        for buf in bufs:
+            buf[:] = b"\xdd" * len(buf)  # reused: the archive must not see this
     w.finish()
     return bytes(out.buf)
 
