@@ -13,18 +13,18 @@ What is checked (Proxmox's ``vma verify`` checks the same):
 
 VMA's MD5s cover headers only: the data blocks carry no checksum, so damage inside data
 cannot be detected (our format's records can). Memory: one extent (at most 3.7 MiB) in a
-buffer from the shared :class:`~agent.archive.reader.SpareBuffers`, and per device a set
-of the clusters seen, merged into runs (a few entries for a sequential archive).
+buffer from the shared :class:`~agent.archive.reader.SpareBuffers`, and per device a bitmap
+of the clusters seen (:class:`_ClusterMap`), whatever order the archive chose.
 """
 
 from __future__ import annotations
 
+import mmap
 import threading
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from agent.archive.format import CHUNK_FIXED, Chunk, Compression, Config, Device, End, Header
-from agent.archive.intervals import IntervalSet, Overlap
 from agent.archive.reader import (
     RECORD_OVERHEAD,
     DataRecord,
@@ -48,6 +48,59 @@ from agent.vma.format import (
 
 #: What ``info`` shows as the tool that wrote a VMA archive.
 VMA_TOOL = "Proxmox vzdump (VMA)"
+
+
+#: mmap's MAP_NORESERVE on Linux (the module lacks the name): no swap reserved for a map
+#: whose pages are mostly never touched.
+_MAP_NORESERVE = 0x4000
+_FF = b"\xff" * (1 << 20)
+
+
+class _ClusterMap:
+    """Which clusters of a device were seen: one bit each, in an anonymous map whose pages
+    the kernel provides only once written. So memory follows the device's size (at most
+    1/524288 of it, for a 256 TiB device 512 MiB of address space) and how much of it the
+    archive touched, never how the archive orders or scatters its clusters: a hostile
+    stream of scattered clusters costs a few bytes of memory per 64 KiB of device, where a
+    set of ranges would grow with every cluster."""
+
+    def __init__(self, clusters: int) -> None:
+        self.clusters = clusters
+        self.seen = 0
+        size = max(1, -(-clusters // 8))
+        try:
+            self._bits = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                                   | _MAP_NORESERVE)
+        except OSError as e:
+            raise ArchiveError(f"cannot map {size} bytes to track a device's clusters: "
+                               f"{e.strerror}") from e
+
+    def add(self, cluster: int) -> bool:
+        """Mark ``cluster`` seen; False if it was already."""
+        i, bit = cluster >> 3, 1 << (cluster & 7)
+        b = self._bits[i]
+        if b & bit:
+            return False
+        self._bits[i] = b | bit
+        self.seen += 1
+        return True
+
+    def first_missing(self) -> int | None:
+        """The first cluster not seen, or None."""
+        if self.seen == self.clusters:  # duplicates were refused: every one is there
+            return None
+        step = len(_FF)
+        for a in range(0, len(self._bits), step):
+            chunk = self._bits[a : a + step]
+            full = len(chunk) - len(chunk.lstrip(b"\xff"))  # bytes with all 8 seen
+            if full < len(chunk):
+                byte = chunk[full]
+                bit = next(b for b in range(8) if not byte >> b & 1)
+                return (a + full) * 8 + bit
+        return None  # not reached: fewer seen than there are means one is missing
+
+    def close(self) -> None:
+        self._bits.close()
 
 
 class _Shared:
@@ -120,7 +173,7 @@ class VmaReader:
         self.devices = [Device(i, d.name, d.size, {"vma-dev-id": str(d.dev_id)})
                         for i, d in enumerate(self.vma.devices)]
         self._by_dev_id = {d.dev_id: i for i, d in enumerate(self.vma.devices)}
-        self._seen = [IntervalSet() for _ in self.devices]
+        self._seen = [_ClusterMap(-(-d.size // CLUSTER_SIZE)) for d in self.devices]
         self.configs = [Config(i, name, len(data)) for i, (name, data)
                         in enumerate(self.vma.configs)]
         self.config_data = {name: data for name, data in self.vma.configs} if keep_configs else {}
@@ -175,7 +228,7 @@ class VmaReader:
             pos = self.position
             head = self._in.read_some(EXTENT_HEADER_SIZE)
             if not head or head.count(0) == len(head):
-                self._finish(pos, len(head))
+                self._finish(pos)
                 return
             if len(head) < EXTENT_HEADER_SIZE:
                 raise ArchiveError(f"the archive is truncated at byte {pos + len(head)} "
@@ -198,11 +251,9 @@ class VmaReader:
             if info.mask >> -(-last // BLOCK_SIZE):
                 raise ArchiveError(f"VMA extent at byte {pos}: cluster {info.cluster} of "
                                    f"device {dev.name!r} stores blocks past its end")
-            try:
-                self._seen[i].add(info.cluster, info.cluster + 1)
-            except Overlap:
+            if not self._seen[i].add(info.cluster):
                 raise ArchiveError(f"VMA extent at byte {pos}: cluster {info.cluster} of "
-                                   f"device {dev.name!r} appears twice") from None
+                                   f"device {dev.name!r} appears twice")
         nbytes = ext.data_size
         shared = None
         if nbytes:
@@ -263,26 +314,27 @@ class VmaReader:
             self.data_bytes += length
             yield rec
 
-    def _finish(self, pos: int, got: int) -> None:
-        """The stream ended at ``pos`` (with ``got`` zero bytes of a would-be header):
-        only zeros may follow, and every cluster must have been present."""
+    def _finish(self, pos: int) -> None:
+        """The stream ended at ``pos`` (or zeros start there): only zeros may follow, and
+        every cluster must have been present."""
         while True:
             tail = self._in.read_some(1 << 20)
             if not tail:
                 break
             if tail.count(0) != len(tail):
-                first = self._in.pos - len(tail.lstrip(b"\0"))
+                at = self._in.pos - len(tail.lstrip(b"\0"))
                 raise ArchiveError(f"unexpected data after the end of the VMA archive at "
-                                   f"byte {first}")
-        del got
+                                   f"byte {at}")
         for dev, seen in zip(self.devices, self._seen, strict=True):
-            gaps = seen.gaps(-(-dev.size // CLUSTER_SIZE))
-            if gaps:
-                s, e = gaps[0]
-                what = ("has no data at all" if (s, e) == (0, -(-dev.size // CLUSTER_SIZE))
-                        else f"is missing clusters {s}..{e - 1} ({len(gaps)} gap(s) in all)")
+            first = seen.first_missing()
+            if first is not None:
+                what = ("has no data at all" if not seen.seen else
+                        f"is missing cluster {first} ({seen.clusters - seen.seen} of "
+                        f"{seen.clusters} missing in all)")
                 raise ArchiveError(f"device {dev.name!r} {what}: the VMA archive is "
                                    f"incomplete (it ends at byte {pos})")
+        for seen in self._seen:
+            seen.close()
         self.archive_len = pos
         self.end = End(records=self.extents, data_bytes=self.data_bytes,
                        zero_bytes=self.zero_bytes, stored_bytes=self.data_bytes,
