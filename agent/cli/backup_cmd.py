@@ -177,7 +177,7 @@ def _check_vma(args: argparse.Namespace) -> None:
     if args.mode != "full":
         raise UsageError("--format vma holds only full backups: use --mode full, or the "
                          "native format for incrementals")
-    # --encrypt-to comes with the encryption work (issue 17's branch): VMA has none.
+    # --encrypt-to comes with the encryption branch (merged separately): VMA has none.
     if getattr(args, "encrypt_to", None):
         raise UsageError("--encrypt-to does not apply to --format vma (VMA has no "
                          "encryption): use the native format, or encrypt the whole stream")
