@@ -48,6 +48,15 @@ def read_all(data: bytes) -> tuple[VmaReader, dict[str, bytearray]]:
     return reader, disks
 
 
+def drain(data: bytes) -> None:
+    """Read ``data`` to its end, keeping nothing (device sizes may be hostile)."""
+    reader = open_reader(io.BytesIO(data))
+    for rec in reader.records():
+        if isinstance(rec, DataRecord):
+            bytes(rec.data())
+            rec.release()
+
+
 # -- the hand-built fixture ------------------------------------------------------------
 
 
@@ -346,7 +355,7 @@ def test_damaged_fixture_is_read_or_refused_cleanly(flips: list[tuple[int, int]]
     for pos, value in flips:
         data[pos] = value
     try:
-        read_all(bytes(data[:cut]))
+        drain(bytes(data[:cut]))
     except ArchiveError as e:
         assert "\n" not in str(e)
 
@@ -355,7 +364,7 @@ def test_damaged_fixture_is_read_or_refused_cleanly(flips: list[tuple[int, int]]
 @given(st.binary(min_size=0, max_size=2048))
 def test_random_extents_after_a_good_header(tail: bytes) -> None:
     try:
-        read_all(_header() + tail)
+        drain(_header() + tail)
     except ArchiveError as e:
         assert "\n" not in str(e)
 
@@ -385,7 +394,7 @@ def test_damage_behind_valid_md5s_is_read_or_refused_cleanly(flips: list[tuple[i
         data[pos] = value
     _reseal(data)
     try:
-        read_all(bytes(data[:cut]))
+        drain(bytes(data[:cut]))
     except ArchiveError as e:
         assert "\n" not in str(e)
 
