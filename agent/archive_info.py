@@ -9,8 +9,9 @@ from typing import Any
 
 from agent.archive.format import Config, Device, End, Header
 from agent.archive.indexed import IndexedArchive
-from agent.archive.reader import ArchiveReader, open_stream
+from agent.archive.reader import ArchiveReader, DataRecord, open_stream
 from agent.errors import AgentError
+from agent.vma.detect import open_reader, plain_native
 
 
 @dataclass(frozen=True)
@@ -20,10 +21,12 @@ class ArchiveInfo:
     configs: list[Config]
     end: End
     archive_bytes: int  # the archive's own length, without any padding after it
+    archive_format: str = "native"  # or "vma" (Proxmox's; its seal: the header's MD5)
 
     def as_dict(self) -> dict[str, Any]:
         h, e = self.header, self.end
         return {
+            "format": self.archive_format,
             "uuid": str(h.uuid),
             "created": h.created_ns / 1e9,
             "kind": h.kind.name.lower(),
@@ -53,14 +56,16 @@ def archive_info(path: str) -> ArchiveInfo:
         seekable = path != "-" and stat.S_ISREG(os.stat(path).st_mode)
     except OSError as e:
         raise AgentError(f"cannot open {path}: {e.strerror}") from e
-    if seekable:
+    if seekable and plain_native(path):
         with IndexedArchive(path) as arc:
             return ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end, arc.archive_len)
     with open_stream(path) as f:
-        reader = ArchiveReader(f, verify_data=False, keep_configs=False)
-        for _ in reader.records():
-            pass
+        reader = open_reader(f, verify_data=False, keep_configs=False)  # ours or VMA
+        for rec in reader.records():
+            if isinstance(rec, DataRecord):
+                rec.release()
         if reader.end is None:  # records() returns only after a good END; be explicit
             raise AgentError(f"{path}: the archive has no end record")
         return ArchiveInfo(reader.header, reader.devices, reader.configs, reader.end,
-                           reader.archive_len)
+                           reader.archive_len,
+                           "native" if isinstance(reader, ArchiveReader) else "vma")

@@ -28,6 +28,7 @@ from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import nbd
 
@@ -42,6 +43,9 @@ from agent.pace import PaceSpec, SweepPacer
 from agent.pipeline import POLL, BufferPool, Control, Meter, Progress, ProgressFn
 from agent.tracker import DeviceTracker
 from agent.units import MiB
+
+if TYPE_CHECKING:
+    from agent.vma.writer import VmaWriter
 
 ZERO_BLOCK = 64 * 1024  # data that reads as zeros is found and recorded at this grain
 STATUS_MIN_CHANGED = 4 * MiB  # smaller changed runs are read without asking block status
@@ -382,7 +386,7 @@ class BackupEngine:
 
     def __init__(
         self,
-        writer: ArchiveWriter,
+        writer: ArchiveWriter | VmaWriter,
         sources: list[tuple[Device, NbdSource]],
         opts: EngineOptions,
         progress: ProgressFn | None = None,

@@ -38,6 +38,7 @@ class EngineOptions:
     inflight_per_connection: int = 16
     status_window: int = 1024 * MiB
     pace: PaceSpec = field(default_factory=PaceSpec)  # the sweep's rate: agent/pace.py
+    archive_format: str = "native"  # or "vma": Proxmox's (agent/vma/, docs/VMA.md)
 
     def __post_init__(self) -> None:
         if not 0 < self.request_size <= MAX_DATA_LENGTH:

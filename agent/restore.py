@@ -35,7 +35,7 @@ from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent import interrupts
 from agent.archive.format import CHUNK_FIXED, Device
@@ -62,6 +62,10 @@ from agent.targets.base import ZEROS, Sink, SinkFactory, Target
 from agent.targets.file import FileTarget
 from agent.targets.null import NullTarget
 from agent.units import MiB
+from agent.vma.detect import open_reader
+
+if TYPE_CHECKING:
+    from agent.vma.reader import VmaReader
 
 # Records go to the workers in batches of up to this many device bytes or records: a
 # task costs the reading thread some 30 us (future, queue, budget, GIL hand-offs), about
@@ -288,7 +292,7 @@ class RestoreEngine:
     record.
     """
 
-    def __init__(self, readers: Sequence[ArchiveReader], make_sink: SinkFactory,
+    def __init__(self, readers: Sequence[ArchiveReader | VmaReader], make_sink: SinkFactory,
                  opts: RestoreOptions, progress: ProgressFn | None = None,
                  wanted: Collection[str] | None = None) -> None:
         self.readers = list(readers)
@@ -414,7 +418,7 @@ class RestoreEngine:
         return RestoreResult(progress, [s.device.name for s in done], [s.where for s in done],
                              sum(r.archive_len for r in self.readers))
 
-    def _apply_archive(self, reader: ArchiveReader) -> None:
+    def _apply_archive(self, reader: ArchiveReader | VmaReader) -> None:
         pool = ThreadPoolExecutor(self.opts.workers, thread_name_prefix="ba-restore")
         batch: _Batch | None = None  # records not yet handed to a worker
 
@@ -587,7 +591,8 @@ def restore_chain(
     # One set of spare buffers for the chain (read one archive after another), kept
     # within the same bound as the records in flight.
     spares = SpareBuffers(opts.memory)
-    readers = [ArchiveReader(s, keep_configs=False, spares=spares) for s, _ in streams]
+    # Ours or Proxmox's VMA, compressed as a whole or not: told by the first bytes.
+    readers = [open_reader(s, keep_configs=False, spares=spares) for s, _ in streams]
     if wanted is not None:
         names = {d.name for d in readers[0].devices}
         missing = sorted(set(wanted) - names)

@@ -16,6 +16,7 @@ here once, for both kinds of backup.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING, NamedTuple
 from uuid import UUID
 
 from agent import __version__
-from agent.archive.format import Device, Header, Kind, new_archive_uuid
+from agent.archive.codec import CompressionSpec
+from agent.archive.format import Compression, Device, Header, Kind, new_archive_uuid
 from agent.archive.output import SequentialOutput, open_output
 from agent.archive.writer import ArchiveWriter
 from agent.engine import BackupEngine, EngineOptions
@@ -35,6 +37,7 @@ from agent.pipeline import Progress, ProgressFn
 if TYPE_CHECKING:
     from agent.live.stats import LiveStats
     from agent.tracker import DeviceTracker
+    from agent.vma.writer import VmaWriter
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,15 @@ class ArchiveSession:
     def __init__(self, out: SequentialOutput, header: Header, opts: EngineOptions,
                  progress: ProgressFn | None) -> None:
         self.header = header
-        self.writer = ArchiveWriter(out, header)
+        self.writer: ArchiveWriter | VmaWriter
+        if opts.archive_format == "vma":
+            # Proxmox's format: clusters stored as they are (checked by write_archive).
+            from agent.vma.writer import VmaWriter  # only when asked for
+
+            self.writer = VmaWriter(out, header)
+            opts = dataclasses.replace(opts, compression=CompressionSpec(Compression.NONE, 0))
+        else:
+            self.writer = ArchiveWriter(out, header)
         self.committed = False
         self._out = out
         self._opts = opts
@@ -109,6 +120,19 @@ class ArchiveSession:
                              result.peak_buffer, kind=h.kind, parent=h.parent_uuid)
 
 
+def check_format(opts: EngineOptions, kind: Kind = Kind.FULL) -> None:
+    """Refuse what the chosen archive format cannot hold, before anything is opened."""
+    if opts.archive_format == "native":
+        return
+    if opts.archive_format != "vma":
+        raise InvalidArgument(f"unknown archive format {opts.archive_format!r} (use native "
+                              "or vma)")
+    if kind != Kind.FULL:
+        raise InvalidArgument(f"a VMA archive holds only full backups, not a "
+                              f"{kind.name.lower()} one: use --mode full, or the native "
+                              "format")
+
+
 @contextlib.contextmanager
 def write_archive(output: str, opts: EngineOptions, progress: ProgressFn | None = None, *,
                   uuid: UUID | None = None, kind: Kind = Kind.FULL, parent: UUID | None = None,
@@ -124,6 +148,7 @@ def write_archive(output: str, opts: EngineOptions, progress: ProgressFn | None 
     names its checkpoints after it first), ``kind`` and ``parent`` (the archive an
     incremental or differential builds on), ``checkpoint`` (the dirty bitmap it starts),
     ``props`` (the header's properties: a live backup's ``consistency``)."""
+    check_format(opts, kind)
     out = open_output(output)
     session = None
     try:

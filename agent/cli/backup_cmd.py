@@ -43,7 +43,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--config", metavar="NAME=FILE", type=common.name_value, action="append",
                    default=[], help="a file to store in the archive (VM configuration...)")
     p.add_argument("--compress", metavar="zstd[:LEVEL]|none", type=common.compression,
-                   default=CompressionSpec(), help="per-record compression (default zstd:1)")
+                   help="per-record compression (default zstd:1)")
+    p.add_argument("--format", dest="archive_format", choices=["native", "vma"],
+                   default="native", help="archive format: native (ours, the default) or vma "
+                   "(Proxmox's, for qmrestore: full backups only, uncompressed, docs/VMA.md)")
     p.add_argument("-o", "--output", metavar="PATH", required=True,
                    help="where the archive goes; - for standard output")
     p.add_argument("--connections", type=common.positive,
@@ -186,14 +189,34 @@ def _check_usage(args: argparse.Namespace) -> None:
                          "--image NAME=FILE (or --qmp for a running VM)")
 
 
+def _check_vma(args: argparse.Namespace) -> None:
+    """What VMA cannot hold, refused before anything starts."""
+    if args.archive_format != "vma":
+        return
+    if args.compress is not None:
+        raise UsageError("--compress does not apply to --format vma (VMA stores data as it "
+                         "is): compress the whole stream instead, e.g. -o - | zstd > "
+                         "vzdump-qemu-100.vma.zst")
+    if args.mode != "full":
+        raise UsageError("--format vma holds only full backups: use --mode full, or the "
+                         "native format for incrementals")
+    # --encrypt-to comes with the encryption branch (merged separately): VMA has none.
+    if getattr(args, "encrypt_to", None):
+        raise UsageError("--encrypt-to does not apply to --format vma (VMA has no "
+                         "encryption): use the native format, or encrypt the whole stream")
+
+
 def run(args: argparse.Namespace) -> int:
     _check_usage(args)
-    opts = EngineOptions(compression=args.compress, connections=args.connections,
+    _check_vma(args)
+    opts = EngineOptions(compression=args.compress or CompressionSpec(),
+                         connections=args.connections,
                          memory=args.memory, request_size=args.request_size,
-                         workers=max(2, os.cpu_count() or 2), pace=args.max_rate)
+                         workers=max(2, os.cpu_count() or 2), pace=args.max_rate,
+                         archive_format=args.archive_format)
     conns = args.connections or f"{opts.connections_for(changes=False)} (1 for changes only)"
     log.debug("options: compression %s, connections per source %s, memory %s, request size "
-              "%s, %d worker(s), sweep rate %s", args.compress, conns, size(args.memory),
+              "%s, %d worker(s), sweep rate %s", opts.compression, conns, size(args.memory),
               size(args.request_size), opts.workers, args.max_rate)
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
     result: BackupSummary

@@ -31,7 +31,8 @@ HOLD = 4 * 1024 * 1024
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: a backup need not pay for this command's imports
     from agent.archive.format import Config
-    from agent.archive.reader import ArchiveReader, open_stream
+    from agent.archive.reader import open_stream
+    from agent.vma.detect import open_reader
     held: list[bytes] = []
     size = 0
 
@@ -49,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     log.debug("reading archive %s", common.archive_label(args.path))
     with open_stream(args.path) as stream:
-        reader = ArchiveReader(stream, verify_data=False, keep_configs=False,
-                               on_config_data=piece)
+        reader = open_reader(stream, verify_data=False, keep_configs=False,
+                             on_config_data=piece)  # ours or VMA
         log_contents(log, reader.header, reader.devices)
         reader.config_info(args.name)  # it is there, and complete
     log.debug("config %r: %d bytes, writing it to standard output", args.name, size)

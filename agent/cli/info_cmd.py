@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
         *([f"parent    {info['parent_uuid']}"] if info["parent_uuid"] else []),
         *([f"starts    checkpoint {shown(info['checkpoint'])}"] if info["checkpoint"] else []),
         f"created   {created:%Y-%m-%d %H:%M:%S} UTC",
-        f"tool      backup-agent {shown(info['tool_version'])}",
+        (f"tool      backup-agent {shown(info['tool_version'])}" if info["format"] == "native"
+         else f"format    {shown(info['tool_version'])}"),
         *_consistency(info["properties"], shown),
         f"seal      {info['seal']}",
         "",

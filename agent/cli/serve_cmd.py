@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     # here, not at the top: other commands need not pay for these imports
     from agent.serve.archives import ServedArchives
     from agent.serve.server import ArchiveServer, check_socket_path
+    from agent.vma.detect import refuse_to_serve
 
+    refuse_to_serve(args.paths)  # VMA: no index to serve from
     listen, tls = _listen(args)
     socket = check_socket_path(args.socket) if args.socket is not None else None
     # The archives and the chain checked here first, so that what is wrong is one clear

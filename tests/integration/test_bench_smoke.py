@@ -29,6 +29,8 @@ CASES = {
     "serve.py": ["sequential read, 0.0625 GiB half data, zstd",
                  "random 4K QD16, warm cache", "1 TiB sparse archive, serve to first byte",
                  "1 TiB sparse archive, nbdkit peak RSS"],
+    "vma.py": ["backup into a pipe: VMA vs ours uncompressed",
+               "restore from a pipe: VMA vs ours (zstd:1)"],
 }
 
 
