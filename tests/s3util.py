@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ACCESS_KEY = "backupagent"
 SECRET_KEY = "backupagent-secret-key"
@@ -75,6 +76,15 @@ class Weed:
                    AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
         env.update(extra)
         return env
+
+    def client(self) -> Any:
+        """A boto3 client of this server (for tests to look into the bucket)."""
+        import boto3
+
+        env = self.env()
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
 
     @contextlib.contextmanager
     def environ(self) -> Iterator[None]:
@@ -148,8 +158,6 @@ def start_weed(directory: Path, buckets: tuple[str, ...] = ("backups",),
 
 def _wait_ready(weed: Weed, buckets: tuple[str, ...]) -> None:
     """Until the S3 port answers and every bucket asked for exists (weed makes them last)."""
-    import boto3
-
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if weed.proc.poll() is not None:
@@ -163,10 +171,7 @@ def _wait_ready(weed: Weed, buckets: tuple[str, ...]) -> None:
         except OSError:
             up = False
         if up:
-            env = weed.env()
-            client = boto3.client("s3", endpoint_url=weed.endpoint, region_name="us-east-1",
-                                  aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                                  aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+            client = weed.client()
             try:
                 names = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
             except Exception:  # not ready: retry until the deadline

@@ -81,7 +81,9 @@ def describe(e: BaseException, what: str) -> str:
         return (f"{what}: no S3 credentials found: set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (see ~/.aws/credentials)")
     if isinstance(e, bx.EndpointConnectionError):
-        return f"{what}: cannot reach the S3 endpoint {e.kwargs.get('endpoint_url', '')}"
+        url = str(e.kwargs.get("endpoint_url", ""))
+        scheme, _, rest = url.partition("://")
+        return f"{what}: cannot reach the S3 endpoint {scheme}://{rest.split('/')[0]}"
     if isinstance(e, bx.ConnectionClosedError | bx.ReadTimeoutError | bx.ConnectTimeoutError):
         return f"{what}: the connection to the S3 endpoint failed ({e})"
     return f"{what}: {e}"

@@ -5,7 +5,7 @@
   from the byte reached, bound to the object's ETag (``If-Match``), so the bytes can only
   come from the same object; after :data:`RESUMES` failures in a row it gives up.
 - :class:`RangedObject`: a seekable read-only file over ranged GETs, in blocks of
-  :data:`BLOCK` bytes with a few kept, so the archive's random-access reader
+  :data:`BLOCK` bytes fetched :data:`FETCH` at a time, with a few kept, so the archive's random-access reader
   (agent/archive/indexed.py) reads the footer, seal, index and header of an object as it
   does of a file, touching only those (``info``).
 """
@@ -26,8 +26,9 @@ from agent.s3.names import S3Name, parse_object
 log = logging.getLogger(__name__)
 
 RESUMES = 5
-BLOCK = 1 << 20  # bytes per ranged GET (at least)
-_KEEP = 8  # blocks kept: the index walk and the header each stay in their own
+BLOCK = 1 << 20  # bytes cached as one piece
+FETCH = 4  # blocks at least per ranged GET
+_KEEP = 16  # blocks kept (16 MiB): the tail and the head each stay whole
 
 
 def _head(c: Any, name: S3Name) -> tuple[int, str]:
@@ -158,20 +159,26 @@ class RangedObject(_Counted):
         return got
 
     def _block(self, block_no: int, wanted: int) -> bytes:
-        """Block ``block_no``; a read of many blocks fetches them in one GET."""
+        """Block ``block_no``. A miss fetches at least :data:`FETCH` blocks in one GET,
+        those around it that fit in the object, so that the tail (footer, seal, index) and
+        the head (header, devices, the first record) cost one GET each."""
         block = self._blocks.get(block_no)
         if block is not None:
             self._blocks.move_to_end(block_no)
             return block
-        first = block_no * BLOCK
-        blocks = max(1, -(-(self._pos - first + wanted) // BLOCK))
-        last = min(self.size, first + blocks * BLOCK) - 1
+        count = max(FETCH, -(-(self._pos - block_no * BLOCK + wanted) // BLOCK))
+        blocks = -(-self.size // BLOCK)
+        first_no = max(0, min(block_no, blocks - count))
+        first = first_no * BLOCK
+        last = min(self.size, first + count * BLOCK) - 1
         data = self._get(first, last)
         for i in range(0, len(data), BLOCK):
-            self._blocks[block_no + i // BLOCK] = data[i:i + BLOCK]
+            self._blocks[first_no + i // BLOCK] = data[i:i + BLOCK]
+            self._blocks.move_to_end(first_no + i // BLOCK)
         while len(self._blocks) > _KEEP:
             self._blocks.popitem(last=False)
-        return data[:BLOCK]
+        start = (block_no - first_no) * BLOCK
+        return data[start:start + BLOCK]
 
     def _get(self, first: int, last: int) -> bytes:
         failures = 0

@@ -283,8 +283,8 @@ class S3Output(SequentialOutput):
                 if s3client.is_missing(e):  # NoSuchUpload: nothing left
                     self.upload_id = None
                     return
-                if attempt == 2:
-                    log.warning("%s", s3client.describe(
+                if attempt == 2:  # the error that brought us here is the news, in one line
+                    log.debug("%s", s3client.describe(
                         e, f"{self._what}: cannot abort upload {self.upload_id} (the bucket's "
                         "lifecycle rule or prune removes it)"))
                     return

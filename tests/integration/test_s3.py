@@ -1,0 +1,207 @@
+"""Archives in a bucket (``s3://``), against a real S3 server: SeaweedFS's ``weed mini`` on
+the loopback (tests/s3util.py), never a mock. The agent runs as its own process with
+boto3's standard variables (credentials, ``AWS_ENDPOINT_URL``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.archive_info import archive_info
+from agent.s3.objects import RangedObject
+from tests.integration.cli_util import AGENT, TIMEOUT, MiB, assert_error, assert_ok, describe
+from tests.s3util import Weed
+
+pytestmark = [pytest.mark.integration, pytest.mark.network, pytest.mark.slow]
+
+
+def run(server: Weed, *args: str | os.PathLike[str], **env: str,
+        ) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([AGENT, *map(str, args)], env=server.env(**env),
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=TIMEOUT,
+                          check=False)
+
+
+def start(server: Weed, *args: str | os.PathLike[str], **env: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([AGENT, *map(str, args)], env=server.env(**env),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def make_disk(path: Path, size: int, data: list[tuple[int, int]]) -> Path:
+    """A sparse raw image with random data at each (offset, length)."""
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, length in data:
+            f.seek(offset)
+            f.write(os.urandom(length))
+    return path
+
+
+def keys(server: Weed, bucket: str) -> list[str]:
+    reply = server.client().list_objects_v2(Bucket=bucket)
+    return [o["Key"] for o in reply.get("Contents", [])]
+
+
+def uploads(server: Weed, bucket: str) -> list[dict[str, Any]]:
+    return list(server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+def wait_for_part(server: Weed, bucket: str, proc: subprocess.Popen[bytes]) -> None:
+    """Until the backup has sent a part of its upload (or fail if it ended first)."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+        for up in uploads(server, bucket):
+            parts = server.client().list_parts(Bucket=bucket, Key=up["Key"],
+                                               UploadId=up["UploadId"])
+            if parts.get("Parts"):
+                return
+        time.sleep(0.05)
+    pytest.fail("the backup sent no part")
+
+
+def test_round_trip_in_many_parts(s3_server: Weed, s3_bucket: str, tmp_path: Path) -> None:
+    # 5 MiB parts (the smallest S3 takes) over 36 MiB of incompressible data: 8 parts.
+    disk = make_disk(tmp_path / "disk.raw", 96 * MiB,
+                     [(0, 20 * MiB), (40 * MiB, 1 * MiB), (60 * MiB, 15 * MiB)])
+    (tmp_path / "vm.conf").write_text("memory: 2048\n")
+    url = f"s3://{s3_bucket}/vm1/full.arc"
+    assert_ok(run(s3_server, "backup", "--image", f"disk={disk}", "--config",
+                  f"vm.conf={tmp_path / 'vm.conf'}", "-o", url,
+                  BACKUP_AGENT_S3_PART_SIZE="5M"))
+    head = s3_server.client().head_object(Bucket=s3_bucket, Key="vm1/full.arc")
+    assert head["ETag"].strip('"').endswith("-8"), head["ETag"]  # a multipart object
+    assert uploads(s3_server, s3_bucket) == []
+
+    assert_ok(run(s3_server, "verify", url))
+    out = tmp_path / "out"
+    assert_ok(run(s3_server, "restore", url, "--to-dir", out))
+    assert (out / "disk.raw").read_bytes() == disk.read_bytes()
+    conf = run(s3_server, "config", url, "vm.conf")
+    assert_ok(conf)
+    assert conf.stdout == b"memory: 2048\n"
+    info = run(s3_server, "info", url, "--json")
+    assert_ok(info)
+    assert b'"archive_bytes": %d' % head["ContentLength"] in info.stdout
+
+
+def test_info_reads_only_the_ends(s3_server: Weed, s3_bucket: str, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "disk.raw", 64 * MiB, [(0, 40 * MiB)])
+    url = f"s3://{s3_bucket}/vm1/full.arc"
+    assert_ok(run(s3_server, "backup", "--image", f"disk={disk}", "-o", url))
+    size = s3_server.client().head_object(Bucket=s3_bucket, Key="vm1/full.arc")[
+        "ContentLength"]
+    gets, fetched = RangedObject.gets, RangedObject.fetched
+    with s3_server.environ():
+        info = archive_info(url)
+    gets, fetched = RangedObject.gets - gets, RangedObject.fetched - fetched
+    assert info.archive_bytes == size
+    # The tail (footer, END, index) and the head (header, devices, the first record): one
+    # ranged GET of 4 MiB for each end, nothing of the 40 MiB between.
+    assert gets == 2, gets
+    assert fetched <= 8 * MiB < size // 4, (fetched, size)
+
+
+def test_an_existing_object_is_never_replaced(s3_server: Weed, s3_bucket: str,
+                                              tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "disk.raw", 4 * MiB, [(0, MiB)])
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="vm1/full.arc", Body=b"someone else's")
+    proc = run(s3_server, "backup", "--image", f"disk={disk}", "-o",
+               f"s3://{s3_bucket}/vm1/full.arc")
+    assert_error(proc, "already exists", "never replaced")
+    body = client.get_object(Bucket=s3_bucket, Key="vm1/full.arc")["Body"].read()
+    assert body == b"someone else's"
+    assert uploads(s3_server, s3_bucket) == []
+
+
+def test_a_missing_bucket(s3_server: Weed, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "disk.raw", 4 * MiB, [(0, MiB)])
+    proc = run(s3_server, "backup", "--image", f"disk={disk}", "-o", "s3://no-such-bucket/a.arc")
+    assert_error(proc, "bucket", "does not exist")
+    assert_error(run(s3_server, "restore", "s3://no-such-bucket/a.arc", "--to-dir",
+                     tmp_path / "out"), "no such")
+    assert not (tmp_path / "out").exists()
+
+
+def test_wrong_credentials(s3_server: Weed, s3_bucket: str, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "disk.raw", 4 * MiB, [(0, MiB)])
+    url = f"s3://{s3_bucket}/vm1/full.arc"
+    assert_error(run(s3_server, "backup", "--image", f"disk={disk}", "-o", url,
+                     AWS_SECRET_ACCESS_KEY="wrong"), "access denied", "credentials")
+    assert keys(s3_server, s3_bucket) == []
+    assert uploads(s3_server, s3_bucket) == []
+    assert_ok(run(s3_server, "backup", "--image", f"disk={disk}", "-o", url))
+    assert_error(run(s3_server, "info", url, AWS_ACCESS_KEY_ID="nobody"), "credentials")
+    assert_error(run(s3_server, "verify", url, AWS_SECRET_ACCESS_KEY="wrong"), "credentials")
+
+
+def test_bad_names(s3_server: Weed, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "disk.raw", 4 * MiB, [(0, MiB)])
+    assert_error(run(s3_server, "backup", "--image", f"disk={disk}", "-o", "s3://backups/"),
+                 "object name")
+    assert_error(run(s3_server, "backup", "--image", f"disk={disk}", "-o", "s3://backups",
+                     BACKUP_AGENT_S3_PART_SIZE="1M"), "5M")
+
+
+# -- interrupted uploads: a slow backup (--max-rate), stopped once a part is in the bucket
+
+
+def slow_backup(server: Weed, bucket: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+    disk = make_disk(tmp_path / "disk.raw", 48 * MiB, [(0, 40 * MiB)])
+    return start(server, "backup", "--image", f"disk={disk}", "--max-rate", "8M", "-o",
+                 f"s3://{bucket}/vm1/full.arc", BACKUP_AGENT_S3_PART_SIZE="5M")
+
+
+def test_sigterm_mid_upload_aborts_it(s3_server: Weed, s3_bucket: str, tmp_path: Path) -> None:
+    proc = slow_backup(s3_server, s3_bucket, tmp_path)
+    try:
+        wait_for_part(s3_server, s3_bucket, proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_error((proc.returncode, err), "SIGTERM")
+    assert keys(s3_server, s3_bucket) == []
+    assert uploads(s3_server, s3_bucket) == []  # aborted: no parts left to pay for
+
+
+def test_kill_9_mid_upload_leaves_no_object(s3_server: Weed, s3_bucket: str,
+                                            tmp_path: Path) -> None:
+    proc = slow_backup(s3_server, s3_bucket, tmp_path)
+    try:
+        wait_for_part(s3_server, s3_bucket, proc)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert keys(s3_server, s3_bucket) == []
+    # The upload itself stays until the lifecycle rule or prune aborts it.
+    assert [u["Key"] for u in uploads(s3_server, s3_bucket)] == ["vm1/full.arc"]
+
+
+def test_server_gone_mid_upload(s3_servers: Callable[[Path], Weed], short_tmp: Path,
+                                tmp_path: Path) -> None:
+    server = s3_servers(short_tmp / "weed")
+    proc = slow_backup(server, "backups", tmp_path)
+    try:
+        wait_for_part(server, "backups", proc)
+        server.stop()
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    message = assert_error((proc.returncode, err), "s3://backups/vm1/full.arc")
+    assert "endpoint" in message or "connection" in message, message
+    again = s3_servers(short_tmp / "weed")  # the same data, served again
+    assert keys(again, "backups") == []
