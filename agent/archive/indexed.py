@@ -247,7 +247,7 @@ def open_random(path: str) -> BinaryIO:
         from agent.s3.objects import RangedObject
 
         return RangedObject(path)  # type: ignore[return-value]
-    return open(path, "rb")  # noqa: SIM115 (the caller closes it)
+    return open(path, "rb")
 
 
 class IndexedArchive:

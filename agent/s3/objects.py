@@ -5,8 +5,8 @@
   from the byte reached, bound to the object's ETag (``If-Match``), so the bytes can only
   come from the same object; after :data:`RESUMES` failures in a row it gives up.
 - :class:`RangedObject`: a seekable read-only file over ranged GETs, in blocks of
-  :data:`BLOCK` bytes fetched :data:`FETCH` at a time, with a few kept, so the archive's random-access reader
-  (agent/archive/indexed.py) reads the footer, seal, index and header of an object as it
+  :data:`BLOCK` bytes fetched :data:`FETCH` at a time, with a few kept, so the archive's
+  random-access reader (agent/archive/indexed.py) reads the footer, seal, index and header of an object as it
   does of a file, touching only those (``info``).
 """
 

@@ -16,7 +16,7 @@ import pytest
 
 from agent.archive_info import archive_info
 from agent.s3.objects import RangedObject
-from tests.integration.cli_util import AGENT, TIMEOUT, MiB, assert_error, assert_ok, describe
+from tests.integration.cli_util import AGENT, TIMEOUT, MiB, assert_error, assert_ok
 from tests.s3util import Weed
 
 pytestmark = [pytest.mark.integration, pytest.mark.network, pytest.mark.slow]
@@ -148,7 +148,7 @@ def test_bad_names(s3_server: Weed, tmp_path: Path) -> None:
     disk = make_disk(tmp_path / "disk.raw", 4 * MiB, [(0, MiB)])
     assert_error(run(s3_server, "backup", "--image", f"disk={disk}", "-o", "s3://backups/"),
                  "object name")
-    assert_error(run(s3_server, "backup", "--image", f"disk={disk}", "-o", "s3://backups",
+    assert_error(run(s3_server, "backup", "--image", f"disk={disk}", "-o", "s3://backups/a.arc",
                      BACKUP_AGENT_S3_PART_SIZE="1M"), "5M")
 
 
