@@ -6,8 +6,8 @@
   come from the same object; after :data:`RESUMES` failures in a row it gives up.
 - :class:`RangedObject`: a seekable read-only file over ranged GETs, in blocks of
   :data:`BLOCK` bytes fetched :data:`FETCH` at a time, with a few kept, so the archive's
-  random-access reader (agent/archive/indexed.py) reads the footer, seal, index and header of an object as it
-  does of a file, touching only those (``info``).
+  random-access reader (agent/archive/indexed.py) reads the footer, seal, index and
+  header of an object as it does of a file, touching only those (``info``).
 """
 
 from __future__ import annotations
