@@ -20,7 +20,10 @@ smaller). Parts start at :data:`PART_SIZE` (``BACKUP_AGENT_S3_PART_SIZE``, 8 MiB
 by that much every 1,000 parts (8, 16, ... 80 MiB): 10,000 parts hold 55,000 times the
 first size, 430 GiB at 8 MiB. Once the devices' total size is known (:meth:`expect`), the
 first size is raised so that the total fits with room. Memory: one part being filled plus
-``BACKUP_AGENT_S3_UPLOADS`` (4) being sent: 40 MiB for 8 MiB parts.
+``BACKUP_AGENT_S3_UPLOADS`` (4) being sent, 40 MiB for 8 MiB parts; fewer are sent at once
+when that would pass :data:`MEMORY` (256 MiB), but at least one: a stream of N bytes needs
+parts of N/10,000 bytes at least, and two of them in memory (a 2 TiB disk of incompressible
+data ends with parts of 432 MiB: 864 MiB).
 
 An upload whose process was killed (``kill -9``, a crash, power) stays in the bucket,
 invisible but billed, until a bucket lifecycle rule (``AbortIncompleteMultipartUpload``,
@@ -52,6 +55,8 @@ MAX_PART = 5 * GiB
 MAX_PARTS = 10_000
 GROW_EVERY = 1_000  # parts; then parts grow by one first size
 UPLOADS = 4
+#: Part buffers alive at once stay within this, as long as two parts fit in it.
+MEMORY = 256 * MiB
 #: 10,000 parts growing as above hold this many times the first part's size.
 CAPACITY = sum(1 + n // GROW_EVERY for n in range(MAX_PARTS))  # 55,000
 #: Room over the devices' total size: record framing, index, incompressible data.
@@ -73,6 +78,19 @@ def settings() -> tuple[int, int]:
             raise InvalidArgument(f"BACKUP_AGENT_S3_UPLOADS={text}: give 1 to 64")
         uploads = int(text)
     return size, uploads
+
+
+def first_part_for(nbytes: int, configured: int) -> int:
+    """The first part's size for an archive of about ``nbytes`` of devices: ``configured``,
+    or larger (whole MiB) so that 10,000 growing parts hold the devices with room."""
+    need = -(-int(nbytes * _ROOM) // CAPACITY)
+    need = -(-need // MiB) * MiB
+    return min(MAX_PART, max(configured, need))
+
+
+def capacity(first: int) -> int:
+    """The longest stream 10,000 parts hold when the first is ``first`` bytes."""
+    return sum(part_size(first, n) for n in range(1, MAX_PARTS + 1))
 
 
 def part_size(first: int, number: int) -> int:
@@ -135,12 +153,11 @@ class S3Output(SequentialOutput):
     def expect(self, nbytes: int) -> None:
         """The archive will be about ``nbytes`` long (the devices' size): make the parts
         large enough that 10,000 of them hold it."""
-        need = -(-int(nbytes * _ROOM) // CAPACITY)
-        need = -(-need // MiB) * MiB
-        if need > self.first_part:
-            log.debug("%s: parts from %d bytes for %d bytes of devices", self.name, need,
+        first = first_part_for(nbytes, self.first_part)
+        if first > self.first_part:
+            log.debug("%s: parts from %d bytes for %d bytes of devices", self.name, first,
                       nbytes)
-            self.first_part = min(MAX_PART, need)
+            self.first_part = first
 
     def _size(self) -> int:
         return part_size(self.first_part, self._number)
@@ -163,7 +180,7 @@ class S3Output(SequentialOutput):
     def _send(self) -> None:
         """Hand the full buffer to a pool thread; wait first while all slots are busy."""
         self._raise_failure()
-        while len(self._pending) >= self.uploads:
+        while len(self._pending) >= self._slots(len(self._buf)):
             self._wait_one()
         body = self._buf if self._fill == len(self._buf) else bytes(self._buf[:self._fill])
         number = self._number
@@ -178,6 +195,11 @@ class S3Output(SequentialOutput):
             spare = self._spare.pop() if self._spare else None
         self._buf = spare if spare is not None else bytearray(self._size())
         self._fill = 0
+
+    def _slots(self, size: int) -> int:
+        """Parts sent at once: ``uploads``, fewer once parts are so large that they and the
+        one being filled pass the memory budget (never fewer than one)."""
+        return max(1, min(self.uploads, MEMORY // size - 1))
 
     def _upload(self, number: int, body: bytearray | bytes) -> None:
         b, k = self.target
