@@ -44,7 +44,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--compress", metavar="zstd[:LEVEL]|none", type=common.compression,
                    default=CompressionSpec(), help="per-record compression (default zstd:1)")
     p.add_argument("-o", "--output", metavar="PATH", required=True,
-                   help="where the archive goes; - for standard output")
+                   help="where the archive goes; - for standard output, s3://BUCKET/KEY for an "
+                   "object in a bucket (docs/S3.md)")
     p.add_argument("--connections", type=common.positive,
                    help="NBD connections per source when the server allows multi-conn "
                    "(default: the number of cores, at most 4; 1 for an incremental or "

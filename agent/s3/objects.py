@@ -121,10 +121,17 @@ class ObjectStream(_Counted):
 class RangedObject(_Counted):
     """A seekable read-only file over ranged GETs of one object (its ETag pinned)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, block: int = BLOCK, fetch: int = FETCH,
+                 client: Any = None, size: int | None = None, etag: str = "") -> None:
+        """``block``, ``fetch``: bytes cached as a piece, pieces per GET at least (a prune
+        reading the two ends of many archives asks for less). ``size`` and ``etag``: known
+        from a listing (no HEAD then)."""
         self.target = parse_object(name)
-        self._client = s3client.client(2)
-        self.size, self.etag = _head(self._client, self.target)
+        self._client = client if client is not None else s3client.client(2)
+        if size is None:
+            size, etag = _head(self._client, self.target)
+        self.size, self.etag = size, etag
+        self._block_size, self._fetch = block, fetch
         self._pos = 0
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
 
@@ -149,9 +156,9 @@ class RangedObject(_Counted):
         out = memoryview(b).cast("B")
         got = 0
         while got < len(out) and self._pos < self.size:
-            block_no = self._pos // BLOCK
+            block_no = self._pos // self._block_size
             block = self._block(block_no, len(out) - got)
-            start = self._pos - block_no * BLOCK
+            start = self._pos - block_no * self._block_size
             n = min(len(out) - got, len(block) - start)
             out[got:got + n] = block[start:start + n]
             got += n
@@ -159,26 +166,27 @@ class RangedObject(_Counted):
         return got
 
     def _block(self, block_no: int, wanted: int) -> bytes:
-        """Block ``block_no``. A miss fetches at least :data:`FETCH` blocks in one GET,
-        those around it that fit in the object, so that the tail (footer, seal, index) and
-        the head (header, devices, the first record) cost one GET each."""
+        """Block ``block_no``. A miss fetches at least ``fetch`` blocks in one GET, those
+        around it that fit in the object, so that the tail (footer, seal, index) and the
+        head (header, devices, the first record) cost one GET each."""
         block = self._blocks.get(block_no)
         if block is not None:
             self._blocks.move_to_end(block_no)
             return block
-        count = max(FETCH, -(-(self._pos - block_no * BLOCK + wanted) // BLOCK))
-        blocks = -(-self.size // BLOCK)
+        bs = self._block_size
+        count = max(self._fetch, -(-(self._pos - block_no * bs + wanted) // bs))
+        blocks = -(-self.size // bs)
         first_no = max(0, min(block_no, blocks - count))
-        first = first_no * BLOCK
-        last = min(self.size, first + count * BLOCK) - 1
+        first = first_no * bs
+        last = min(self.size, first + count * bs) - 1
         data = self._get(first, last)
-        for i in range(0, len(data), BLOCK):
-            self._blocks[first_no + i // BLOCK] = data[i:i + BLOCK]
-            self._blocks.move_to_end(first_no + i // BLOCK)
+        for i in range(0, len(data), bs):
+            self._blocks[first_no + i // bs] = data[i:i + bs]
+            self._blocks.move_to_end(first_no + i // bs)
         while len(self._blocks) > _KEEP:
             self._blocks.popitem(last=False)
-        start = (block_no - first_no) * BLOCK
-        return data[start:start + BLOCK]
+        start = (block_no - first_no) * bs
+        return data[start:start + bs]
 
     def _get(self, first: int, last: int) -> bytes:
         failures = 0

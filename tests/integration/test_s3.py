@@ -4,18 +4,23 @@ boto3's standard variables (credentials, ``AWS_ENDPOINT_URL``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.archive.format import Compression, Header, Kind
+from agent.archive.writer import ArchiveWriter
 from agent.archive_info import archive_info
 from agent.s3.objects import RangedObject
+from agent.s3.upload import S3Output
 from tests.integration.cli_util import AGENT, TIMEOUT, MiB, assert_error, assert_ok
 from tests.s3util import Weed
 
@@ -205,3 +210,81 @@ def test_server_gone_mid_upload(s3_servers: Callable[[Path], Weed], short_tmp: P
     assert "endpoint" in message or "connection" in message, message
     again = s3_servers(short_tmp / "weed")  # the same data, served again
     assert keys(again, "backups") == []
+
+
+# -- chains and retention in a bucket ---------------------------------------------------------
+
+
+def put_incremental(server: Weed, url: str, parent: str, pattern: int) -> str:
+    """An incremental archive (one changed 64 KiB cluster) on archive ``parent``, written
+    through the agent's own upload output, as another agent of a fleet would; its uuid."""
+    header = Header(uuid=uuid.uuid4(), created_ns=time.time_ns(), tool_version="test",
+                    kind=Kind.INCREMENTAL, parent_uuid=uuid.UUID(parent))
+    with server.environ():
+        out = S3Output(url)
+        try:
+            w = ArchiveWriter(out, header)
+            w.add_device("disk", 8 * MiB)
+            w.write_data(0, 0, 65536, Compression.NONE, bytes([pattern]) * 65536)
+            w.finish()
+            out.commit()
+        finally:
+            out.close()
+    return str(header.uuid)
+
+
+def full_backup(server: Weed, disk: Path, url: str) -> str:
+    assert_ok(run(server, "backup", "--image", f"disk={disk}", "-o", url))
+    info = run(server, "info", url, "--json")
+    assert_ok(info)
+    return str(json.loads(info.stdout)["uuid"])
+
+
+def test_a_chain_in_a_bucket_and_prune(s3_server: Weed, s3_bucket: str,
+                                       tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "disk.raw", 8 * MiB, [(0, 2 * MiB)])
+    base = f"s3://{s3_bucket}/vm1/"
+    f1 = base + "vm1-20261101T000000Z-full.arc"
+    i1 = base + "vm1-20261102T000000Z-incremental.arc"
+    f2 = base + "vm1-20261103T000000Z-full.arc"
+    i2 = base + "vm1-20261104T000000Z-incremental.arc"
+    put_incremental(s3_server, i1, full_backup(s3_server, disk, f1), 0x41)
+    put_incremental(s3_server, i2, full_backup(s3_server, disk, f2), 0x42)
+    client = s3_server.client()
+    client.put_object(Bucket=s3_bucket, Key="vm1/notes.txt", Body=b"not an archive")
+    client.put_object(Bucket=s3_bucket, Key="vm1/deeper/vm1-20261101T000000Z-full.arc",
+                      Body=b"another folder's")
+
+    out = tmp_path / "out"
+    assert_ok(run(s3_server, "restore", f2, i2, "--to-dir", out))
+    expected = bytearray(disk.read_bytes())
+    expected[:65536] = b"\x42" * 65536
+    assert (out / "disk.raw").read_bytes() == expected
+
+    # A backup killed mid-upload left its upload behind.
+    proc = slow_backup(s3_server, s3_bucket, tmp_path)
+    try:
+        wait_for_part(s3_server, s3_bucket, proc)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert len(uploads(s3_server, s3_bucket)) == 1
+
+    dry = run(s3_server, "prune", base, "--keep-chains", "1", "--dry-run")
+    assert_ok(dry)
+    assert keys(s3_server, s3_bucket) != [] and len(uploads(s3_server, s3_bucket)) == 1
+    assert b"would delete  " + i1.encode() in dry.stdout
+    # Younger than the default 24 hours: a fleet's running backup is never cut off.
+    assert_ok(run(s3_server, "prune", base, "--keep-chains", "1"))
+    assert len(uploads(s3_server, s3_bucket)) == 1
+
+    done = run(s3_server, "prune", base, "--keep-chains", "1", "--uploads-older-than", "0")
+    assert_ok(done)
+    assert b"aborted" in done.stdout
+    assert uploads(s3_server, s3_bucket) == []
+    assert sorted(keys(s3_server, s3_bucket)) == [
+        "vm1/deeper/vm1-20261101T000000Z-full.arc", "vm1/notes.txt",
+        "vm1/vm1-20261103T000000Z-full.arc", "vm1/vm1-20261104T000000Z-incremental.arc"]
+    # The first chain went whole: deleted, children first, in the earlier prune.
+    assert_error(run(s3_server, "prune", f"s3://{s3_bucket}/vm1", "--keep-chains", "1",
+                     AWS_SECRET_ACCESS_KEY="wrong"), "credentials")
