@@ -296,7 +296,7 @@ class _Table:
             except InvalidArgument as e:
                 self.fail(f"{key}: {e}")
         if value is not None and not os.path.isabs(value):
-            self._bad(key, 'an absolute path or "s3://BUCKET/PREFIX"')
+            self._bad(key, "an absolute path")  # (or s3://BUCKET/PREFIX: docs/S3.md)
         return value
 
     def choice(self, key: str, choices: Sequence[str]) -> str | None:
