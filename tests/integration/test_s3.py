@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +23,16 @@ from agent.archive.writer import ArchiveWriter
 from agent.archive_info import archive_info
 from agent.s3.objects import RangedObject
 from agent.s3.upload import S3Output
-from tests.integration.cli_util import AGENT, TIMEOUT, MiB, assert_error, assert_ok
+from tests.integration.cli_util import (
+    AGENT,
+    TIMEOUT,
+    MiB,
+    assert_error,
+    assert_ok,
+    describe,
+)
+from tests.integration.conftest import make_image, qemu_img_compare
+from tests.integration.vm import Disk, VmFactory
 from tests.s3util import Weed
 
 pytestmark = [pytest.mark.integration, pytest.mark.network, pytest.mark.slow]
@@ -155,6 +166,8 @@ def test_bad_names(s3_server: Weed, tmp_path: Path) -> None:
                  "object name")
     assert_error(run(s3_server, "backup", "--image", f"disk={disk}", "-o", "s3://backups/a.arc",
                      BACKUP_AGENT_S3_PART_SIZE="1M"), "5M")
+    assert_error(run(s3_server, "serve", "s3://backups/a.arc", "--socket", tmp_path / "s"),
+                 "s3://backups/a.arc", "serve does not read s3://")
 
 
 # -- interrupted uploads: a slow backup (--max-rate), stopped once a part is in the bucket
@@ -288,3 +301,53 @@ def test_a_chain_in_a_bucket_and_prune(s3_server: Weed, s3_bucket: str,
     # The first chain went whole: deleted, children first, in the earlier prune.
     assert_error(run(s3_server, "prune", f"s3://{s3_bucket}/vm1", "--keep-chains", "1",
                      AWS_SECRET_ACCESS_KEY="wrong"), "credentials")
+
+
+# -- a fleet: jobs into a bucket, several at once ----------------------------------------------
+
+
+@pytest.mark.qemu  # live backups: run on QEMU 10 too (make test)
+def test_jobs_into_a_bucket_in_parallel(s3_server: Weed, s3_bucket: str, vms: VmFactory,
+                                        tmp_path: Path) -> None:
+    machines, befores = [], []
+    for i in range(3):
+        disk = make_image(tmp_path / f"vm{i}.qcow2", "qcow2", 16 * MiB,
+                          [("write", 0x10 + i, 0, 3 * MiB), ("write", 0xA0 + i, 9 * MiB, MiB)])
+        befores.append(tmp_path / f"before{i}.qcow2")
+        shutil.copy(disk, befores[-1])
+        machine = vms.start([Disk(disk, "qcow2", "vda")])
+        machine.monitor.execute("cont")
+        machines.append(machine)
+    jobs = tmp_path / "jobs.toml"
+    jobs.write_text("".join(f"""
+[jobs.vm{i}]
+qmp = "{m.agent_qmp}"
+dir = "s3://{s3_bucket}/host1/vm{i}"
+mode = "full"
+keep_chains = 1
+spool_dir = "{tmp_path}"
+""" for i, m in enumerate(machines)))
+    first = run(s3_server, "job", "run", "--config", jobs, "--parallel", "2")
+    assert_ok(first)
+    names = keys(s3_server, s3_bucket)
+    assert len(names) == 3, names
+    for i, key in enumerate(sorted(names)):
+        assert re.fullmatch(rf"host1/vm{i}/vm{i}-\d{{8}}T\d{{6}}Z-full\.arc", key), key
+        out = tmp_path / f"out{i}"
+        assert_ok(run(s3_server, "restore", f"s3://{s3_bucket}/{key}", "--to-dir", out))
+        assert qemu_img_compare(befores[i], "qcow2", out / "vda.raw", "raw")
+    time.sleep(1.1)  # a new second: new names
+    second = run(s3_server, "job", "run", "--config", jobs, "--parallel", "3")
+    assert_ok(second)
+    newer = keys(s3_server, s3_bucket)
+    assert len(newer) == 3 and not set(newer) & set(names), (names, newer)  # keep_chains = 1
+    assert uploads(s3_server, s3_bucket) == []
+
+    # One job failing (its VM gone) fails the run, not the others.
+    machines[1].stop()
+    time.sleep(1.1)
+    third = run(s3_server, "job", "run", "--config", jobs, "--parallel", "2")
+    assert third.returncode == 1, describe(third)
+    assert b'job "vm1"' in third.stderr
+    after = keys(s3_server, s3_bucket)  # vm0 and vm2: a new chain each, vm1: its last
+    assert len(after) == 3 and len(set(after) & set(newer)) == 1, (newer, after)
