@@ -4,12 +4,15 @@ boto3's standard variables (credentials, ``AWS_ENDPOINT_URL``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +24,7 @@ import pytest
 from agent.archive.format import Compression, Header, Kind
 from agent.archive.writer import ArchiveWriter
 from agent.archive_info import archive_info
+from agent.errors import OutputError
 from agent.s3.objects import RangedObject
 from agent.s3.upload import S3Output
 from tests.integration.cli_util import (
@@ -351,3 +355,86 @@ spool_dir = "{tmp_path}"
     assert b'job "vm1"' in third.stderr
     after = keys(s3_server, s3_bucket)  # vm0 and vm2: a new chain each, vm1: its last
     assert len(after) == 3 and len(set(after) & set(newer)) == 1, (newer, after)
+
+
+# -- races and broken connections, in-process against the same server ---------------------
+
+
+def test_two_writers_of_one_name_the_second_fails(s3_server: Weed, s3_bucket: str) -> None:
+    url = f"s3://{s3_bucket}/vm1/full.arc"
+    with s3_server.environ():
+        first, second = S3Output(url), S3Output(url)  # both find the name free
+        try:
+            first.write([b"A" * (6 * MiB)])
+            second.write([b"B" * (6 * MiB)])
+            first.commit()
+            with pytest.raises(OutputError, match="created by someone else"):
+                second.commit()
+            second.abort()
+        finally:
+            first.close()
+            second.close()
+    body = s3_server.client().get_object(Bucket=s3_bucket, Key="vm1/full.arc")["Body"].read()
+    assert body == b"A" * (6 * MiB)  # the first one's, never replaced
+    assert uploads(s3_server, s3_bucket) == []
+
+
+class CuttingProxy:
+    """A TCP proxy to the server that cuts the first connection that has carried
+    ``cut_after`` bytes towards the client (a network failure in the middle of a GET)."""
+
+    def __init__(self, target: str, cut_after: int) -> None:
+        host, port = target.removeprefix("http://").split(":")
+        self.target = (host, int(port))
+        self.cut_after = cut_after
+        self.cuts = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b, down in ((client, upstream, False), (upstream, client, True)):
+                t = threading.Thread(target=self._pipe, args=(a, b, down), daemon=True)
+                t.start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
+        carried = 0
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+                carried += len(data)
+                if down and carried >= self.cut_after and self.cuts == 0:
+                    self.cuts += 1
+                    break
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_stream_resumes_after_a_cut(s3_server: Weed, s3_bucket: str, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "disk.raw", 32 * MiB, [(0, 24 * MiB)])
+    url = f"s3://{s3_bucket}/vm1/full.arc"
+    assert_ok(run(s3_server, "backup", "--image", f"disk={disk}", "-o", url))
+    proxy = CuttingProxy(s3_server.endpoint, cut_after=5 * MiB)
+    try:
+        out = tmp_path / "out"
+        restored = run(s3_server, "restore", url, "--to-dir", out, "--debug",
+                       AWS_ENDPOINT_URL=proxy.endpoint)
+        assert_ok(restored)
+        assert proxy.cuts == 1
+        assert b"resuming at byte" in restored.stderr  # a ranged GET from there, same ETag
+        assert (out / "disk.raw").read_bytes() == disk.read_bytes()
+    finally:
+        proxy.close()
