@@ -33,6 +33,7 @@ docs/DEPLOY.md) or ``prune`` aborts it.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import os
 import threading
@@ -166,6 +167,9 @@ class S3Output(SequentialOutput):
         for p in parts:
             view = memoryview(p).cast("B")
             while len(view):
+                if self._number > MAX_PARTS:
+                    raise OutputError(f"{self._what}: the archive outgrew 10,000 parts: "
+                                      "raise BACKUP_AGENT_S3_PART_SIZE (docs/S3.md)")
                 size = self._size()
                 if len(self._buf) < size:  # the first part grew (expect) or a new tier
                     self._buf.extend(bytes(size - len(self._buf)))
@@ -188,9 +192,6 @@ class S3Output(SequentialOutput):
             self._pending.add(self._pool.submit(self._upload, number, body))
         self.peak_parts = max(self.peak_parts, len(self._pending) + 1)
         self._number += 1
-        if self._number > MAX_PARTS:
-            raise OutputError(f"{self._what}: the archive outgrew 10,000 parts: raise "
-                              "BACKUP_AGENT_S3_PART_SIZE")
         with self._lock:
             spare = self._spare.pop() if self._spare else None
         self._buf = spare if spare is not None else bytearray(self._size())
@@ -285,8 +286,12 @@ class S3Output(SequentialOutput):
         except Exception as e:
             raise OutputError(s3client.describe(e, f"{self._what}: checking")) from e
         if int(head["ContentLength"]) != self.position:
-            raise OutputError(f"{self._what}: the store holds {head['ContentLength']} bytes, "
-                              f"{self.position} were written")
+            # Ours (the completion was conditional): never leave it to look complete.
+            with contextlib.suppress(Exception):
+                self._client.delete_object(Bucket=self.target.bucket, Key=self.target.key)
+            raise OutputError(f"{self._what}: the store made an object of "
+                              f"{head['ContentLength']} bytes of the {self.position} written; "
+                              "it was deleted")
 
     def abort(self) -> None:
         """Stop sending and abort the upload; never raises (the first error is the news)."""

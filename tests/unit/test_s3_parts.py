@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.errors import InvalidArgument
+from agent.errors import InvalidArgument, OutputError
 from agent.s3.names import S3Name, parse_object, parse_prefix
 from agent.s3.upload import (
     CAPACITY,
@@ -70,3 +70,24 @@ def test_memory_bounds_the_parts_in_flight() -> None:
     assert out._slots(8 * MiB) == UPLOADS
     assert (out._slots(64 * MiB) + 1) * 64 * MiB <= MEMORY
     assert out._slots(432 * MiB) == 1  # two parts: one sent, one filled
+
+
+def test_the_ten_thousandth_part_may_be_the_last() -> None:
+    from agent.s3.upload import S3Output
+
+    out = S3Output.__new__(S3Output)  # write() without a server: parts are sent by _send
+    out.name = out._what = "s3://b/k.arc"
+    out.position, out.first_part, out._number, out._fill = 0, 5 * MiB, MAX_PARTS, 0
+    out._buf = bytearray(part_size(out.first_part, MAX_PARTS))
+    sent: list[int] = []
+
+    def send() -> None:
+        sent.append(out._number)
+        out._number += 1
+        out._fill = 0
+
+    out._send = send  # type: ignore[method-assign]
+    out.write([bytes(len(out._buf))])  # fills part 10,000 exactly: fine
+    assert sent == [MAX_PARTS]
+    with pytest.raises(OutputError, match="outgrew 10,000 parts"):
+        out.write([b"x"])
