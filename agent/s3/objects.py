@@ -1,9 +1,10 @@
 """Reading archives in a bucket.
 
-- :class:`ObjectStream`: the whole object as one GET, read in order (``restore``,
-  ``verify``, ``config``). A connection that breaks mid-way is resumed with a ranged GET
-  from the byte reached, bound to the object's ETag (``If-Match``), so the bytes can only
-  come from the same object; after :data:`RESUMES` failures in a row it gives up.
+- :class:`ObjectStream`: the whole object, read in order (``restore``, ``verify``,
+  ``config``), fetched as ranged GETs of 8 MiB, four in flight. Every GET is bound to the
+  object's ETag (``If-Match``), so the bytes can only come from the same object; a chunk
+  whose connection breaks is fetched again, and after :data:`RESUMES` failures in a row
+  the command fails.
 - :class:`RangedObject`: a seekable read-only file over ranged GETs, in blocks of
   :data:`BLOCK` bytes fetched :data:`FETCH` at a time, with a few kept, so the archive's
   random-access reader (agent/archive/indexed.py) reads the footer, seal, index and
@@ -12,13 +13,14 @@
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures as cf
 import io
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
+from agent import interrupts
 from agent.errors import ArchiveError
 from agent.s3 import client as s3client
 from agent.s3.names import S3Name, parse_object
@@ -26,6 +28,8 @@ from agent.s3.names import S3Name, parse_object
 log = logging.getLogger(__name__)
 
 RESUMES = 5
+CHUNK = 8 << 20  # bytes per ranged GET of a stream
+AHEAD = 4  # such GETs in flight (memory: AHEAD chunks, plus the one being read)
 BLOCK = 1 << 20  # bytes cached as one piece
 FETCH = 4  # blocks at least per ranged GET
 _KEEP = 16  # blocks kept (16 MiB): the tail and the head each stay whole
@@ -50,71 +54,81 @@ class _Counted(io.RawIOBase):
 
 
 class ObjectStream(_Counted):
-    """The object, read once from start to end."""
+    """The object, read once from start to end: ranged GETs of :data:`CHUNK` bytes, up to
+    :data:`AHEAD` of them in flight on their own connections (one GET stream was bound by
+    its round trips, not by either end's CPU), handed out in order. A chunk whose
+    connection breaks is fetched again from the start of the chunk, bound to the ETag."""
 
     def __init__(self, name: str) -> None:
         self.target = parse_object(name)
-        self._client = s3client.client(2)
+        self._client = s3client.client(AHEAD + 1)
         self.size, self.etag = _head(self._client, self.target)
-        self._body: Any = None
+        self._pool = cf.ThreadPoolExecutor(AHEAD, thread_name_prefix="s3-read")
+        self._chunks: deque[cf.Future[bytes]] = deque()
+        self._next = 0  # the first byte of the next chunk to ask for
+        self._chunk = memoryview(b"")
         self._pos = 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, b: Any) -> int:
-        want = min(len(b), self.size - self._pos)
-        if want <= 0:
-            return 0
-        failures = 0
+        out = memoryview(b).cast("B")
+        got = 0
+        while got < len(out) and self._pos < self.size:
+            if not len(self._chunk):
+                self._chunk = memoryview(self._take())
+            n = min(len(out) - got, len(self._chunk))
+            out[got:got + n] = self._chunk[:n]
+            self._chunk = self._chunk[n:]
+            got += n
+            self._pos += n
+        return got
+
+    def _take(self) -> bytes:
+        """The next chunk, asking for the ones after it first."""
+        while self._next < self.size and len(self._chunks) < AHEAD:
+            first, last = self._next, min(self.size, self._next + CHUNK) - 1
+            with interrupts.held():  # submit may start a thread
+                self._chunks.append(self._pool.submit(self._get, first, last))
+            self._next = last + 1
+        future = self._chunks.popleft()
         while True:
             try:
-                if self._body is None:
-                    self._body = self._get()
-                data = self._body.read(want)
-                if not data:
-                    raise ConnectionError("the connection ended before the object did")
-            except Exception as e:  # network errors: resume below
-                if isinstance(e, ArchiveError):
-                    raise
+                return future.result(timeout=interrupts.STEP)  # in steps: Ctrl-C
+            except cf.TimeoutError:
+                continue
+
+    def _get(self, first: int, last: int) -> bytes:
+        failures = 0
+        while True:
+            _Counted.gets += 1
+            try:
+                reply = self._client.get_object(Bucket=self.target.bucket, Key=self.target.key,
+                                                Range=f"bytes={first}-{last}",
+                                                IfMatch=self.etag)
+                data: bytes = reply["Body"].read()
+                if len(data) != last - first + 1:
+                    raise ConnectionError(f"{len(data)} bytes came, {last - first + 1} asked")
+            except Exception as e:
+                code, status = s3client.error_code(e)
+                if code == "PreconditionFailed" or status == 412:
+                    raise ArchiveError(f"{self.target} was replaced while it was being "
+                                       "read") from e
                 failures += 1
-                self._drop_body()
-                if failures > RESUMES:
+                if status in (403, 404) or failures > RESUMES:
                     raise ArchiveError(s3client.describe(
-                        e, f"{self.target}: reading at byte {self._pos}")) from e
-                log.debug("%s: resuming at byte %d after %s", self.target, self._pos, e)
+                        e, f"{self.target}: reading at byte {first}")) from e
+                log.debug("%s: fetching bytes %d-%d again after %s", self.target, first, last,
+                          e)
                 time.sleep(min(8.0, 0.25 * 2 ** failures))
                 continue
-            n = len(data)
-            memoryview(b).cast("B")[:n] = data
-            self._pos += n
-            _Counted.fetched += n
-            return n
-
-    def _get(self) -> Any:
-        args: dict[str, Any] = {"Bucket": self.target.bucket, "Key": self.target.key,
-                                "IfMatch": self.etag}
-        if self._pos:
-            args["Range"] = f"bytes={self._pos}-"
-        _Counted.gets += 1
-        try:
-            return self._client.get_object(**args)["Body"]
-        except Exception as e:
-            code, status = s3client.error_code(e)
-            if code == "PreconditionFailed" or status == 412:
-                raise ArchiveError(f"{self.target} was replaced while it was being read") from e
-            if status in (403, 404):
-                raise ArchiveError(s3client.describe(e, str(self.target))) from e
-            raise
-
-    def _drop_body(self) -> None:
-        if self._body is not None:
-            with contextlib.suppress(Exception):  # a broken connection: nothing to keep
-                self._body.close()
-            self._body = None
+            _Counted.fetched += len(data)
+            return data
 
     def close(self) -> None:
-        self._drop_body()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._chunks.clear()
         super().close()
 
 
