@@ -13,7 +13,3 @@ command that never meets one starts as fast as before. The modules:
 
 SCHEME = "s3://"
 
-
-def is_s3(name: str) -> bool:
-    """Whether ``name`` names an object in a bucket (``s3://BUCKET/...``)."""
-    return name.startswith(SCHEME)

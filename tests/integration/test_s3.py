@@ -35,7 +35,7 @@ from tests.integration.cli_util import (
     assert_ok,
     describe,
 )
-from tests.integration.conftest import make_image, qemu_img_compare
+from tests.integration.conftest import NbdServerFactory, make_image, qemu_img_compare
 from tests.integration.vm import Disk, VmFactory
 from tests.s3util import Weed
 
@@ -209,6 +209,29 @@ def test_kill_9_mid_upload_leaves_no_object(s3_server: Weed, s3_bucket: str,
     assert keys(s3_server, s3_bucket) == []
     # The upload itself stays until the lifecycle rule or prune aborts it.
     assert [u["Key"] for u in uploads(s3_server, s3_bucket)] == ["vm1/full.arc"]
+
+
+def test_a_source_failing_mid_upload_aborts_it(s3_server: Weed, s3_bucket: str,
+                                               nbd_server: NbdServerFactory, short_tmp: Path,
+                                               tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "disk.raw", 48 * MiB, [(0, 40 * MiB)])
+    trigger = short_tmp / "fail-now"
+    source = nbd_server.nbdkit(["file", str(disk), "error=EIO", "error-pread-rate=100%",
+                                f"error-pread-file={trigger}"], filters=["error"],
+                               readonly=True)
+    proc = start(s3_server, "backup", "--source", f"disk={source.uri}", "--max-rate", "8M",
+                 "-o", f"s3://{s3_bucket}/vm1/full.arc", BACKUP_AGENT_S3_PART_SIZE="5M")
+    try:
+        wait_for_part(s3_server, s3_bucket, proc)
+        trigger.touch()  # every read fails from now on
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_error((proc.returncode, err), "disk")
+    assert keys(s3_server, s3_bucket) == []
+    assert uploads(s3_server, s3_bucket) == []
 
 
 def test_server_gone_mid_upload(s3_servers: Callable[[Path], Weed], short_tmp: Path,
