@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 RESUMES = 5
 CHUNK = 8 << 20  # bytes per ranged GET of a stream
+FIRST_CHUNK = 4 << 20  # the first: header, devices, configs and the first record
 AHEAD = 4  # such GETs in flight (memory: AHEAD chunks, plus the one being read)
 BLOCK = 1 << 20  # bytes cached as one piece
 FETCH = 4  # blocks at least per ranged GET
@@ -66,6 +67,7 @@ class ObjectStream(_Counted):
         self._pool = cf.ThreadPoolExecutor(AHEAD, thread_name_prefix="s3-read")
         self._chunks: deque[cf.Future[bytes]] = deque()
         self._next = 0  # the first byte of the next chunk to ask for
+        self._taken = 0  # chunks handed to the reader so far
         self._chunk = memoryview(b"")
         self._pos = 0
 
@@ -73,26 +75,33 @@ class ObjectStream(_Counted):
         return True
 
     def readinto(self, b: Any) -> int:
+        """What the current chunk still holds, up to ``len(b)`` (a short read, as from a
+        pipe: the reader asks again); the next chunk only when this one is used up."""
         out = memoryview(b).cast("B")
-        got = 0
-        while got < len(out) and self._pos < self.size:
-            if not len(self._chunk):
-                self._chunk = memoryview(self._take())
-            n = min(len(out) - got, len(self._chunk))
-            out[got:got + n] = self._chunk[:n]
-            self._chunk = self._chunk[n:]
-            got += n
-            self._pos += n
-        return got
+        if not len(out) or self._pos >= self.size:
+            return 0
+        if not len(self._chunk):
+            self._chunk = memoryview(self._take())
+        n = min(len(out), len(self._chunk))
+        out[:n] = self._chunk[:n]
+        self._chunk = self._chunk[n:]
+        self._pos += n
+        return n
 
     def _take(self) -> bytes:
         """The next chunk, asking for the ones after it first."""
-        while self._next < self.size and len(self._chunks) < AHEAD:
-            first, last = self._next, min(self.size, self._next + CHUNK) - 1
+        # The window opens as the reader goes on: a restore of a long chain opens every
+        # archive first and reads only its start for a while, and should hold one chunk of
+        # each meanwhile, not AHEAD.
+        window = 1 if self._taken < 2 else min(AHEAD, self._taken)
+        while self._next < self.size and len(self._chunks) < window:
+            size = CHUNK if self._next else FIRST_CHUNK
+            first, last = self._next, min(self.size, self._next + size) - 1
             with interrupts.held():  # submit may start a thread
                 self._chunks.append(self._pool.submit(self._get, first, last))
             self._next = last + 1
         future = self._chunks.popleft()
+        self._taken += 1
         while True:
             try:
                 return future.result(timeout=interrupts.STEP)  # in steps: Ctrl-C

@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 
 from agent.archive.format import Compression, Header, Kind
+from agent.archive.reader import ArchiveReader
 from agent.archive.writer import ArchiveWriter
 from agent.archive_info import archive_info
 from agent.errors import OutputError
-from agent.s3.objects import RangedObject
+from agent.s3.objects import ObjectStream, RangedObject
 from agent.s3.upload import S3Output
 from tests.integration.cli_util import (
     AGENT,
@@ -128,6 +129,16 @@ def test_info_reads_only_the_ends(s3_server: Weed, s3_bucket: str, tmp_path: Pat
     # ranged GET of 4 MiB for each end, nothing of the 40 MiB between.
     assert gets == 2, gets
     assert fetched <= 8 * MiB < size // 4, (fetched, size)
+
+    # A stream whose start alone is read (a restore of a chain opens every archive first)
+    # has fetched one 4 MiB chunk, and asks for more only as it is read on.
+    gets, fetched = RangedObject.gets, RangedObject.fetched
+    with s3_server.environ(), ObjectStream(url) as stream:
+        assert ArchiveReader(stream).header.uuid == info.header.uuid  # type: ignore[arg-type]
+        assert (RangedObject.gets - gets, RangedObject.fetched - fetched) == (1, 4 * MiB)
+        while stream.read(8 * MiB):
+            pass
+    assert RangedObject.fetched - fetched == size  # every byte once
 
 
 def test_an_existing_object_is_never_replaced(s3_server: Weed, s3_bucket: str,
@@ -457,7 +468,7 @@ def test_a_stream_resumes_after_a_cut(s3_server: Weed, s3_bucket: str, tmp_path:
                        AWS_ENDPOINT_URL=proxy.endpoint)
         assert_ok(restored)
         assert proxy.cuts == 1
-        assert b"fetching bytes 0-" in restored.stderr  # that chunk again, the same ETag
+        assert b"fetching bytes " in restored.stderr  # that chunk again, the same ETag
         assert (out / "disk.raw").read_bytes() == disk.read_bytes()
     finally:
         proxy.close()
