@@ -415,9 +415,11 @@ def test_two_writers_of_one_name_the_second_fails(s3_server: Weed, s3_bucket: st
 
 class CuttingProxy:
     """A TCP proxy to the server that cuts the first connection that has carried
-    ``cut_after`` bytes towards the client (a network failure in the middle of a GET)."""
+    ``cut_after`` bytes towards the client (a network failure in the middle of a GET), or
+    towards the server with ``upload=True`` (in the middle of a part)."""
 
-    def __init__(self, target: str, cut_after: int) -> None:
+    def __init__(self, target: str, cut_after: int, upload: bool = False) -> None:
+        self.upload = upload
         host, port = target.removeprefix("http://").split(":")
         self.target = (host, int(port))
         self.cut_after = cut_after
@@ -444,7 +446,7 @@ class CuttingProxy:
             while data := src.recv(1 << 16):
                 dst.sendall(data)
                 carried += len(data)
-                if down and carried >= self.cut_after and self.cuts == 0:
+                if down != self.upload and carried >= self.cut_after and self.cuts == 0:
                     self.cuts += 1
                     break
         except OSError:
@@ -472,3 +474,20 @@ def test_a_stream_resumes_after_a_cut(s3_server: Weed, s3_bucket: str, tmp_path:
         assert (out / "disk.raw").read_bytes() == disk.read_bytes()
     finally:
         proxy.close()
+
+
+def test_a_part_cut_mid_upload_is_sent_again(s3_server: Weed, s3_bucket: str,
+                                             tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "disk.raw", 32 * MiB, [(0, 24 * MiB)])
+    url = f"s3://{s3_bucket}/vm1/full.arc"
+    proxy = CuttingProxy(s3_server.endpoint, cut_after=7 * MiB, upload=True)
+    try:
+        done = run(s3_server, "backup", "--image", f"disk={disk}", "-o", url,
+                   AWS_ENDPOINT_URL=proxy.endpoint)
+    finally:
+        proxy.close()
+    assert_ok(done)  # botocore sent the part again: it is safe to repeat
+    assert proxy.cuts == 1
+    out = tmp_path / "out"
+    assert_ok(run(s3_server, "restore", url, "--to-dir", out))
+    assert (out / "disk.raw").read_bytes() == disk.read_bytes()
