@@ -73,7 +73,8 @@ class Weed:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
                    AWS_ENDPOINT_URL=self.endpoint, AWS_DEFAULT_REGION="us-east-1",
-                   AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+                   AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+                   AWS_EC2_METADATA_DISABLED="true")  # never the instance metadata service
         env.update(extra)
         return env
 

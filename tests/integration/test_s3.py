@@ -38,7 +38,7 @@ from tests.integration.cli_util import (
 )
 from tests.integration.conftest import NbdServerFactory, make_image, qemu_img_compare
 from tests.integration.vm import Disk, VmFactory
-from tests.s3util import Weed
+from tests.s3util import Weed, free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.network, pytest.mark.slow]
 
@@ -173,6 +173,20 @@ def test_wrong_credentials(s3_server: Weed, s3_bucket: str, tmp_path: Path) -> N
     assert_ok(run(s3_server, "backup", "--image", f"disk={disk}", "-o", url))
     assert_error(run(s3_server, "info", url, AWS_ACCESS_KEY_ID="nobody"), "credentials")
     assert_error(run(s3_server, "verify", url, AWS_SECRET_ACCESS_KEY="wrong"), "credentials")
+
+
+def test_no_credentials_or_no_server(s3_server: Weed, tmp_path: Path) -> None:
+    disk = make_disk(tmp_path / "disk.raw", 4 * MiB, [(0, MiB)])
+    env = s3_server.env()
+    del env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+    proc = subprocess.run([AGENT, "backup", "--image", f"disk={disk}", "-o",
+                           "s3://backups/a.arc"], env=env, capture_output=True,
+                          timeout=TIMEOUT, check=False)
+    assert_error(proc, "no S3 credentials", "AWS_ACCESS_KEY_ID")
+    closed = free_ports(1)[0]  # nothing listens there
+    assert_error(run(s3_server, "info", "s3://backups/a.arc",
+                     AWS_ENDPOINT_URL=f"http://127.0.0.1:{closed}"),
+                 f"cannot reach the S3 endpoint http://127.0.0.1:{closed}")
 
 
 def test_bad_names(s3_server: Weed, tmp_path: Path) -> None:
