@@ -56,6 +56,7 @@ MAX_PART = 5 * GiB
 MAX_PARTS = 10_000
 GROW_EVERY = 1_000  # parts; then parts grow by one first size
 UPLOADS = 4
+ABORT_WAIT = 10.0  # seconds
 #: Part buffers alive at once stay within this, as long as two parts fit in it.
 MEMORY = 256 * MiB
 #: 10,000 parts growing as above hold this many times the first part's size.
@@ -294,8 +295,11 @@ class S3Output(SequentialOutput):
                               "it was deleted")
 
     def abort(self) -> None:
-        """Stop sending and abort the upload; never raises (the first error is the news)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Stop sending and abort the upload; never raises (the first error is the news).
+        Parts being sent get :data:`ABORT_WAIT` seconds to end (a stalled store must not
+        hold the way out); one that ends later fails, as its upload is gone."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        cf.wait(self._pending, timeout=ABORT_WAIT)
         if self.upload_id is None:
             return
         for attempt in range(3):
@@ -318,4 +322,4 @@ class S3Output(SequentialOutput):
                 time.sleep(0.5 * (attempt + 1))
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)  # (commit waited for all)
