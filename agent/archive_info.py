@@ -53,7 +53,8 @@ class ArchiveInfo:
 def archive_info(path: str) -> ArchiveInfo:
     """From the index of a seekable file, or by reading a stream to its end."""
     try:
-        seekable = path != "-" and stat.S_ISREG(os.stat(path).st_mode)
+        seekable = path.startswith("s3://") or (  # ranged GETs: only the ends are read
+            path != "-" and stat.S_ISREG(os.stat(path).st_mode))
     except OSError as e:
         raise AgentError(f"cannot open {path}: {e.strerror}") from e
     if seekable and plain_native(path):

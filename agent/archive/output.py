@@ -82,6 +82,9 @@ class SequentialOutput:
                     views[first] = views[first][n:]
                     n = 0
 
+    def expect(self, nbytes: int) -> None:
+        """The archive will hold about ``nbytes`` of devices (an upload sizes its parts)."""
+
     def commit(self) -> None:
         """The archive is complete: make it durable and visible."""
 
@@ -140,4 +143,8 @@ class FileOutput(SequentialOutput):
 
 
 def open_output(path: str) -> SequentialOutput:
+    if path.startswith("s3://"):  # a multipart upload (imported here: boto3 is heavy)
+        from agent.s3.upload import S3Output
+
+        return S3Output(path)
     return StdoutOutput() if path == "-" else FileOutput(Path(path))

@@ -674,6 +674,10 @@ def open_stream(path: str) -> BinaryIO:
     if path == "-":
         grow_pipe(0)
         return io.FileIO(0, "rb", closefd=False)
+    if path.startswith("s3://"):  # one GET, resumed if it breaks (imported here: boto3)
+        from agent.s3.objects import ObjectStream
+
+        return ObjectStream(path)  # type: ignore[return-value]
     try:
         return open(path, "rb", buffering=0)
     except OSError as e:

@@ -48,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    default="native", help="archive format: native (ours, the default) or vma "
                    "(Proxmox's, for qmrestore: full backups only, uncompressed, docs/VMA.md)")
     p.add_argument("-o", "--output", metavar="PATH", required=True,
-                   help="where the archive goes; - for standard output")
+                   help="where the archive goes; - for standard output, s3://BUCKET/KEY for an "
+                   "object in a bucket (docs/S3.md)")
     p.add_argument("--connections", type=common.positive,
                    help="NBD connections per source when the server allows multi-conn "
                    "(default: the number of cores, at most 4; 1 for an incremental or "

@@ -40,6 +40,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                              "other; exit 1 if any failed (one error line per failed job).")
     _add_config(run)
     run.add_argument("names", metavar="JOB", nargs="*", help="a job to run (default: all)")
+    run.add_argument("--parallel", metavar="N", type=common.positive, default=1,
+                     help="run up to N jobs at once, each in its own process (memory and "
+                     "connections: N times one backup's; default 1, one after the other)")
     common.add_progress(run)
     run.set_defaults(run=run_jobs)
 
@@ -84,6 +87,8 @@ def run_jobs(args: argparse.Namespace) -> int:
     from agent.jobs.runner import run_job
 
     jobs = load_jobs(args.config).select(args.names)
+    if args.parallel > 1 and len(jobs) > 1:
+        return _run_parallel(args, [job.name for job in jobs])
     failed = 0
     for job in jobs:
         renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
@@ -103,6 +108,25 @@ def run_jobs(args: argparse.Namespace) -> int:
         finally:
             renderer.close()
         _report(result)
+    return 1 if failed else 0
+
+
+def _run_parallel(args: argparse.Namespace, names: list[str]) -> int:
+    """Each job in its own ``backup-agent job run JOB`` (agent/jobs/fleet.py); they print
+    their own lines, no progress bars (they would overwrite each other)."""
+    from agent.jobs.fleet import run_parallel
+
+    level = ["--debug"] if args.debug else ["-q"] if args.quiet else []
+    progress = "json" if args.progress == "json" else "none"
+
+    def argv(name: str) -> list[str]:
+        return [sys.executable, "-c", "from agent.cli.main import entry; entry()", "job", "run",
+                "--config", args.config, "--progress", progress, *level, name]
+
+    statuses = run_parallel(names, argv, args.parallel)
+    failed = [n for n in names if statuses.get(n, 1) != 0]
+    if failed:
+        log.info("%d of %d job(s) failed: %s", len(failed), len(names), ", ".join(failed))
     return 1 if failed else 0
 
 

@@ -23,18 +23,33 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                            "first. Archives whose full is not in DIR, incomplete full archives "
                            "and other files are left alone. Works on any directory of "
                            "archives, a backup host's too.")
-    prune.add_argument("directory", metavar="DIR")
+    prune.add_argument("directory", metavar="DIR",
+                       help="a directory, or a prefix in a bucket: s3://BUCKET[/PREFIX]")
     prune.add_argument("--keep-chains", metavar="N", type=common.positive, required=True,
                        help="how many chains to keep per job (at least 1)")
     prune.add_argument("--dry-run", action="store_true",
                        help="only show what would be deleted")
+    prune.add_argument("--uploads-older-than", metavar="HOURS", type=float, default=24.0,
+                       help="s3://: abort the multipart uploads under the prefix started more "
+                       "than HOURS ago, left by backups that were killed (default: 24)")
     prune.set_defaults(run=run_prune)
 
 
 def run_prune(args: argparse.Namespace) -> int:
     from agent.jobs import catalog
 
-    if args.dry_run:
+    aborted: list[tuple[str, str]] = []
+    if args.directory.startswith("s3://"):  # a bucket has no lock: see agent/s3/bucket.py
+        from agent.s3 import bucket
+
+        if args.uploads_older_than < 0:
+            raise common.UsageError("--uploads-older-than must be 0 or more")
+        done = bucket.prune(args.directory, args.keep_chains, args.dry_run,
+                            args.uploads_older_than * 3600)
+        result = done.result
+        aborted = [(f"s3://{args.directory[5:].split('/')[0]}/{up.key}", bucket.when(up))
+                   for up in done.aborted]
+    elif args.dry_run:
         result = catalog.prune(args.directory, args.keep_chains, dry_run=True)
     else:
         with catalog.locked(args.directory):
@@ -55,6 +70,9 @@ def run_prune(args: argparse.Namespace) -> int:
     for path, why in result.unreadable:
         print(f"{'keep':<12}  {printable(path)}  (not readable as an archive: "
               f"{printable(one_line(why))})")
+    for path, started in aborted:
+        what = "would abort" if args.dry_run else "aborted"
+        print(f"{what:<12}  {printable(path)}  (an upload started {started}, never finished)")
     freed = sum(a.size for c in p.delete for a in c.archives)
     log.info("%s %d chain(s): %d archive(s), %s; kept %d chain(s)%s", doomed,
              len(p.delete), sum(len(c.archives) for c in p.delete), size(freed), len(p.keep),

@@ -24,6 +24,7 @@ import stat
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from agent.archive.format import (
     DIGEST_SIZE,
@@ -76,17 +77,21 @@ def read_header(path: str) -> Header:
     archive's size, and there even when the rest of the archive is missing."""
     try:
         with open(path, "rb") as f:
-            check_preamble(f.read(PREAMBLE.size))
-            frame = unpack_frame(f.read(FRAME.size).ljust(FRAME.size, b"\0"), PREAMBLE.size)
-            body = f.read(frame.body_len)
-            if (frame.rtype != RecordType.HEADER or frame.seq != 0
-                    or len(body) != frame.body_len):
-                raise ArchiveError(f"{path}: the archive does not start with a header record")
-            if digest(body) != f.read(DIGEST_SIZE):
-                raise ArchiveError(f"{path}: the archive's header record fails its checksum")
-            return Header.decode(body)
+            return header_from(f, path)
     except OSError as e:
         raise AgentError(f"cannot read {path}: {e.strerror}") from e
+
+
+def header_from(f: BinaryIO, path: str) -> Header:
+    """:func:`read_header` of an open file or object (agent/s3/bucket.py)."""
+    check_preamble(f.read(PREAMBLE.size))
+    frame = unpack_frame(f.read(FRAME.size).ljust(FRAME.size, b"\0"), PREAMBLE.size)
+    body = f.read(frame.body_len)
+    if frame.rtype != RecordType.HEADER or frame.seq != 0 or len(body) != frame.body_len:
+        raise ArchiveError(f"{path}: the archive does not start with a header record")
+    if digest(body) != f.read(DIGEST_SIZE):
+        raise ArchiveError(f"{path}: the archive's header record fails its checksum")
+    return Header.decode(body)
 
 
 def read_desc(path: str) -> ArchiveDesc:

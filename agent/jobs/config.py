@@ -7,7 +7,8 @@ Layout (deploy/jobs.toml is the example with every field explained)::
 
     [jobs.vm1]                      one table per job; the name appears in archive names
     qmp = "/run/backup-agent/vm1.qmp"         and in systemd instance names (backup-agent@vm1)
-    dir = "/srv/backups/vm1"                  a directory, or command = "..." (a pipe)
+    dir = "/srv/backups/vm1"                  a directory (or "s3://BUCKET/vm1"), or
+                                              command = "..." (a pipe)
 
 Everything is checked before any job runs. A wrong field is one line naming the file, the
 job and the field (``jobs.toml: job "vm1": keep_chains must be a positive integer, got
@@ -174,7 +175,7 @@ def _job(name: str, t: _Table, defaults: dict[str, Any]) -> Job:
                 t.fail(f'{key} is only for a monitor reached over the network '
                        '(qmp = "HOST:PORT")')
 
-    dest_dir, command = t.path("dir"), t.string("command")
+    dest_dir, command = t.destination("dir"), t.string("command")
     if (dest_dir is None) == (command is None):
         t.fail('give exactly one destination: dir = "/srv/backups/NAME" (files) or '
                "command = \"ssh backup@host 'cat > /srv/NAME/{name}'\" (a pipe)")
@@ -309,6 +310,20 @@ class _Table:
         value = self.string(key)
         if value is not None and not os.path.isabs(value):
             self._bad(key, "an absolute path")
+        return value
+
+    def destination(self, key: str) -> str | None:
+        """An absolute directory, or a prefix in a bucket (``s3://BUCKET/PREFIX``)."""
+        value = self.string(key)
+        if value is not None and value.startswith("s3://"):
+            from agent.s3.names import parse_prefix  # (no boto3: names only)
+
+            try:
+                return str(parse_prefix(value))
+            except InvalidArgument as e:
+                self.fail(f"{key}: {e}")
+        if value is not None and not os.path.isabs(value):
+            self._bad(key, "an absolute path")  # (or s3://BUCKET/PREFIX: docs/S3.md)
         return value
 
     def choice(self, key: str, choices: Sequence[str]) -> str | None:

@@ -2,6 +2,8 @@
 
 ::
 
+    s3://    as dir, without lock, hidden name or rename: the upload appears only when
+             complete, under JOB-STAMP-KIND.arc (agent/s3/bucket.py)
     dir      lock the directory ─▶ name archives a killed run left hidden
              ─▶ the kind: what the VM's checkpoints allow (agent/qemu/checkpoints.py), but
                 full if the archive it would build on is not in the directory, or if the
@@ -59,6 +61,8 @@ class JobResult:
 
 def run_job(job: Job, progress: ProgressFn | None = None) -> JobResult:
     started = time.time()
+    if job.dir is not None and job.dir.startswith("s3://"):
+        return _to_bucket(job, job.dir, started, progress)
     if job.dir is not None:
         return _to_dir(job, job.dir, started, progress)
     if job.command is None:  # the config module guarantees one of them
@@ -78,6 +82,8 @@ def preflight(job: Job) -> list[str]:
     elif not os.path.exists(job.qmp):
         found.append(f"no monitor socket at {job.qmp} (is the VM running, with that -qmp?)")
     for what, path in (("dir", job.dir), ("spool_dir", job.spool_dir)):
+        if path is not None and path.startswith("s3://"):
+            continue  # the backup finds out (bucket, credentials) and says so at once
         if path is not None and not os.path.isdir(path):
             found.append(f"{what} {path} does not exist")
         elif path is not None and not os.access(path, os.W_OK | os.X_OK):
@@ -107,6 +113,27 @@ def _to_dir(job: Job, directory: str, started: float,
                 raise AgentError(f"the backup succeeded ({path}), but pruning failed: {e}"
                                  ) from e
     return JobResult(job.name, path, summary, adopted, pruned)
+
+
+def _to_bucket(job: Job, prefix: str, started: float,
+               progress: ProgressFn | None) -> JobResult:
+    """Into ``s3://BUCKET/PREFIX/JOB-STAMP-KIND.arc``: the kind is settled first, so the
+    object gets its final name at once (it appears only when complete: no hidden name, no
+    rename, no lock; agent/s3/bucket.py). Another agent's object of the same name is never
+    replaced: the backup fails instead."""
+    from agent.s3 import bucket
+
+    mode = _mode_for_dir(job, prefix, started)
+    kind = None if mode is Mode.AUTO else mode.value
+    path = prefix + catalog.archive_name(job.name, started, kind)
+    summary = run_live_backup(_live_job(job, path, mode), progress)
+    pruned: list[ArchiveDesc] = []
+    if job.keep_chains is not None:
+        try:
+            pruned = bucket.prune(prefix, job.keep_chains).result.deleted
+        except AgentError as e:
+            raise AgentError(f"the backup succeeded ({path}), but pruning failed: {e}") from e
+    return JobResult(job.name, path, summary, pruned=pruned)
 
 
 def _to_command(job: Job, command: str, started: float,
@@ -144,7 +171,12 @@ def _mode_for_dir(job: Job, directory: str, now: float) -> Mode:
     plan = _plan(job, Mode(job.mode))
     if plan is None:
         return Mode(job.mode)  # the backup meets the same trouble and says what it is
-    found = catalog.scan(directory)
+    if directory.startswith("s3://"):
+        from agent.s3 import bucket
+
+        found = bucket.scan(directory)
+    else:
+        found = catalog.scan(directory)
     # Archives a restore from this directory can start from: those in a chain whose full
     # archive is here and complete.
     chains, _ = find_chains(found.archives)

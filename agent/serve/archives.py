@@ -49,6 +49,9 @@ def check_seekable(path: str) -> None:
     if path == "-":
         raise InvalidArgument(f"cannot serve standard input: serving reads records where they "
                               f"lie, through the archive's trailing index; {SAVE_FIRST}")
+    if path.startswith("s3://"):  # (ranged GETs through agent/s3/objects.py: not yet)
+        raise InvalidArgument(f"{path}: serve does not read s3:// archives yet; copy the "
+                              "object to a file first (aws s3 cp) and serve that")
     try:
         st = os.stat(path)
     except OSError as e:

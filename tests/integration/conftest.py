@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from tests.integration.vm import (
     qemu_version,
     select_qemu,
 )
+from tests.s3util import Weed, start_weed
 
 StrPath = str | os.PathLike[str]
 ImageOp = tuple[str, int, int] | tuple[str, int, int, int]
@@ -376,3 +379,53 @@ def guest() -> Guest:
     """The tiny test guest, built by scripts/build-guest.sh on first use (downloads Debian's
     cloud kernel: give it time on a fresh machine)."""
     return build_guest()
+
+
+# -- a real S3 server (tests/s3util.py: SeaweedFS's weed mini on the loopback) --------------
+
+
+@pytest.fixture(scope="module")
+def s3_server() -> Iterator[Weed]:
+    """One ``weed mini`` for a test module (it takes seconds to start): free ports on
+    127.0.0.1, its own short temporary directory, one identity (``Weed.env()`` gives the
+    agent its credentials and endpoint). Stopped by its pid at teardown. Tests share it
+    through :func:`s3_bucket`, a fresh bucket each."""
+    directory = Path(tempfile.mkdtemp(prefix="weed-"))
+    server = None
+    try:
+        server = start_weed(directory, buckets=())
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def s3_bucket(s3_server: Weed, request: pytest.FixtureRequest) -> str:
+    """A new, empty bucket on :func:`s3_server`, named after the test."""
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40]
+    name = f"{name.rstrip('-')}-{os.getpid() % 10000}-{next(_BUCKETS)}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+_BUCKETS = itertools.count()
+
+
+@pytest.fixture
+def s3_servers(short_tmp: Path) -> Iterator[Callable[[Path], Weed]]:
+    """Start ``weed mini`` servers of the test's own (``s3_servers(directory)``; the same
+    directory again restarts one on its data); each stopped by its pid at teardown."""
+    started: list[Weed] = []
+
+    def start(directory: Path) -> Weed:
+        server = start_weed(directory, buckets=("backups",))
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()

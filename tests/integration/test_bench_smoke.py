@@ -26,6 +26,8 @@ CASES = {
                       "QEMU fleecing, qcow2 scratch", "live, --max-rate auto",
                       "live, sweep stopped (4K/s)"],
     "network.py": ["hypervisor       |   1ms", "backup server    |   5ms"],
+    "s3.py": ["0.0625 GiB half data, backup to s3://", "same, vs boto3 upload_fileobj",
+              "restore from s3:// to raw", "0.25 GiB fully written raw to s3://, peak RSS"],
     "serve.py": ["sequential read, 0.0625 GiB half data, zstd",
                  "random 4K QD16, warm cache", "1 TiB sparse archive, serve to first byte",
                  "1 TiB sparse archive, nbdkit peak RSS"],

@@ -281,3 +281,15 @@ def test_the_job_file_takes_every_backup_mode_and_no_other(tmp_path: Path) -> No
     assert _error(tmp_path, VM1 + 'mode = "fast"\n') == (
         'job "vm1": mode must be one of "full", "incremental", "differential", "auto", '
         'got "fast"')
+
+
+def test_a_bucket_destination(tmp_path: Path) -> None:
+    jobs = _load(tmp_path, '[jobs.vm1]\nqmp = "/run/vm1.qmp"\ndir = "s3://backups/vm1"\n'
+                 'keep_chains = 3\n[jobs.vm2]\nqmp = "/run/vm2.qmp"\ndir = "s3://backups"\n')
+    assert jobs.jobs["vm1"].dir == "s3://backups/vm1/"  # a prefix: objects go under it
+    assert jobs.jobs["vm2"].dir == "s3://backups/"
+    assert "not a bucket name" in _error(
+        tmp_path, '[jobs.vm1]\nqmp = "/run/vm1.qmp"\ndir = "s3://Backups/vm1"\n')
+    assert "both write to" in _error(
+        tmp_path, '[jobs.a]\nqmp = "/run/a.qmp"\ndir = "s3://backups/vm"\n'
+        '[jobs.b]\nqmp = "/run/b.qmp"\ndir = "s3://backups/vm/"\n')
