@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from agent.cli import common
+
+if TYPE_CHECKING:
+    from agent.qemu.stream import JobState
 
 log = logging.getLogger("backup-agent")
 
@@ -12,7 +20,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                parent: argparse.ArgumentParser) -> None:
     p = sub.add_parser("cleanup", parents=[parent], help="undo what a killed backup left in QEMU",
                        description="Remove every export, node and filter a live backup added "
-                       "to the VM (all carry names starting with ba-) and put its disks back.")
+                       "to the VM (all carry names starting with ba-) and put its disks back; "
+                       "finish a live restore whose agent was stopped: wait for its streams "
+                       "(starting again one that failed), then remove its nodes and stop its "
+                       "server.")
     p.add_argument("--qmp", metavar="SOCKET|HOST:PORT", required=True,
                    help="the VM's QMP monitor for the agent (a Unix socket or HOST:PORT)")
     p.add_argument("--tls-creds", metavar="DIR",
@@ -29,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.errors import InvalidArgument
     from agent.qemu.graph import cleanup
     from agent.qemu.qmp import Monitor
+    from agent.qemu.stream import finish_leftovers
     from agent.tls import TlsCreds, require_tls
     tls = None
     if is_tcp(args.qmp):
@@ -38,8 +50,34 @@ def run(args: argparse.Namespace) -> int:
     elif args.tls_creds or args.insecure_plaintext:
         raise InvalidArgument("--tls-creds and --insecure-plaintext are for --qmp HOST:PORT")
     with Monitor(args.qmp, tls=tls) as mon:
-        removed = cleanup(mon)
+        # A live restore first: its streams must conclude before its nodes can go.
+        removed = finish_leftovers(mon, progress=_stream_progress(args))
+        removed += cleanup(mon)
     for what in removed:
         log.info("removed %s", what)
     log.info("nothing to clean up" if not removed else f"cleaned up {len(removed)} item(s)")
     return 0
+
+
+def _stream_progress(args: argparse.Namespace) -> Callable[[list[JobState]], None]:
+    """Progress of the streams a live restore left, drawn as a restore's."""
+    from agent.cli.render import ProgressRenderer
+    from agent.pipeline import Progress
+
+    renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
+    start = time.monotonic()
+    said: list[bool] = []
+
+    def show(states: list[JobState]) -> None:
+        if not said:
+            said.append(True)
+            log.info("waiting for the stream(s) of a live restore: %s",
+                     ", ".join(s.id for s in states))
+        done = sum(s.done for s in states)
+        if renderer.mode != "none":
+            renderer.update(Progress("restore", done, sum(s.total for s in states), done, 0, 0,
+                                     time.monotonic() - start))
+        if all(s.finished for s in states):
+            renderer.close()
+
+    return show

@@ -1,0 +1,223 @@
+"""An nbdkit serving archives to a VM that outlives the agent (``restore --live``).
+
+Unlike :class:`agent.serve.server.ArchiveServer`, this nbdkit is not tied to the agent: it
+runs in a session of its own (Ctrl-C on the agent's terminal does not reach it), without
+``--exit-with-parent``, and writes its messages into a log file, never into a pipe to the
+agent (a write to the pipe of a dead agent would kill it). A VM whose disk is still backed
+by the served archive keeps reading from it when the agent is killed.
+
+Everything lives in one private directory (``$TMPDIR/ba-live-XXXXXXXX``: the socket
+``nbd.sock`` and the log ``nbdkit.log``). :class:`ServerRecord` says which process serves
+where; the live restore stores it in QEMU (:mod:`agent.qemu.stream`), so that
+``backup-agent cleanup`` can stop this nbdkit by its pid later, after checking that the pid
+still names the same process (its start time and its command line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from agent.cbw.server import _pythonpath
+from agent.errors import AgentError
+from agent.process import START_TIMEOUT, accepts
+from agent.serve.server import NBDKIT_THREADS, USER_PREFIX, find_plugin
+
+log = logging.getLogger("backup-agent")
+
+#: Start of the name of every directory a detached server lives in.
+DIR_PREFIX = "ba-live-"
+SOCKET_NAME = "nbd.sock"
+LOG_NAME = "nbdkit.log"
+#: Seconds to wait for nbdkit to exit after SIGTERM before SIGKILL.
+STOP_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """Which process serves where: enough to find and stop it from another process."""
+
+    pid: int
+    started: int
+    """The process's start time (``/proc/PID/stat`` field 22): a reused pid has another."""
+    directory: str
+    socket: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServerRecord:
+        try:
+            data = json.loads(text)
+            rec = cls(pid=int(data["pid"]), started=int(data["started"]),
+                      directory=str(data["directory"]), socket=str(data["socket"]))
+        except (ValueError, KeyError, TypeError) as e:
+            raise AgentError(f"unreadable record of a live restore's server: {text!r:.200}") \
+                from e
+        if rec.pid <= 1 or not os.path.basename(rec.directory).startswith(DIR_PREFIX):
+            raise AgentError(f"implausible record of a live restore's server: {text!r:.200}")
+        return rec
+
+
+def _start_time(pid: int) -> int | None:
+    """Field 22 of ``/proc/PID/stat``; None if there is no such process (or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2:].split()  # the name, in (), may hold spaces
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _is_ours(rec: ServerRecord) -> bool:
+    """Whether ``rec.pid`` is still the nbdkit it names (same start, serving its socket)."""
+    if _start_time(rec.pid) != rec.started:
+        return False
+    try:
+        with open(f"/proc/{rec.pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return bool(argv) and os.path.basename(argv[0]) == b"nbdkit" \
+        and os.fsencode(rec.socket) in argv
+
+
+def _remove_directory(rec: ServerRecord) -> None:
+    """Remove what a detached server leaves: its socket, its log, its directory."""
+    for name in (SOCKET_NAME, LOG_NAME):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(rec.directory, name))
+    try:
+        os.rmdir(rec.directory)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("cannot remove %s: %s", rec.directory, e.strerror or e)
+
+
+def stop_recorded(rec: ServerRecord) -> bool:
+    """Stop the server ``rec`` names (started by another agent) and remove its directory.
+    True if it was running; False if it was gone already (its directory is removed anyway)."""
+    running = _is_ours(rec)
+    if running:
+        try:
+            os.kill(rec.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            running = False
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _start_time(rec.pid) == rec.started:
+            if time.monotonic() > deadline:
+                os.kill(rec.pid, signal.SIGKILL)
+                deadline = float("inf")
+            time.sleep(0.02)
+    _remove_directory(rec)
+    return running
+
+
+class DetachedServer:
+    """nbdkit serving ``devices`` of the archives ``paths`` (a chain, oldest first) on a
+    Unix socket in a fresh private directory; the constructor waits until it serves.
+    :meth:`stop` stops it; leaving it running is what a killed agent does."""
+
+    def __init__(self, paths: Sequence[str], devices: Sequence[str], *, cache: int) -> None:
+        plugin = find_plugin()
+        if not plugin.exists():
+            raise AgentError(f"the serving plugin is missing: {plugin}")
+        self.directory = tempfile.mkdtemp(prefix=DIR_PREFIX)
+        self.socket = os.path.join(self.directory, SOCKET_NAME)
+        self._log_path = os.path.join(self.directory, LOG_NAME)
+        self._log_pos = 0
+        args = ["nbdkit", "--foreground", *NBDKIT_THREADS, "-U", self.socket, "-r",
+                "python", str(plugin), *(f"archive={os.path.abspath(p)}" for p in paths),
+                *(f"device={d}" for d in devices), f"cache={cache}"]
+        log.debug("starting %s (in a session of its own)", " ".join(args))
+        with open(self._log_path, "xb") as logfile:
+            try:
+                self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+                    start_new_session=True, cwd="/",
+                    env={**os.environ, "PYTHONPATH": _pythonpath()})
+            except FileNotFoundError as e:
+                _remove_directory(self._bare_record())
+                raise AgentError("nbdkit is not installed (Debian packages nbdkit, "
+                                 "nbdkit-plugin-python)") from e
+        try:
+            self._wait_ready()
+            started = _start_time(self.pid)
+            if started is None:
+                raise AgentError(f"nbdkit (pid {self.pid}) exited as it started")
+            self.record = ServerRecord(self.pid, started, self.directory, self.socket)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise AgentError("the server is stopped")
+        return self.proc.pid
+
+    def _bare_record(self) -> ServerRecord:
+        return ServerRecord(0, 0, self.directory, self.socket)
+
+    def _wait_ready(self) -> None:
+        proc = self.proc
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc is None or proc.poll() is not None:
+                lines = self.messages()
+                why = lines[-1] if lines else (
+                    f"nbdkit exited with status {proc.returncode if proc else '?'}")
+                raise AgentError(f"could not serve: {why}")
+            if accepts(self.socket):
+                return
+            time.sleep(0.01)
+        raise AgentError(f"nbdkit did not start serving on {self.socket} within "
+                         f"{START_TIMEOUT:.0f} s")
+
+    def messages(self) -> list[str]:
+        """The lines the plugin wrote for the user since the last call (a damaged record);
+        nbdkit's own lines are logged at debug level."""
+        try:
+            with open(self._log_path, "rb") as f:
+                f.seek(self._log_pos)
+                data = f.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1  # whole lines only
+        self._log_pos += end
+        out = []
+        for raw in data[:end].splitlines():
+            line = raw.decode(errors="replace").rstrip()
+            if line.startswith(USER_PREFIX):
+                out.append(line[len(USER_PREFIX):])
+            elif line:
+                log.debug("nbdkit: %s", line)
+        return out
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Stop nbdkit (by its own pid) and remove its directory. Idempotent."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _remove_directory(self._bare_record())
