@@ -115,8 +115,10 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
             specs.append(StreamSpec(dev, drive.id))
         tag = os.urandom(4).hex()
         server = DetachedServer(paths, ids, cache=cache)
-        stream = LiveStream(mon, specs, tag=tag, server=server.record, speed=speed)
         try:
+            if server.record is None:
+                raise AgentError("nbdkit stopped as it started")
+            stream = LiveStream(mon, specs, tag=tag, server=server.record, speed=speed)
             stream.check()
             stream.attach()
             stream.start()
@@ -145,11 +147,12 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
             raise Interrupted(f"interrupted: {leave}") from None
         except Interrupted as e:
             raise Interrupted(f"{e}: {leave}") from None
-        failed = [s for s in states if s.error]
+        failed = stream.failed()
         if failed:
-            raise AgentError("; ".join(f"the stream {s.id} failed: {s.error}" for s in failed)
-                             + f"; the VM still reads from the backup where it has not "
-                             f"written: {leave}")
+            why = "; ".join(f"{s.id}: {s.error}" for s in states if s.error)
+            raise AgentError(f"the stream of {', '.join(failed)} ended before the end"
+                             f"{f' ({why})' if why else ''}; the VM still reads from the "
+                             f"backup where it has not written: {leave}")
         stream.finish()
         server.stop()
         stream.forget()

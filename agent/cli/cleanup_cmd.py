@@ -31,6 +31,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    "client-key.pem; see docs/NETWORK.md)")
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="allow QMP over TCP without TLS")
+    common.add_progress(p)
     p.set_defaults(run=run)
 
 

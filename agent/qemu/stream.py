@@ -20,15 +20,21 @@ size. For each device (:meth:`LiveStream.attach`, then :meth:`LiveStream.start`)
    given to its default, so the node's options are given again as far as QMP tells them:
    driver, ``file`` child, read-only, detect-zeroes (and ``discard=unmap``, which
    ``detect-zeroes=unmap`` requires), cache (:func:`reopen_options`);
-4. ``block-stream`` (job ``ba-T-<dev>-stream``, ``auto-dismiss: false`` so that its outcome
-   stays readable after a killed agent; optionally ``speed``): QEMU copies every cluster the
-   image does not have yet from the backing, guest writes win;
+4. ``block-stream`` (job ``ba-T-<dev>-stream``, optionally ``speed``): QEMU copies every
+   cluster the image does not have yet from the backing; guest writes win, and what the guest
+   reads is copied on the way (a guest that reads its whole disk finishes the stream). The
+   job dismisses itself when it ends: a stream job left concluded and not dismissed makes
+   ``query-named-block-nodes`` crash QEMU (SIGSEGV in ``bdrv_refresh_filename``, seen on 7.2
+   and 10.0 here), and libvirt and others send that command. Whether a stream succeeded is
+   read from the graph instead: the image has no backing any more;
 5. ``cont``: the guest runs, reading what it has not written from the backup.
 
-When the job concludes without error, QEMU has already dropped the backing (block-stream
-does that itself); :meth:`LiveStream.finish` dismisses the jobs, deletes the NBD nodes and
-the marker (the caller stops the server in between). A stream that fails leaves the backing
-in place: the VM still needs the server, so nothing that serves it is removed.
+When the job ends without error, QEMU has already dropped the backing (block-stream does
+that itself); :meth:`LiveStream.finish` deletes the NBD nodes and the marker (the caller
+stops the server in between). Nothing here sends ``query-named-block-nodes`` while a
+stream may run or end: the graph comes from ``x-debug-query-block-graph``. A stream that
+fails leaves the backing in place: the VM still needs the server, so nothing that serves it
+is removed.
 
 A killed agent leaves this behind while the stream goes on in QEMU; :func:`finish_leftovers`
 (``backup-agent cleanup``) waits for each stream, starts it again if it failed or never
@@ -120,10 +126,11 @@ def _node(mon: Monitor, name: str) -> Mapping[str, Any] | None:
     return None
 
 
-def _children(mon: Monitor) -> dict[str, dict[str, str]]:
+def _children(mon: Monitor, graph: Any = None) -> dict[str, dict[str, str]]:
     """``{node: {child role: child node}}`` from ``x-debug-query-block-graph`` (QEMU 7.2
     names a node's children nowhere else)."""
-    graph = mon.execute("x-debug-query-block-graph")
+    if graph is None:
+        graph = mon.execute("x-debug-query-block-graph")
     by_id = {n["id"]: n for n in graph["nodes"]}
     out: dict[str, dict[str, str]] = {}
     for e in graph["edges"]:
@@ -134,7 +141,7 @@ def _children(mon: Monitor) -> dict[str, dict[str, str]]:
 
 
 def _start_stream(mon: Monitor, job: str, node: str, speed: int) -> None:
-    args: dict[str, Any] = {"job-id": job, "device": node, "auto-dismiss": False}
+    args: dict[str, Any] = {"job-id": job, "device": node}
     if speed:
         args["speed"] = speed
     try:
@@ -243,9 +250,8 @@ class LiveStream:
         for job in started:
             try:
                 self.mon.execute("block-job-cancel", {"device": job, "force": True})
-                while not jobs(self.mon).get(job, JobState(job, "null", 0, 0, None)).finished:
+                while job in jobs(self.mon):  # it dismisses itself
                     time.sleep(0.05)
-                self.mon.execute("job-dismiss", {"id": job})
             except QmpError as e:
                 log.error("cannot cancel job %s: %s", job, e)
 
@@ -272,26 +278,21 @@ class LiveStream:
             except QmpError as e:
                 log.error("cannot delete object %s: %s", self.marker, e)
 
-    def states(self) -> list[JobState]:
-        """Each device's stream, in the order of the specs."""
-        now = jobs(self.mon)
-        out = []
-        for s in self.specs:
-            job = self.names[s.device.id].job
-            out.append(now.get(job) or JobState(job, "null", 0, 0, "the job is gone"))
-        return out
+    def failed(self) -> list[str]:
+        """Devices whose image still has the backup as its backing (their stream ended
+        without finishing: it failed or was cancelled)."""
+        children = _children(self.mon)
+        return [s.device.id for s in self.specs
+                if "backing" in children.get(s.device.node_name, {})]
 
     def finish(self) -> None:
-        """Every stream concluded without error: dismiss the jobs, check that no device
-        still has a backing, delete the NBD nodes. The caller then stops the server and
-        calls :meth:`forget`."""
-        children = _children(self.mon)
+        """Every stream ended and no image has a backing any more: delete the NBD nodes.
+        The caller then stops the server and calls :meth:`forget`."""
+        left = self.failed()
+        if left:
+            raise StreamError(f"device(s) {', '.join(left)} still read from the backup")
         for s in self.specs:
             n = self.names[s.device.id]
-            self._step(f"cannot dismiss job {n.job}", "job-dismiss", {"id": n.job})
-            if "backing" in children.get(s.device.node_name, {}):
-                raise StreamError(f"device '{s.device.id}' still has a backing node after "
-                                  "its stream concluded")
             self._step(f"cannot delete node {n.source}", "blockdev-del",
                        {"node-name": n.source})
         self._attached = []
@@ -325,13 +326,15 @@ def _tag_of(name: str) -> str:
 
 
 def _leftovers(mon: Monitor, tag: str | None) -> list[_Leftover]:
-    children = _children(mon)
+    graph = mon.execute("x-debug-query-block-graph")
+    children = _children(mon, graph)
     backing_of = {kids["backing"]: parent for parent, kids in children.items()
                   if "backing" in kids}
     out = []
-    for n in mon.execute("query-named-block-nodes", {"flat": True}):
-        name = str(n.get("node-name", ""))
-        if names.is_ours(name, tag) and name.endswith(names.SOURCE_SUFFIX):
+    for n in graph["nodes"]:
+        name = str(n.get("name", ""))
+        if (n.get("type") == "block-driver" and names.is_ours(name, tag)
+                and name.endswith(names.SOURCE_SUFFIX)):
             job = name.removesuffix(names.SOURCE_SUFFIX) + names.STREAM_SUFFIX
             out.append(_Leftover(_tag_of(name), name, job, backing_of.get(name)))
     return out
@@ -349,10 +352,22 @@ def _markers(mon: Monitor, tag: str | None) -> dict[str, str]:
 
 def wait_for(mon: Monitor, job_ids: Sequence[str],
              progress: Callable[[list[JobState]], None] | None = None) -> list[JobState]:
-    """Wait until every job of ``job_ids`` has finished; their last states."""
+    """Wait until no job of ``job_ids`` runs any more (each dismisses itself when it ends);
+    their last states as seen, with status ``null`` once gone (and the error, if QEMU
+    showed one before the job went)."""
+    last: dict[str, JobState] = {}
     while True:
         now = jobs(mon)
-        states = [now.get(j) or JobState(j, "null", 0, 0, "the job is gone") for j in job_ids]
+        for j in job_ids:
+            seen = now.get(j)
+            if seen is not None:
+                last[j] = seen
+            else:
+                before = last.get(j) or JobState(j, "null", 0, 0, None)
+                # Its last steps are not seen: shown as done unless it said why not.
+                done = before.done if before.error else before.total
+                last[j] = JobState(j, "null", done, before.total, before.error)
+        states = [last[j] for j in job_ids]
         if progress is not None:
             progress(states)
         if all(s.finished for s in states):
@@ -363,51 +378,43 @@ def wait_for(mon: Monitor, job_ids: Sequence[str],
 def finish_leftovers(mon: Monitor, tag: str | None = None,
                      progress: Callable[[list[JobState]], None] | None = None) -> list[str]:
     """Finish the live restores a killed agent left (all tags, or ``tag``): wait for every
-    stream (started again if it failed or never started), then remove nodes, jobs, servers
-    and markers. Returns what was done; raises the first failure after trying the rest."""
+    stream (started again if it failed or never started), then remove nodes, servers and
+    markers. Returns what was done; raises the first failure after trying the rest."""
     done: list[str] = []
     errors: list[Exception] = []
-    left = _leftovers(mon, tag)
-    current = jobs(mon)
-    for lo in left:
-        state = current.get(lo.job)
-        if lo.parent is not None and (state is None or (state.finished and state.error)):
-            if state is not None:
-                log.warning("the stream %s failed (%s): starting it again", lo.job,
-                            state.error)
-                mon.execute("job-dismiss", {"id": lo.job})
-            try:
-                _start_stream(mon, lo.job, lo.parent, 0)
-                done.append(f"started the stream {lo.job} into {lo.parent}")
-            except StreamError as e:
-                errors.append(e)
-    waiting = [lo.job for lo in left if lo.job in jobs(mon)]
-    # Jobs whose node is gone already (the agent died after deleting it) are dismissed too.
-    waiting += [j for j in jobs(mon) if names.is_ours(j, tag)
-                and j.endswith(names.STREAM_SUFFIX) and j not in waiting]
-    finished = {s.id: s for s in wait_for(mon, waiting, progress)} if waiting else {}
-    failed_tags = set()
-    for job_id, state in finished.items():
-        if state.error:
-            failed_tags.add(_tag_of(job_id))
-            errors.append(StreamError(f"the stream {job_id} failed: {state.error}; the VM "
-                                      "still reads from the served backup, which is left "
-                                      "running (run cleanup again to retry)"))
-            continue
-        try:
-            mon.execute("job-dismiss", {"id": job_id})
-            done.append(f"dismissed the concluded stream {job_id}")
-        except QmpError as e:
-            errors.append(_wrap(f"cannot dismiss job {job_id}", e))
-    in_use = {lo.tag for lo in _leftovers(mon, tag) if lo.parent is not None} | failed_tags
+    running = jobs(mon)
+    waiting = []
     for lo in _leftovers(mon, tag):
         if lo.parent is None:
+            continue
+        if lo.job not in running:
             try:
-                mon.execute("blockdev-del", {"node-name": lo.source})
-                done.append(f"deleted node {lo.source}")
-            except QmpError as e:
-                errors.append(_wrap(f"cannot delete node {lo.source}", e))
-                in_use.add(lo.tag)
+                _start_stream(mon, lo.job, lo.parent, 0)
+                done.append(f"started the stream {lo.job} into {lo.parent} (it had ended "
+                            "without finishing, or never started)")
+            except StreamError as e:
+                errors.append(e)
+                continue
+        waiting.append(lo.job)
+    last = {s.id: s for s in wait_for(mon, waiting, progress)} if waiting else {}
+    in_use = set()
+    for lo in _leftovers(mon, tag):
+        if lo.parent is not None:
+            in_use.add(lo.tag)
+            why = last[lo.job].error if lo.job in last else None
+            errors.append(StreamError(
+                f"the stream {lo.job} ended before the end{f' ({why})' if why else ''}: "
+                f"node {lo.parent} still reads from the served backup, which is left "
+                "running (run cleanup again to retry)"))
+            continue
+        if lo.job in last:
+            done.append(f"waited for the stream {lo.job}")
+        try:
+            mon.execute("blockdev-del", {"node-name": lo.source})
+            done.append(f"deleted node {lo.source}")
+        except QmpError as e:
+            errors.append(_wrap(f"cannot delete node {lo.source}", e))
+            in_use.add(lo.tag)
     for t, marker in _markers(mon, tag).items():
         if t in in_use:
             continue

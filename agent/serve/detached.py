@@ -1,16 +1,17 @@
 """An nbdkit serving archives to a VM that outlives the agent (``restore --live``).
 
 Unlike :class:`agent.serve.server.ArchiveServer`, this nbdkit is not tied to the agent: it
-runs in a session of its own (Ctrl-C on the agent's terminal does not reach it), without
-``--exit-with-parent``, and writes its messages into a log file, never into a pipe to the
-agent (a write to the pipe of a dead agent would kill it). A VM whose disk is still backed
-by the served archive keeps reading from it when the agent is killed.
+runs as a daemon in a session of its own (Ctrl-C on the agent's terminal does not reach it)
+and writes its messages into a log file, never into a pipe to the agent. A VM whose disk is
+still backed by the served archive keeps reading from it when the agent is killed.
 
 Everything lives in one private directory (``$TMPDIR/ba-live-XXXXXXXX``: the socket
-``nbd.sock`` and the log ``nbdkit.log``). :class:`ServerRecord` says which process serves
-where; the live restore stores it in QEMU (:mod:`agent.qemu.stream`), so that
-``backup-agent cleanup`` can stop this nbdkit by its pid later, after checking that the pid
-still names the same process (its start time and its command line).
+``nbd.sock``, the log ``nbdkit.log``, the pid file while it starts). :class:`ServerRecord`
+says which process serves where; the live restore stores it in QEMU
+(:mod:`agent.qemu.stream`), so that ``backup-agent cleanup`` can stop this nbdkit by its pid
+later, after checking that the pid still names the same process (its start time and its
+command line). A stopped daemon may stay a zombie (its parent is init, which on some
+machines does not reap): it counts as gone.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ log = logging.getLogger("backup-agent")
 DIR_PREFIX = "ba-live-"
 SOCKET_NAME = "nbd.sock"
 LOG_NAME = "nbdkit.log"
+PID_NAME = "nbdkit.pid"
 #: Seconds to wait for nbdkit to exit after SIGTERM before SIGKILL.
 STOP_TIMEOUT = 10.0
 
@@ -96,7 +98,7 @@ def _is_ours(rec: ServerRecord) -> bool:
 
 def _remove_directory(rec: ServerRecord) -> None:
     """Remove what a detached server leaves: its socket, its log, its directory."""
-    for name in (SOCKET_NAME, LOG_NAME):
+    for name in (SOCKET_NAME, LOG_NAME, PID_NAME):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(rec.directory, name))
     try:
@@ -129,7 +131,13 @@ def stop_recorded(rec: ServerRecord) -> bool:
 class DetachedServer:
     """nbdkit serving ``devices`` of the archives ``paths`` (a chain, oldest first) on a
     Unix socket in a fresh private directory; the constructor waits until it serves.
-    :meth:`stop` stops it; leaving it running is what a killed agent does."""
+    :meth:`stop` stops it; leaving it running is what a killed agent does.
+
+    nbdkit runs as a daemon (it forks, and the process the agent started exits once the
+    server is set up; ``-P`` names the server's pid). Started with ``--foreground`` it
+    would die with the agent even without ``--exit-with-parent``: nbdkit 1.32 then sets
+    ``PR_SET_PDEATHSIG`` itself (seen with strace here), and a forked child does not keep it.
+    """
 
     def __init__(self, paths: Sequence[str], devices: Sequence[str], *, cache: int) -> None:
         plugin = find_plugin()
@@ -139,50 +147,59 @@ class DetachedServer:
         self.socket = os.path.join(self.directory, SOCKET_NAME)
         self._log_path = os.path.join(self.directory, LOG_NAME)
         self._log_pos = 0
-        args = ["nbdkit", "--foreground", *NBDKIT_THREADS, "-U", self.socket, "-r",
-                "python", str(plugin), *(f"archive={os.path.abspath(p)}" for p in paths),
+        self.record: ServerRecord | None = None
+        pidfile = os.path.join(self.directory, PID_NAME)
+        args = ["nbdkit", "-U", self.socket, "-P", pidfile, "--log=stderr", *NBDKIT_THREADS,
+                "-r", "python", str(plugin), *(f"archive={os.path.abspath(p)}" for p in paths),
                 *(f"device={d}" for d in devices), f"cache={cache}"]
-        log.debug("starting %s (in a session of its own)", " ".join(args))
-        with open(self._log_path, "xb") as logfile:
-            try:
-                self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-                    args, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
-                    start_new_session=True, cwd="/",
-                    env={**os.environ, "PYTHONPATH": _pythonpath()})
-            except FileNotFoundError as e:
-                _remove_directory(self._bare_record())
-                raise AgentError("nbdkit is not installed (Debian packages nbdkit, "
-                                 "nbdkit-plugin-python)") from e
+        log.debug("starting %s (a daemon)", " ".join(args))
         try:
-            self._wait_ready()
-            started = _start_time(self.pid)
-            if started is None:
-                raise AgentError(f"nbdkit (pid {self.pid}) exited as it started")
-            self.record = ServerRecord(self.pid, started, self.directory, self.socket)
+            with open(self._log_path, "xb") as logfile:
+                # The daemon's pid comes from the pid file; this process exits at once.
+                status = subprocess.run(
+                    args, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
+                    start_new_session=True, cwd="/", timeout=START_TIMEOUT,
+                    env={**os.environ, "PYTHONPATH": _pythonpath()}).returncode
+            if status != 0:
+                lines = self.messages()
+                raise AgentError("could not serve: " + (
+                    lines[-1] if lines else f"nbdkit exited with status {status}"))
+            self.record = self._wait_ready(pidfile)
+        except FileNotFoundError as e:
+            self.stop()
+            raise AgentError("nbdkit is not installed (Debian packages nbdkit, "
+                             "nbdkit-plugin-python)") from e
+        except subprocess.TimeoutExpired as e:
+            self.stop()
+            raise AgentError(f"nbdkit did not start within {START_TIMEOUT:.0f} s") from e
         except BaseException:
             self.stop()
             raise
 
     @property
     def pid(self) -> int:
-        if self.proc is None:
+        if self.record is None:
             raise AgentError("the server is stopped")
-        return self.proc.pid
+        return self.record.pid
 
-    def _bare_record(self) -> ServerRecord:
-        return ServerRecord(0, 0, self.directory, self.socket)
-
-    def _wait_ready(self) -> None:
-        proc = self.proc
+    def _wait_ready(self, pidfile: str) -> ServerRecord:
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
-            if proc is None or proc.poll() is not None:
-                lines = self.messages()
-                why = lines[-1] if lines else (
-                    f"nbdkit exited with status {proc.returncode if proc else '?'}")
-                raise AgentError(f"could not serve: {why}")
-            if accepts(self.socket):
-                return
+            try:
+                with open(pidfile) as f:
+                    pid = int(f.read().strip() or "0")
+            except (FileNotFoundError, ValueError):
+                pid = 0
+            if pid:
+                started = _start_time(pid)
+                if started is None:
+                    lines = self.messages()
+                    raise AgentError("could not serve: " + (
+                        lines[-1] if lines else f"nbdkit (pid {pid}) exited as it started"))
+                if accepts(self.socket):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(pidfile)  # the record in QEMU holds it from now on
+                    return ServerRecord(pid, started, self.directory, self.socket)
             time.sleep(0.01)
         raise AgentError(f"nbdkit did not start serving on {self.socket} within "
                          f"{START_TIMEOUT:.0f} s")
@@ -208,16 +225,12 @@ class DetachedServer:
         return out
 
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.record is not None and _is_ours(self.record)
 
     def stop(self) -> None:
         """Stop nbdkit (by its own pid) and remove its directory. Idempotent."""
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        _remove_directory(self._bare_record())
+        rec, self.record = self.record, None
+        if rec is not None:
+            stop_recorded(rec)
+        else:
+            _remove_directory(ServerRecord(0, 0, self.directory, self.socket))
