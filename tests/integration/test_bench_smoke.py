@@ -28,7 +28,8 @@ CASES = {
     "network.py": ["hypervisor       |   1ms", "backup server    |   5ms"],
     "serve.py": ["sequential read, 0.0625 GiB half data, zstd",
                  "random 4K QD16, warm cache", "1 TiB sparse archive, serve to first byte",
-                 "1 TiB sparse archive, nbdkit peak RSS"],
+                 "1 TiB sparse archive, nbdkit peak RSS", "live restore, 0.0625 GiB, until",
+                 "live restore, until the VM runs"],
 }
 
 
