@@ -100,7 +100,7 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
     ids = [d.id for d in drives]
     if not drives or len(set(ids)) != len(ids):
         raise InvalidArgument(f"give each --drive once, got {ids!r}")
-    checked = ServedArchives(paths, ids, cache, tables=False)
+    checked = ServedArchives(paths, ids, cache, tables=False, verb="restore")
     sizes = {d.name: d.size for d in checked.links[0].devices}
     checked.close()
     with Monitor(qmp) as mon:
