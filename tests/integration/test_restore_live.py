@@ -289,3 +289,28 @@ def test_a_killed_agent_leaves_the_stream_going_and_cleanup_finishes_it(
     assert "backing-filename" not in image_info(target)
     compare = same(target, "qcow2", expected_disk(src, tmp_path), "raw")
     assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_sigterm_leaves_the_stream_to_cleanup(vms: VmFactory, tmp_path: Path, short_tmp: Path,
+                                              servers_stopped: None) -> None:
+    src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
+    arc = backup(tmp_path, short_tmp, ("vda", src))
+    target = empty_target(tmp_path / "vda.qcow2")
+    vm = vms.start([Disk(target, "qcow2", "vda")])
+    argv = [AGENT, "restore", arc, "--live", "--qmp", vm.agent_qmp, "--drive",
+            f"vda={target}", "--max-rate", "4M"]
+    with running(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(short_tmp)}) as proc:
+        wait_for(lambda: stream_job(vm) is not None, "the stream", proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    message = assert_error((proc.returncode, err.splitlines()[-1]), "SIGTERM",
+                           "cleanup --qmp")
+    assert "keeps serving" in message
+    assert stream_job(vm) is not None
+    assert len(processes_mentioning(str(short_tmp / "ba-live-"))) == 1
+    assert_ok(run_agent(short_tmp, "cleanup", "--qmp", vm.agent_qmp))
+    assert backing(vm, "vda-fmt") is None
+    assert_nothing_left(vm, short_tmp)
+    vm.stop()
+    assert same(target, "qcow2", src, "qcow2").returncode == 0
