@@ -38,7 +38,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
 def run(args: argparse.Namespace) -> int:
     # here, not at the top: a backup need not pay for this command's imports
     from agent.address import is_tcp
-    from agent.errors import InvalidArgument
+    from agent.errors import AgentError, InvalidArgument
     from agent.qemu.graph import cleanup
     from agent.qemu.qmp import Monitor
     from agent.qemu.stream import finish_leftovers
@@ -50,12 +50,19 @@ def run(args: argparse.Namespace) -> int:
         tls = creds.qmp_context() if creds else None
     elif args.tls_creds or args.insecure_plaintext:
         raise InvalidArgument("--tls-creds and --insecure-plaintext are for --qmp HOST:PORT")
+    live_error: AgentError | None = None
     with Monitor(args.qmp, tls=tls) as mon:
-        # A live restore first: its streams must conclude before its nodes can go.
-        removed = finish_leftovers(mon, progress=_stream_progress(args))
+        # A live restore first: its streams must end before its nodes can go. A stream
+        # that cannot finish leaves its restore in place; a backup's leftovers still go.
+        try:
+            removed = finish_leftovers(mon, progress=_stream_progress(args))
+        except AgentError as e:
+            live_error, removed = e, []
         removed += cleanup(mon)
     for what in removed:
         log.info("removed %s", what)
+    if live_error is not None:
+        raise live_error
     log.info("nothing to clean up" if not removed else f"cleaned up {len(removed)} item(s)")
     return 0
 

@@ -151,10 +151,13 @@ class DetachedServer:
         pidfile = os.path.join(self.directory, PID_NAME)
         args = ["nbdkit", "-U", self.socket, "-P", pidfile, "--log=stderr", *NBDKIT_THREADS,
                 "-r", "python", str(plugin), *(f"archive={os.path.abspath(p)}" for p in paths),
-                *(f"device={d}" for d in devices), f"cache={cache}"]
+                *(f"device={d}" for d in devices), f"cache={cache}", f"log={self._log_path}"]
         log.debug("starting %s (a daemon)", " ".join(args))
         try:
-            with open(self._log_path, "xb") as logfile:
+            # O_APPEND: the plugin appends its lines to the same file (its log=).
+            fd = os.open(self._log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND,
+                         0o600)
+            with open(fd, "ab") as logfile:
                 # The daemon's pid comes from the pid file; this process exits at once.
                 status = subprocess.run(
                     args, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,

@@ -23,8 +23,10 @@ import pytest
 
 from tests.integration.cli_util import (
     AGENT,
+    DATA,
     assert_error,
     assert_ok,
+    first,
     processes_mentioning,
     running,
     wait_for,
@@ -314,3 +316,31 @@ def test_sigterm_leaves_the_stream_to_cleanup(vms: VmFactory, tmp_path: Path, sh
     assert_nothing_left(vm, short_tmp)
     vm.stop()
     assert same(target, "qcow2", src, "qcow2").returncode == 0
+
+
+def test_a_damaged_record_fails_the_stream_and_keeps_the_vm_served(
+        vms: VmFactory, tmp_path: Path, short_tmp: Path, servers_stopped: None) -> None:
+    src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
+    arc = backup(tmp_path, short_tmp, ("vda", src))
+    data = bytearray(arc.read_bytes())
+    rec = first(bytes(data), DATA)
+    data[rec.body + rec.body_len // 2] ^= 0xFF  # the body no longer matches its digest
+    arc.write_bytes(data)
+    target = empty_target(tmp_path / "vda.qcow2")
+    vm = vms.start([Disk(target, "qcow2", "vda")])
+    proc = run_agent(short_tmp, "restore", arc, "--live", "--qmp", vm.agent_qmp,
+                     "--drive", f"vda={target}")
+    message = assert_error((proc.returncode, proc.stderr.splitlines()[-1]),
+                           "ended before the end", "still reads from the backup",
+                           "cleanup --qmp")
+    assert "data record at byte" in proc.stderr.decode()  # the plugin named the record
+    # The VM runs on, still backed by the served archive, which is left serving.
+    assert vm.qmp.execute("query-status")["running"]
+    assert backing(vm, "vda-fmt") is not None
+    assert len(processes_mentioning(str(short_tmp / "ba-live-"))) == 1, message
+    # cleanup tries the stream again, fails the same way, and removes nothing the VM needs
+    again = run_agent(short_tmp, "cleanup", "--qmp", vm.agent_qmp)
+    assert_error((again.returncode, again.stderr.splitlines()[-1]), "ended before the end",
+                 "left running")
+    assert backing(vm, "vda-fmt") is not None
+    assert len(processes_mentioning(str(short_tmp / "ba-live-"))) == 1
