@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from agent import interrupts
 from agent.errors import AgentError, Interrupted, InvalidArgument
 from agent.pipeline import Progress, ProgressFn
 from agent.qemu.block import BlockDevice, query_block_devices
@@ -115,22 +116,29 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
             specs.append(StreamSpec(dev, drive.id))
         tag = os.urandom(4).hex()
         server = DetachedServer(paths, ids, cache=cache)
+        leave = (f"the streams go on in QEMU and nbdkit (pid {server.pid}) keeps serving the "
+                 f"backup: `backup-agent cleanup --qmp {qmp}` waits for them and removes "
+                 "what is left")
+        running = False
         try:
             if server.record is None:
                 raise AgentError("nbdkit stopped as it started")
             stream = LiveStream(mon, specs, tag=tag, server=server.record, speed=speed)
-            stream.check()
-            stream.attach()
-            stream.start()
-        except BaseException:
-            server.stop()
-            raise
+            # Signals wait until the VM runs: a stop half-way through would leave streams
+            # running on a server stopped by the way out below.
+            with interrupts.held():
+                stream.check()
+                stream.attach()
+                stream.start()
+                running = True
+        except BaseException as e:
+            if not running:
+                server.stop()
+                raise
+            raise Interrupted(f"{e or 'interrupted'}: {leave}") from None  # held above
         running_after = time.monotonic() - start
         log.info("the VM runs from the backup (%.2f s after start); copying it into %s",
                  running_after, ", ".join(d.target for d in drives))
-        leave = (f"the streams go on in QEMU and nbdkit (pid {server.pid}) keeps serving the "
-                 f"backup: `backup-agent cleanup --qmp {qmp}` waits for them and removes "
-                 "what is left")
 
         def follow(states: list[JobState]) -> None:
             for line in server.messages():

@@ -6,7 +6,7 @@ and writes its messages into a log file, never into a pipe to the agent. A VM wh
 still backed by the served archive keeps reading from it when the agent is killed.
 
 Everything lives in one private directory (``$TMPDIR/ba-live-XXXXXXXX``: the socket
-``nbd.sock``, the log ``nbdkit.log``, the pid file while it starts). :class:`ServerRecord`
+``nbd.sock``, the log ``nbdkit.log``, the pid file ``nbdkit.pid``). :class:`ServerRecord`
 says which process serves where; the live restore stores it in QEMU
 (:mod:`agent.qemu.stream`), so that ``backup-agent cleanup`` can stop this nbdkit by its pid
 later, after checking that the pid still names the same process (its start time and its
@@ -199,9 +199,7 @@ class DetachedServer:
                     lines = self.messages()
                     raise AgentError("could not serve: " + (
                         lines[-1] if lines else f"nbdkit (pid {pid}) exited as it started"))
-                if accepts(self.socket):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(pidfile)  # the record in QEMU holds it from now on
+                if accepts(self.socket):  # the pid file stays: for a person, if QEMU is gone
                     return ServerRecord(pid, started, self.directory, self.socket)
             time.sleep(0.01)
         raise AgentError(f"nbdkit did not start serving on {self.socket} within "
