@@ -26,12 +26,14 @@ class Link:
     devices: Sequence[Device]
 
 
-def check_chain(links: Sequence[Link], wanted: Collection[str] | None = None) -> None:
+def check_chain(links: Sequence[Link], wanted: Collection[str] | None = None,
+                verb: str = "restore") -> None:
     """Refuse, with a message that says what is wrong and how to fix it, a chain that does not
     start with a full backup, has archives out of order or missing, or whose archives disagree
-    on the devices to restore (``wanted``, or all of the full backup's)."""
+    on the devices to restore (``wanted``, or all of the full backup's). ``verb`` is what the
+    command does with the chain (``restore``, ``serve``), for the messages."""
     if not links:
-        raise InvalidArgument("no archive to restore")
+        raise InvalidArgument(f"no archive to {verb}")
     first = links[0]
     if first.header.kind != Kind.FULL:
         raise InvalidArgument(
@@ -45,7 +47,7 @@ def check_chain(links: Sequence[Link], wanted: Collection[str] | None = None) ->
         parent = cur.header.parent_uuid
         if cur.header.kind == Kind.FULL:
             raise InvalidArgument(f"{cur.label} is a full backup: a chain holds one full backup, "
-                                  "first; restore it on its own")
+                                  f"first; {verb} it on its own")
         if parent == prev.header.uuid:
             continue
         if parent in position and position[parent] > i:
@@ -69,12 +71,12 @@ def check_chain(links: Sequence[Link], wanted: Collection[str] | None = None) ->
             if name not in theirs:
                 raise InvalidArgument(
                     f"device {name!r} is not in {link.label}, so the chain does not say what "
-                    f"changed on it (restore it with --device from a chain that has it)")
+                    f"changed on it ({verb} it with --device from a chain that has it)")
             if name in sizes and theirs[name] != sizes[name]:
                 raise InvalidArgument(
                     f"device {name!r} has {sizes[name]} bytes in {first.label} and "
-                    f"{theirs[name]} in {link.label}: the disk was resized; restore from a "
-                    "full backup made after that")
+                    f"{theirs[name]} in {link.label}: the disk was resized; {verb} a chain "
+                    "from a full backup made after that")
 
 
 def _kind(link: Link) -> str:

@@ -12,6 +12,11 @@
    Also: the sequential read of the same disk archived without compression.
 3. A 1 TiB sparse archive: time from starting ``serve`` to the first 4 KiB read answered
    (target < 1 s), and the peak RSS of the serving nbdkit (target < 128 MiB).
+4. ``restore --live`` of the same archive into a paused QEMU (TCG, no guest code beyond the
+   firmware) with an empty qcow2 target: time from starting the command until it ends (the
+   stream complete, everything removed) vs a plain ``restore --to-dir --format qcow2``
+   (target <= 1.3x), and from starting the command until QEMU reports the VM running
+   (target < 2 s; polled on a monitor of the bench's own).
 
 The disk is half data (half random, half text) and half holes, in 32 MiB stripes, as in
 bench/run.py. Only ratios measured in one run mean anything on these shared machines.
@@ -193,6 +198,57 @@ def bench_terabyte(work: Path) -> list[Row]:
                 rss < 128 * MiB, f"peak RSS {rss / MiB:.0f} MiB")]
 
 
+def bench_live(work: Path, arc: Path, size: int, runs: int) -> list[Row]:
+    from agent.qemu.qmp import Monitor
+
+    plain, live, running = [], [], []
+    for i in range(runs):
+        out = work / f"plain{i}"
+        settle()
+        plain.append(sh(f"{AGENT} restore -q {arc} --to-dir {out} --format qcow2"))
+        shutil.rmtree(out)
+        target = work / f"live{i}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(size)],
+                       check=True)
+        sock = Path(tempfile.mkdtemp(prefix="ba-", dir="/tmp"))
+        bench_qmp, agent_qmp = sock / "b.qmp", sock / "a.qmp"
+        vm = subprocess.Popen(
+            ["qemu-system-x86_64", "-nodefaults", "-display", "none", "-accel", "tcg", "-S",
+             "-m", "64M", "-qmp", f"unix:{bench_qmp},server=on,wait=off",
+             "-qmp", f"unix:{agent_qmp},server=on,wait=off",
+             "-blockdev", json.dumps({"driver": "file", "node-name": "f",
+                                      "filename": str(target)}),
+             "-blockdev", json.dumps({"driver": "qcow2", "node-name": "q", "file": "f"}),
+             "-device", "virtio-blk-pci,drive=q,id=disk"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while not agent_qmp.exists():
+                time.sleep(0.01)
+            with Monitor(str(bench_qmp)) as mon:
+                settle()
+                t = time.perf_counter()
+                proc = subprocess.Popen([AGENT, "restore", "-q", str(arc), "--live", "--qmp",
+                                         str(agent_qmp), "--drive", f"disk={target}"],
+                                        stdin=subprocess.DEVNULL)
+                while not mon.execute("query-status")["running"]:
+                    assert proc.poll() is None, "restore --live failed"
+                    time.sleep(0.005)
+                running.append(time.perf_counter() - t)
+                assert proc.wait() == 0, "restore --live failed"
+                live.append(time.perf_counter() - t)
+        finally:
+            vm.terminate()
+            vm.wait()
+            shutil.rmtree(sock, ignore_errors=True)
+            target.unlink(missing_ok=True)
+    a, p, r = statistics.median(live), statistics.median(plain), statistics.median(running)
+    return [Row(f"live restore, {size / GiB:g} GiB, until streamed", a, p,
+                "restore to qcow2", "time <= 1.3x", a / p <= 1.3,
+                f"{a / p:.2f}x the plain restore's time"),
+            Row("live restore, until the VM runs", r, None, "-", "< 2 s", r < 2.0,
+                "from the command's start")]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,6 +267,7 @@ def main() -> int:
         rows += seq
         rows += bench_random(work, arc, raw, size, runtime, min(size, 64 * MiB))
         rows += bench_terabyte(work)
+        rows += bench_live(work, arc, size, runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_table(rows)

@@ -4,7 +4,9 @@ All logic lives in ``agent.serve`` (tested there); this file only maps nbdkit's 
 and errno values. ``backup-agent serve`` starts it::
 
     nbdkit --foreground -r -U SOCK python nbd-plugins/serve_archive.py \\
-        archive=FULL [archive=INC ...] [device=NAME ...] [cache=SIZE]
+        archive=FULL [archive=INC ...] [device=NAME ...] [cache=SIZE] [log=FILE]
+
+``log=FILE``: write the lines for the user (a damaged record) there instead of stderr.
 
 nbdkit does not put this folder on sys.path: start it with PYTHONPATH holding the repository
 (for ``agent``) and the virtual environment's site-packages.
@@ -12,6 +14,7 @@ nbdkit does not put this folder on sys.path: start it with PYTHONPATH holding th
 
 from __future__ import annotations
 
+import builtins
 import errno
 import sys
 from collections.abc import Callable
@@ -59,6 +62,11 @@ def thread_model() -> int:
 
 
 def config(key: str, value: str) -> None:
+    if key == "log":
+        # A daemonized nbdkit's stderr is /dev/null: the lines for the user go to this file
+        # (opened now, before nbdkit forks; appended to, as nbdkit's own output may be).
+        sys.stderr = builtins.open(value, "a", buffering=1)  # noqa: SIM115 (nbdkit's life)
+        return
     _plugin.set(key, value)
 
 

@@ -16,7 +16,8 @@ PACKAGES=(
     nbdkit                 # NBD server for the copy-before-write target
     nbdkit-plugin-python
     python3-libnbd         # "import nbd" (the PyPI package called nbd is unrelated)
-    libnbd-bin             # nbdinfo, nbdcopy
+    libnbd-bin             # nbdinfo, nbdcopy, nbdfuse (files out of a served backup)
+    e2fsprogs              # tests: mkfs.ext4 -d and debugfs (files out of a served backup)
     python3-venv
     zstd
     cpio                   # building test initramfs images

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.cli import common
+from agent.cli import common, restore_live_cmd
 from agent.cli.common import UsageError
 from agent.cli.render import ProgressRenderer, device_text, summary_line
 from agent.errors import InvalidArgument
@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        help="write every device as DIR/NAME.raw (or .qcow2)")
     where.add_argument("--to", metavar="TARGET",
                        help="an existing file, block device or nbd:// URI (needs one --device)")
+    where.add_argument("--live", action="store_true",
+                       help="into a paused VM that runs from the backup at once (--qmp, "
+                       "--drive)")
     p.add_argument("--device", metavar="NAME", action="append",
                    help="restore only this device (repeatable)")
     # No default: given with --to, it is refused rather than silently ignored.
@@ -55,12 +58,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="allow --to nbd://HOST on another host: NBD over TCP in clear text, "
                    "readable by anyone on the way (otherwise refused: use nbds:// with TLS)")
+    restore_live_cmd.add_arguments(p)
     common.add_progress(p)
     p.set_defaults(run=run)
 
 
 def _check_usage(args: argparse.Namespace) -> None:
     """Flag combinations argparse cannot refuse, before anything is opened or created."""
+    restore_live_cmd.check_usage(args)
     if args.to is None:
         return
     if not args.device or len(args.device) != 1:
@@ -78,6 +83,8 @@ def _check_usage(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_usage(args)
+    if args.live:
+        return restore_live_cmd.run(args)
     # here, not at the top: a backup need not pay for this command's imports
     from agent.archive.reader import open_stream
     from agent.restore import restore_chain, to_dir, to_target

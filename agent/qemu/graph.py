@@ -611,9 +611,11 @@ def cleanup(mon: Monitor, tag: str | None = None) -> list[str]:
         if names.is_ours(export_id, tag):
             attempt(f"delete export {export_id}", functools.partial(_export_del, mon, export_id))
 
+    # A live restore's nodes (-src) are agent.qemu.stream's to remove, once streamed.
     nodes = {n["node-name"]: n.get("drv", "") for n in
              mon.execute("query-named-block-nodes", {"flat": True})
-             if names.is_ours(n.get("node-name", ""), tag)}
+             if names.is_ours(n.get("node-name", ""), tag)
+             and not n["node-name"].endswith(names.SOURCE_SUFFIX)}
     # Snapshot views first: while one hangs on a filter, QEMU 7.2 refuses to put the device
     # back on the disk ("Permission conflict ... unshared by node 'ba-...-cbw'").
     order = {"snapshot-access": 0, "copy-before-write": 1}

@@ -11,6 +11,13 @@ can find and remove what a killed agent left behind (:func:`agent.qemu.graph.cle
     ba-<tag>-chg             dirty bitmap (not persistent) on each disk's root node: the
                              frozen changes an incremental or differential backup copies
 
+A live restore (``restore --live``, :mod:`agent.qemu.stream`) adds::
+
+    ba-<tag>-<dev>-src       NBD client node: the served backup, backing of the device's image
+    ba-<tag>-<dev>-stream    block-stream job id (copies the backup into the image)
+    ba-<tag>-live            object (a ``secret``): its data says which nbdkit serves the
+                             backup (pid, start time, socket), so cleanup can stop it
+
 (The checkpoints that stay between backups, ``ba-inc-<uuid>`` and ``ba-full-<uuid>``, are named
 by :mod:`agent.qemu.checkpoints`; cleanup never touches them.)
 
@@ -34,6 +41,12 @@ MAX_NAME = 31
 NBD_MARKER_SUFFIX = "-nbd-server"
 #: Suffix of the frozen-changes bitmap of a backup.
 CHANGES_SUFFIX = "-chg"
+#: Suffix of a live restore's NBD client node (the served backup).
+SOURCE_SUFFIX = "-src"
+#: Suffix of a live restore's block-stream job.
+STREAM_SUFFIX = "-stream"
+#: Suffix of the marker object that records a live restore's server.
+LIVE_MARKER_SUFFIX = "-live"
 
 _TAG = re.compile(r"[A-Za-z0-9]{1,12}")
 _QEMU_ID = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
@@ -63,6 +76,27 @@ def device_names(tag: str, dev_id: str, index: int) -> DeviceNames:
         base = f"{PREFIX}{tag}-d{index}"
     return DeviceNames(target=f"{base}-tgt", cbw=f"{base}-cbw", snap=f"{base}-snap",
                        export_id=base)
+
+
+@dataclass(frozen=True)
+class StreamNames:
+    """Names of what a live restore adds for one device."""
+
+    source: str
+    job: str
+
+
+def stream_names(tag: str, dev_id: str, index: int) -> StreamNames:
+    """The names for device ``dev_id``, the ``index``-th device of live restore ``tag``."""
+    base = f"{PREFIX}{check_tag(tag)}-{dev_id}"
+    if not _QEMU_ID.fullmatch(dev_id) or len(base) + len(STREAM_SUFFIX) > MAX_NAME:
+        base = f"{PREFIX}{tag}-d{index}"
+    return StreamNames(source=base + SOURCE_SUFFIX, job=base + STREAM_SUFFIX)
+
+
+def live_marker(tag: str) -> str:
+    """Id of the object that records the server of live restore ``tag``."""
+    return f"{PREFIX}{check_tag(tag)}{LIVE_MARKER_SUFFIX}"
 
 
 def nbd_marker(tag: str) -> str:

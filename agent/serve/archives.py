@@ -195,9 +195,12 @@ class ServedArchives:
     """The devices of an archive or chain, ready to serve; :meth:`close` when done."""
 
     def __init__(self, paths: Sequence[str], wanted: Sequence[str] | None = None,
-                 cache: int = DEFAULT_CACHE, *, tables: bool = True) -> None:
+                 cache: int = DEFAULT_CACHE, *, tables: bool = True,
+                 verb: str = "serve") -> None:
         """``tables=False``: only open and check (the command, before it starts nbdkit,
-        which builds the tables): :attr:`devices` is then empty, :attr:`names` is not."""
+        which builds the tables): :attr:`devices` is then empty, :attr:`names` is not.
+        ``verb``: what the command does, in the messages about a wrong chain."""
+        self.verb = verb
         if not paths:
             raise InvalidArgument("no archive to serve")
         self.cache = RecordCache(cache)
@@ -223,7 +226,7 @@ class ServedArchives:
             if name not in known:
                 raise InvalidArgument(f"no device named {name!r} in {first.label} (it has "
                                       f"{', '.join(sorted(known)) or 'none'})")
-        check_chain(links, names)
+        check_chain(links, names, self.verb)
         self.names = names
         if not tables:
             return

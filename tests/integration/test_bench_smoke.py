@@ -30,7 +30,8 @@ CASES = {
               "restore from s3:// to raw", "0.25 GiB fully written raw to s3://, peak RSS"],
     "serve.py": ["sequential read, 0.0625 GiB half data, zstd",
                  "random 4K QD16, warm cache", "1 TiB sparse archive, serve to first byte",
-                 "1 TiB sparse archive, nbdkit peak RSS"],
+                 "1 TiB sparse archive, nbdkit peak RSS", "live restore, 0.0625 GiB, until",
+                 "live restore, until the VM runs"],
     "vma.py": ["backup into a pipe: VMA vs ours uncompressed",
                "restore from a pipe: VMA vs ours (zstd:1)"],
 }

@@ -59,3 +59,18 @@ def test_only_wanted_devices_must_be_in_every_archive() -> None:
     check_chain([full, partial], wanted=["vda"])
     with pytest.raises(InvalidArgument, match=r"'vdb' is not in i\.arc"):
         check_chain([full, partial], wanted=["vdb"])
+
+
+@pytest.mark.parametrize("verb", ["restore", "serve"])
+def test_messages_say_what_the_command_does(verb: str) -> None:
+    resized = link("i.arc", I1, Kind.INCREMENTAL, F, [Device(0, "vda", 4 << 20, {}), DEVS[1]])
+    for chain, words in (([], f"no archive to {verb}"),
+                         ([full, link("f2.arc", I1)], f"{verb} it on its own"),
+                         ([full, link("i.arc", I1, Kind.INCREMENTAL, F, DEVS[:1])],
+                          f"{verb} it with --device"),
+                         ([full, resized], f"{verb} a chain from a full backup")):
+        with pytest.raises(InvalidArgument) as e:
+            check_chain(chain, verb=verb)
+        assert words in str(e.value)
+        other = "serve" if verb == "restore" else "restore"
+        assert other not in str(e.value)

@@ -1,0 +1,168 @@
+"""``restore --live``: a paused VM runs at once from a served backup while QEMU copies it in.
+
+1. The archives (or chain) are checked as ``serve`` checks them; each ``--drive ID=TARGET``
+   names a device of the VM and of the archive, and TARGET is the qcow2 image the VM has
+   open for it: empty (``qemu-img map -U`` finds no data in it) and of the device's size.
+2. A :class:`agent.serve.detached.DetachedServer` serves the devices (an nbdkit that
+   outlives the agent).
+3. QEMU puts the served backup under each target image and streams it in, and the VM is
+   resumed (:class:`agent.qemu.stream.LiveStream`).
+4. The agent follows the streams (progress, the plugin's messages) until they conclude, then
+   removes the nodes, stops the server and removes the marker.
+
+If the agent is stopped while the streams run (Ctrl-C, SIGTERM, kill), QEMU and the server
+go on; ``backup-agent cleanup --qmp`` finishes what is left. A stream that fails leaves
+everything serving (the VM reads from it) and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from agent import interrupts
+from agent.errors import AgentError, Interrupted, InvalidArgument
+from agent.pipeline import Progress, ProgressFn
+from agent.qemu.block import BlockDevice, query_block_devices
+from agent.qemu.qmp import Monitor
+from agent.qemu.stream import JobState, LiveStream, StreamSpec, wait_for
+
+log = logging.getLogger("backup-agent")
+
+
+@dataclass(frozen=True)
+class LiveDrive:
+    """``--drive ID=TARGET``: the VM's device ``id`` (also the archive's device) and the
+    image file the VM opened for it."""
+
+    id: str
+    target: str
+
+
+@dataclass(frozen=True)
+class LiveResult:
+    devices: list[str]
+    bytes: int
+    """Device bytes the streams went over."""
+    running_after: float
+    """Seconds from the start until the VM ran."""
+    elapsed: float
+
+
+def parse_drive(text: str) -> LiveDrive:
+    dev, sep, target = text.partition("=")
+    if not sep or not dev or not target:
+        raise InvalidArgument(f"--drive {text!r}: expected ID=TARGET.qcow2 (the VM's device "
+                              "id and the image file the VM opened for it)")
+    return LiveDrive(dev, target)
+
+
+def _check_target(drive: LiveDrive, dev: BlockDevice, size: int) -> None:
+    """TARGET is the device's image, of the archive device's size, and empty."""
+    if not os.path.isfile(drive.target):
+        raise InvalidArgument(f"--drive {drive.id}={drive.target}: no such file")
+    if os.path.realpath(dev.filename) != os.path.realpath(drive.target):
+        raise InvalidArgument(f"--drive {drive.id}={drive.target}: device '{dev.id}' of the VM "
+                              f"uses {dev.filename}, not that file")
+    if dev.virtual_size != size:
+        raise InvalidArgument(f"device '{dev.id}': its image has {dev.virtual_size} bytes, the "
+                              f"backup's disk {size}: create the target with `qemu-img create "
+                              f"-f qcow2 {drive.target} {size}`")
+    proc = subprocess.run(["qemu-img", "map", "-U", "--output=json", "-f", "qcow2",
+                           drive.target], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise AgentError(f"cannot read the allocation of {drive.target}: "
+                         f"{proc.stderr.strip() or proc.returncode}")
+    if any(e.get("data") for e in json.loads(proc.stdout or "[]")):
+        raise InvalidArgument(f"{drive.target} is not empty: a live restore copies the backup "
+                              "under what the image holds; give it a new, empty qcow2 image")
+
+
+def _progress(states: list[JobState], start: float) -> Progress:
+    done = sum(s.done for s in states)
+    return Progress(phase="restore", done=done, total=sum(s.total for s in states),
+                    data_bytes=done, zero_bytes=0, stored_bytes=0,
+                    elapsed=time.monotonic() - start)
+
+
+def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
+                 cache: int, speed: int = 0, progress: ProgressFn | None = None,
+                 start: float | None = None) -> LiveResult:
+    """See the module docstring. ``start``: the command's start (``time.monotonic()``)."""
+    from agent.serve.archives import ServedArchives
+    from agent.serve.detached import DetachedServer
+
+    start = time.monotonic() if start is None else start
+    ids = [d.id for d in drives]
+    if not drives or len(set(ids)) != len(ids):
+        raise InvalidArgument(f"give each --drive once, got {ids!r}")
+    checked = ServedArchives(paths, ids, cache, tables=False, verb="restore")
+    sizes = {d.name: d.size for d in checked.links[0].devices}
+    checked.close()
+    with Monitor(qmp) as mon:
+        devices = {d.id: d for d in query_block_devices(mon)}
+        specs = []
+        for drive in drives:
+            dev = devices.get(drive.id)
+            if dev is None:
+                raise InvalidArgument(f"the VM has no disk '{drive.id}' (it has "
+                                      f"{', '.join(devices) or 'none'})")
+            _check_target(drive, dev, sizes[drive.id])
+            specs.append(StreamSpec(dev, drive.id))
+        tag = os.urandom(4).hex()
+        server = DetachedServer(paths, ids, cache=cache)
+        leave = (f"the streams go on in QEMU and nbdkit (pid {server.pid}) keeps serving the "
+                 f"backup: `backup-agent cleanup --qmp {qmp}` waits for them and removes "
+                 "what is left")
+        running = False
+        try:
+            if server.record is None:
+                raise AgentError("nbdkit stopped as it started")
+            stream = LiveStream(mon, specs, tag=tag, server=server.record, speed=speed)
+            # Signals wait until the VM runs: a stop half-way through would leave streams
+            # running on a server stopped by the way out below.
+            with interrupts.held():
+                stream.check()
+                stream.attach()
+                stream.start()
+                running = True
+        except BaseException as e:
+            if not running:
+                server.stop()
+                raise
+            raise Interrupted(f"{e or 'interrupted'}: {leave}") from None  # held above
+        running_after = time.monotonic() - start
+        log.info("the VM runs from the backup (%.2f s after start); copying it into %s",
+                 running_after, ", ".join(d.target for d in drives))
+
+        def follow(states: list[JobState]) -> None:
+            for line in server.messages():
+                log.warning("%s", line)
+            if not server.running():
+                raise AgentError("nbdkit serving the backup exited: the VM reads errors "
+                                 "where it has not written yet")
+            if progress is not None:
+                progress(_progress(states, start))
+
+        try:
+            states = wait_for(mon, [stream.names[i].job for i in ids], follow)
+        except KeyboardInterrupt:
+            raise Interrupted(f"interrupted: {leave}") from None
+        except Interrupted as e:
+            raise Interrupted(f"{e}: {leave}") from None
+        failed = stream.failed()
+        if failed:
+            why = "; ".join(f"{s.id}: {s.error}" for s in states if s.error)
+            raise AgentError(f"the stream of {', '.join(failed)} ended before the end"
+                             f"{f' ({why})' if why else ''}; the VM still reads from the "
+                             f"backup where it has not written: {leave}")
+        stream.finish()
+        server.stop()
+        stream.forget()
+        total = sum(s.total for s in states)
+    return LiveResult(ids, total, running_after, time.monotonic() - start)

@@ -1,0 +1,346 @@
+"""``restore --live``: a paused VM with empty target images runs from a served backup while
+QEMU's block-stream copies it in (real QEMU, TCG; real nbdkit).
+
+After every live restore, nothing of the agent is left: no ``ba-`` node, job or object in
+QEMU, no nbdkit, no ``ba-live-*`` directory or socket (the agent runs with ``TMPDIR`` in the
+test's own short directory), and each target image has no backing file and holds the backup
+plus exactly what the guest wrote.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.cli_util import (
+    AGENT,
+    DATA,
+    assert_error,
+    assert_ok,
+    first,
+    processes_mentioning,
+    running,
+    wait_for,
+)
+from tests.integration.conftest import make_image
+from tests.integration.vm import Disk, Guest, Vm, VmFactory
+
+pytestmark = [pytest.mark.integration, pytest.mark.qemu, pytest.mark.slow]
+
+KiB = 1024
+MiB = 1024 * KiB
+SIZE = 32 * MiB
+#: The backed-up disk: data, a hole, data, a hole to the end.
+SOURCE_OPS = [("write", 0x11, 0, 8 * MiB), ("write", 0x22, 16 * MiB, 4 * MiB)]
+#: What the guest writes while the stream runs (offset, length, byte): a block the stream may
+#: have copied already, a 4 KiB write inside a cluster of backup data (the rest of the
+#: cluster must still come from the backup), and a block in a hole not yet streamed.
+GUEST_WRITES = [(0, 64 * KiB, 0x71), (17 * MiB + 4 * KiB, 4 * KiB, 0x72),
+                (28 * MiB, 64 * KiB, 0x73)]
+
+
+def run_agent(tmp: Path, *args: str | os.PathLike[str], timeout: float = 300
+              ) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([AGENT, *map(str, args)], stdin=subprocess.DEVNULL,
+                          capture_output=True, timeout=timeout, check=False,
+                          env={**os.environ, "TMPDIR": str(tmp)})
+
+
+def backup(tmp_path: Path, short_tmp: Path, *images: tuple[str, Path]) -> Path:
+    arc = tmp_path / "vm.arc"
+    args: list[str] = []
+    for name, path in images:
+        args += ["--image", f"{name}={path}"]
+    assert_ok(run_agent(short_tmp, "backup", *args, "-o", arc))
+    return arc
+
+
+def empty_target(path: Path, size: int = SIZE) -> Path:
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+                   check=True)
+    return path
+
+
+def ours_in_qemu(vm: Vm) -> list[str]:
+    """Every node, job and object of the agent QEMU still has."""
+    q = vm.qmp
+    found = [n["node-name"] for n in q.execute("query-named-block-nodes", {"flat": True})
+             if n["node-name"].startswith("ba-")]
+    found += [f"job {j['id']} ({j['status']})" for j in q.execute("query-jobs")]
+    found += [o["name"] for o in q.execute("qom-list", {"path": "/objects"})
+              if o["name"].startswith("ba-")]
+    return found
+
+
+def assert_nothing_left(vm: Vm, short_tmp: Path) -> None:
+    assert ours_in_qemu(vm) == []
+    assert list(short_tmp.glob("ba-live-*")) == []
+    assert processes_mentioning(str(short_tmp / "ba-live-")) == []
+
+
+def backing(vm: Vm, node: str) -> str | None:
+    """The node under ``node`` as its backing (QEMU's block graph), or None."""
+    graph = vm.qmp.execute("x-debug-query-block-graph")
+    by_id = {n["id"]: n["name"] for n in graph["nodes"]}
+    if node not in by_id.values():
+        raise AssertionError(f"no node {node}")
+    for e in graph["edges"]:
+        if by_id[e["parent"]] == node and e["name"] == "backing":
+            return str(by_id[e["child"]])
+    return None
+
+
+def image_info(path: Path) -> dict[str, Any]:
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    info: dict[str, Any] = json.loads(out)
+    return info
+
+
+def same(a: Path, fmt_a: str, b: Path, fmt_b: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["qemu-img", "compare", "-U", "-f", fmt_a, "-F", fmt_b, str(a),
+                           str(b)], capture_output=True, timeout=120, check=False)
+
+
+# -- without a guest OS ------------------------------------------------------------------------
+
+
+def test_two_disks_are_filled_and_stand_alone(vms: VmFactory, tmp_path: Path,
+                                              short_tmp: Path) -> None:
+    vda_src = make_image(tmp_path / "vda-src.qcow2", "qcow2", SIZE, SOURCE_OPS)
+    vdb_src = make_image(tmp_path / "vdb-src.raw", "raw", 3 * MiB + 512,
+                         [("write", 0x33, 0, 3 * MiB + 512)])
+    arc = backup(tmp_path, short_tmp, ("vda", vda_src), ("vdb", vdb_src))
+    vda = empty_target(tmp_path / "vda.qcow2")
+    vdb = empty_target(tmp_path / "vdb.qcow2", 3 * MiB + 512)
+    vm = vms.start([Disk(vda, "qcow2", "vda"), Disk(vdb, "qcow2", "vdb")])  # paused (-S)
+    proc = run_agent(short_tmp, "restore", arc, "--live", "--qmp", vm.agent_qmp,
+                     "--drive", f"vda={vda}", "--drive", f"vdb={vdb}", "--progress", "json")
+    assert_ok(proc)
+    assert b"the VM runs from the backup" in proc.stderr
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith(b"{")]
+    assert events and events[-1]["done"] == events[-1]["total"] == SIZE + 3 * MiB + 512
+    assert vm.qmp.execute("query-status")["running"]
+    assert backing(vm, "vda-fmt") is None and backing(vm, "vdb-fmt") is None
+    assert_nothing_left(vm, short_tmp)
+    vm.stop()
+    for target, src, fmt in ((vda, vda_src, "qcow2"), (vdb, vdb_src, "raw")):
+        assert "backing-filename" not in image_info(target)
+        assert same(target, "qcow2", src, fmt).returncode == 0
+
+
+@pytest.mark.parametrize("case", ["running", "not-empty", "wrong-size", "wrong-file",
+                                  "raw", "no-device"])
+def test_bad_targets_are_refused_and_nothing_is_added(vms: VmFactory, tmp_path: Path,
+                                                      short_tmp: Path, case: str) -> None:
+    src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
+    arc = backup(tmp_path, short_tmp, ("vda", src))
+    target = empty_target(tmp_path / "vda.qcow2", SIZE // 2 if case == "wrong-size" else SIZE)
+    if case == "not-empty":
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 1M 4k", str(target)],
+                       check=True, capture_output=True)
+    disk = Disk(target, "qcow2", "vda")
+    if case == "raw":
+        target = make_image(tmp_path / "vda.raw", "raw", SIZE)
+        disk = Disk(target, "raw", "vda")
+    vm = vms.start([disk])
+    if case == "running":
+        vm.qmp.execute("cont")
+    drive = {"wrong-file": f"vda={src}", "no-device": f"vdz={target}"}.get(case,
+                                                                             f"vda={target}")
+    proc = run_agent(short_tmp, "restore", arc, "--live", "--qmp", vm.agent_qmp,
+                     "--drive", drive)
+    words = {"running": "is running", "not-empty": "not empty", "wrong-size": "qemu-img create",
+             "wrong-file": "not that file", "raw": "qcow2", "no-device": "no device"}[case]
+    assert_error(proc, words)
+    assert_nothing_left(vm, short_tmp)
+    if case != "running":
+        assert vm.qmp.execute("query-status")["status"] == "prelaunch"
+
+
+# -- with the test guest -----------------------------------------------------------------------
+
+# Run by the guest's /init (ba.cmd64): checksum the whole disk (most of it read through the
+# backup), write its own blocks, check the kernel saw no I/O error, then stay up.
+GUEST_CMD = """
+sum=$(md5sum /dev/vda | cut -d' ' -f1)
+echo "BA-GUEST: sum $sum"
+%(writes)s
+if dmesg | grep -i 'i/o error'; then echo "BA-GUEST: error: I/O error in the kernel log"; fi
+echo "BA-GUEST: writes done"
+sleep 3600
+"""
+
+
+def guest_for_live_restore(guest: Guest) -> Guest:
+    writes = "\n".join(
+        f"dd if=/dev/zero bs={length} count=1 2>/dev/null | tr '\\000' '\\{byte:03o}' | "
+        f"dd of=/dev/vda bs=4096 seek={offset // 4096} conv=notrunc,fsync 2>/dev/null "
+        f"|| echo 'BA-GUEST: error: write at {offset} failed'"
+        for offset, length, byte in GUEST_WRITES)
+    cmd = GUEST_CMD % {"writes": writes}
+    return Guest(guest.kernel, guest.initrd,
+                 append=f"ba.cmd64={base64.b64encode(cmd.encode()).decode()}")
+
+
+def expected_disk(src: Path, tmp_path: Path) -> Path:
+    """The backed-up disk plus the guest's writes, as a raw file."""
+    want = tmp_path / "want.raw"
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(src), str(want)], check=True)
+    with open(want, "r+b") as f:
+        for offset, length, byte in GUEST_WRITES:
+            f.seek(offset)
+            f.write(bytes([byte]) * length)
+    return want
+
+
+def source_sum(src: Path) -> str:
+    raw = src.with_suffix(".sum.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(src), str(raw)], check=True)
+    return hashlib.md5(raw.read_bytes()).hexdigest()
+
+
+def start_guest_vm(vms: VmFactory, guest: Guest, target: Path) -> Vm:
+    return vms.start([Disk(target, "qcow2", "vda")], guest=guest_for_live_restore(guest),
+                     paused=True)
+
+
+def stream_job(vm: Vm) -> dict[str, Any] | None:
+    jobs = [j for j in vm.qmp.execute("query-jobs") if j["id"].endswith("-stream")]
+    return jobs[0] if jobs else None
+
+
+def test_the_guest_runs_from_the_backup_while_it_streams(vms: VmFactory, guest: Guest,
+                                                         tmp_path: Path,
+                                                         short_tmp: Path) -> None:
+    src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
+    arc = backup(tmp_path, short_tmp, ("vda", src))
+    target = empty_target(tmp_path / "vda.qcow2")
+    vm = start_guest_vm(vms, guest, target)
+    argv = [AGENT, "restore", arc, "--live", "--qmp", vm.agent_qmp, "--drive",
+            f"vda={target}", "--max-rate", "4M"]
+    with running(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(short_tmp)}) as proc:
+        # Hold the stream (through the test's own monitor) while the guest reads and writes,
+        # so that all of the guest's I/O happens while the disk is still backed by the backup.
+        wait_for(lambda: stream_job(vm) is not None, "the stream", proc)
+        vm.qmp.execute("block-job-pause", {"device": stream_job(vm)["id"]})  # type: ignore
+        text = vm.wait_serial("BA-GUEST: writes done", timeout=300)
+        job = stream_job(vm)
+        assert job is not None and job["status"] == "paused"
+        assert job["current-progress"] < job["total-progress"]
+        assert backing(vm, "vda-fmt") == "ba-" + job["id"].split("-")[1] + "-vda-src"
+        vm.qmp.execute("block-job-resume", {"device": job["id"]})
+        _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err.decode(errors="replace")
+    assert "BA-GUEST: error" not in text, text
+    assert f"BA-GUEST: sum {source_sum(src)}" in text
+    assert backing(vm, "vda-fmt") is None
+    assert_nothing_left(vm, short_tmp)
+    vm.stop()
+    assert "backing-filename" not in image_info(target)
+    compare = same(target, "qcow2", expected_disk(src, tmp_path), "raw")
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+@pytest.fixture
+def servers_stopped(short_tmp: Path) -> Iterator[None]:
+    """At teardown, stop (by pid) any nbdkit a killed agent left in ``short_tmp``."""
+    yield
+    for pid in processes_mentioning(str(short_tmp / "ba-live-")):
+        os.kill(pid, signal.SIGTERM)
+
+
+def test_a_killed_agent_leaves_the_stream_going_and_cleanup_finishes_it(
+        vms: VmFactory, guest: Guest, tmp_path: Path, short_tmp: Path,
+        servers_stopped: None) -> None:
+    src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
+    arc = backup(tmp_path, short_tmp, ("vda", src))
+    target = empty_target(tmp_path / "vda.qcow2")
+    vm = start_guest_vm(vms, guest, target)
+    argv = [AGENT, "restore", arc, "--live", "--qmp", vm.agent_qmp, "--drive",
+            f"vda={target}", "--max-rate", "2M"]
+    with running(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(short_tmp)}) as proc:
+        wait_for(lambda: vm.qmp.execute("query-status")["running"], "the VM to run", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        booted = "BA-GUEST: ready" in vm.serial_text()
+    assert not booted, "the guest booted before the agent was killed: the test proves nothing"
+    servers = processes_mentioning(str(short_tmp / "ba-live-"))
+    assert len(servers) == 1  # the nbdkit, in a session of its own, serving on
+    text = vm.wait_serial("BA-GUEST: writes done", timeout=300)
+    assert "BA-GUEST: error" not in text, text
+    assert f"BA-GUEST: sum {source_sum(src)}" in text
+    clean = run_agent(short_tmp, "cleanup", "--qmp", vm.agent_qmp, timeout=600)
+    assert_ok(clean)
+    assert b"stopped the server" in clean.stderr
+    assert vm.running()
+    assert backing(vm, "vda-fmt") is None
+    assert_nothing_left(vm, short_tmp)
+    vm.stop()
+    assert "backing-filename" not in image_info(target)
+    compare = same(target, "qcow2", expected_disk(src, tmp_path), "raw")
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_sigterm_leaves_the_stream_to_cleanup(vms: VmFactory, tmp_path: Path, short_tmp: Path,
+                                              servers_stopped: None) -> None:
+    src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
+    arc = backup(tmp_path, short_tmp, ("vda", src))
+    target = empty_target(tmp_path / "vda.qcow2")
+    vm = vms.start([Disk(target, "qcow2", "vda")])
+    argv = [AGENT, "restore", arc, "--live", "--qmp", vm.agent_qmp, "--drive",
+            f"vda={target}", "--max-rate", "4M"]
+    with running(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, env={**os.environ, "TMPDIR": str(short_tmp)}) as proc:
+        wait_for(lambda: stream_job(vm) is not None, "the stream", proc)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    message = assert_error((proc.returncode, err.splitlines()[-1]), "SIGTERM",
+                           "cleanup --qmp")
+    assert "keeps serving" in message
+    assert stream_job(vm) is not None
+    assert len(processes_mentioning(str(short_tmp / "ba-live-"))) == 1
+    assert_ok(run_agent(short_tmp, "cleanup", "--qmp", vm.agent_qmp))
+    assert backing(vm, "vda-fmt") is None
+    assert_nothing_left(vm, short_tmp)
+    vm.stop()
+    assert same(target, "qcow2", src, "qcow2").returncode == 0
+
+
+def test_a_damaged_record_fails_the_stream_and_keeps_the_vm_served(
+        vms: VmFactory, tmp_path: Path, short_tmp: Path, servers_stopped: None) -> None:
+    src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
+    arc = backup(tmp_path, short_tmp, ("vda", src))
+    data = bytearray(arc.read_bytes())
+    rec = first(bytes(data), DATA)
+    data[rec.body + rec.body_len // 2] ^= 0xFF  # the body no longer matches its digest
+    arc.write_bytes(data)
+    target = empty_target(tmp_path / "vda.qcow2")
+    vm = vms.start([Disk(target, "qcow2", "vda")])
+    proc = run_agent(short_tmp, "restore", arc, "--live", "--qmp", vm.agent_qmp,
+                     "--drive", f"vda={target}")
+    message = assert_error((proc.returncode, proc.stderr.splitlines()[-1]),
+                           "ended before the end", "still reads from the backup",
+                           "cleanup --qmp")
+    assert "data record at byte" in proc.stderr.decode()  # the plugin named the record
+    # The VM runs on, still backed by the served archive, which is left serving.
+    assert vm.qmp.execute("query-status")["running"]
+    assert backing(vm, "vda-fmt") is not None
+    assert len(processes_mentioning(str(short_tmp / "ba-live-"))) == 1, message
+    # cleanup tries the stream again, fails the same way, and removes nothing the VM needs
+    again = run_agent(short_tmp, "cleanup", "--qmp", vm.agent_qmp)
+    assert_error((again.returncode, again.stderr.splitlines()[-1]), "ended before the end",
+                 "left running")
+    assert backing(vm, "vda-fmt") is not None
+    assert len(processes_mentioning(str(short_tmp / "ba-live-"))) == 1
