@@ -68,7 +68,7 @@ class RecordType(enum.IntEnum):
     DEVICE = 0x0002
     CONFIG = 0x0003
     CONFIG_DATA = 0x0004
-    DETAILS = 0x0005  # encrypted archives: the header fields kept out of the clear HEADER
+    DETAILS = 0x0008  # encrypted archives: the header fields kept out of the clear HEADER
     DATA = 0x0010
     ZERO = 0x0011
     INDEX = 0x0020

@@ -81,7 +81,7 @@ def test_fixed_sizes_and_constants() -> None:
     assert NO_INDEX == 2**64 - 1
     assert FLAG_OPTIONAL == 1
     assert {t.name: int(t) for t in RecordType} == {
-        "HEADER": 0x01, "DEVICE": 0x02, "CONFIG": 0x03, "CONFIG_DATA": 0x04, "DETAILS": 0x05,
+        "HEADER": 0x01, "DEVICE": 0x02, "CONFIG": 0x03, "CONFIG_DATA": 0x04, "DETAILS": 0x08,
         "DATA": 0x10, "ZERO": 0x11, "INDEX": 0x20, "END": 0xFF,
     }
 
