@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.archive.format import Config, Device, End, Header
+from agent.archive.crypto import KeyRequired, stanzas
+from agent.archive.format import Config, Device, Encryption, End, Header
 from agent.archive.indexed import IndexedArchive
 from agent.archive.reader import ArchiveReader, open_stream
 from agent.errors import AgentError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 
 @dataclass(frozen=True)
@@ -18,16 +23,27 @@ class ArchiveInfo:
     header: Header
     devices: list[Device]
     configs: list[Config]
-    end: End
+    end: End | None  # None: encrypted, and no key given (only the clear fields are known)
     archive_bytes: int  # the archive's own length, without any padding after it
+
+    def recipients(self) -> list[str] | None:
+        """The fingerprints of the keys an encrypted archive is for; None if it is plain."""
+        if self.header.encryption == Encryption.NONE:
+            return None
+        return [s.fingerprint.hex() for s in stanzas(self.header.encryption_params)]
 
     def as_dict(self) -> dict[str, Any]:
         h, e = self.header, self.end
-        return {
+        clear: dict[str, Any] = {
             "uuid": str(h.uuid),
             "created": h.created_ns / 1e9,
             "kind": h.kind.name.lower(),
             "parent_uuid": str(h.parent_uuid) if h.parent_uuid else None,
+            "encrypted_to": self.recipients(),
+        }
+        if e is None:
+            return {**clear, "locked": True}  # everything else is encrypted
+        return {**clear,
             "checkpoint": h.checkpoint or None,
             "tool_version": h.tool_version,
             "devices": [{"name": d.name, "size": d.size, "properties": dict(d.props)}
@@ -46,17 +62,27 @@ class ArchiveInfo:
         }
 
 
-def archive_info(path: str) -> ArchiveInfo:
-    """From the index of a seekable file, or by reading a stream to its end."""
+def archive_info(path: str, keys: Sequence[X25519PrivateKey] = (),
+                 label: str = "the archive") -> ArchiveInfo:
+    """From the index of a seekable file, or by reading a stream to its end. An encrypted
+    archive is read to its end with ``keys``; without them only its clear fields are known
+    (``end`` None)."""
     try:
         seekable = path != "-" and stat.S_ISREG(os.stat(path).st_mode)
     except OSError as e:
         raise AgentError(f"cannot open {path}: {e.strerror}") from e
-    if seekable:
-        with IndexedArchive(path) as arc:
-            return ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end, arc.archive_len)
     with open_stream(path) as f:
-        reader = ArchiveReader(f, verify_data=False, keep_configs=False)
+        try:
+            reader = ArchiveReader(f, verify_data=False, keep_configs=False, keys=keys,
+                                   label=label)
+        except KeyRequired as e:
+            return ArchiveInfo(e.header, [], [], None, os.fstat(f.fileno()).st_size
+                               if seekable else 0)
+        if seekable and reader.header.encryption == Encryption.NONE:
+            f.close()
+            with IndexedArchive(path) as arc:
+                return ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end,
+                                   arc.archive_len)
         for _ in reader.records():
             pass
         if reader.end is None:  # records() returns only after a good END; be explicit

@@ -587,7 +587,8 @@ def restore_chain(
     # One set of spare buffers for the chain (read one archive after another), kept
     # within the same bound as the records in flight.
     spares = SpareBuffers(opts.memory)
-    readers = [ArchiveReader(s, keep_configs=False, spares=spares) for s, _ in streams]
+    readers = [ArchiveReader(s, keep_configs=False, spares=spares, keys=opts.keys, label=label)
+               for s, label in streams]
     if wanted is not None:
         names = {d.name for d in readers[0].devices}
         missing = sorted(set(wanted) - names)

@@ -73,7 +73,7 @@ class ArchiveSession:
     def __init__(self, out: SequentialOutput, header: Header, opts: EngineOptions,
                  progress: ProgressFn | None) -> None:
         self.header = header
-        self.writer = ArchiveWriter(out, header)
+        self.writer = ArchiveWriter(out, header, encrypt_to=opts.encrypt_to)
         self.committed = False
         self._out = out
         self._opts = opts

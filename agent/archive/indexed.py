@@ -45,7 +45,7 @@ from agent.archive.format import (
 from agent.archive.index_walk import Collect, IndexFacts, frame_at, walk_index
 from agent.archive.overlaps import ExactCover, NoOverlap
 from agent.archive.reader import ArchiveReader
-from agent.errors import ArchiveError
+from agent.errors import ArchiveError, UnsupportedArchive
 
 _TAIL_PROBE = 1 << 20
 
@@ -126,9 +126,25 @@ class Seal:
     end_seq: int
 
 
+#: Where the HEADER's ``encryption`` byte is: preamble, frame header, 41 bytes into the body.
+_ENCRYPTION_AT = PREAMBLE.size + 24 + 41
+
+
+def refuse_encrypted(f: BinaryIO) -> None:
+    """Random access reads the index and the seal without a key: an encrypted archive's
+    are sealed (docs/FORMAT.md, "Encryption"), so say that instead of calling it damaged."""
+    f.seek(0)
+    head = f.read(_ENCRYPTION_AT + 1)
+    if len(head) > _ENCRYPTION_AT and head[PREAMBLE.size:PREAMBLE.size + 4] == b"BREC" \
+            and head[_ENCRYPTION_AT] != 0:
+        raise UnsupportedArchive("the archive is encrypted: random access (serve) does not "
+                                 "read encrypted archives yet; restore or verify it with --key")
+
+
 def read_seal(f: BinaryIO) -> Seal:
     """The footer and END record of the archive file ``f``: proof that a writer finished
     it (only ``verify`` proves that nothing before was changed)."""
+    refuse_encrypted(f)
     size = os.fstat(f.fileno()).st_size
     footer, footer_pos = _find_footer(f, size)
     if not PREAMBLE.size < footer.end_pos < footer_pos:

@@ -43,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    default=[], help="a file to store in the archive (VM configuration...)")
     p.add_argument("--compress", metavar="zstd[:LEVEL]|none", type=common.compression,
                    default=CompressionSpec(), help="per-record compression (default zstd:1)")
+    p.add_argument("--encrypt-to", metavar="PUBLIC", action="append", default=[],
+                   help="encrypt the archive to this public key (bapub1:..., or a file "
+                   "holding one; repeatable: any one of the private keys reads it)")
     p.add_argument("-o", "--output", metavar="PATH", required=True,
                    help="where the archive goes; - for standard output")
     p.add_argument("--connections", type=common.positive,
@@ -163,11 +166,20 @@ def _check_usage(args: argparse.Namespace) -> None:
                          "--image NAME=FILE (or --qmp for a running VM)")
 
 
+def _recipients(given: list[str]) -> tuple[bytes, ...]:
+    if not given:
+        return ()
+    from agent.keys import public_from_arg
+
+    return tuple(public_from_arg(g) for g in given)
+
+
 def run(args: argparse.Namespace) -> int:
     _check_usage(args)
     opts = EngineOptions(compression=args.compress, connections=args.connections,
                          memory=args.memory, request_size=args.request_size,
-                         workers=max(2, os.cpu_count() or 2), pace=args.max_rate)
+                         workers=max(2, os.cpu_count() or 2), pace=args.max_rate,
+                         encrypt_to=_recipients(args.encrypt_to))
     conns = args.connections or f"{opts.connections_for(changes=False)} (1 for changes only)"
     log.debug("options: compression %s, connections per source %s, memory %s, request size "
               "%s, %d worker(s), sweep rate %s", args.compress, conns, size(args.memory),
