@@ -191,7 +191,7 @@ def test_end_dropped_or_replaced_by_a_forged_plain_one() -> None:
     recs = split(SMALL).records
     with pytest.raises(ArchiveError, match="incomplete"):
         read(assemble(recs[:-1], seal=False, footer=False), K1)
-    _refused(recs[:-1] + [replace(recs[-1], body=bytes(88))])
+    _refused([*recs[:-1], replace(recs[-1], body=bytes(88))])
 
 
 def test_wrapped_key_altered() -> None:
@@ -231,7 +231,8 @@ def test_private_key_file_plain_and_protected(tmp_path: os.PathLike[str]) -> Non
 
     locked = os.path.join(tmp_path, "locked")
     keys.write_private(locked, keys.encode_private(K2, b"correct horse", log_n=10))
-    assert b"bakey1-scrypt:" in open(locked, "rb").read()
+    with open(locked, "rb") as f:
+        assert b"bakey1-scrypt:" in f.read()
     assert keys.load_private(locked, lambda: b"correct horse").public == K2.public
     with pytest.raises(InvalidArgument, match="wrong passphrase"):
         keys.load_private(locked, lambda: b"battery staple")
