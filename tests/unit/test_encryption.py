@@ -272,3 +272,64 @@ def test_a_recipient_given_twice_or_a_low_order_key() -> None:
         write([K1.public, K1.public])
     with pytest.raises(AgentError, match="not a usable X25519 key"):
         write([bytes(32)])
+
+
+# --- the worked example of docs/FORMAT.md ----------------------------------------------
+
+
+def test_tiny_encrypted_is_what_its_generator_builds() -> None:
+    from tests.data import make_tiny_encrypted as m
+
+    assert m.ARC_PATH.read_bytes() == m.build(), (
+        "tests/data/tiny-encrypted.arc is stale: run tests/data/make_tiny_encrypted.py and "
+        "update docs/FORMAT.md")
+    assert m.KEY_PATH.read_text() == m.key_file()
+
+
+def test_tiny_encrypted_holds_what_tiny_holds() -> None:
+    from tests.data import make_tiny, make_tiny_encrypted as m
+
+    pair = keys.decode_private(m.KEY_PATH.read_text(), "key", lambda: None)
+    plain = read_archive(make_tiny.TINY_PATH.read_bytes())
+    r = ArchiveReader(io.BytesIO(m.ARC_PATH.read_bytes()), keys=[pair.private])
+    assert replace(r.header, encryption=Encryption.NONE, encryption_params=b"") == plain.header
+    assert r.config(make_tiny.CONFIG_NAME) == make_tiny.CONFIG
+    got = [(rec.offset, bytes(rec.data())) if isinstance(rec, DataRecord) else rec.length
+           for rec in r.records()]
+    assert got == [(0, make_tiny.DATA), make_tiny.ZERO_LENGTH]
+    assert replace(r.end, chain=b"", stored_bytes=0) == replace(plain.end, chain=b"",
+                                                                 records=8, stored_bytes=0)
+
+
+def test_tiny_encrypted_values_are_the_ones_format_md_shows() -> None:
+    import hashlib
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
+
+    from tests.data import make_tiny, make_tiny_encrypted as m
+
+    doc = (Path(__file__).parents[2] / "docs" / "FORMAT.md").read_text()
+    pub = m.key_pair().public
+    eph = X25519PrivateKey.from_private_bytes(m.EPHEMERAL_PRIVATE)
+    eph_pub = crypto.raw_public(eph)
+    shared = eph.exchange(X25519PublicKey.from_public_bytes(pub))
+    header_body = split(m.ARC_PATH.read_bytes()).records[0].body
+    kek = crypto._hkdf(shared, eph_pub + pub, b"backup-agent v1 key wrap"
+                       + make_tiny.UUID.bytes)
+    record_key = crypto._hkdf(m.DATA_KEY, None, b"backup-agent v1 records"
+                              + hashlib.sha256(header_body).digest())
+    for value in (pub.hex(), m.key_pair().public_text, crypto.fingerprint(pub).hex(),
+                  eph_pub.hex(), shared.hex(), kek.hex(),
+                  hashlib.sha256(header_body).hexdigest(), record_key.hex()):
+        assert value in doc
+    # The DEVICE record, sealed by hand as the document says, is the one in the file.
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    device_plain = split(make_tiny.TINY_PATH.read_bytes()).records[1].body
+    ad = make_tiny.UUID.bytes + (2).to_bytes(8, "little") + b"\x02\x00\x00\x00"
+    sealed = AESGCM(record_key).encrypt((2).to_bytes(12, "little"), device_plain, ad)
+    assert split(m.ARC_PATH.read_bytes()).records[2].body == sealed
