@@ -287,7 +287,8 @@ def test_tiny_encrypted_is_what_its_generator_builds() -> None:
 
 
 def test_tiny_encrypted_holds_what_tiny_holds() -> None:
-    from tests.data import make_tiny, make_tiny_encrypted as m
+    from tests.data import make_tiny
+    from tests.data import make_tiny_encrypted as m
 
     pair = keys.decode_private(m.KEY_PATH.read_text(), "key", lambda: None)
     plain = read_archive(make_tiny.TINY_PATH.read_bytes())
@@ -310,7 +311,8 @@ def test_tiny_encrypted_values_are_the_ones_format_md_shows() -> None:
         X25519PublicKey,
     )
 
-    from tests.data import make_tiny, make_tiny_encrypted as m
+    from tests.data import make_tiny
+    from tests.data import make_tiny_encrypted as m
 
     doc = (Path(__file__).parents[2] / "docs" / "FORMAT.md").read_text()
     pub = m.key_pair().public
@@ -333,3 +335,16 @@ def test_tiny_encrypted_values_are_the_ones_format_md_shows() -> None:
     ad = make_tiny.UUID.bytes + (2).to_bytes(8, "little") + b"\x02\x00\x00\x00"
     sealed = AESGCM(record_key).encrypt((2).to_bytes(12, "little"), device_plain, ad)
     assert split(m.ARC_PATH.read_bytes()).records[2].body == sealed
+
+
+def test_format_md_hexdump_of_the_clear_header_matches() -> None:
+    from tests.data import make_tiny_encrypted as m
+    from tests.unit.test_format import FORMAT_MD, _bytes_from_hexdump
+
+    text = FORMAT_MD.read_text(encoding="utf-8")
+    section = text[text.index("### Example: `tests/data/tiny-encrypted.arc`"):
+                   text.index("## Limits")]
+    shown = _bytes_from_hexdump(section)
+    data = m.ARC_PATH.read_bytes()
+    assert sorted(shown) == list(range(0xd4))
+    assert bytes(shown[p] for p in range(0xd4)) == data[:0xd4]
