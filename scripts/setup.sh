@@ -18,6 +18,7 @@ PACKAGES=(
     python3-libnbd         # "import nbd" (the PyPI package called nbd is unrelated)
     libnbd-bin             # nbdinfo, nbdcopy
     python3-venv
+    python3-cryptography   # encrypted archives (pip would fetch a newer one without it)
     zstd
     cpio                   # building test initramfs images
     busybox-static         # test guest userland
