@@ -122,7 +122,7 @@ class Seal:
 
     footer: Footer
     footer_pos: int
-    end: End
+    end: End | None  # None: an encrypted archive's, sealed (a key is needed to read it)
     end_seq: int
 
 
@@ -130,21 +130,19 @@ class Seal:
 _ENCRYPTION_AT = PREAMBLE.size + 24 + 41
 
 
-def refuse_encrypted(f: BinaryIO) -> None:
-    """Random access reads the index and the seal without a key: an encrypted archive's
-    are sealed (docs/FORMAT.md, "Encryption"), so say that instead of calling it damaged."""
+def is_encrypted(f: BinaryIO) -> bool:
+    """Whether HEADER says the records are sealed (docs/FORMAT.md, "Encryption"): its
+    digest is checked when the archive is read, this is only which way to read it."""
     f.seek(0)
     head = f.read(_ENCRYPTION_AT + 1)
-    if len(head) > _ENCRYPTION_AT and head[PREAMBLE.size:PREAMBLE.size + 4] == b"BREC" \
-            and head[_ENCRYPTION_AT] != 0:
-        raise UnsupportedArchive("the archive is encrypted: random access (serve) does not "
-                                 "read encrypted archives yet; restore or verify it with --key")
+    return (len(head) > _ENCRYPTION_AT and head[PREAMBLE.size:PREAMBLE.size + 4] == b"BREC"
+            and head[_ENCRYPTION_AT] != 0)
 
 
 def read_seal(f: BinaryIO) -> Seal:
     """The footer and END record of the archive file ``f``: proof that a writer finished
     it (only ``verify`` proves that nothing before was changed)."""
-    refuse_encrypted(f)
+    sealed = is_encrypted(f)
     size = os.fstat(f.fileno()).st_size
     footer, footer_pos = _find_footer(f, size)
     if not PREAMBLE.size < footer.end_pos < footer_pos:
@@ -156,6 +154,8 @@ def read_seal(f: BinaryIO) -> Seal:
     if f.tell() != footer_pos:
         raise ArchiveError(f"the end record at byte {footer.end_pos} is not followed by "
                            "the footer")
+    if sealed:  # END's body is sealed: where it is, and that the footer follows, is all
+        return Seal(footer, footer_pos, None, rec.seq)
     end = End.decode(rec.body)
     if end.records != rec.seq:
         raise ArchiveError(f"end record at byte {footer.end_pos} does not seal the archive: "
@@ -273,6 +273,11 @@ class IndexedArchive:
     def _open(self) -> None:
         f = self._f
         seal = read_seal(f)
+        if seal.end is None:
+            # Random access reads the index and the seal, both sealed in an encrypted archive.
+            raise UnsupportedArchive("the archive is encrypted: random access (serve) does "
+                                     "not read encrypted archives yet; restore or verify it "
+                                     "with --key")
         self._seal = seal
         self.end: End = seal.end
         self.archive_len = seal.footer.archive_len

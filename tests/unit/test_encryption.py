@@ -348,3 +348,28 @@ def test_format_md_hexdump_of_the_clear_header_matches() -> None:
     data = m.ARC_PATH.read_bytes()
     assert sorted(shown) == list(range(0xd4))
     assert bytes(shown[p] for p in range(0xd4)) == data[:0xd4]
+
+
+# --- what reads archive files without a key ---------------------------------------------
+
+
+def test_retention_sees_an_encrypted_archive_complete_without_a_key(tmp_path: os.PathLike[str]
+                                                                    ) -> None:
+    from agent.archive.indexed import IndexedArchive, seal_of
+    from agent.archive.reader import UnsupportedArchive
+    from agent.jobs.catalog import read_desc
+
+    path = os.path.join(tmp_path, "a.arc")
+    with open(path, "wb") as f:
+        f.write(SMALL)
+    seal = seal_of(path)
+    assert seal.end is None and seal.footer.archive_len == len(SMALL)
+    desc = read_desc(path)
+    assert (desc.uuid, desc.kind, desc.complete) == (HEADER.uuid, Kind.FULL, True)
+    with open(path, "wb") as f:
+        f.write(SMALL[:-60])  # cut inside END and the footer
+    assert read_desc(path).complete is False
+    with open(path, "wb") as f:
+        f.write(SMALL)
+    with pytest.raises(UnsupportedArchive, match="the archive is encrypted: random access"):
+        IndexedArchive(path)
