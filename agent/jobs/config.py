@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 from agent.address import is_tcp
 from agent.archive.codec import CompressionSpec
 from agent.archive.format import check_name
-from agent.errors import ArchiveError, InvalidArgument
+from agent.errors import AgentError, ArchiveError, InvalidArgument
 from agent.modes import MODES
 from agent.pace import PaceSpec
 from agent.units import parse_size
@@ -45,7 +45,7 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 # Keys [defaults] may set; keep_chains and full_every from there apply to dir jobs only.
 _SHARED = ("mode", "full_every", "keep_chains", "compression", "cbw_memory", "spool_dir",
-           "spool_limit", "cbw_timeout", "max_rate")
+           "spool_limit", "cbw_timeout", "max_rate", "encrypt_to")
 _NETWORK_KEYS = ("qemu_nbd_addr", "cbw_listen")  # jobs whose monitor is HOST:PORT only
 _JOB_KEYS = ("qmp", "tls", "drives", "dir", "command", "commit_command", "qemu_nbd_socket",
              "configs", *_NETWORK_KEYS, *_SHARED)
@@ -86,6 +86,7 @@ class Job:
     configs: tuple[tuple[str, str], ...] = ()  # (name in the archive, file)
     qemu_nbd_addr: str | None = None  # network jobs: QEMU's NBD server, HOST[:PORT]
     cbw_listen: str | None = None  # network jobs: where the copy-before-write target listens
+    encrypt_to: tuple[bytes, ...] = ()  # X25519 public keys (--encrypt-to); () = plain
 
     @property
     def network(self) -> bool:
@@ -200,6 +201,7 @@ def _shared(t: _Table) -> dict[str, Any]:
         "spool_limit": t.size("spool_limit"),
         "cbw_timeout": t.positive("cbw_timeout"),
         "max_rate": t.rate("max_rate"),
+        "encrypt_to": t.recipients("encrypt_to"),
     }
     return {k: v for k, v in found.items() if v is not None}
 
@@ -342,6 +344,18 @@ class _Table:
         if m is None or int(m.group(1)) < 1:
             self._bad(key, 'a duration such as "7d", "12h" or "2w" (units s, m, h, d, w)')
         return int(m.group(1)) * _SECONDS[m.group(2)]
+
+    def recipients(self, key: str) -> tuple[bytes, ...] | None:
+        """Public keys (``bapub1:...``) or files holding one, as ``--encrypt-to`` takes."""
+        given = self.strings(key)
+        if given is None:
+            return None
+        from agent.keys import public_from_arg  # only jobs that encrypt pay for cryptography
+
+        try:
+            return tuple(public_from_arg(g) for g in given)
+        except AgentError as e:
+            self.fail(f"{key}: {e}")
 
     def compression(self, key: str) -> CompressionSpec | None:
         value = self.data.get(key)

@@ -155,7 +155,8 @@ def test_defaults_when_nothing_is_said(tmp_path: Path) -> None:
     # unknown keys
     ('keep = 3', 'job "vm1": unknown key "keep" (did you mean "keep_chains"?); known keys: '
                  'cbw_listen, cbw_memory, cbw_timeout, command, commit_command, compression, '
-                 'configs, dir, drives, full_every, keep_chains, max_rate, mode, qemu_nbd_addr, '
+                 'configs, dir, drives, encrypt_to, full_every, keep_chains, max_rate, mode, '
+                 'qemu_nbd_addr, '
                  'qemu_nbd_socket, qmp, spool_dir, spool_limit, tls'),
     ('xyzzy = 3', 'job "vm1": unknown key "xyzzy"; known keys: cbw_listen, cbw_memory,'),
     ('cbw_listen = ":10900"', 'job "vm1": cbw_listen is only for a monitor reached over the '
@@ -210,7 +211,7 @@ def test_a_wrong_field(tmp_path: Path, text: str, expected: str) -> None:
     (f'[jobs.{"v" * 65}]\nqmp = "/run/vm1.qmp"', 'job name "vvvv'),
     ('[defaults]\nqmp = "/run/vm1.qmp"\n' + VM1,
      'defaults: unknown key "qmp"; known keys: cbw_memory, cbw_timeout, compression, '
-     'full_every, keep_chains, max_rate, mode, spool_dir, spool_limit'),
+     'encrypt_to, full_every, keep_chains, max_rate, mode, spool_dir, spool_limit'),
     ('[defaults]\nkeep_chains = -1\n' + VM1,
      'defaults: keep_chains must be a positive integer, got -1'),
     (VM1 + '[jobs.vm2]\nqmp = "/run/vm2.qmp"\ndir = "/srv/backups/vm1/"',
@@ -269,3 +270,19 @@ def test_the_job_file_takes_every_backup_mode_and_no_other(tmp_path: Path) -> No
     assert _error(tmp_path, VM1 + 'mode = "fast"\n') == (
         'job "vm1": mode must be one of "full", "incremental", "differential", "auto", '
         'got "fast"')
+
+
+def test_encrypt_to_takes_keys_and_files(tmp_path: Path) -> None:
+    from agent import keys
+
+    pair = keys.generate()
+    pub_file = tmp_path / "offline.pub"
+    pub_file.write_text(pair.public_text + "\n")
+    other = keys.generate()
+    jobs = _load(tmp_path, f'[defaults]\nencrypt_to = ["{other.public_text}"]\n' + VM1
+                 + f'encrypt_to = ["{pub_file}", "{other.public_text}"]\n'
+                 + '[jobs.vm2]\nqmp = "/run/vm2.qmp"\ndir = "/srv/vm2"\n')
+    assert jobs.jobs["vm1"].encrypt_to == (pair.public, other.public)
+    assert jobs.jobs["vm2"].encrypt_to == (other.public,)
+    assert _error(tmp_path, VM1 + 'encrypt_to = ["bapub1:AAAA"]\n').startswith(
+        'job "vm1": encrypt_to: public key: 3 bytes, expected 32')
