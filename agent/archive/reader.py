@@ -468,10 +468,18 @@ class ArchiveReader:
         assert self._sealer is not None
         self._checked(raw, f"record {raw.seq}")
         sealed = raw.body
-        plain = self._sealer.open(raw.rtype, raw.flags, raw.seq, bytes(sealed), raw.pos)
-        if isinstance(sealed.obj, bytearray) and raw.rtype == RecordType.DATA:
-            self._in.spares.give(sealed.obj)  # read into a spare: done with it
-        raw.body = memoryview(plain)
+        data = raw.rtype == RecordType.DATA
+        # A DATA body is decrypted into a spare buffer, as it was read into one.
+        into = self._in.spares.take(len(sealed) + crypto.OPEN_SLACK) if data else None
+        try:
+            raw.body = self._sealer.open(raw.rtype, raw.flags, raw.seq, sealed, raw.pos, into)
+        except BaseException:
+            if into is not None:
+                self._in.spares.give(into)
+            raise
+        finally:
+            if data and isinstance(sealed.obj, bytearray):
+                self._in.spares.give(sealed.obj)  # read into a spare: done with it
         raw.opened = True
 
     def _checked(self, raw: RawRecord, what: str) -> None:

@@ -122,7 +122,7 @@ class ArchiveWriter:
         if self._sealer is not None and rtype != RecordType.HEADER:
             # Compressed before, sealed here: the nonce is the sequence number, known only
             # now, in the order records are written.
-            body = [self._sealer.seal(rtype, flags, self._seq, b"".join(body))]
+            body = [self._sealer.seal(rtype, flags, self._seq, body)]
             body_digest = None
         body_len = sum(len(b) for b in body)
         frame = pack_frame(rtype, flags, self._seq, body_len)
