@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import blake3
 
 from agent import interrupts
-from agent.archive import codec, crypto
+from agent.archive import codec
 from agent.archive.format import (
     CHUNK_FIXED,
     DIGEST_SIZE,
@@ -72,6 +72,9 @@ from agent.errors import ArchiveError, UnsupportedArchive
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+    from agent.archive import crypto
+
+_OPEN_SLACK = 15  # crypto.OPEN_SLACK, without importing cryptography for plain archives
 _METADATA = {RecordType.DEVICE, RecordType.CONFIG, RecordType.CONFIG_DATA}
 _KNOWN = frozenset(RecordType)
 
@@ -407,6 +410,8 @@ class ArchiveReader:
 
     def _unlock(self, first: RawRecord, keys: Sequence[X25519PrivateKey], label: str) -> None:
         """Find the data key and read DETAILS, which must follow HEADER."""
+        from agent.archive import crypto  # here: cryptography costs plain archives 65 ms
+
         if not keys:
             raise crypto.KeyRequired(self.header, label)
         self._sealer = crypto.opener(self.header, first.body, keys, label)
@@ -470,7 +475,7 @@ class ArchiveReader:
         sealed = raw.body
         data = raw.rtype == RecordType.DATA
         # A DATA body is decrypted into a spare buffer, as it was read into one.
-        into = self._in.spares.take(len(sealed) + crypto.OPEN_SLACK) if data else None
+        into = self._in.spares.take(len(sealed) + _OPEN_SLACK) if data else None
         try:
             raw.body = self._sealer.open(raw.rtype, raw.flags, raw.seq, sealed, raw.pos, into)
         except BaseException:

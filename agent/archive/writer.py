@@ -13,10 +13,11 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import blake3
 
-from agent.archive import codec, crypto
+from agent.archive import codec
 from agent.archive.format import (
     FLAG_OPTIONAL,
     INDEX_ENTRIES_PER_RECORD,
@@ -44,6 +45,9 @@ from agent.archive.format import (
 from agent.archive.output import Buf, SequentialOutput
 from agent.archive.spill import SPILL_AT, SpillingBuffer
 from agent.errors import ArchiveError, InvalidArgument
+
+if TYPE_CHECKING:
+    from agent.archive import crypto
 
 CONFIG_CHUNK = 4 * 1024 * 1024
 
@@ -76,6 +80,8 @@ class ArchiveWriter:
         self._sealer: crypto.RecordSealer | None = None
         clear = header
         if encrypt_to:
+            from agent.archive import crypto  # here: cryptography costs plain backups 65 ms
+
             clear, self._sealer = crypto.begin(header, encrypt_to, rng or os.urandom)
         preamble = pack_preamble(VERSION_MINOR_ENCRYPTED if encrypt_to else VERSION_MINOR)
         self._chain = Chain(preamble)

@@ -373,3 +373,27 @@ def test_retention_sees_an_encrypted_archive_complete_without_a_key(tmp_path: os
         f.write(SMALL)
     with pytest.raises(UnsupportedArchive, match="the archive is encrypted: random access"):
         IndexedArchive(path)
+
+
+def test_plain_archives_do_not_import_cryptography() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, io; from tests.unit.test_encryption import write_plain; "
+            "from agent.archive.reader import ArchiveReader; "
+            "list(ArchiveReader(io.BytesIO(write_plain())).records()); "
+            "print('cryptography' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code.replace(
+        "from tests.unit.test_encryption import write_plain; ", _PLAIN_WRITER)],
+        capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+_PLAIN_WRITER = ("import tempfile, uuid; from agent.archive.format import Header; "
+                 "from agent.archive.output import SequentialOutput; "
+                 "from agent.archive.writer import ArchiveWriter\n"
+                 "def write_plain():\n"
+                 "    with tempfile.TemporaryFile() as f:\n"
+                 "        w = ArchiveWriter(SequentialOutput(f.fileno(), 't'), "
+                 "Header(uuid=uuid.UUID(int=1), created_ns=0, tool_version='t'))\n"
+                 "        w.add_device('vda', 0); w.finish(); f.seek(0); return f.read()\n")
