@@ -69,6 +69,11 @@ def run_generate(args: argparse.Namespace) -> int:
 
     wants = args.passphrase_file is not None or keys.PASSPHRASE_ENV in os.environ
     secret = keys.passphrase_source(args.passphrase_file)() if wants else None
+    if wants and secret is None:
+        from agent.errors import InvalidArgument
+
+        raise InvalidArgument(f"{keys.PASSPHRASE_ENV} is set but empty: give a passphrase, "
+                              "or unset it for a key without one")
     pair = keys.generate()
     keys.write_private(args.output, keys.encode_private(pair, secret))
     log.info("wrote private key %s (fingerprint %s%s); its public key:", args.output,

@@ -241,3 +241,15 @@ def test_round_trip_through_the_reader_api(setup: Setup) -> None:
     r = ArchiveReader(io.BytesIO(setup.archive), keys=[pair.private])
     assert [d.name for d in r.devices] == ["vda"]
     assert r.config("vm.xml") == SECRET_CONFIG
+
+
+def test_key_generate_refuses_an_empty_passphrase(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.integration.cli_util import AGENT
+
+    env = {**os.environ, "BACKUP_AGENT_PASSPHRASE": ""}
+    proc = subprocess.run([AGENT, "key", "generate", "-o", str(tmp_path / "k")],
+                          capture_output=True, env=env, timeout=120, check=False)
+    assert_error(proc, "BACKUP_AGENT_PASSPHRASE is set but empty")
+    assert not (tmp_path / "k").exists()
