@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.archive.format import Config, Device, End, Header
-from agent.archive.indexed import IndexedArchive
+from agent.archive.crypto import KeyRequired, stanzas
+from agent.archive.format import Config, Device, Encryption, End, Header
+from agent.archive.indexed import EncryptedArchive, IndexedArchive
 from agent.archive.reader import ArchiveReader, DataRecord, open_stream
 from agent.errors import AgentError
 from agent.vma.detect import open_reader, plain_native
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 
 @dataclass(frozen=True)
@@ -19,18 +24,29 @@ class ArchiveInfo:
     header: Header
     devices: list[Device]
     configs: list[Config]
-    end: End
+    end: End | None  # None: encrypted, and no key given (only the clear fields are known)
     archive_bytes: int  # the archive's own length, without any padding after it
     archive_format: str = "native"  # or "vma" (Proxmox's; its seal: the header's MD5)
 
+    def recipients(self) -> list[str] | None:
+        """The fingerprints of the keys an encrypted archive is for; None if it is plain."""
+        if self.header.encryption == Encryption.NONE:
+            return None
+        return [s.fingerprint.hex() for s in stanzas(self.header.encryption_params)]
+
     def as_dict(self) -> dict[str, Any]:
         h, e = self.header, self.end
-        return {
+        clear: dict[str, Any] = {
             "format": self.archive_format,
             "uuid": str(h.uuid),
             "created": h.created_ns / 1e9,
             "kind": h.kind.name.lower(),
             "parent_uuid": str(h.parent_uuid) if h.parent_uuid else None,
+            "encrypted_to": self.recipients(),
+        }
+        if e is None:
+            return {**clear, "locked": True}  # everything else is encrypted
+        return {**clear,
             "checkpoint": h.checkpoint or None,
             "tool_version": h.tool_version,
             "properties": dict(h.props),  # a live backup's "consistency", "frozen-mountpoints"
@@ -50,18 +66,31 @@ class ArchiveInfo:
         }
 
 
-def archive_info(path: str) -> ArchiveInfo:
-    """From the index of a seekable file, or by reading a stream to its end."""
+def archive_info(path: str, keys: Sequence[X25519PrivateKey] = (),
+                 label: str = "the archive") -> ArchiveInfo:
+    """From the index of a seekable file, or by reading a stream to its end. An encrypted
+    archive is read to its end with ``keys``; without them only its clear fields are known
+    (``end`` None)."""
     try:
         seekable = path.startswith("s3://") or (  # ranged GETs: only the ends are read
             path != "-" and stat.S_ISREG(os.stat(path).st_mode))
     except OSError as e:
         raise AgentError(f"cannot open {path}: {e.strerror}") from e
-    if seekable and plain_native(path):
-        with IndexedArchive(path) as arc:
-            return ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end, arc.archive_len)
+    s3 = path.startswith("s3://")
+    if seekable and (s3 or plain_native(path)):
+        try:
+            with IndexedArchive(path) as arc:
+                return ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end,
+                                   arc.archive_len)
+        except EncryptedArchive:
+            pass  # its index is sealed: read it as a stream, with the keys
     with open_stream(path) as f:
-        reader = open_reader(f, verify_data=False, keep_configs=False)  # ours or VMA
+        try:  # ours or VMA
+            reader = open_reader(f, verify_data=False, keep_configs=False, keys=keys,
+                                 label=label)
+        except KeyRequired as e:
+            return ArchiveInfo(e.header, [], [], None,
+                               os.path.getsize(path) if seekable and not s3 else 0)
         for rec in reader.records():
             if isinstance(rec, DataRecord):
                 rec.release()

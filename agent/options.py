@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from agent.archive import codec
 from agent.archive.format import MAX_DATA_LENGTH
 from agent.errors import InvalidArgument
 from agent.pace import PaceSpec
 from agent.units import MiB
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class RestoreOptions:
     # for an image. Each is opened when its device's first record arrives; past this many,
     # the least recently used one is closed and reopened when it gets a record again.
     open_targets: int = 64
+    keys: tuple[X25519PrivateKey, ...] = ()  # --key: private keys for encrypted archives
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,7 @@ class EngineOptions:
     status_window: int = 1024 * MiB
     pace: PaceSpec = field(default_factory=PaceSpec)  # the sweep's rate: agent/pace.py
     archive_format: str = "native"  # or "vma": Proxmox's (agent/vma/, docs/VMA.md)
+    encrypt_to: tuple[bytes, ...] = ()  # --encrypt-to: X25519 public keys (agent/keys.py)
 
     def __post_init__(self) -> None:
         if not 0 < self.request_size <= MAX_DATA_LENGTH:

@@ -592,7 +592,8 @@ def restore_chain(
     # within the same bound as the records in flight.
     spares = SpareBuffers(opts.memory)
     # Ours or Proxmox's VMA, compressed as a whole or not: told by the first bytes.
-    readers = [open_reader(s, keep_configs=False, spares=spares) for s, _ in streams]
+    readers = [open_reader(s, keep_configs=False, spares=spares, keys=opts.keys, label=label)
+               for s, label in streams]
     if wanted is not None:
         names = {d.name for d in readers[0].devices}
         missing = sorted(set(wanted) - names)

@@ -8,9 +8,9 @@ name to a complete archive and its summary.
 
 :func:`write_archive` is the only code that opens an archive output and decides between
 commit and abort, so what changes where archives go (an ``s3://`` output: another kind of
-:func:`~agent.archive.output.open_output`) or how their records are sealed (encryption: one
-more header field among its keyword arguments, handed on to the writer's codec) plugs in
-here once, for both kinds of backup.
+:func:`~agent.archive.output.open_output`) or how their records are sealed (encryption:
+``EngineOptions.encrypt_to``, handed on to the writer) plugs in here once, for both kinds
+of backup.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class ArchiveSession:
             self.writer = VmaWriter(out, header)
             opts = dataclasses.replace(opts, compression=CompressionSpec(Compression.NONE, 0))
         else:
-            self.writer = ArchiveWriter(out, header)
+            self.writer = ArchiveWriter(out, header, encrypt_to=opts.encrypt_to)
         self.committed = False
         self._out = out
         self._opts = opts

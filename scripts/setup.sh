@@ -19,6 +19,7 @@ PACKAGES=(
     libnbd-bin             # nbdinfo, nbdcopy, nbdfuse (files out of a served backup)
     e2fsprogs              # tests: mkfs.ext4 -d and debugfs (files out of a served backup)
     python3-venv
+    python3-cryptography   # encrypted archives (pip would fetch a newer one without it)
     zstd
     cpio                   # building test initramfs images
     busybox-static         # test guest userland

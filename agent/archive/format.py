@@ -38,6 +38,9 @@ from agent.errors import ArchiveError, UnsupportedArchive
 MAGIC = b"\x89BAGENT\n"  # like PNG: a high byte and a newline catch text-mode damage
 VERSION_MAJOR = 1
 VERSION_MINOR = 0
+#: Encrypted archives say 1.1 (encryption method 1 and the DETAILS record came with it);
+#: plain archives stay 1.0, byte for byte what they were.
+VERSION_MINOR_ENCRYPTED = 1
 PREAMBLE = struct.Struct("<8sHHI")  # magic, major, minor, flags (0)
 assert PREAMBLE.size == 16
 
@@ -65,6 +68,7 @@ class RecordType(enum.IntEnum):
     DEVICE = 0x0002
     CONFIG = 0x0003
     CONFIG_DATA = 0x0004
+    DETAILS = 0x0008  # encrypted archives: the header fields kept out of the clear HEADER
     DATA = 0x0010
     ZERO = 0x0011
     INDEX = 0x0020
@@ -88,6 +92,7 @@ class HashAlgo(enum.IntEnum):
 
 class Encryption(enum.IntEnum):
     NONE = 0
+    X25519_AES256GCM = 1  # docs/FORMAT.md, "Encryption"
 
 
 def digest(body: bytes | bytearray | memoryview) -> bytes:
@@ -127,8 +132,8 @@ def unpack_frame(raw: bytes | bytearray | memoryview, pos: int) -> Frame:
     return Frame(rtype, flags, seq, body_len)
 
 
-def pack_preamble() -> bytes:
-    return PREAMBLE.pack(MAGIC, VERSION_MAJOR, VERSION_MINOR, 0)
+def pack_preamble(minor: int = VERSION_MINOR) -> bytes:
+    return PREAMBLE.pack(MAGIC, VERSION_MAJOR, minor, 0)
 
 
 def check_preamble(raw: bytes) -> None:
@@ -252,6 +257,7 @@ class Header:
     encryption: Encryption = Encryption.NONE
     hash_algo: HashAlgo = HashAlgo.BLAKE3_128
     props: Mapping[str, str] = field(default_factory=dict)
+    encryption_params: bytes = b""  # the wrapped data keys (crypto.py); empty when NONE
 
     def encode(self) -> bytes:
         parent = self.parent_uuid.bytes if self.parent_uuid else bytes(16)
@@ -260,9 +266,19 @@ class Header:
             self.hash_algo, 0, 0,
         )
         # encryption parameters: length-prefixed, empty while encryption is NONE
-        return fixed + _text(self.tool_version) + _text(self.checkpoint) + _U32.pack(0) + _props(
-            self.props
-        )
+        return (fixed + _text(self.tool_version) + _text(self.checkpoint)
+                + _U32.pack(len(self.encryption_params)) + self.encryption_params
+                + _props(self.props))
+
+    def clear(self) -> Header:
+        """What an encrypted archive's HEADER keeps in the clear: the rest goes to DETAILS."""
+        return Header(self.uuid, self.created_ns, "", self.kind, self.parent_uuid, "",
+                      self.encryption, self.hash_algo, {}, self.encryption_params)
+
+    def with_details(self, details: Details) -> Header:
+        return Header(self.uuid, self.created_ns, details.tool_version, self.kind,
+                      self.parent_uuid, details.checkpoint, self.encryption, self.hash_algo,
+                      details.props, self.encryption_params)
 
     def describe(self) -> str:
         """The header on one line, for ``--debug``."""
@@ -280,14 +296,18 @@ class Header:
             kind_v = Kind(kind)
         except ValueError as e:
             raise UnsupportedArchive(f"archive kind {kind} is not supported") from e
-        if enc != Encryption.NONE:
-            raise UnsupportedArchive(f"archive encryption method {enc} is not supported")
+        try:
+            enc_v = Encryption(enc)
+        except ValueError as e:
+            raise UnsupportedArchive(f"archive encryption method {enc} is not supported") from e
         if halgo != HashAlgo.BLAKE3_128:
             raise UnsupportedArchive(f"archive digest algorithm {halgo} is not supported")
         tool_version = c.text(MAX_TEXT)
         checkpoint = c.text(MAX_TEXT)
         (enc_len,) = c.unpack(_U32)
-        c.take(enc_len)
+        params = bytes(c.take(enc_len))
+        if enc_v == Encryption.NONE:
+            params = b""  # skipped, as the spec says
         props = c.props()
         return cls(
             uuid=UUID(bytes=bytes(raw_uuid)),
@@ -296,8 +316,28 @@ class Header:
             kind=kind_v,
             parent_uuid=None if bytes(parent) == bytes(16) else UUID(bytes=bytes(parent)),
             checkpoint=checkpoint,
+            encryption=enc_v,
             props=props,
+            encryption_params=params,
         )
+
+
+@dataclass(frozen=True)
+class Details:
+    """The DETAILS record of an encrypted archive: the header fields that describe the VM
+    or the writer, sealed like every record after HEADER."""
+
+    tool_version: str
+    checkpoint: str
+    props: Mapping[str, str] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return _text(self.tool_version) + _text(self.checkpoint) + _props(self.props)
+
+    @classmethod
+    def decode(cls, body: bytes | bytearray | memoryview) -> Details:
+        c = _Cursor(body, "details record")
+        return cls(c.text(MAX_TEXT), c.text(MAX_TEXT), c.props())
 
 
 _DEVICE = struct.Struct("<IQ")  # id, size
@@ -423,10 +463,12 @@ def decode_index(body: bytes | bytearray | memoryview) -> list[IndexEntry]:
         raise ArchiveError("index record has a partial entry")
     out = []
     for rt, comp, _r, dev, offset, length, pos in INDEX_ENTRY.iter_unpack(body):
+        if rt not in (RecordType.DATA, RecordType.ZERO):
+            raise ArchiveError(f"index entry has an unknown record type {rt}")
         try:
             out.append(IndexEntry(RecordType(rt), Compression(comp), dev, offset, length, pos))
         except ValueError as e:
-            raise ArchiveError(f"index entry has an unknown record type {rt}") from e
+            raise ArchiveError(f"index entry has an unknown compression {comp}") from e
     return out
 
 

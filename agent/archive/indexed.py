@@ -45,7 +45,7 @@ from agent.archive.format import (
 from agent.archive.index_walk import Collect, IndexFacts, frame_at, walk_index
 from agent.archive.overlaps import ExactCover, NoOverlap
 from agent.archive.reader import ArchiveReader
-from agent.errors import ArchiveError
+from agent.errors import ArchiveError, UnsupportedArchive
 
 _TAIL_PROBE = 1 << 20
 
@@ -122,13 +122,31 @@ class Seal:
 
     footer: Footer
     footer_pos: int
-    end: End
+    end: End | None  # None: an encrypted archive's, sealed (a key is needed to read it)
     end_seq: int
+
+
+#: Where the HEADER's ``encryption`` byte is: preamble, frame header, 41 bytes into the body.
+_ENCRYPTION_AT = PREAMBLE.size + 24 + 41
+
+
+class EncryptedArchive(UnsupportedArchive):
+    """Random access met an encrypted archive: its index and seal need a key."""
+
+
+def is_encrypted(f: BinaryIO) -> bool:
+    """Whether HEADER says the records are sealed (docs/FORMAT.md, "Encryption"): its
+    digest is checked when the archive is read, this is only which way to read it."""
+    f.seek(0)
+    head = f.read(_ENCRYPTION_AT + 1)
+    return (len(head) > _ENCRYPTION_AT and head[PREAMBLE.size:PREAMBLE.size + 4] == b"BREC"
+            and head[_ENCRYPTION_AT] != 0)
 
 
 def read_seal(f: BinaryIO) -> Seal:
     """The footer and END record of the archive file ``f``: proof that a writer finished
     it (only ``verify`` proves that nothing before was changed)."""
+    sealed = is_encrypted(f)
     size = f.seek(0, os.SEEK_END)  # a file's size, or an object's (agent/s3/objects.py)
     footer, footer_pos = _find_footer(f, size)
     if not PREAMBLE.size < footer.end_pos < footer_pos:
@@ -140,6 +158,8 @@ def read_seal(f: BinaryIO) -> Seal:
     if f.tell() != footer_pos:
         raise ArchiveError(f"the end record at byte {footer.end_pos} is not followed by "
                            "the footer")
+    if sealed:  # END's body is sealed: where it is, and that the footer follows, is all
+        return Seal(footer, footer_pos, None, rec.seq)
     end = End.decode(rec.body)
     if end.records != rec.seq:
         raise ArchiveError(f"end record at byte {footer.end_pos} does not seal the archive: "
@@ -267,6 +287,11 @@ class IndexedArchive:
     def _open(self) -> None:
         f = self._f
         seal = read_seal(f)
+        if seal.end is None:
+            # Random access reads the index and the seal, both sealed in an encrypted archive.
+            raise EncryptedArchive("the archive is encrypted: random access (serve) does "
+                                     "not read encrypted archives yet; restore or verify it "
+                                     "with --key")
         self._seal = seal
         self.end: End = seal.end
         self.archive_len = seal.footer.archive_len

@@ -30,9 +30,9 @@ import os
 import select
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import blake3
 
@@ -52,7 +52,9 @@ from agent.archive.format import (
     Chunk,
     Compression,
     Config,
+    Details,
     Device,
+    Encryption,
     End,
     Footer,
     Header,
@@ -67,6 +69,12 @@ from agent.archive.intervals import IntervalSet, Overlap
 from agent.archive.output import grow_pipe
 from agent.errors import ArchiveError, UnsupportedArchive
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from agent.archive import crypto
+
+_OPEN_SLACK = 15  # crypto.OPEN_SLACK, without importing cryptography for plain archives
 _METADATA = {RecordType.DEVICE, RecordType.CONFIG, RecordType.CONFIG_DATA}
 _KNOWN = frozenset(RecordType)
 
@@ -80,8 +88,11 @@ class RawRecord:
     frame: bytes
     body: memoryview
     digest: bytes
+    opened: bool = False  # decrypted: its sealed body's digest was checked, then its tag
 
     def digest_ok(self) -> bool:
+        if self.opened:
+            return True
         return bytes(blake3.blake3(self.body).digest(DIGEST_SIZE)) == self.digest
 
 
@@ -340,6 +351,7 @@ class ArchiveReader:
         self, f: BinaryIO, *, verify_data: bool = True, keep_configs: bool = True,
         spares: SpareBuffers | None = None,
         on_config_data: Callable[[Config, bytes | bytearray | memoryview], None] | None = None,
+        keys: Sequence[X25519PrivateKey] = (), label: str = "the archive",
     ) -> None:
         # ``keep_configs``: hold configs in memory for config(), up to KEPT_CONFIG_BYTES
         # in all. And/or ``on_config_data``: each config's data, piece by piece and in
@@ -369,6 +381,7 @@ class ArchiveReader:
         self._seen_index = False
         self._chain_before_end = b""
         self.archive_len = 0  # known once the footer is read, padding excluded
+        self._sealer: crypto.RecordSealer | None = None
 
         preamble = bytes(self._in.read_some(PREAMBLE.size))
         check_preamble(preamble)
@@ -380,6 +393,8 @@ class ArchiveReader:
             raise ArchiveError("the archive does not start with a header record")
         self._checked(first, "header record")
         self.header = Header.decode(first.body)
+        if self.header.encryption != Encryption.NONE:
+            self._unlock(first, keys, label)
         # Read the metadata up to the first record that is not metadata.
         while True:
             raw = self._next_raw()
@@ -392,6 +407,21 @@ class ArchiveReader:
             else:
                 self._pending = raw
                 break
+
+    def _unlock(self, first: RawRecord, keys: Sequence[X25519PrivateKey], label: str) -> None:
+        """Find the data key and read DETAILS, which must follow HEADER."""
+        from agent.archive import crypto  # here: cryptography costs plain archives 65 ms
+
+        if not keys:
+            raise crypto.KeyRequired(self.header, label)
+        self._sealer = crypto.opener(self.header, first.body, keys, label)
+        raw = self._next_raw()
+        if raw is None:
+            raise ArchiveError(f"the archive ends at byte {self._in.pos}: it is incomplete")
+        if raw.rtype != RecordType.DETAILS:
+            raise ArchiveError(f"encrypted archive: record 1 at byte {raw.pos} is not its "
+                               "details record")
+        self.header = self.header.with_details(Details.decode(raw.body))
 
     @property
     def on_input_wait(self) -> Callable[[], None] | None:
@@ -431,7 +461,31 @@ class ArchiveReader:
         if fr.rtype == RecordType.END:
             self._chain_before_end = self._chain.value()  # END seals what precedes it
         self._chain.add(head, dig)
-        return RawRecord(pos, fr.rtype, fr.flags, fr.seq, head, body, dig)
+        raw = RawRecord(pos, fr.rtype, fr.flags, fr.seq, head, body, dig)
+        if self._sealer is not None:
+            self._open(raw)
+        return raw
+
+    def _open(self, raw: RawRecord) -> None:
+        """Replace a sealed body by the plain one, once it authenticated: nothing
+        decrypted is handed on before that. Damage is told apart from alteration by the
+        digest, checked first."""
+        assert self._sealer is not None
+        self._checked(raw, f"record {raw.seq}")
+        sealed = raw.body
+        data = raw.rtype == RecordType.DATA
+        # A DATA body is decrypted into a spare buffer, as it was read into one.
+        into = self._in.spares.take(len(sealed) + _OPEN_SLACK) if data else None
+        try:
+            raw.body = self._sealer.open(raw.rtype, raw.flags, raw.seq, sealed, raw.pos, into)
+        except BaseException:
+            if into is not None:
+                self._in.spares.give(into)
+            raise
+        finally:
+            if data and isinstance(sealed.obj, bytearray):
+                self._in.spares.give(sealed.obj)  # read into a spare: done with it
+        raw.opened = True
 
     def _checked(self, raw: RawRecord, what: str) -> None:
         if not raw.digest_ok():
@@ -528,7 +582,7 @@ class ArchiveReader:
             elif rtype == RecordType.END:
                 self._end(raw)
                 return
-            elif rtype in _METADATA or rtype == RecordType.HEADER:
+            elif rtype in _METADATA or rtype in (RecordType.HEADER, RecordType.DETAILS):
                 raise ArchiveError(
                     f"{RecordType(rtype).name.lower()} record at byte {raw.pos} "
                     "comes after device data"

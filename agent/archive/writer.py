@@ -10,8 +10,10 @@ device byte without scanning. The index moves to a temporary file once it grows
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import blake3
 
@@ -22,10 +24,13 @@ from agent.archive.format import (
     INDEX_ENTRY,
     MAX_DATA_LENGTH,
     NO_INDEX,
+    VERSION_MINOR,
+    VERSION_MINOR_ENCRYPTED,
     Chain,
     Chunk,
     Compression,
     Config,
+    Details,
     Device,
     End,
     Footer,
@@ -41,6 +46,9 @@ from agent.archive.output import Buf, SequentialOutput
 from agent.archive.spill import SPILL_AT, SpillingBuffer
 from agent.errors import ArchiveError, InvalidArgument
 
+if TYPE_CHECKING:
+    from agent.archive import crypto
+
 CONFIG_CHUNK = 4 * 1024 * 1024
 
 
@@ -53,10 +61,15 @@ class Totals:
 
 
 class ArchiveWriter:
-    """Writes one archive to ``out``; call :meth:`finish` to seal it."""
+    """Writes one archive to ``out``; call :meth:`finish` to seal it.
+
+    With ``encrypt_to`` (raw X25519 public keys) the archive is encrypted for them: the
+    HEADER keeps only its clear fields, DETAILS carries the rest, and every record after
+    HEADER is sealed (docs/FORMAT.md, "Encryption"). ``rng``: tests make it reproducible."""
 
     def __init__(self, out: SequentialOutput, header: Header, *,
-                 index_in_memory: int = SPILL_AT) -> None:
+                 index_in_memory: int = SPILL_AT, encrypt_to: Sequence[bytes] = (),
+                 rng: crypto.Rng | None = None) -> None:
         self.out = out
         self.header = header
         self.totals = Totals()
@@ -64,7 +77,13 @@ class ArchiveWriter:
         self.configs: list[Config] = []
         self._names: set[str] = set()
         self._config_names: set[str] = set()
-        preamble = pack_preamble()
+        self._sealer: crypto.RecordSealer | None = None
+        clear = header
+        if encrypt_to:
+            from agent.archive import crypto  # here: cryptography costs plain backups 65 ms
+
+            clear, self._sealer = crypto.begin(header, encrypt_to, rng or os.urandom)
+        preamble = pack_preamble(VERSION_MINOR_ENCRYPTED if encrypt_to else VERSION_MINOR)
         self._chain = Chain(preamble)
         self._seq = 0
         self._index = SpillingBuffer(index_in_memory)
@@ -72,7 +91,15 @@ class ArchiveWriter:
         self._batch: list[Buf] | None = None  # records held back by batch()
         self._batch_len = 0
         out.write([preamble])
-        self._record(RecordType.HEADER, [header.encode()])
+        self._record(RecordType.HEADER, [clear.encode()])
+        if self._sealer is not None:
+            self._record(RecordType.DETAILS,
+                         [Details(header.tool_version, header.checkpoint, header.props).encode()])
+
+    @property
+    def encrypted(self) -> bool:
+        """Whether records are sealed: a body digest computed beforehand is then of no use."""
+        return self._sealer is not None
 
     # -- low level ---------------------------------------------------------------------
 
@@ -98,6 +125,11 @@ class ArchiveWriter:
     ) -> int:
         """Append one record; returns the byte position of its frame header."""
         pos = self.out.position + self._batch_len
+        if self._sealer is not None and rtype != RecordType.HEADER:
+            # Compressed before, sealed here: the nonce is the sequence number, known only
+            # now, in the order records are written.
+            body = [self._sealer.seal(rtype, flags, self._seq, body)]
+            body_digest = None
         body_len = sum(len(b) for b in body)
         frame = pack_frame(rtype, flags, self._seq, body_len)
         if body_digest is None:

@@ -47,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--format", dest="archive_format", choices=["native", "vma"],
                    default="native", help="archive format: native (ours, the default) or vma "
                    "(Proxmox's, for qmrestore: full backups only, uncompressed, docs/VMA.md)")
+    p.add_argument("--encrypt-to", metavar="PUBLIC", action="append", default=[],
+                   help="encrypt the archive to this public key (bapub1:..., or a file "
+                   "holding one; repeatable: any one of the private keys reads it)")
     p.add_argument("-o", "--output", metavar="PATH", required=True,
                    help="where the archive goes; - for standard output, s3://BUCKET/KEY for an "
                    "object in a bucket (docs/S3.md)")
@@ -201,10 +204,17 @@ def _check_vma(args: argparse.Namespace) -> None:
     if args.mode != "full":
         raise UsageError("--format vma holds only full backups: use --mode full, or the "
                          "native format for incrementals")
-    # --encrypt-to comes with the encryption branch (merged separately): VMA has none.
-    if getattr(args, "encrypt_to", None):
+    if args.encrypt_to:
         raise UsageError("--encrypt-to does not apply to --format vma (VMA has no "
                          "encryption): use the native format, or encrypt the whole stream")
+
+
+def _recipients(given: list[str]) -> tuple[bytes, ...]:
+    if not given:
+        return ()
+    from agent.keys import public_from_arg
+
+    return tuple(public_from_arg(g) for g in given)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -214,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
                          connections=args.connections,
                          memory=args.memory, request_size=args.request_size,
                          workers=max(2, os.cpu_count() or 2), pace=args.max_rate,
-                         archive_format=args.archive_format)
+                         archive_format=args.archive_format,
+                         encrypt_to=_recipients(args.encrypt_to))
     conns = args.connections or f"{opts.connections_for(changes=False)} (1 for changes only)"
     log.debug("options: compression %s, connections per source %s, memory %s, request size "
               "%s, %d worker(s), sweep rate %s", opts.compression, conns, size(args.memory),

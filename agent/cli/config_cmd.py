@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from agent.cli import common
+from agent.cli import common, key_cmd
 from agent.cli.render import log_contents
 
 log = logging.getLogger("backup-agent")
@@ -20,6 +20,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        "complete: check the exit status.")
     p.add_argument("path", metavar="PATH")
     p.add_argument("name", metavar="NAME")
+    key_cmd.add_key_options(p)
     p.set_defaults(run=run)
 
 
@@ -33,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.archive.format import Config
     from agent.archive.reader import open_stream
     from agent.vma.detect import open_reader
+    keys = key_cmd.keys_from(args)
     held: list[bytes] = []
     size = 0
 
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     log.debug("reading archive %s", common.archive_label(args.path))
     with open_stream(args.path) as stream:
         reader = open_reader(stream, verify_data=False, keep_configs=False,
-                             on_config_data=piece)  # ours or VMA
+                             on_config_data=piece, keys=keys,
+                             label=common.archive_label(args.path))  # ours or VMA
         log_contents(log, reader.header, reader.devices)
         reader.config_info(args.name)  # it is there, and complete
     log.debug("config %r: %d bytes, writing it to standard output", args.name, size)

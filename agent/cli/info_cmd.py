@@ -6,7 +6,7 @@ import argparse
 import logging
 from collections.abc import Callable
 
-from agent.cli import common
+from agent.cli import common, key_cmd
 from agent.cli.render import log_contents, printable, size
 
 log = logging.getLogger("backup-agent")
@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        "A file is read through its index; a pipe (-) is read to its end.")
     p.add_argument("path", metavar="PATH")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    key_cmd.add_key_options(p)
     p.set_defaults(run=run)
 
 
@@ -30,7 +31,9 @@ def run(args: argparse.Namespace) -> int:
     from agent.archive_info import archive_info
 
     log.debug("reading archive %s", common.archive_label(args.path))
-    found = archive_info(args.path)
+    found = archive_info(args.path, key_cmd.keys_from(args), common.archive_label(args.path))
+    if found.end is None:
+        return _locked(found.as_dict(), args.json)
     log_contents(log, found.header, found.devices)
     for cfg in found.configs:
         log.debug("config %r: %d bytes", cfg.name, cfg.size)
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         (f"tool      backup-agent {shown(info['tool_version'])}" if info["format"] == "native"
          else f"format    {shown(info['tool_version'])}"),
         *_consistency(info["properties"], shown),
+        *([f"encrypted to {', '.join(info['encrypted_to'])}"] if info["encrypted_to"] else []),
         f"seal      {info['seal']}",
         "",
         f"{'DEVICE':<20} {'SIZE':>12}  PROPERTIES",
@@ -87,3 +91,29 @@ def _consistency(props: dict[str, str], shown: Callable[[str], str]) -> list[str
     frozen = [m for m in props.get("frozen-mountpoints", "").split("\n") if m]
     where = f" (frozen: {', '.join(shown(m) for m in frozen)})" if frozen else ""
     return [f"consistency: {shown(props['consistency'])}{where}"]
+
+
+def _locked(info: dict[str, object], as_json: bool) -> int:
+    """An encrypted archive without its key: the clear fields, and what is missing."""
+    import datetime
+    import json
+
+    if as_json:
+        common.write_stdout(json.dumps(info, indent=2) + "\n")
+        return 0
+    created = datetime.datetime.fromtimestamp(float(info["created"]),  # type: ignore[arg-type]
+                                              datetime.UTC)
+    recipients = info["encrypted_to"]
+    assert isinstance(recipients, list)
+    lines = [
+        f"archive   {info['uuid']}",
+        f"kind      {info['kind']}",
+        *([f"parent    {info['parent_uuid']}"] if info["parent_uuid"] else []),
+        f"created   {created:%Y-%m-%d %H:%M:%S} UTC",
+        f"encrypted to {', '.join(recipients)}",
+        "",
+        "everything else (devices, configs, data, totals) is encrypted: "
+        "give --key KEYFILE to see it",
+    ]
+    common.write_stdout("\n".join(lines) + "\n")
+    return 0

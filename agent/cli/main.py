@@ -20,6 +20,7 @@ from agent.cli import (
     config_cmd,
     info_cmd,
     job_cmd,
+    key_cmd,
     prune_cmd,
     restore_cmd,
     serve_cmd,
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         # a UsageError is reported with the usage of the command that raised it
         command.set_defaults(command_parser=command)
+    key_cmd.add_parser(sub, common)  # after: its actions set their own command_parser
     return parser
 
 

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.cli import common, restore_live_cmd
+from agent.cli import common, key_cmd, restore_live_cmd
 from agent.cli.common import UsageError
 from agent.cli.render import ProgressRenderer, device_text, summary_line
 from agent.errors import InvalidArgument
@@ -55,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                    default=RestoreOptions.open_targets,
                    help="devices whose target is open at once (%(default)s): a file each, or "
                    "a qemu-nbd for qcow2; others are closed and reopened as their records come")
+    key_cmd.add_key_options(p)
     p.add_argument("--insecure-plaintext", action="store_true",
                    help="allow --to nbd://HOST on another host: NBD over TCP in clear text, "
                    "readable by anyone on the way (otherwise refused: use nbds:// with TLS)")
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     if args.paths.count("-") > 1:  # before --to-dir's DIR is created
         raise InvalidArgument("only one archive of a chain can come from standard input (-)")
     opts = RestoreOptions(memory=args.memory, connections=args.connections,
-                          open_targets=args.open_targets)
+                          open_targets=args.open_targets, keys=key_cmd.keys_from(args))
     factory: SinkFactory
     if args.to is not None:
         log.debug("restore device %r into %s, %d connection(s) per NBD target, %d worker(s), "

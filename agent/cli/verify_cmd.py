@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import TYPE_CHECKING
 
-from agent.cli import common
+from agent.cli import common, key_cmd
 from agent.cli.render import ProgressRenderer, device_text, summary_line
 from agent.options import RestoreOptions
 
@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                        description="Check every record's digest, decompress every record, "
                        "check the seal and that every device is covered. PATH may be -.")
     p.add_argument("path", metavar="PATH")
+    key_cmd.add_key_options(p)
     common.add_progress(p)
     p.set_defaults(run=run)
 
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from agent.archive.reader import open_stream
     from agent.restore import restore, to_null
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
-    opts = RestoreOptions()
+    opts = RestoreOptions(keys=key_cmd.keys_from(args))
     null = to_null()
 
     def checked(dev: Device) -> Sink | None:

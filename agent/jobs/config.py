@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 from agent.address import is_tcp
 from agent.archive.codec import CompressionSpec
 from agent.archive.format import check_name
-from agent.errors import ArchiveError, InvalidArgument
+from agent.errors import AgentError, ArchiveError, InvalidArgument
 from agent.modes import MODES
 from agent.pace import PaceSpec
 from agent.units import parse_size
@@ -46,7 +46,8 @@ _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 # Keys [defaults] may set; keep_chains and full_every from there apply to dir jobs only.
 _SHARED = ("mode", "full_every", "keep_chains", "compression", "cbw_memory", "spool_dir",
-           "spool_limit", "cbw_timeout", "max_rate", "fs_freeze", "freeze_timeout")
+           "spool_limit", "cbw_timeout", "max_rate", "fs_freeze", "freeze_timeout",
+           "encrypt_to")
 # The guest agent (docs/LIVE.md): each VM has its own channel or hooks.
 _FREEZE_KEYS = ("qga", "freeze_mountpoints", "freeze_command", "thaw_command")
 _NETWORK_KEYS = ("qemu_nbd_addr", "cbw_listen")  # jobs whose monitor is HOST:PORT only
@@ -95,6 +96,7 @@ class Job:
     freeze_mountpoints: tuple[str, ...] = ()
     freeze_command: str | None = None
     thaw_command: str | None = None
+    encrypt_to: tuple[bytes, ...] = ()  # X25519 public keys (--encrypt-to); () = plain
 
     @property
     def network(self) -> bool:
@@ -228,6 +230,7 @@ def _shared(t: _Table) -> dict[str, Any]:
         "max_rate": t.rate("max_rate"),
         "fs_freeze": t.choice("fs_freeze", ("auto", "required", "off")),
         "freeze_timeout": t.positive("freeze_timeout"),
+        "encrypt_to": t.recipients("encrypt_to"),
     }
     return {k: v for k, v in found.items() if v is not None}
 
@@ -384,6 +387,18 @@ class _Table:
         if m is None or int(m.group(1)) < 1:
             self._bad(key, 'a duration such as "7d", "12h" or "2w" (units s, m, h, d, w)')
         return int(m.group(1)) * _SECONDS[m.group(2)]
+
+    def recipients(self, key: str) -> tuple[bytes, ...] | None:
+        """Public keys (``bapub1:...``) or files holding one, as ``--encrypt-to`` takes."""
+        given = self.strings(key)
+        if given is None:
+            return None
+        from agent.keys import public_from_arg  # only jobs that encrypt pay for cryptography
+
+        try:
+            return tuple(public_from_arg(g) for g in given)
+        except AgentError as e:
+            self.fail(f"{key}: {e}")
 
     def compression(self, key: str) -> CompressionSpec | None:
         value = self.data.get(key)

@@ -224,7 +224,8 @@ def _live_job(job: Job, output: str, mode: Mode) -> LiveJob:
     return LiveJob(
         qmp=job.qmp, output=output, drives=list(job.drives), configs=list(job.configs),
         mode=mode,
-        engine=EngineOptions(compression=job.compression, pace=job.max_rate or PaceSpec()),
+        engine=EngineOptions(compression=job.compression, pace=job.max_rate or PaceSpec(),
+                             encrypt_to=job.encrypt_to),
         cbw=CbwOptions(
             timeout=cbw.timeout if job.cbw_timeout is None else job.cbw_timeout,
             memory=cbw.memory if job.cbw_memory is None else job.cbw_memory,

@@ -117,6 +117,8 @@ def open_reader(f: BinaryIO, **kwargs: Any) -> ArchiveReader | VmaReader:
     if kind == "vma":
         from agent.vma.reader import VmaReader
 
+        kwargs.pop("label", None)  # ours only: VMA has no encryption, so no keys either
+        kwargs.pop("keys", None)
         return VmaReader(stream, **kwargs)
     from agent.archive.reader import ArchiveReader
 

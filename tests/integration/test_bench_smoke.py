@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 CASES = {
     "run.py": ["half-data raw, --compress none, into a pipe",
                "restore of that archive from a pipe to raw",
+               "half-data raw, zstd, encrypted, into a pipe",
+               "restore of the encrypted archive from a pipe",
                "1 TiB empty qcow2, full backup",
                "0.25 GiB fully written raw, peak RSS"],
     "incremental.py": ["full live backup, 0.25 GiB half data, pipe",

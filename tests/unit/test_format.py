@@ -81,7 +81,7 @@ def test_fixed_sizes_and_constants() -> None:
     assert NO_INDEX == 2**64 - 1
     assert FLAG_OPTIONAL == 1
     assert {t.name: int(t) for t in RecordType} == {
-        "HEADER": 0x01, "DEVICE": 0x02, "CONFIG": 0x03, "CONFIG_DATA": 0x04,
+        "HEADER": 0x01, "DEVICE": 0x02, "CONFIG": 0x03, "CONFIG_DATA": 0x04, "DETAILS": 0x08,
         "DATA": 0x10, "ZERO": 0x11, "INDEX": 0x20, "END": 0xFF,
     }
 
@@ -194,8 +194,8 @@ def test_header_refuses_what_it_cannot_read() -> None:
     kind, enc, halgo = 40, 41, 42
     with pytest.raises(UnsupportedArchive, match="archive kind 9"):
         Header.decode(bytes(raw[:kind]) + b"\x09" + bytes(raw[kind + 1 :]))
-    with pytest.raises(UnsupportedArchive, match="encryption method 1"):
-        Header.decode(bytes(raw[:enc]) + b"\x01" + bytes(raw[enc + 1 :]))
+    with pytest.raises(UnsupportedArchive, match="encryption method 2"):  # 1: crypto.py
+        Header.decode(bytes(raw[:enc]) + b"\x02" + bytes(raw[enc + 1 :]))
     with pytest.raises(UnsupportedArchive, match="digest algorithm 2"):
         Header.decode(bytes(raw[:halgo]) + b"\x02" + bytes(raw[halgo + 1 :]))
     with pytest.raises(ArchiveError, match="archive header record is too short"):

@@ -155,8 +155,9 @@ def test_defaults_when_nothing_is_said(tmp_path: Path) -> None:
     # unknown keys
     ('keep = 3', 'job "vm1": unknown key "keep" (did you mean "keep_chains"?); known keys: '
                  'cbw_listen, cbw_memory, cbw_timeout, command, commit_command, compression, '
-                 'configs, dir, drives, freeze_command, freeze_mountpoints, freeze_timeout, '
-                 'fs_freeze, full_every, keep_chains, max_rate, mode, qemu_nbd_addr, '
+                 'configs, dir, drives, encrypt_to, freeze_command, freeze_mountpoints, '
+                 'freeze_timeout, fs_freeze, full_every, keep_chains, max_rate, mode, '
+                 'qemu_nbd_addr, '
                  'qemu_nbd_socket, qga, qmp, spool_dir, spool_limit, thaw_command, tls'),
     # the guest agent
     ('fs_freeze = "yes"', 'job "vm1": fs_freeze must be one of "auto", "required", "off", '
@@ -221,7 +222,7 @@ def test_a_wrong_field(tmp_path: Path, text: str, expected: str) -> None:
     (f'[jobs.{"v" * 65}]\nqmp = "/run/vm1.qmp"', 'job name "vvvv'),
     ('[defaults]\nqmp = "/run/vm1.qmp"\n' + VM1,
      'defaults: unknown key "qmp"; known keys: cbw_memory, cbw_timeout, compression, '
-     'freeze_timeout, fs_freeze, full_every, keep_chains, max_rate, mode, spool_dir, '
+     'encrypt_to, freeze_timeout, fs_freeze, full_every, keep_chains, max_rate, mode, spool_dir, '
      'spool_limit'),
     ('[defaults]\nkeep_chains = -1\n' + VM1,
      'defaults: keep_chains must be a positive integer, got -1'),
@@ -293,3 +294,19 @@ def test_a_bucket_destination(tmp_path: Path) -> None:
     assert "both write to" in _error(
         tmp_path, '[jobs.a]\nqmp = "/run/a.qmp"\ndir = "s3://backups/vm"\n'
         '[jobs.b]\nqmp = "/run/b.qmp"\ndir = "s3://backups/vm/"\n')
+
+
+def test_encrypt_to_takes_keys_and_files(tmp_path: Path) -> None:
+    from agent import keys
+
+    pair = keys.generate()
+    pub_file = tmp_path / "offline.pub"
+    pub_file.write_text(pair.public_text + "\n")
+    other = keys.generate()
+    jobs = _load(tmp_path, f'[defaults]\nencrypt_to = ["{other.public_text}"]\n' + VM1
+                 + f'encrypt_to = ["{pub_file}", "{other.public_text}"]\n'
+                 + '[jobs.vm2]\nqmp = "/run/vm2.qmp"\ndir = "/srv/vm2"\n')
+    assert jobs.jobs["vm1"].encrypt_to == (pair.public, other.public)
+    assert jobs.jobs["vm2"].encrypt_to == (other.public,)
+    assert _error(tmp_path, VM1 + 'encrypt_to = ["bapub1:AAAA"]\n').startswith(
+        'job "vm1": encrypt_to: public key: 3 bytes, expected 32')
