@@ -52,6 +52,38 @@ class _Counted(io.RawIOBase):
 
     gets = 0
     fetched = 0
+    target: S3Name
+    etag: str
+    _client: Any
+
+    def _get(self, first: int, last: int) -> bytes:
+        """Bytes ``first``..``last`` of the object, its ETag pinned: a broken connection is
+        tried again with backoff; a replaced object or a refusal is an ArchiveError."""
+        failures = 0
+        while True:
+            _Counted.gets += 1
+            try:
+                reply = self._client.get_object(Bucket=self.target.bucket, Key=self.target.key,
+                                                Range=f"bytes={first}-{last}",
+                                                IfMatch=self.etag)
+                data: bytes = reply["Body"].read()
+                if len(data) != last - first + 1:
+                    raise ConnectionError(f"{len(data)} bytes came, {last - first + 1} asked")
+            except Exception as e:  # sorted out below
+                code, status = s3client.error_code(e)
+                if code == "PreconditionFailed" or status == 412:
+                    raise ArchiveError(f"{self.target} was replaced while it was being "
+                                       "read") from e
+                failures += 1
+                if status in (403, 404) or failures > RESUMES:
+                    raise ArchiveError(s3client.describe(
+                        e, f"{self.target}: reading bytes {first}-{last}")) from e
+                log.debug("%s: fetching bytes %d-%d again after %s", self.target, first, last,
+                          e)
+                time.sleep(min(8.0, 0.25 * 2 ** failures))
+                continue
+            _Counted.fetched += len(data)
+            return data
 
 
 class ObjectStream(_Counted):
@@ -107,33 +139,6 @@ class ObjectStream(_Counted):
                 return future.result(timeout=interrupts.STEP)  # in steps: Ctrl-C
             except cf.TimeoutError:
                 continue
-
-    def _get(self, first: int, last: int) -> bytes:
-        failures = 0
-        while True:
-            _Counted.gets += 1
-            try:
-                reply = self._client.get_object(Bucket=self.target.bucket, Key=self.target.key,
-                                                Range=f"bytes={first}-{last}",
-                                                IfMatch=self.etag)
-                data: bytes = reply["Body"].read()
-                if len(data) != last - first + 1:
-                    raise ConnectionError(f"{len(data)} bytes came, {last - first + 1} asked")
-            except Exception as e:
-                code, status = s3client.error_code(e)
-                if code == "PreconditionFailed" or status == 412:
-                    raise ArchiveError(f"{self.target} was replaced while it was being "
-                                       "read") from e
-                failures += 1
-                if status in (403, 404) or failures > RESUMES:
-                    raise ArchiveError(s3client.describe(
-                        e, f"{self.target}: reading at byte {first}")) from e
-                log.debug("%s: fetching bytes %d-%d again after %s", self.target, first, last,
-                          e)
-                time.sleep(min(8.0, 0.25 * 2 ** failures))
-                continue
-            _Counted.fetched += len(data)
-            return data
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -210,28 +215,3 @@ class RangedObject(_Counted):
             self._blocks.popitem(last=False)
         start = (block_no - first_no) * bs
         return data[start:start + bs]
-
-    def _get(self, first: int, last: int) -> bytes:
-        failures = 0
-        while True:
-            _Counted.gets += 1
-            try:
-                reply = self._client.get_object(Bucket=self.target.bucket, Key=self.target.key,
-                                                Range=f"bytes={first}-{last}",
-                                                IfMatch=self.etag)
-                data: bytes = reply["Body"].read()
-                if len(data) != last - first + 1:
-                    raise ConnectionError(f"{len(data)} bytes came, {last - first + 1} asked")
-            except Exception as e:  # sorted out below
-                code, status = s3client.error_code(e)
-                if code == "PreconditionFailed" or status == 412:
-                    raise ArchiveError(f"{self.target} was replaced while it was being "
-                                       "read") from e
-                failures += 1
-                if status in (403, 404) or failures > RESUMES:
-                    raise ArchiveError(s3client.describe(
-                        e, f"{self.target}: reading bytes {first}-{last}")) from e
-                time.sleep(min(8.0, 0.25 * 2 ** failures))
-                continue
-            _Counted.fetched += len(data)
-            return data
