@@ -142,7 +142,8 @@ def test_info_without_a_key_shows_only_the_clear_fields(setup: Setup, source: st
             else agent_from_file(arc, "info", "-", "--json"))
     assert_ok(proc)
     info = json.loads(proc.stdout)
-    assert set(info) == {"uuid", "created", "kind", "parent_uuid", "encrypted_to", "locked"}
+    assert set(info) == {"format", "uuid", "created", "kind", "parent_uuid", "encrypted_to",
+                         "locked"}  # format: ours or VMA, known before any key
     assert info["kind"] == "full" and info["locked"] is True
     human = agent("info", arc)
     assert_ok(human)
