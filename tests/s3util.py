@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.procs import OwnedProcess
+
 ACCESS_KEY = "backupagent"
 SECRET_KEY = "backupagent-secret-key"
 START_TIMEOUT = 90.0  # seconds: weed starts master, volume, filer and S3 in turn; a busy machine
@@ -55,7 +57,7 @@ def free_ports(n: int) -> list[int]:
 
 
 @dataclass
-class Weed:
+class Weed(OwnedProcess):
     """One running ``weed mini``."""
 
     endpoint: str  # http://127.0.0.1:PORT
@@ -99,25 +101,8 @@ class Weed:
             os.environ.clear()
             os.environ.update(saved)
 
-    def log_text(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
     def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM by pid, then SIGKILL after ``timeout``. Idempotent."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return super().stop(timeout)
 
 
 def start_weed(directory: Path, buckets: tuple[str, ...] = ("backups",),

@@ -32,6 +32,7 @@ from tests.integration.vm import (
     qemu_version,
     select_qemu,
 )
+from tests.procs import OwnedProcess
 from tests.s3util import Weed, start_weed
 
 StrPath = str | os.PathLike[str]
@@ -135,7 +136,7 @@ def nbdcopy_to_file(uri: str, path: StrPath) -> Path:
 
 
 @dataclass
-class Server:
+class Server(OwnedProcess):
     """One running NBD server process (qemu-nbd or nbdkit) listening on a Unix socket."""
 
     uri: str
@@ -149,32 +150,15 @@ class Server:
     log: Path = field(repr=False)
     """File that receives the server's stdout and stderr."""
 
-    def log_text(self) -> str:
-        """Everything the server has written to stdout/stderr so far."""
-        try:
-            return self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def running(self) -> bool:
-        """True while the server process has not exited."""
-        return self.proc.poll() is None
-
     def stop(self, timeout: float = SERVER_STOP_TIMEOUT) -> int:
         """Stop this server by its own PID: SIGTERM, wait up to ``timeout``, then SIGKILL.
 
         Idempotent. Removes the socket file. Returns the process's exit status.
         """
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = super().stop(timeout)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
-        return self.proc.returncode
+        return code
 
 
 class NbdServerFactory:
