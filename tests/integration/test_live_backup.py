@@ -33,6 +33,7 @@ from tests.integration.cli_util import (
     running,
 )
 from tests.integration.conftest import TwoDisks, TwoDiskVms, qemu_img_compare
+from tests.integration.live_util import backup_racing_guest_writes
 from tests.integration.vm import Vm
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu]  # qemu: run on QEMU 10 too
@@ -80,28 +81,14 @@ def test_larger_copy_clusters(two_disks: tuple[Vm, dict[str, Path]], short_tmp: 
 def _backup_racing_guest_writes(vm: Vm, before: dict[str, Path], short_tmp: Path,
                                 *extra: str) -> None:
     graph_before = _graph(vm)
-    with running(
-        [AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-",
-         "--connections", "1", "--memory", "4M", "--request-size", "1M", *extra],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        # The archive's first bytes come after the snapshot exists. The backup then stalls
-        # on the pipe we do not read: the sweep cannot overtake the writes below.
-        head = proc.stdout.read(4096)
-        assert head.startswith(b"\x89BAGENT\n"), proc.stderr.read().decode()
-        writes = [("vda", 0xA1, 0, 64 * KiB), ("vda", 0xA2, 30 * MiB + 4 * KiB, 4 * KiB),
-                  ("vda", 0xA3, 40 * MiB, 2 * MiB), ("vda", 0xA4, 44 * MiB, 64 * KiB),
-                  ("vdb", 0xB1, 8 * MiB, 4608), ("vdb", 0xB2, 4 * MiB, 1 * MiB)]
-        for dev, pattern, off, length in writes:
-            vm.guest_write(dev, pattern, off, length)
-        rest: list[bytes] = []
-        reader = threading.Thread(target=lambda: rest.append(proc.stdout.read()))  # type: ignore[union-attr]
-        reader.start()
-        err = proc.stderr.read()
-        reader.join(120)
-        assert proc.wait(120) == 0, err.decode()
+    writes = [("vda", 0xA1, 0, 64 * KiB), ("vda", 0xA2, 30 * MiB + 4 * KiB, 4 * KiB),
+              ("vda", 0xA3, 40 * MiB, 2 * MiB), ("vda", 0xA4, 44 * MiB, 64 * KiB),
+              ("vdb", 0xB1, 8 * MiB, 4608), ("vdb", 0xB2, 4 * MiB, 1 * MiB)]
+    data, err = backup_racing_guest_writes(
+        vm, ["--compress", "none", "--connections", "1", "--memory", "4M",
+             "--request-size", "1M", *extra], b"\x89BAGENT\n", writes)
     arc = short_tmp / "live.arc"
-    arc.write_bytes(head + rest[0])
+    arc.write_bytes(data)
     out = short_tmp / "restored"
     done = agent_from_file(arc, "restore", "-", "--to-dir", out)
     assert done.returncode == 0, describe(done)

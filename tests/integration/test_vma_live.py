@@ -4,21 +4,18 @@ for, and the restore is each disk exactly as it was when the backup started."""
 
 from __future__ import annotations
 
-import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests.integration.cli_util import (
-    AGENT,
     agent,
     agent_from_file,
     assert_usage_error,
     describe,
-    running,
 )
 from tests.integration.conftest import TwoDisks, TwoDiskVms, qemu_img_compare
+from tests.integration.live_util import backup_racing_guest_writes
 from tests.integration.vm import Vm
 
 pytestmark = [pytest.mark.integration, pytest.mark.qemu]
@@ -39,28 +36,14 @@ def two_disks(two_disk_vm: TwoDiskVms) -> TwoDisks:
 def test_live_backup_as_vma_racing_guest_writes(two_disks: tuple[Vm, dict[str, Path]],
                                                  short_tmp: Path) -> None:
     vm, before = two_disks
-    with running(
-        [AGENT, "backup", "--qmp", str(vm.agent_qmp), "--format", "vma", "-o", "-",
-         "--connections", "1", "--memory", "4M", "--request-size", "1M"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
-        assert proc.stdout is not None and proc.stderr is not None
-        # The first bytes come once the snapshot exists; then the backup stalls on the
-        # pipe we do not read, so the sweep cannot overtake the writes below.
-        head = proc.stdout.read(4096)
-        assert head.startswith(b"VMA\0"), proc.stderr.read().decode()
-        writes = [("vda", 0xA1, 0, 64 * KiB), ("vda", 0xA2, 30 * MiB + 4 * KiB, 4 * KiB),
-                  ("vda", 0xA3, 40 * MiB, 2 * MiB), ("vdb", 0xB1, 8 * MiB, 4608),
-                  ("vdb", 0xB2, 4 * MiB, 1 * MiB)]
-        for dev, pattern, off, length in writes:
-            vm.guest_write(dev, pattern, off, length)
-        rest: list[bytes] = []
-        reader = threading.Thread(target=lambda: rest.append(proc.stdout.read()))  # type: ignore[union-attr]
-        reader.start()
-        err = proc.stderr.read()
-        reader.join(120)
-        assert proc.wait(120) == 0, err.decode()
+    writes = [("vda", 0xA1, 0, 64 * KiB), ("vda", 0xA2, 30 * MiB + 4 * KiB, 4 * KiB),
+              ("vda", 0xA3, 40 * MiB, 2 * MiB), ("vdb", 0xB1, 8 * MiB, 4608),
+              ("vdb", 0xB2, 4 * MiB, 1 * MiB)]
+    data, err = backup_racing_guest_writes(
+        vm, ["--format", "vma", "--connections", "1", "--memory", "4M", "--request-size", "1M"],
+        b"VMA\0", writes)
     arc = short_tmp / "live.vma"
-    arc.write_bytes(head + rest[0])
+    arc.write_bytes(data)
     out = short_tmp / "restored"
     done = agent_from_file(arc, "restore", "-", "--to-dir", out)
     assert done.returncode == 0, describe(done)
