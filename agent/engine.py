@@ -139,7 +139,7 @@ class _Data:
     length: int
     compression: Compression
     payload: bytes | bytearray | memoryview
-    digest: bytes
+    digest: bytes | None  # None: the writer does not use one (sealed records, VMA)
 
 
 _Record = _Data | _Zero
@@ -329,23 +329,24 @@ class _Prepared:
 
 
 def _prepare_pushed(item: _Read | _Gather, buf: bytearray, spec: codec.CompressionSpec,
-                    pool: BufferPool) -> _Prepared:
-    return _Prepared(_prepare(item, buf, spec).records, buf, pool)
+                    digest: bool, pool: BufferPool) -> _Prepared:
+    return _Prepared(_prepare(item, buf, spec, digest).records, buf, pool)
 
 
-def _prepare(item: _Read | _Gather, buf: bytearray, spec: codec.CompressionSpec
-             ) -> _Prepared:
-    """Worker: split a read into zero and data runs, compress and digest the data."""
+def _prepare(item: _Read | _Gather, buf: bytearray, spec: codec.CompressionSpec,
+             digest: bool) -> _Prepared:
+    """Worker: split a read into zero and data runs, compress the data and, when the
+    writer uses it (``digest``), digest it here, in parallel."""
     out: list[_Record] = []
     pos = 0
     for offset, length in _parts(item):
-        _split(item.device, offset, memoryview(buf)[pos:pos + length], spec, out)
+        _split(item.device, offset, memoryview(buf)[pos:pos + length], spec, digest, out)
         pos += length
     return _Prepared(out, buf)
 
 
 def _split(dev: Device, base: int, view: memoryview, spec: codec.CompressionSpec,
-           out: list[_Record]) -> None:
+           digest: bool, out: list[_Record]) -> None:
     """Append the records of ``view``, device bytes from ``base`` on, to ``out``."""
     nbuf = nbd.Buffer.from_buffer(view)
     length = len(view)
@@ -355,7 +356,8 @@ def _split(dev: Device, base: int, view: memoryview, spec: codec.CompressionSpec
 
     def data(start: int, end: int) -> None:
         comp, payload = codec.compress(view[start:end], spec)
-        dig = data_body_digest(dev.id, base + start, end - start, comp, payload)
+        dig = (data_body_digest(dev.id, base + start, end - start, comp, payload)
+               if digest else None)
         out.append(_Data(dev, base + start, end - start, comp, payload, dig))
 
     run_start, run_zero = 0, False
@@ -488,7 +490,9 @@ class BackupEngine:
                 elif owned and buf is not None:
                     item = _pack(planner._device, owned, buf)
                     fut = self._workers.submit(_prepare_pushed, item, buf,
-                                               self.opts.compression, self.push_buffers)
+                                               self.opts.compression,
+                                               self.writer.wants_digest,
+                                               self.push_buffers)
                     fut.add_done_callback(self._q.put)
                     buf = None
             except RuntimeError:  # the workers shut down: the backup failed meanwhile
@@ -579,7 +583,7 @@ class BackupEngine:
             filling.left -= 1
             if filling.left == 0:  # every part of it is in
                 fut = self._workers.submit(_prepare, filling.item, filling.buf,
-                                           self.opts.compression)
+                                           self.opts.compression, self.writer.wants_digest)
                 fut.add_done_callback(self._q.put)
         return done
 

@@ -97,9 +97,10 @@ class ArchiveWriter:
                          [Details(header.tool_version, header.checkpoint, header.props).encode()])
 
     @property
-    def encrypted(self) -> bool:
-        """Whether records are sealed: a body digest computed beforehand is then of no use."""
-        return self._sealer is not None
+    def wants_digest(self) -> bool:
+        """Whether :meth:`write_data` uses a body digest computed beforehand (not when
+        records are sealed: the digest is then of the sealed body, known only here)."""
+        return self._sealer is None
 
     # -- low level ---------------------------------------------------------------------
 

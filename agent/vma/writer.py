@@ -148,6 +148,9 @@ class VmaWriter:
             self._batching = False
         self._flush()
 
+    #: VMA has no record digests: the engine need not compute them (its extents carry MD5s).
+    wants_digest = False
+
     def write_data(self, device: int, offset: int, length: int, comp: Compression,
                    payload: Buf, body_digest: bytes | None = None) -> None:
         del body_digest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
+from types import SimpleNamespace
 from typing import Any, cast
 
 from agent.archive.codec import CompressionSpec
@@ -68,7 +69,8 @@ def test_pack_moves_owned_parts_to_the_front() -> None:
 def engine(size: int = 64 * MiB) -> tuple[BackupEngine, DeviceTracker]:
     dev = Device(0, "vda", size)
     t = DeviceTracker(size, C, lambda off, n: None)
-    e = BackupEngine(cast(ArchiveWriter, None), [(dev, cast(NbdSource, None))],
+    writer = cast(ArchiveWriter, SimpleNamespace(wants_digest=True))  # the workers ask it
+    e = BackupEngine(writer, [(dev, cast(NbdSource, None))],
                      EngineOptions(compression=CompressionSpec.parse("none"),
                                    request_size=MiB, memory=2 * MiB), trackers={0: t})
     return e, t
