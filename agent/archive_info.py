@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.archive.crypto import KeyRequired, stanzas
 from agent.archive.format import Config, Device, Encryption, End, Header
-from agent.archive.indexed import EncryptedArchive, IndexedArchive
+from agent.archive.indexed import IndexedArchive
 from agent.archive.reader import ArchiveReader, DataRecord, open_stream
 from agent.errors import AgentError
 from agent.vma.detect import open_reader, plain_native
@@ -79,11 +79,11 @@ def archive_info(path: str, keys: Sequence[X25519PrivateKey] = (),
     s3 = path.startswith("s3://")
     if seekable and (s3 or plain_native(path)):
         try:
-            with IndexedArchive(path) as arc:
+            with IndexedArchive(path, keys, label) as arc:
                 return ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end,
                                    arc.archive_len)
-        except EncryptedArchive:
-            pass  # its index is sealed: read it as a stream, with the keys
+        except KeyRequired as e:  # encrypted, no key: what is in the clear, and its length
+            return ArchiveInfo(e.header, [], [], None, 0 if s3 else os.path.getsize(path))
     with open_stream(path) as f:
         try:  # ours or VMA
             reader = open_reader(f, verify_data=False, keep_configs=False, keys=keys,

@@ -106,7 +106,7 @@ def generate(rng: Callable[[int], bytes] = os.urandom) -> KeyPair:
     return KeyPair(priv, raw_public(priv))
 
 
-def _raw_private(key: X25519PrivateKey) -> bytes:
+def raw_private(key: X25519PrivateKey) -> bytes:
     from cryptography.hazmat.primitives.serialization import (
         Encoding,
         NoEncryption,
@@ -123,7 +123,7 @@ def _scrypt(passphrase: bytes, salt: bytes, log_n: int, r: int, p: int) -> bytes
 def encode_private(pair: KeyPair, passphrase: bytes | None = None,
                    rng: Callable[[int], bytes] = os.urandom, log_n: int = SCRYPT_LOG_N) -> str:
     """The key file's text: a comment with the public key, then the key line."""
-    raw = _raw_private(pair.private)
+    raw = raw_private(pair.private)
     if passphrase is None:
         line = PRIVATE_PREFIX + _b64(raw)
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,9 +53,11 @@ def _ranges(rng: random.Random, size: int, full: bool) -> list[tuple[int, int]]:
 
 
 def build_chain(folder: Path, kinds: list[Kind], *, seed: int = 1,
-                sizes: dict[str, int] | None = None, compress: bool = True) -> Chain:
+                sizes: dict[str, int] | None = None, compress: bool = True,
+                encrypt_to: dict[int, Sequence[bytes]] | None = None) -> Chain:
     """Archives ``folder/0.arc``... of the given kinds (the first FULL), each the parent of
-    the next, over devices ``sizes`` (name -> bytes)."""
+    the next, over devices ``sizes`` (name -> bytes). ``encrypt_to``: the recipients'
+    public keys of the archives (by position in the chain) to encrypt."""
     rng = random.Random(seed)
     sizes = sizes or {"vda": 5 * MiB + 3 * KiB, "vdb": 2 * MiB}
     chain = Chain(expected={n: bytearray(s) for n, s in sizes.items()})
@@ -71,7 +74,8 @@ def build_chain(folder: Path, kinds: list[Kind], *, seed: int = 1,
                 plan.append((name, off, n, rng.random() < 0.75))
         rng.shuffle(plan)
         with open(path, "wb") as f:
-            w = ArchiveWriter(SequentialOutput(f.fileno(), "test"), header)
+            w = ArchiveWriter(SequentialOutput(f.fileno(), "test"), header,
+                              encrypt_to=(encrypt_to or {}).get(i, ()))
             ids = {name: w.add_device(name, size).id for name, size in sizes.items()}
             for name, off, n, is_data in plan:
                 if is_data:

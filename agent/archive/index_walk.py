@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import blake3
 
@@ -48,6 +48,9 @@ from agent.archive.format import (
     unpack_frame,
 )
 from agent.errors import ArchiveError, UnsupportedArchive
+
+if TYPE_CHECKING:  # cryptography is imported only for encrypted archives
+    from agent.archive.crypto import RecordSealer
 
 #: Entries read and checked at a time: 1 MiB (a whole number of 32-byte entries).
 PIECE = 32768 * INDEX_ENTRY.size
@@ -94,7 +97,11 @@ class _Entries:
     """Checks entries piece by piece; remembers the first problem instead of raising, so
     that the record's digest is checked first (damage is reported as damage)."""
 
-    def __init__(self, devices: Sequence[Device], data_start: int, index_pos: int) -> None:
+    def __init__(self, devices: Sequence[Device], data_start: int, index_pos: int,
+                 tag: int = 0) -> None:
+        # ``tag``: bytes sealing adds to every record's body (0 for a plain archive), not
+        # counted in END's stored_bytes.
+        self.overhead = RECORD_OVERHEAD + tag
         self.sizes = [d.size for d in devices]
         self.index_pos = index_pos
         self.next_min = data_start  # where the next entry's record may start, at the least
@@ -132,7 +139,7 @@ class _Entries:
                 return (f"index entry {n} is at byte {pos}, inside the record before it or "
                         "out of the order written")
             if self._prev_data_pos >= 0:
-                facts.stored_if_back_to_back += pos - self._prev_data_pos - RECORD_OVERHEAD
+                facts.stored_if_back_to_back += pos - self._prev_data_pos - self.overhead
             self._prev_data_pos = pos if rt == _DATA else -1
             self.next_min = pos + least
             by_device[dev] += ln
@@ -148,14 +155,49 @@ class _Entries:
             return "the index's last entry is not before the index"
         if self._prev_data_pos >= 0:
             self.facts.stored_if_back_to_back += (self.index_pos - self._prev_data_pos
-                                                  - RECORD_OVERHEAD)
+                                                  - self.overhead)
         return None
 
 
+def _feed_whole(view: memoryview, pos: int,
+                feed: Callable[[memoryview], str | None]) -> str | None:
+    """Hand ``feed`` the entries of one piece; the first problem, or None."""
+    whole = len(view) - len(view) % INDEX_ENTRY.size
+    problem = feed(view[:whole])
+    if problem is None and whole != len(view):
+        problem = f"index record at byte {pos} has a partial entry"
+    return problem
+
+
+def sealed_body(f: BinaryIO, pos: int, fr: Frame,
+                 feed: Callable[[memoryview], str | None] | None, what: str,
+                 sealer: RecordSealer) -> None:
+    """A sealed record's body is read whole (an INDEX record this agent writes holds 2 MiB
+    of entries; a frame may claim at most MAX_BODY), its digest checked, then opened: the
+    entries are handed on only once the record authenticated."""
+    f.seek(pos + FRAME.size)
+    sealed = f.read(fr.body_len)
+    dig = f.read(DIGEST_SIZE)
+    if len(sealed) != fr.body_len or len(dig) != DIGEST_SIZE:
+        raise ArchiveError(f"the archive is truncated inside the record at byte {pos}")
+    if blake3.blake3(sealed).digest(DIGEST_SIZE) != dig:
+        raise ArchiveError(f"{what} at byte {pos} fails its checksum")
+    plain = sealer.open(fr.rtype, fr.flags, fr.seq, sealed, pos)
+    if feed is None:
+        return
+    for at in range(0, len(plain), PIECE):
+        problem = _feed_whole(plain[at:at + PIECE], pos, feed)
+        if problem is not None:
+            raise ArchiveError(problem)
+
+
 def _body(f: BinaryIO, pos: int, fr: Frame, feed: Callable[[memoryview], str | None] | None,
-          what: str) -> None:
+          what: str, sealer: RecordSealer | None = None) -> None:
     """Read the body of the record at ``pos`` in pieces, hashing it and handing each piece
     to ``feed``; check the digest, then raise the first problem ``feed`` found."""
+    if sealer is not None:
+        sealed_body(f, pos, fr, feed, what, sealer)
+        return
     h = blake3.blake3()
     problem = None
     left = fr.body_len
@@ -168,10 +210,7 @@ def _body(f: BinaryIO, pos: int, fr: Frame, feed: Callable[[memoryview], str | N
         h.update(view)
         left -= len(view)
         if feed is not None and problem is None:
-            whole = len(view) - len(view) % INDEX_ENTRY.size
-            problem = feed(view[:whole])
-            if problem is None and whole != len(view):
-                problem = f"index record at byte {pos} has a partial entry"
+            problem = _feed_whole(view, pos, feed)
     if f.read(DIGEST_SIZE) != h.digest(DIGEST_SIZE):
         raise ArchiveError(f"{what} at byte {pos} fails its checksum")
     if problem is not None:
@@ -180,10 +219,12 @@ def _body(f: BinaryIO, pos: int, fr: Frame, feed: Callable[[memoryview], str | N
 
 def walk_index(f: BinaryIO, index_pos: int, end_pos: int, end_seq: int,
                devices: Sequence[Device], data_start: int,
-               collect: Collect | None = None) -> IndexFacts:
+               collect: Collect | None = None,
+               sealer: RecordSealer | None = None) -> IndexFacts:
     """Read and check the INDEX records from ``index_pos`` up to the END record at
-    ``end_pos`` (whose ``seq`` is ``end_seq``); ``collect`` sees every piece of entries."""
-    entries = _Entries(devices, data_start, index_pos)
+    ``end_pos`` (whose ``seq`` is ``end_seq``); ``collect`` sees every piece of entries.
+    ``sealer``: an encrypted archive's, which opens each record after its digest."""
+    entries = _Entries(devices, data_start, index_pos, 0 if sealer is None else sealer.TAG)
 
     def feed(piece: memoryview) -> str | None:
         problem = entries.feed(piece)
@@ -203,9 +244,9 @@ def walk_index(f: BinaryIO, index_pos: int, end_pos: int, end_seq: int,
                                f"expected {seq}")
         seq = fr.seq + 1
         if fr.rtype == RecordType.INDEX:
-            _body(f, pos, fr, feed, "index record")
+            _body(f, pos, fr, feed, "index record", sealer)
         elif fr.rtype not in _KNOWN and fr.flags & FLAG_OPTIONAL:
-            _body(f, pos, fr, None, f"optional record of type {fr.rtype:#06x}")
+            _body(f, pos, fr, None, f"optional record of type {fr.rtype:#06x}", sealer)
         elif fr.rtype in _KNOWN:
             raise ArchiveError(f"{RecordType(fr.rtype).name.lower()} record at byte {pos} "
                                "comes after the index")

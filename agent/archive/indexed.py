@@ -19,9 +19,9 @@ import bisect
 import heapq
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from agent.archive import codec
 from agent.archive.format import (
@@ -45,7 +45,12 @@ from agent.archive.format import (
 from agent.archive.index_walk import Collect, IndexFacts, frame_at, walk_index
 from agent.archive.overlaps import ExactCover, NoOverlap
 from agent.archive.reader import ArchiveReader
-from agent.errors import ArchiveError, UnsupportedArchive
+from agent.errors import ArchiveError
+
+if TYPE_CHECKING:  # cryptography is imported only for encrypted archives
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from agent.archive.crypto import RecordSealer
 
 _TAIL_PROBE = 1 << 20
 
@@ -53,13 +58,15 @@ _TAIL_PROBE = 1 << 20
 @dataclass(frozen=True)
 class _Record:
     rtype: int
+    flags: int
     seq: int
-    body: bytes
+    body: bytes | memoryview
 
 
-def _record_at(f: BinaryIO, pos: int, end: int) -> _Record:
-    """The record at ``pos`` (ending by ``end``), its digest checked. Only for records
-    whose body the caller needs whole (END, one DATA record): at most MAX_BODY."""
+def _record_at(f: BinaryIO, pos: int, end: int, sealer: RecordSealer | None = None) -> _Record:
+    """The record at ``pos`` (ending by ``end``), its digest checked, and opened with
+    ``sealer`` (an encrypted archive's). Only for records whose body the caller needs whole
+    (END, one DATA record): at most MAX_BODY."""
     fr = frame_at(f, pos, end)
     body = f.read(fr.body_len)
     dig = f.read(DIGEST_SIZE)
@@ -67,7 +74,10 @@ def _record_at(f: BinaryIO, pos: int, end: int) -> _Record:
         raise ArchiveError(f"the archive is truncated inside the record at byte {pos}")
     if digest(body) != dig:
         raise ArchiveError(f"record at byte {pos} fails its checksum")
-    return _Record(fr.rtype, fr.seq, body)
+    if sealer is not None:
+        return _Record(fr.rtype, fr.flags, fr.seq,
+                       sealer.open(fr.rtype, fr.flags, fr.seq, body, pos))
+    return _Record(fr.rtype, fr.flags, fr.seq, body)
 
 
 def _find_footer(f: BinaryIO, size: int) -> tuple[Footer, int]:
@@ -130,10 +140,6 @@ class Seal:
 _ENCRYPTION_AT = PREAMBLE.size + 24 + 41
 
 
-class EncryptedArchive(UnsupportedArchive):
-    """Random access met an encrypted archive: its index and seal need a key."""
-
-
 def is_encrypted(f: BinaryIO) -> bool:
     """Whether HEADER says the records are sealed (docs/FORMAT.md, "Encryption"): its
     digest is checked when the archive is read, this is only which way to read it."""
@@ -143,9 +149,10 @@ def is_encrypted(f: BinaryIO) -> bool:
             and head[_ENCRYPTION_AT] != 0)
 
 
-def read_seal(f: BinaryIO) -> Seal:
+def read_seal(f: BinaryIO, sealer: RecordSealer | None = None) -> Seal:
     """The footer and END record of the archive file ``f``: proof that a writer finished
-    it (only ``verify`` proves that nothing before was changed)."""
+    it (only ``verify`` proves that nothing before was changed). An encrypted archive's
+    END is opened with ``sealer``; without one, only where it is is known."""
     sealed = is_encrypted(f)
     size = f.seek(0, os.SEEK_END)  # a file's size, or an object's (agent/s3/objects.py)
     footer, footer_pos = _find_footer(f, size)
@@ -158,9 +165,13 @@ def read_seal(f: BinaryIO) -> Seal:
     if f.tell() != footer_pos:
         raise ArchiveError(f"the end record at byte {footer.end_pos} is not followed by "
                            "the footer")
-    if sealed:  # END's body is sealed: where it is, and that the footer follows, is all
+    if sealed and sealer is None:  # where END is, and that the footer follows, is all
         return Seal(footer, footer_pos, None, rec.seq)
-    end = End.decode(rec.body)
+    if sealed:
+        assert sealer is not None
+        rec = _Record(rec.rtype, rec.flags, rec.seq,
+                      sealer.open(rec.rtype, rec.flags, rec.seq, rec.body, footer.end_pos))
+    end = End.decode(bytes(rec.body))
     if end.records != rec.seq:
         raise ArchiveError(f"end record at byte {footer.end_pos} does not seal the archive: "
                            f"{rec.seq} records present, the seal says {end.records}")
@@ -274,29 +285,36 @@ class IndexedArchive:
     """An archive file opened for random access: its header, devices and configs (read
     from the start), its seal (END, from the end) and its index, all checked."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, keys: Sequence[X25519PrivateKey] = (),
+                 label: str | None = None) -> None:
+        """``keys``: for an encrypted archive (without one that is a recipient it raises
+        :class:`agent.archive.crypto.KeyRequired`, which holds the clear header)."""
         self.path = path
         self._f: BinaryIO = open_random(path)
         self._lookup: _Lookup | None = None
+        self.sealer: RecordSealer | None = None
         try:
-            self._open()
+            self._open(keys, label or path)
         except BaseException:
             self._f.close()
             raise
 
-    def _open(self) -> None:
+    def _open(self, keys: Sequence[X25519PrivateKey], label: str) -> None:
         f = self._f
-        seal = read_seal(f)
+        head = None
+        if is_encrypted(f):  # the key first: END and the index are sealed
+            f.seek(0)
+            head = ArchiveReader(f, keep_configs=False, keys=keys, label=label)
+            self.sealer = head.sealer
+        seal = read_seal(f, self.sealer)
         if seal.end is None:
-            # Random access reads the index and the seal, both sealed in an encrypted archive.
-            raise EncryptedArchive("the archive is encrypted: random access (serve) does "
-                                     "not read encrypted archives yet; restore or verify it "
-                                     "with --key")
+            raise ArchiveError("internal: an encrypted archive's seal was not opened")
         self._seal = seal
         self.end: End = seal.end
         self.archive_len = seal.footer.archive_len
-        f.seek(0)
-        head = ArchiveReader(f, keep_configs=False)
+        if head is None:
+            f.seek(0)
+            head = ArchiveReader(f, keep_configs=False)
         self.header: Header = head.header
         self.devices: list[Device] = head.devices
         self.configs: list[Config] = head.configs
@@ -331,7 +349,7 @@ class IndexedArchive:
     def _walk(self, collect: Collect | None) -> IndexFacts:
         s = self._seal
         return walk_index(self._f, s.footer.index_pos, s.footer.end_pos, s.end_seq,
-                          self.devices, self._data_start, collect)
+                          self.devices, self._data_start, collect, self.sealer)
 
     def _check_end_matches_start(self) -> None:
         """The start (header, devices) and the end (seal, index) were found at the two ends
@@ -387,7 +405,7 @@ class IndexedArchive:
 
     def _describe_record(self, pos: int, seq: int | None) -> tuple[int, int, int, int]:
         """(type low byte, device, offset, length) of the DATA or ZERO record at ``pos``."""
-        rec = _record_at(self._f, pos, self._seal.footer_pos)
+        rec = _record_at(self._f, pos, self._seal.footer_pos, self.sealer)
         if seq is not None and rec.seq != seq:
             return (-1, -1, -1, -1)
         if rec.rtype == RecordType.DATA:
@@ -432,7 +450,7 @@ class IndexedArchive:
             if not is_data:
                 continue
             lo, hi = max(offset, e_off), min(offset + length, e_off + e_len)
-            rec = _record_at(self._f, pos, self._seal.footer_pos)
+            rec = _record_at(self._f, pos, self._seal.footer_pos, self.sealer)
             what = f"data record at byte {pos}"
             if rec.rtype != RecordType.DATA:
                 raise ArchiveError(f"the index entry for byte {pos} does not match the "

@@ -424,6 +424,12 @@ class ArchiveReader:
         self.header = self.header.with_details(Details.decode(raw.body))
 
     @property
+    def sealer(self) -> crypto.RecordSealer | None:
+        """An encrypted archive's record opener (None for a plain archive): random access
+        (agent/archive/indexed.py) opens the records it reads with it."""
+        return self._sealer
+
+    @property
     def on_input_wait(self) -> Callable[[], None] | None:
         """Called in the reading thread before a read that will wait for input (from a
         pipe whose writer is behind): a consumer that holds records back to hand them on

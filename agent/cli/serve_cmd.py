@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from agent import interrupts
 from agent.cli import common
 from agent.cli.common import UsageError
+from agent.cli.key_cmd import add_key_options, keys_from
 from agent.errors import AgentError, Interrupted
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     p.add_argument("--writable", action="store_true",
                    help="accept writes into a temporary overlay in $TMPDIR, discarded at "
                    "exit (the archive is never written); one device per server")
+    add_key_options(p)
     net = p.add_argument_group("TCP (--listen): TLS as for live backups, docs/NETWORK.md")
     net.add_argument("--tls-creds", metavar="DIR",
                      help="x509: ca-cert.pem, server-cert.pem, server-key.pem; clients must "
@@ -83,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
     refuse_to_serve(args.paths)  # VMA: no index to serve from
     listen, tls = _listen(args)
     socket = check_socket_path(args.socket) if args.socket is not None else None
+    keys = keys_from(args)
     # The archives and the chain checked here first, so that what is wrong is one clear
     # line; nbdkit's plugin opens them again and builds the tables.
-    served = ServedArchives(args.paths, args.device, args.cache, tables=False)
+    served = ServedArchives(args.paths, args.device, args.cache, tables=False, keys=keys)
     devices = served.names
     served.close()
     server = None
@@ -93,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         with interrupts.held():  # it starts a thread (agent/interrupts.py)
             server = ArchiveServer(args.paths, devices, socket, cache=args.cache,
                                    writable=args.writable, listen=listen, tls=tls,
-                                   insecure=args.insecure_plaintext)
+                                   insecure=args.insecure_plaintext, keys=keys)
         common.write_stdout("".join(u + "\n" for u in server.uris()))
         log.info("serving %d device(s) on %s%s; Ctrl-C or SIGTERM stops", len(devices),
                  server.where, " (writable, changes discarded at exit)" if args.writable else "")

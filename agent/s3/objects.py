@@ -150,12 +150,14 @@ class RangedObject(_Counted):
     """A seekable read-only file over ranged GETs of one object (its ETag pinned)."""
 
     def __init__(self, name: str, *, block: int = BLOCK, fetch: int = FETCH,
-                 client: Any = None, size: int | None = None, etag: str = "") -> None:
+                 client: Any = None, size: int | None = None, etag: str = "",
+                 connections: int = 2) -> None:
         """``block``, ``fetch``: bytes cached as a piece, pieces per GET at least (a prune
         reading the two ends of many archives asks for less). ``size`` and ``etag``: known
-        from a listing (no HEAD then)."""
+        from a listing (no HEAD then). ``connections``: GETs at once (:meth:`pread` from
+        several threads)."""
         self.target = parse_object(name)
-        self._client = client if client is not None else s3client.client(2)
+        self._client = client if client is not None else s3client.client(connections)
         if size is None:
             size, etag = _head(self._client, self.target)
         self.size, self.etag = size, etag
@@ -178,6 +180,15 @@ class RangedObject(_Counted):
             raise ValueError("negative seek position")
         self._pos = base + offset
         return self._pos
+
+    def pread(self, n: int, pos: int) -> bytes:
+        """Up to ``n`` bytes at ``pos`` in one ranged GET, fewer only at the end of the
+        object: neither the position nor the cache is touched, so threads may share it
+        (a served archive's records, agent/serve/image.py)."""
+        last = min(self.size, pos + n) - 1
+        if n <= 0 or last < pos:
+            return b""
+        return self._get(pos, last)
 
     def readinto(self, b: Any) -> int:
         """As many bytes as asked, fewer only at the end of the object."""

@@ -1,7 +1,10 @@
 """Opening the archives to serve: checks, chain order, and each device's resolved table.
 
-Only a regular file can be served: the trailing index says where every record is, and a
-record is read where it lies. Everything is checked before the first client connects: each
+Only a regular file or an ``s3://`` object can be served: the trailing index says where
+every record is, and a record is read where it lies (a file with ``os.pread``, an object
+with one ranged GET a record). An encrypted archive is served with a key that is one of its
+recipients: its index and every record are opened with the archive's record key, each only
+after it authenticated. Everything is checked before the first client connects: each
 archive's seal and index (:class:`agent.archive.indexed.IndexedArchive`), the chain's order
 and parents exactly as ``restore`` checks them (:func:`agent.chain.check_chain`), and that
 every device asked for is in every archive at the same size. Then each archive's index is
@@ -18,18 +21,23 @@ import stat
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import blake3
 
 from agent.archive.format import DIGEST_SIZE, FRAME, INDEX_ENTRY, RecordType
-from agent.archive.index_walk import PIECE, frame_at
-from agent.archive.indexed import IndexedArchive, read_seal
+from agent.archive.index_walk import PIECE, frame_at, sealed_body
+from agent.archive.indexed import IndexedArchive, open_random, read_seal
 from agent.chain import Link, check_chain
 from agent.errors import ArchiveError, InvalidArgument
 from agent.serve.cache import RecordCache
-from agent.serve.image import DeviceImage, Layer
+from agent.serve.image import MAX_RECORD, DeviceImage, FileSource, Layer, Source
 from agent.serve.segments import ZERO, Segments, overlay
+
+if TYPE_CHECKING:  # cryptography is imported only for encrypted archives
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from agent.archive.crypto import RecordSealer
 
 #: --cache's default: 16 records of the 2 MiB a backup writes, the working set of a reader
 #: with a few streams, well under the 128 MiB a served 1 TiB archive may take in all.
@@ -38,20 +46,20 @@ DEFAULT_CACHE = 64 << 20
 SAVE_FIRST = "save it to a file first (`cat > vm.arc`) and serve that file"
 
 # A table entry while sorting: device offset, length, record position with DATA in the top
-# bit. Big-endian, so packed entries sort as bytes in offset order.
-_SLOT = struct.Struct(">QQQ")
+# bit, room to the next record (image.py). Big-endian, so packed entries sort as bytes in
+# offset order.
+_SLOT = struct.Struct(">QQQI")
 _DATA_BIT = 1 << 63
 _DATA = RecordType.DATA & 0xFF
 
 
 def check_seekable(path: str) -> None:
-    """Refuse, with what to do instead, anything but a regular file."""
+    """Refuse, with what to do instead, anything but a regular file or an object."""
     if path == "-":
         raise InvalidArgument(f"cannot serve standard input: serving reads records where they "
                               f"lie, through the archive's trailing index; {SAVE_FIRST}")
-    if path.startswith("s3://"):  # (ranged GETs through agent/s3/objects.py: not yet)
-        raise InvalidArgument(f"{path}: serve does not read s3:// archives yet; copy the "
-                              "object to a file first (aws s3 cp) and serve that")
+    if path.startswith("s3://"):  # read with ranged GETs (agent/s3/objects.py)
+        return
     try:
         st = os.stat(path)
     except OSError as e:
@@ -67,16 +75,25 @@ def check_seekable(path: str) -> None:
 @dataclass(frozen=True)
 class _Opened:
     path: str
-    fd: int
+    source: Source
     link: Link
     index_pos: int  # the first INDEX record: every DATA record ends before it
     end_pos: int  # the END record
+    sealer: RecordSealer | None  # an encrypted archive's record opener
 
 
-def _open_one(path: str) -> _Opened:
+def _open_source(path: str) -> Source:
+    if path.startswith("s3://"):  # imported here: boto3 is heavy
+        from agent.s3.objects import RangedObject
+
+        return RangedObject(path, connections=8)
+    return FileSource(path)
+
+
+def _open_one(path: str, keys: Sequence[X25519PrivateKey]) -> _Opened:
     check_seekable(path)
     try:
-        with open(path, "rb") as f:
+        with open_random(path) as f:
             seal = read_seal(f)
     except ArchiveError as e:
         # The end is what serving needs first: a cut or still growing file has none.
@@ -86,52 +103,74 @@ def _open_one(path: str) -> _Opened:
     except OSError as e:
         raise ArchiveError(f"cannot open {path}: {e.strerror}") from e
     try:
-        with IndexedArchive(path) as arc:  # seal, index and both ends checked
+        # Seal, index and both ends checked; an encrypted archive opened with the key.
+        with IndexedArchive(path, keys) as arc:
             if arc.index is None:
                 raise ArchiveError(f"{path} has no index, so it cannot be served (it was "
                                    "written without one): restore it instead")
             link = Link(path, arc.header, arc.devices)
+            sealer = arc.sealer
     except ArchiveError as e:
         msg = str(e)
         raise ArchiveError(msg if msg.startswith(path) else f"{path}: {msg}") from e
     except OSError as e:
         raise ArchiveError(f"cannot open {path}: {e.strerror}") from e
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # the file the rest is read from
-    return _Opened(path, fd, link, seal.footer.index_pos, seal.footer.end_pos)
+    try:
+        source = _open_source(path)  # what the records are read from
+    except OSError as e:
+        raise ArchiveError(f"cannot open {path}: {e.strerror}") from e
+    return _Opened(path, source, link, seal.footer.index_pos, seal.footer.end_pos, sealer)
 
 
 def _tables(opened: _Opened, wanted_ids: set[int], layer: int) -> dict[int, Segments]:
     """Each wanted device's entries in ``opened``'s index, sorted, as a segment table
-    (keyed by the device's id in this archive)."""
+    (keyed by the device's id in this archive). The entries come in the order the records
+    were written, so each one's room (the bytes to the next record listed) is known when
+    the next one comes."""
     runs: dict[int, list[bytes]] = {dev: [] for dev in wanted_ids}
+    before: list[tuple[int, int, int, int, int]] = []  # the entry whose room is not known
+
+    def room(pos: int, next_pos: int) -> int:
+        n = next_pos - pos
+        return n if 0 < n <= MAX_RECORD else 0  # 0: read the frame first
 
     def collect(piece: memoryview) -> None:
         mine: dict[int, list[bytes]] = {}
         for rt, _c, _r, dev, off, ln, pos in INDEX_ENTRY.iter_unpack(piece):
+            if before:
+                b_dev, b_off, b_ln, b_pos, b_bit = before.pop()
+                mine.setdefault(b_dev, []).append(
+                    _SLOT.pack(b_off, b_ln, b_pos | b_bit, room(b_pos, pos) if b_bit else 0))
             if dev in runs:
-                mine.setdefault(dev, []).append(
-                    _SLOT.pack(off, ln, pos | (_DATA_BIT if rt == _DATA else 0)))
+                before.append((dev, off, ln, pos, _DATA_BIT if rt == _DATA else 0))
         for dev, slots in mine.items():
             slots.sort()
             runs[dev].append(b"".join(slots))
 
-    with os.fdopen(os.dup(opened.fd), "rb") as f:
-        _index_pieces(f, opened.index_pos, opened.end_pos, collect)
+    with open_random(opened.path) as f:
+        _index_pieces(f, opened.index_pos, opened.end_pos, collect, opened.sealer)
+    if before:  # the last record: the index follows it
+        b_dev, b_off, b_ln, b_pos, b_bit = before.pop()
+        runs[b_dev].append(_SLOT.pack(b_off, b_ln, b_pos | b_bit,
+                                      room(b_pos, opened.index_pos) if b_bit else 0))
     return {dev: _table(parts, layer) for dev, parts in runs.items()}
 
 
 def _index_pieces(f: BinaryIO, index_pos: int, end_pos: int,
-                  collect: Callable[[memoryview], None]) -> None:
+                  collect: Callable[[memoryview], None], sealer: RecordSealer | None) -> None:
     """Hand ``collect`` the entries of the INDEX records from ``index_pos`` to END, in
     pieces, each record's digest checked (a damaged one raises, and the caller keeps
-    nothing). Every entry was checked moments before, by IndexedArchive's walk of the same
-    index (agent/archive/index_walk.py); this walk only gathers them, at a third of the
-    cost. Whatever it gathers is bounded anyway: only declared devices are kept, overlaps
-    are refused by :func:`_table`, and reads never go past a device's end."""
+    nothing) and, sealed, opened. Every entry was checked moments before, by
+    IndexedArchive's walk of the same index (agent/archive/index_walk.py); this walk only
+    gathers them, at a third of the cost. Whatever it gathers is bounded anyway: only
+    declared devices are kept, overlaps are refused by :func:`_table`, and reads never go
+    past a device's end."""
     pos = index_pos
     while pos < end_pos:
         fr = frame_at(f, pos, end_pos)
-        if fr.rtype == RecordType.INDEX:
+        if fr.rtype == RecordType.INDEX and sealer is not None:
+            sealed_body(f, pos, fr, collect, "index record", sealer)
+        elif fr.rtype == RecordType.INDEX:
             h = blake3.blake3()
             left = fr.body_len
             f.seek(pos + FRAME.size)
@@ -157,11 +196,12 @@ def _table(parts: list[bytes], layer: int) -> Segments:
     starts, lengths, positions, rec_offs, layers = (seg.starts.append, seg.lengths.append,
                                                     seg.pos.append, seg.rec_off.append,
                                                     seg.layer.append)
+    rooms = seg.room.append
     unpack = _SLOT.unpack
     end = 0  # of the last segment
     zero_run = False  # the last segment is zeros (the next zeros that touch it extend it)
     for slot in heapq.merge(*(_split(p) for p in parts)):
-        off, ln, pos = unpack(slot)
+        off, ln, pos, room = unpack(slot)
         if off < end:
             raise ArchiveError(f"the index lists overlapping ranges at device offset {off}: "
                                "the index is damaged")
@@ -171,6 +211,7 @@ def _table(parts: list[bytes], layer: int) -> Segments:
             positions(pos & ~_DATA_BIT)
             rec_offs(off)
             layers(layer)
+            rooms(room)
             zero_run = False
         elif zero_run and off == end:
             seg.lengths[-1] += ln
@@ -180,6 +221,7 @@ def _table(parts: list[bytes], layer: int) -> Segments:
             positions(ZERO)
             rec_offs(0)
             layers(0)
+            rooms(0)
             zero_run = True
         end = off + ln
     return seg
@@ -196,11 +238,13 @@ class ServedArchives:
 
     def __init__(self, paths: Sequence[str], wanted: Sequence[str] | None = None,
                  cache: int = DEFAULT_CACHE, *, tables: bool = True,
-                 verb: str = "serve") -> None:
+                 verb: str = "serve", keys: Sequence[X25519PrivateKey] = ()) -> None:
         """``tables=False``: only open and check (the command, before it starts nbdkit,
         which builds the tables): :attr:`devices` is then empty, :attr:`names` is not.
-        ``verb``: what the command does, in the messages about a wrong chain."""
+        ``verb``: what the command does, in the messages about a wrong chain. ``keys``:
+        for encrypted archives (each archive of a chain may have its own recipients)."""
         self.verb = verb
+        self._keys = tuple(keys)
         if not paths:
             raise InvalidArgument("no archive to serve")
         self.cache = RecordCache(cache)
@@ -217,7 +261,7 @@ class ServedArchives:
         if len(set(paths)) != len(paths):
             raise InvalidArgument("the same archive is given twice")
         for p in paths:
-            self._opened.append(_open_one(p))
+            self._opened.append(_open_one(p, self._keys))
         links = [o.link for o in self._opened]
         first = links[0]
         names = list(dict.fromkeys(wanted)) if wanted else [d.name for d in first.devices]
@@ -241,8 +285,8 @@ class ServedArchives:
                                                                                  by_id[d.id])
         for name in names:
             size = next(d.size for d in first.devices if d.name == name)
-            layers = [Layer(o.path, o.fd, o.index_pos,
-                            next(d.id for d in o.link.devices if d.name == name))
+            layers = [Layer(o.path, o.source, o.index_pos,
+                            next(d.id for d in o.link.devices if d.name == name), o.sealer)
                       for o in self._opened]
             self.devices[name] = DeviceImage(name, size, resolved[name], layers, self.cache)
 
@@ -253,5 +297,5 @@ class ServedArchives:
     def close(self) -> None:
         for o in self._opened:
             with contextlib.suppress(OSError):
-                os.close(o.fd)
+                o.source.close()
         self._opened = []

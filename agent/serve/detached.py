@@ -26,11 +26,15 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from agent.cbw.server import _pythonpath
 from agent.errors import AgentError
 from agent.process import START_TIMEOUT, accepts
-from agent.serve.server import NBDKIT_THREADS, USER_PREFIX, find_plugin
+from agent.serve.server import NBDKIT_THREADS, USER_PREFIX, find_plugin, key_pipe
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 log = logging.getLogger("backup-agent")
 
@@ -139,7 +143,8 @@ class DetachedServer:
     ``PR_SET_PDEATHSIG`` itself (seen with strace here), and a forked child does not keep it.
     """
 
-    def __init__(self, paths: Sequence[str], devices: Sequence[str], *, cache: int) -> None:
+    def __init__(self, paths: Sequence[str], devices: Sequence[str], *, cache: int,
+                 keys: Sequence[X25519PrivateKey] = ()) -> None:
         plugin = find_plugin()
         if not plugin.exists():
             raise AgentError(f"the serving plugin is missing: {plugin}")
@@ -149,9 +154,13 @@ class DetachedServer:
         self._log_pos = 0
         self.record: ServerRecord | None = None
         pidfile = os.path.join(self.directory, PID_NAME)
+        keyfd = key_pipe(keys)
         args = ["nbdkit", "-U", self.socket, "-P", pidfile, "--log=stderr", *NBDKIT_THREADS,
-                "-r", "python", str(plugin), *(f"archive={os.path.abspath(p)}" for p in paths),
-                *(f"device={d}" for d in devices), f"cache={cache}", f"log={self._log_path}"]
+                "-r", "python", str(plugin),
+                *(f"archive={p if p.startswith('s3://') else os.path.abspath(p)}"
+                  for p in paths),
+                *(f"device={d}" for d in devices), f"cache={cache}", f"log={self._log_path}",
+                *([f"keyfd={keyfd}"] if keyfd is not None else [])]
         log.debug("starting %s (a daemon)", " ".join(args))
         try:
             # O_APPEND: the plugin appends its lines to the same file (its log=).
@@ -162,7 +171,8 @@ class DetachedServer:
                 status = subprocess.run(
                     args, stdin=subprocess.DEVNULL, stdout=logfile, stderr=subprocess.STDOUT,
                     start_new_session=True, cwd="/", timeout=START_TIMEOUT,
-                    env={**os.environ, "PYTHONPATH": _pythonpath()}).returncode
+                    env={**os.environ, "PYTHONPATH": _pythonpath()},
+                    pass_fds=() if keyfd is None else (keyfd,)).returncode
             if status != 0:
                 lines = self.messages()
                 raise AgentError("could not serve: " + (
@@ -178,6 +188,9 @@ class DetachedServer:
         except BaseException:
             self.stop()
             raise
+        finally:
+            if keyfd is not None:
+                os.close(keyfd)
 
     @property
     def pid(self) -> int:

@@ -1,10 +1,15 @@
 """One served device: reads and block status over its resolved segments.
 
 Every DATA record is checked as the streaming reader checks it before a byte of it is
-served: the frame (magic, CRC, type, length within the archive), the digest of the body, the
-fixed part (device, offset, compression), and the decompressed length. A record that fails
-any of these fails the reads that need it (:class:`DamagedRecord`, EIO to the client) and is
-never served as data; the records around it still are.
+served: the frame (magic, CRC, type, length within the archive), the digest of the body,
+its seal (an encrypted archive's: decrypted only once it authenticated), the fixed part
+(device, offset, compression), and the decompressed length. A record that fails any of
+these fails the reads that need it (:class:`DamagedRecord`, EIO to the client) and is never
+served as data; the records around it still are.
+
+A record is read where it lies, through a :class:`Source`: a file (``os.pread``) or an
+``s3://`` object (one ranged GET, :meth:`agent.s3.objects.RangedObject.pread`). Where the
+index says how far the next record is, frame, body and digest come in one read.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import bisect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from agent.archive import codec
 from agent.archive.format import (
     CHUNK_FIXED,
     DIGEST_SIZE,
     FRAME,
+    MAX_BODY,
     Chunk,
     Compression,
     RecordType,
@@ -28,6 +35,35 @@ from agent.archive.format import (
 from agent.errors import ArchiveError
 from agent.serve.cache import Buffer, RecordCache
 from agent.serve.segments import ZERO, Segments
+
+if TYPE_CHECKING:  # cryptography is imported only for encrypted archives
+    from agent.archive.crypto import RecordSealer
+
+#: The most one read of a record asks for: its frame, the largest body, its digest.
+MAX_RECORD = FRAME.size + MAX_BODY + DIGEST_SIZE
+
+
+class Source(Protocol):
+    """Where an archive's bytes are read from; safe to call from several threads."""
+
+    def pread(self, n: int, pos: int) -> bytes:
+        """Up to ``n`` bytes at ``pos`` (fewer only at the end); OSError or ArchiveError."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class FileSource:
+    """An archive file, read with ``os.pread``: threads share it without seeking."""
+
+    def __init__(self, path: str) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def pread(self, n: int, pos: int) -> bytes:
+        return os.pread(self.fd, n, pos)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class DamagedRecord(ArchiveError):
@@ -40,32 +76,51 @@ class Layer:
     """One archive of the chain as a device's records are read from it."""
 
     path: str
-    fd: int  # opened read-only; os.pread only, so threads share it without seeking
+    source: Source
     data_end: int  # where the index starts: every DATA record ends before it
     device_id: int  # the device's id in this archive (ids may differ between archives)
+    sealer: RecordSealer | None = None  # an encrypted archive's record opener
 
 
-def load_record(layer: Layer, pos: int, rec_off: int) -> Buffer:
+def _read_record(layer: Layer, pos: int, room: int) -> tuple[int, int, int, memoryview, bytes]:
+    """(type, flags, seq, body, digest) of the record at ``pos``, not yet checked beyond its
+    frame. ``room``: bytes from ``pos`` to the next record the index lists (0: unknown),
+    which hold this one whole: then one read takes frame, body and digest."""
+    one_read = 0 < room <= MAX_RECORD and pos + room <= layer.data_end
+    raw = layer.source.pread(room if one_read else FRAME.size, pos)
+    if len(raw) < FRAME.size:
+        raise ArchiveError("the archive is truncated there")
+    fr = unpack_frame(raw[:FRAME.size], pos)
+    if fr.rtype != RecordType.DATA:
+        raise ArchiveError(f"the index names a record of type {fr.rtype:#06x} there: "
+                           "the index is damaged")
+    end = FRAME.size + fr.body_len + DIGEST_SIZE
+    if pos + end > layer.data_end:
+        raise ArchiveError("the record runs into the index")
+    if one_read:
+        if end > len(raw):
+            raise ArchiveError("the record runs into the next one the index lists: the "
+                               "index is damaged")
+        view = memoryview(raw)
+        return (fr.rtype, fr.flags, fr.seq, view[FRAME.size:end - DIGEST_SIZE],
+                raw[end - DIGEST_SIZE:end])
+    rest = layer.source.pread(end - FRAME.size, pos + FRAME.size)
+    if len(rest) != end - FRAME.size:
+        raise ArchiveError("the archive is truncated inside it")
+    return (fr.rtype, fr.flags, fr.seq, memoryview(rest)[:fr.body_len], rest[fr.body_len:])
+
+
+def load_record(layer: Layer, pos: int, rec_off: int, room: int = 0) -> Buffer:
     """The decompressed DATA record at ``pos`` of ``layer``, which the index says starts at
-    device offset ``rec_off``; every check of the streaming reader made first."""
+    device offset ``rec_off`` (``room``: see :func:`_read_record`); every check of the
+    streaming reader made first."""
     where = f"{layer.path}: data record at byte {pos}"
     try:
-        head = os.pread(layer.fd, FRAME.size, pos)
-        if len(head) != FRAME.size:
-            raise ArchiveError("the archive is truncated there")
-        fr = unpack_frame(head, pos)
-        if fr.rtype != RecordType.DATA:
-            raise ArchiveError(f"the index names a record of type {fr.rtype:#06x} there: "
-                               "the index is damaged")
-        size = fr.body_len + DIGEST_SIZE
-        if pos + FRAME.size + size > layer.data_end:
-            raise ArchiveError("the record runs into the index")
-        raw = os.pread(layer.fd, size, pos + FRAME.size)
-        if len(raw) != size:
-            raise ArchiveError("the archive is truncated inside it")
-        body = memoryview(raw)[: fr.body_len]
-        if digest(body) != raw[fr.body_len:]:
+        rtype, flags, seq, body, dig = _read_record(layer, pos, room)
+        if digest(body) != dig:
             raise ArchiveError("it fails its checksum")
+        if layer.sealer is not None:  # nothing of it is used before it authenticated
+            body = layer.sealer.open(rtype, flags, seq, body, pos)
         ch = Chunk.decode(body, "it")
         if (ch.target, ch.offset) != (layer.device_id, rec_off):
             raise ArchiveError("it is not the record the index names: the index is damaged")
@@ -92,9 +147,9 @@ class DeviceImage:
         self.layers = list(layers)
         self._cache = cache
 
-    def _record(self, layer: int, pos: int, rec_off: int) -> Buffer:
+    def _record(self, layer: int, pos: int, rec_off: int, room: int) -> Buffer:
         lay = self.layers[layer]
-        return self._cache.get((lay.path, pos), lambda: load_record(lay, pos, rec_off))
+        return self._cache.get((lay.path, pos), lambda: load_record(lay, pos, rec_off, room))
 
     def read(self, offset: int, length: int) -> Buffer:
         """Bytes ``offset..offset+length``; raises :class:`DamagedRecord`."""
@@ -109,7 +164,8 @@ class DeviceImage:
             if pos == ZERO:
                 return bytes(length)
             rec_off = segs.rec_off[i]
-            rec = self._record_of(segs.layer[i], pos, rec_off, segs.starts[i], segs.lengths[i])
+            rec = self._record_of(segs.layer[i], pos, rec_off, segs.room[i], segs.starts[i],
+                                  segs.lengths[i])
             piece = rec[offset - rec_off : end - rec_off]
             if len(piece) == length:
                 return piece  # no copy, no zero-filled buffer
@@ -121,7 +177,7 @@ class DeviceImage:
             i += 1
             if s.pos == ZERO:
                 continue
-            rec = self._record_of(s.layer, s.pos, s.rec_off, s.start, s.length)
+            rec = self._record_of(s.layer, s.pos, s.rec_off, s.room, s.start, s.length)
             lo, hi = max(offset, s.start), min(end, s.end)
             piece = rec[lo - s.rec_off : hi - s.rec_off]
             if len(piece) != hi - lo:
@@ -129,9 +185,10 @@ class DeviceImage:
             out[lo - offset : hi - offset] = piece
         return out
 
-    def _record_of(self, layer: int, pos: int, rec_off: int, start: int, length: int) -> Buffer:
+    def _record_of(self, layer: int, pos: int, rec_off: int, room: int, start: int,
+                   length: int) -> Buffer:
         try:
-            return self._record(layer, pos, rec_off)
+            return self._record(layer, pos, rec_off, room)
         except DamagedRecord as e:
             raise DamagedRecord(f"device {self.name!r}: reads of bytes {start}.."
                                 f"{start + length} fail: {e}") from e

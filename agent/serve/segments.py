@@ -1,9 +1,10 @@
 """Where each byte of a served device comes from: a sorted table of segments.
 
 A segment is a run of device bytes that one source answers: a DATA record (which archive of
-the chain, the record's byte position, and the device offset the record starts at, so a
-piece of a record can be cut out of it) or zeros (a ZERO record, at any layer). The table is
-kept in a few :mod:`array` columns, about 34 bytes a segment and no Python object for any of
+the chain, the record's byte position, the device offset the record starts at, so a
+piece of a record can be cut out of it, and how far the next record the index lists is, so
+the record can be read in one request) or zeros (a ZERO record, at any layer). The table is
+kept in a few :mod:`array` columns, about 38 bytes a segment and no Python object for any of
 them, so a 1 TiB disk whose holes are a handful of ZERO records costs a handful of segments,
 and a dense one one segment per record.
 
@@ -39,6 +40,7 @@ class Segment(NamedTuple):
     pos: int  # the DATA record's byte position in its archive, or ZERO
     rec_off: int  # the device offset where that record starts (0 for zeros)
     layer: int  # which archive of the chain holds the record (0 for zeros)
+    room: int = 0  # bytes from pos to the next record the index lists (0: not known)
 
     @property
     def end(self) -> int:
@@ -54,13 +56,14 @@ class Segments:
         self.pos = array("Q")
         self.rec_off = array("Q")
         self.layer = array("H")
+        self.room = array("I")
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __getitem__(self, i: int) -> Segment:
         return Segment(self.starts[i], self.lengths[i], self.pos[i], self.rec_off[i],
-                       self.layer[i])
+                       self.layer[i], self.room[i])
 
     def __iter__(self) -> Iterator[Segment]:
         for i in range(len(self.starts)):
@@ -69,9 +72,10 @@ class Segments:
     @property
     def nbytes(self) -> int:
         """Memory held by the columns."""
-        return len(self) * (4 * 8 + 2)
+        return len(self) * (4 * 8 + 2 + 4)
 
-    def add(self, start: int, length: int, pos: int, rec_off: int, layer: int) -> None:
+    def add(self, start: int, length: int, pos: int, rec_off: int, layer: int,
+            room: int = 0) -> None:
         """Append a segment after the last one; zeros merge with zeros they touch."""
         n = len(self.starts)
         if n:
@@ -87,6 +91,7 @@ class Segments:
         self.pos.append(pos)
         self.rec_off.append(rec_off if pos != ZERO else 0)
         self.layer.append(layer if pos != ZERO else 0)
+        self.room.append(room if pos != ZERO else 0)
 
     def first_at(self, offset: int) -> int:
         """Index of the first segment that ends after ``offset`` (may be ``len(self)``)."""
@@ -114,7 +119,7 @@ def overlay(base: Segments, top: Segments) -> Segments:
                 j += 1
                 continue
             piece_end = min(b.end, top.starts[j]) if j < nt else b.end
-            out.add(cur, piece_end - cur, b.pos, b.rec_off, b.layer)
+            out.add(cur, piece_end - cur, b.pos, b.rec_off, b.layer, b.room)
             cur = done = piece_end
     while j < nt:
         out.add(*top[j])

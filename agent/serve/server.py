@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import agent
@@ -41,6 +42,9 @@ from agent.cbw.server import _pythonpath
 from agent.errors import AgentError, InvalidArgument
 from agent.process import START_TIMEOUT, accepts, accepts_tcp
 from agent.tls import SERVER_CERT, SERVER_KEY, TlsCreds
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 log = logging.getLogger("backup-agent")
 
@@ -53,6 +57,34 @@ USER_PREFIX = "backup-agent: serve: "
 #: answered in turn; connections still run in parallel (multi-conn). What it costs a
 #: single-connection reader at queue depth 16: docs/PERFORMANCE.md.
 NBDKIT_THREADS = ["--threads=1"]
+
+
+#: Private keys handed to one server at most (their raw bytes must fit a pipe's buffer).
+MAX_KEYS = 64
+KEY_BYTES = 32
+
+
+def key_pipe(keys: Sequence[X25519PrivateKey]) -> int | None:
+    """The read end of a pipe that holds the raw bytes of ``keys`` and nothing else, for the
+    plugin's ``keyfd=`` (None without keys). A key never appears in nbdkit's command line
+    or environment, which other users of the host may read; the pipe is read once, as the
+    plugin is configured, and closed. The caller closes its copy once nbdkit started."""
+    if not keys:
+        return None
+    if len(keys) > MAX_KEYS:
+        raise InvalidArgument(f"give at most {MAX_KEYS} keys")
+    from agent.keys import raw_private
+
+    data = b"".join(raw_private(k) for k in keys)
+    rfd, wfd = os.pipe()
+    try:
+        os.write(wfd, data)  # 2 KiB at most: the pipe's buffer takes it without a reader
+    except BaseException:
+        os.close(rfd)
+        raise
+    finally:
+        os.close(wfd)
+    return rfd
 
 
 def find_plugin() -> Path:
@@ -131,7 +163,7 @@ class ArchiveServer:
     def __init__(self, paths: Sequence[str], devices: Sequence[str], socket: str | None, *,
                  cache: int, writable: bool = False,
                  listen: tuple[str, int] | None = None, tls: TlsCreds | None = None,
-                 insecure: bool = False) -> None:
+                 insecure: bool = False, keys: Sequence[X25519PrivateKey] = ()) -> None:
         plugin = find_plugin()
         if not plugin.exists():
             raise AgentError(f"the serving plugin is missing: {plugin}")
@@ -159,16 +191,22 @@ class ArchiveServer:
         else:
             args += ["-U", str(socket)]
         args += ["--filter=cow"] if writable else ["-r"]
+        keyfd = key_pipe(keys)
         args += ["python", str(plugin), *(f"archive={p}" for p in paths),
-                 *(f"device={d}" for d in devices), f"cache={cache}"]
+                 *(f"device={d}" for d in devices), f"cache={cache}",
+                 *([f"keyfd={keyfd}"] if keyfd is not None else [])]
         log.debug("starting %s", " ".join(args))
         try:
             self.proc = subprocess.Popen(
                 args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": _pythonpath()})
+                stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": _pythonpath()},
+                pass_fds=() if keyfd is None else (keyfd,))
         except FileNotFoundError as e:
             raise AgentError("nbdkit is not installed (Debian packages nbdkit, "
                              "nbdkit-plugin-python)") from e
+        finally:
+            if keyfd is not None:
+                os.close(keyfd)
         self._relay = threading.Thread(target=self._relay_stderr, name="nbdkit-stderr",
                                        daemon=True)
         self._relay.start()

@@ -8,15 +8,18 @@ import os
 import random
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from agent.archive.format import Kind
+from agent import keys
+from agent.archive import crypto
+from agent.archive.format import DIGEST_SIZE, FRAME, Kind, digest, unpack_frame
 from agent.errors import ArchiveError, InvalidArgument
 from agent.serve.archives import ServedArchives
 from agent.serve.cache import RecordCache
-from agent.serve.image import DamagedRecord
+from agent.serve.image import DamagedRecord, Source, load_record
 from agent.serve.segments import ZERO, Segments, overlay
 from tests.serve_util import KiB, MiB, build_chain, sparse_full
 from tests.unit.archive_util import flip
@@ -342,5 +345,112 @@ def test_bytes_after_the_zstd_frame_fail_the_read_as_restore_refuses_them(
         assert image.read(0, 10) == block[:10]
         with pytest.raises(DamagedRecord, match="data record at byte"):
             image.read(len(block), 10)
+    finally:
+        served.close()
+
+
+# --- encrypted archives, and how records are read --------------------------------------------
+
+
+def _keypair(seed: int) -> keys.KeyPair:
+    return keys.generate(random.Random(seed).randbytes)
+
+
+K1, K2 = _keypair(11), _keypair(12)
+
+
+def test_an_encrypted_chain_is_served_with_its_keys(tmp_path: Path) -> None:
+    """A chain whose full backup and second incremental are encrypted to different keys,
+    the first incremental not at all: served with both keys, it reads as the chain."""
+    chain = build_chain(tmp_path, [Kind.FULL, Kind.INCREMENTAL, Kind.INCREMENTAL],
+                        encrypt_to={0: [K1.public], 2: [K2.public]})
+    paths = [str(p) for p in chain.paths]
+    served = ServedArchives(paths, keys=[K1.private, K2.private])
+    try:
+        assert [lay.sealer is not None for lay in served.devices["vda"].layers] == [
+            True, False, True]
+        rng = random.Random(3)
+        for name, image in served.devices.items():
+            want = chain.expected[name]
+            assert bytes(image.read(0, image.size)) == want
+            for _ in range(100):
+                off = rng.randrange(image.size)
+                n = min(rng.choice([1, 4095, 65537, 1 * MiB + 3]), image.size - off)
+                assert bytes(image.read(off, n)) == want[off : off + n]
+    finally:
+        served.close()
+    with pytest.raises(crypto.KeyRequired, match=rf"{paths[0]} is encrypted .*give --key"):
+        ServedArchives(paths)
+    with pytest.raises(InvalidArgument, match=rf"{paths[2]} is encrypted for other keys"):
+        ServedArchives(paths, keys=[K1.private])
+
+
+def _reseal_digest(data: bytearray, pos: int) -> None:
+    """Recompute the digest of the record at ``pos`` (digests are not keyed: anyone can)."""
+    fr = unpack_frame(bytes(data[pos : pos + FRAME.size]), pos)
+    body = data[pos + FRAME.size : pos + FRAME.size + fr.body_len]
+    end = pos + FRAME.size + fr.body_len
+    data[end : end + DIGEST_SIZE] = digest(body)
+
+
+def test_an_altered_encrypted_record_fails_its_reads_and_no_other(tmp_path: Path) -> None:
+    chain = build_chain(tmp_path, [Kind.FULL], compress=False, encrypt_to={0: [K1.public]})
+    path = chain.paths[0]
+    name, off, n = _one_data_record(chain.records)
+    served = ServedArchives([str(path)], keys=[K1.private])
+    seg = served.devices[name].segments[served.devices[name].segments.first_at(off)]
+    served.close()
+    data = bytearray(path.read_bytes())
+    data[seg.pos + FRAME.size + 40] ^= 0x20  # in the sealed body, its digest made to match
+    _reseal_digest(data, seg.pos)
+    path.write_bytes(bytes(data))
+    served = ServedArchives([str(path)], keys=[K1.private])
+    try:
+        image = served.devices[name]
+        with pytest.raises(DamagedRecord, match=rf"data record at byte {seg.pos}: record "
+                           r"\d+ at byte \d+ does not authenticate"):
+            image.read(off + 1, 10)
+        want = chain.expected[name]
+        if off >= 4096:
+            assert image.read(off - 4096, 4096) == want[off - 4096 : off]
+    finally:
+        served.close()
+
+
+class _CountingSource:
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def pread(self, n: int, pos: int) -> bytes:
+        self.calls += 1
+        return self.inner.pread(n, pos)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_a_record_is_read_in_one_request(tmp_path: Path, encrypted: bool) -> None:
+    """The index's next entry says how long each record is at most, so frame, body and
+    digest come in one read (one ranged GET from a bucket); without it, two."""
+    chain = build_chain(tmp_path, [Kind.FULL], encrypt_to={0: [K1.public]} if encrypted
+                        else None)
+    served = ServedArchives([str(chain.paths[0])], cache=0, keys=[K1.private])
+    try:
+        image = served.devices["vda"]
+        counter = _CountingSource(image.layers[0].source)
+        layer = replace(image.layers[0], source=counter)
+        image.layers[0] = layer
+        records = [s for s in image.segments if s.pos != ZERO]
+        assert records and all(s.room > 0 for s in records)
+        for s in records:
+            assert bytes(image.read(s.start, s.length)) == chain.expected["vda"][
+                s.start : s.end]
+        assert counter.calls == len(records)
+        s = records[0]  # the same record, its room unknown: the frame first, then the rest
+        assert bytes(load_record(layer, s.pos, s.rec_off, 0)) == bytes(
+            load_record(layer, s.pos, s.rec_off, s.room))
+        assert counter.calls == len(records) + 3
     finally:
         served.close()
