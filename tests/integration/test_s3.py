@@ -280,7 +280,8 @@ def test_server_gone_mid_upload(s3_servers: Callable[[Path], Weed], short_tmp: P
 # -- chains and retention in a bucket ---------------------------------------------------------
 
 
-def put_incremental(server: Weed, url: str, parent: str, pattern: int) -> str:
+def put_incremental(server: Weed, url: str, parent: str, pattern: int,
+                    size: int = 8 * MiB) -> str:
     """An incremental archive (one changed 64 KiB cluster) on archive ``parent``, written
     through the agent's own upload output, as another agent of a fleet would; its uuid."""
     header = Header(uuid=uuid.uuid4(), created_ns=time.time_ns(), tool_version="test",
@@ -289,7 +290,7 @@ def put_incremental(server: Weed, url: str, parent: str, pattern: int) -> str:
         out = S3Output(url)
         try:
             w = ArchiveWriter(out, header)
-            w.add_device("disk", 8 * MiB)
+            w.add_device("disk", size)
             w.write_data(0, 0, 65536, Compression.NONE, bytes([pattern]) * 65536)
             w.finish()
             out.commit()
@@ -353,6 +354,38 @@ def test_a_chain_in_a_bucket_and_prune(s3_server: Weed, s3_bucket: str,
     # The first chain went whole: deleted, children first, in the earlier prune.
     assert_error(run(s3_server, "prune", f"s3://{s3_bucket}/vm1", "--keep-chains", "1",
                      AWS_SECRET_ACCESS_KEY="wrong"), "credentials")
+
+
+def test_serve_a_chain_from_a_bucket(s3_server: Weed, s3_bucket: str, tmp_path: Path,
+                                     short_tmp: Path) -> None:
+    """An encrypted full backup and a plain incremental on it, both in the bucket, served
+    over NBD with ranged GETs: the disk reads back as the chain's newest point in time."""
+    from agent import keys as keyfiles
+    from tests.integration.test_serve import serving
+
+    pair = keyfiles.generate()
+    keyfile = tmp_path / "k.key"
+    keyfiles.write_private(str(keyfile), keyfiles.encode_private(pair))
+    # Many records (1 MiB requests), data and holes, so reads cross record boundaries.
+    disk = make_disk(tmp_path / "disk.raw", 24 * MiB,
+                     [(0, 5 * MiB), (9 * MiB + 4096, 3 * MiB), (20 * MiB, 4 * MiB)])
+    full = f"s3://{s3_bucket}/vm1/full.arc"
+    inc = f"s3://{s3_bucket}/vm1/inc.arc"
+    assert_ok(run(s3_server, "backup", "--image", f"disk={disk}", "--request-size", "1M",
+                  "--encrypt-to", keyfiles.format_public(pair.public), "-o", full))
+    info = run(s3_server, "info", full, "--json", "--key", keyfile)
+    assert_ok(info)
+    put_incremental(s3_server, inc, str(json.loads(info.stdout)["uuid"]), 0x5A, 24 * MiB)
+    want = tmp_path / "want.raw"
+    expected = bytearray(disk.read_bytes())
+    expected[:65536] = b"\x5a" * 65536
+    want.write_bytes(expected)
+    with serving([full, inc], short_tmp / "s.sock", "--key", keyfile, devices=1,
+                 env=s3_server.env()) as s:
+        assert s.uris == [f"nbd+unix:///disk?socket={short_tmp / 's.sock'}"]
+        assert qemu_img_compare(want, "raw", s.uris[0], "raw")
+    refused = run(s3_server, "serve", full, inc, "--socket", short_tmp / "t.sock")
+    assert_error(refused, "is encrypted (recipient keys")
 
 
 # -- a fleet: jobs into a bucket, several at once ----------------------------------------------

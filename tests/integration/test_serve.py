@@ -52,12 +52,12 @@ class Serving:
 
 
 @contextlib.contextmanager
-def serving(archives: Sequence[Path], socket: Path, *args: str,
-            devices: int) -> Iterator[Serving]:
+def serving(archives: Sequence[Path | str], socket: Path, *args: str | Path,
+            devices: int, env: dict[str, str] | None = None) -> Iterator[Serving]:
     """``backup-agent serve`` until the block ends; yields once it printed its URIs."""
     proc = subprocess.Popen([AGENT, "serve", *map(str, archives), "--socket", str(socket),
-                             *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+                             *map(str, args)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     s = Serving(proc, [], socket)
     try:
         assert proc.stdout is not None
@@ -140,6 +140,45 @@ def test_a_chain_reads_back_as_its_newest_point_in_time(tmp_path: Path, short_tm
             raw = tmp_path / f"{name}.want"
             raw.write_bytes(want)
             _compare(raw, s.uri(name))
+
+
+def test_an_encrypted_chain_is_served_with_its_keys(tmp_path: Path, short_tmp: Path) -> None:
+    """The full backup encrypted to one key, the incremental to another: served with both
+    (the second protected by a passphrase), each device reads back as the chain; without
+    a key, or with only one, serve refuses in one line before it listens."""
+    from agent import keys
+
+    k1, k2 = keys.generate(), keys.generate()
+    key1, key2 = tmp_path / "k1.key", tmp_path / "k2.key"
+    keys.write_private(str(key1), keys.encode_private(k1))
+    keys.write_private(str(key2), keys.encode_private(k2, b"pass phrase"))
+    secret = tmp_path / "pass"
+    secret.write_text("pass phrase\n")
+    chain = build_chain(tmp_path, [Kind.FULL, Kind.INCREMENTAL],
+                        encrypt_to={0: [k1.public], 1: [k2.public]})
+    sock = short_tmp / "s.sock"
+    with serving(chain.paths, sock, "--key", key1, "--key", key2, "--passphrase-file", secret,
+                 devices=2) as s:
+        argv = Path(f"/proc/{s.proc.pid}/cmdline").read_bytes()
+        (nbdkit,) = Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split()
+        nbdkit_argv = Path(f"/proc/{nbdkit}/cmdline").read_bytes().split(b"\0")
+        assert any(a.startswith(b"keyfd=") for a in nbdkit_argv), nbdkit_argv
+        # The keys reach nbdkit through the pipe only: nothing of them in what others
+        # may read of either process (the command line; the environment for the owner).
+        shown = argv + b"".join(nbdkit_argv) + Path(f"/proc/{nbdkit}/environ").read_bytes()
+        for pair in (k1, k2):
+            raw = keys.raw_private(pair.private)
+            assert raw not in shown and raw.hex().encode() not in shown
+        assert b"pass phrase" not in shown and key1.read_bytes().strip() not in shown
+        for name, want in chain.expected.items():
+            raw = tmp_path / f"{name}.want"
+            raw.write_bytes(want)
+            _compare(raw, s.uri(name))
+    assert not sock.exists()
+    _refused(*chain.paths, "--socket", sock, expect="is encrypted (recipient keys")
+    _refused(*chain.paths, "--socket", sock, "--key", key1,
+             expect=f"{chain.paths[1]} is encrypted for other keys")
+    assert not sock.exists()
 
 
 def test_block_status_shows_the_holes_of_a_sparse_disk(tmp_path: Path, short_tmp: Path,

@@ -370,7 +370,7 @@ def test_retention_sees_an_encrypted_archive_complete_without_a_key(tmp_path: os
     assert read_desc(path).complete is False
     with open(path, "wb") as f:
         f.write(SMALL)
-    with pytest.raises(crypto.KeyRequired, match="is encrypted .*give --key"):
+    with pytest.raises(crypto.KeyRequired, match=r"is encrypted .*give --key"):
         IndexedArchive(path)
 
 

@@ -396,7 +396,7 @@ def _reseal_digest(data: bytearray, pos: int) -> None:
 def test_an_altered_encrypted_record_fails_its_reads_and_no_other(tmp_path: Path) -> None:
     chain = build_chain(tmp_path, [Kind.FULL], compress=False, encrypt_to={0: [K1.public]})
     path = chain.paths[0]
-    name, off, n = _one_data_record(chain.records)
+    name, off, _n = _one_data_record(chain.records)
     served = ServedArchives([str(path)], keys=[K1.private])
     seg = served.devices[name].segments[served.devices[name].segments.first_at(off)]
     served.close()
