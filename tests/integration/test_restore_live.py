@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from agent.restore_live import TARGET_CLUSTER
 from tests.integration.cli_util import (
     AGENT,
     DATA,
@@ -64,8 +65,10 @@ def backup(tmp_path: Path, short_tmp: Path, *images: tuple[str, Path]) -> Path:
     return arc
 
 
-def empty_target(path: Path, size: int = SIZE) -> Path:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+def empty_target(path: Path, size: int = SIZE, cluster: str | None = TARGET_CLUSTER) -> Path:
+    """A new image as docs/SERVE.md makes it (``cluster``: None for qemu-img's default)."""
+    opts = ["-o", f"cluster_size={cluster}"] if cluster else []
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *opts, str(path), str(size)],
                    check=True)
     return path
 
@@ -121,7 +124,7 @@ def test_two_disks_are_filled_and_stand_alone(vms: VmFactory, tmp_path: Path,
                          [("write", 0x33, 0, 3 * MiB + 512)])
     arc = backup(tmp_path, short_tmp, ("vda", vda_src), ("vdb", vdb_src))
     vda = empty_target(tmp_path / "vda.qcow2")
-    vdb = empty_target(tmp_path / "vdb.qcow2", 3 * MiB + 512)
+    vdb = empty_target(tmp_path / "vdb.qcow2", 3 * MiB + 512, cluster=None)  # 64 KiB
     vm = vms.start([Disk(vda, "qcow2", "vda"), Disk(vdb, "qcow2", "vdb")])  # paused (-S)
     proc = run_agent(short_tmp, "restore", arc, "--live", "--qmp", vm.agent_qmp,
                      "--drive", f"vda={vda}", "--drive", f"vdb={vdb}", "--progress", "json")
