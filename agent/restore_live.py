@@ -4,7 +4,8 @@
    names a device of the VM and of the archive, and TARGET is the qcow2 image the VM has
    open for it: empty (``qemu-img map -U`` finds no data in it) and of the device's size.
 2. A :class:`agent.serve.detached.DetachedServer` serves the devices (an nbdkit that
-   outlives the agent).
+   outlives the agent). For each device a zero map is made from the server's block status
+   (:func:`zero_map`), a small qcow2 file QEMU opens and the agent deletes at once.
 3. QEMU puts the served backup under each target image and streams it in, and the VM is
    resumed (:class:`agent.qemu.stream.LiveStream`).
 4. The agent follows the streams (progress, the plugin's messages) until they conclude, then
@@ -17,13 +18,17 @@ everything serving (the VM reads from it) and says so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from agent import interrupts
 from agent.errors import AgentError, Interrupted, InvalidArgument
@@ -39,6 +44,15 @@ log = logging.getLogger("backup-agent")
 #: time it took into qemu-img's default 64 KiB ones on QEMU 7.2, 0.90x on QEMU 10.0
 #: (docs/PERFORMANCE.md, "Live restore"). The agent takes any cluster size.
 TARGET_CLUSTER = "256K"
+
+
+#: The zero map's cluster size, the largest qcow2 has: a 1 TiB disk's map is a few MiB.
+#: Only whole clusters that read as zeros are marked; the rest goes through the server.
+ZERO_CLUSTER = 2 << 20
+#: Longest ``write -z`` qemu-io takes (without -n): 1 GiB, a multiple of ZERO_CLUSTER.
+_ZERO_WRITE_MAX = 1 << 30
+#: Longest NBD block status asked at once (the length is 32 bits).
+_STATUS_MAX = 1 << 30
 
 
 def create_command(target: str, size: int) -> str:
@@ -94,6 +108,82 @@ def _check_target(drive: LiveDrive, dev: BlockDevice, size: int) -> None:
                               "under what the image holds; give it a new, empty qcow2 image")
 
 
+def zero_ranges(socket: str, export: str, size: int) -> list[tuple[int, int]]:
+    """``(offset, length)`` of the whole :data:`ZERO_CLUSTER` clusters of ``export``
+    (served on Unix socket ``socket``) that read as zeros, by NBD block status."""
+    import nbd
+
+    from agent.serve.server import uri
+
+    zeros: list[tuple[int, int]] = []
+    h = nbd.NBD()
+    try:
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        h.connect_uri(uri(export, socket))
+        offset = 0
+        while offset < size:
+            pos = offset
+
+            def extent(meta: str, at: int, entries: list[int], err: Any) -> int:
+                nonlocal pos
+                if meta != nbd.CONTEXT_BASE_ALLOCATION:
+                    return 0
+                for length, flags in zip(entries[::2], entries[1::2], strict=True):
+                    if flags & nbd.STATE_ZERO:
+                        lo = -(-pos // ZERO_CLUSTER) * ZERO_CLUSTER
+                        hi = (pos + length) // ZERO_CLUSTER * ZERO_CLUSTER
+                        if hi > lo:
+                            if zeros and zeros[-1][0] + zeros[-1][1] == lo:
+                                lo = zeros.pop()[0]
+                            zeros.append((lo, hi - lo))
+                    pos += length
+                return 0
+
+            h.block_status(min(size - offset, _STATUS_MAX), offset, extent)
+            if pos <= offset:
+                raise AgentError(f"the server's block status of {export!r} at {offset} "
+                                 "covers nothing")
+            offset = pos
+        h.shutdown()
+    except nbd.Error as e:
+        raise AgentError(f"cannot read the block status of {export!r}: {e.string}") from e
+    return zeros  # (the handle's last reference goes: libnbd closes the socket)
+
+
+def zero_map(path: str, size: int, zeros: Sequence[tuple[int, int]]) -> None:
+    """A qcow2 image ``path`` of ``size`` bytes whose clusters in ``zeros`` are zero
+    clusters (allocated, reading as zeros: over a backing they hide it) and the rest
+    unallocated (the backing shows through)."""
+    cmds = []
+    for offset, length in zeros:
+        for o in range(offset, offset + length, _ZERO_WRITE_MAX):
+            cmds.append(f"write -z {o} {min(_ZERO_WRITE_MAX, offset + length - o)}\n")
+    for argv, stdin in (
+            (["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+              f"cluster_size={ZERO_CLUSTER}", path, str(size)], ""),
+            (["qemu-io", "-f", "qcow2", path], "".join(cmds))):
+        if argv[0] == "qemu-io" and not cmds:
+            break
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:  # (qemu-io says what failed on stdout)
+            why = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+            raise AgentError(f"cannot make the zero map {path}: {argv[0]}: "
+                             f"{why[-1] if why else proc.returncode}")
+
+
+def _with_zero_map(spec: StreamSpec, socket: str, size: int, directory: str) -> StreamSpec:
+    """``spec`` with a zero map made in ``directory``; without one if it cannot be made
+    (the stream then asks the server for every range, as it would anyway)."""
+    path = os.path.join(directory, f"{len(os.listdir(directory))}.qcow2")
+    try:
+        zero_map(path, size, zero_ranges(socket, spec.export, size))
+    except AgentError as e:
+        log.warning("device '%s': %s; the stream reads the backup's zeros from the server",
+                    spec.device.id, e)
+        return spec
+    return dataclasses.replace(spec, zeros=path)
+
+
 def _progress(states: list[JobState], start: float) -> Progress:
     done = sum(s.done for s in states)
     return Progress(phase="restore", done=done, total=sum(s.total for s in states),
@@ -134,14 +224,20 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
         try:
             if server.record is None:
                 raise AgentError("nbdkit stopped as it started")
-            stream = LiveStream(mon, specs, tag=tag, server=server.record, speed=speed)
-            # Signals wait until the VM runs: a stop half-way through would leave streams
-            # running on a server stopped by the way out below.
-            with interrupts.held():
-                stream.check()
-                stream.attach()
-                stream.start()
-                running = True
+            maps = tempfile.mkdtemp(prefix="ba-zeros-")
+            try:
+                specs = [_with_zero_map(s, server.socket, sizes[s.export], maps)
+                         for s in specs]
+                stream = LiveStream(mon, specs, tag=tag, server=server.record, speed=speed)
+                # Signals wait until the VM runs: a stop half-way through would leave
+                # streams running on a server stopped by the way out below.
+                with interrupts.held():
+                    stream.check()
+                    stream.attach()
+                    stream.start()
+                    running = True
+            finally:  # QEMU keeps the zero maps it opened: nothing of them stays on disk
+                shutil.rmtree(maps, ignore_errors=True)
         except BaseException as e:
             if not running:
                 server.stop()

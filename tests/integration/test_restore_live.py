@@ -21,7 +21,9 @@ from typing import Any
 
 import pytest
 
-from agent.restore_live import TARGET_CLUSTER
+from agent.errors import AgentError
+from agent.restore_live import TARGET_CLUSTER, zero_map, zero_ranges
+from agent.serve.server import ArchiveServer
 from tests.integration.cli_util import (
     AGENT,
     DATA,
@@ -87,6 +89,7 @@ def ours_in_qemu(vm: Vm) -> list[str]:
 def assert_nothing_left(vm: Vm, short_tmp: Path) -> None:
     assert ours_in_qemu(vm) == []
     assert list(short_tmp.glob("ba-live-*")) == []
+    assert list(short_tmp.glob("ba-zeros-*")) == []  # QEMU had the zero maps open, unlinked
     assert processes_mentioning(str(short_tmp / "ba-live-")) == []
 
 
@@ -139,6 +142,34 @@ def test_two_disks_are_filled_and_stand_alone(vms: VmFactory, tmp_path: Path,
     for target, src, fmt in ((vda, vda_src, "qcow2"), (vdb, vdb_src, "raw")):
         assert "backing-filename" not in image_info(target)
         assert same(target, "qcow2", src, fmt).returncode == 0
+
+
+def test_the_zero_map_covers_the_whole_clusters_that_read_as_zeros(tmp_path: Path,
+                                                                    short_tmp: Path) -> None:
+    # Data at 0-8 MiB and 16-20 MiB (SOURCE_OPS); zeros at 8-16 MiB, 20 MiB-32 MiB, and
+    # 1 MiB of zeros written at 2.5 MiB, inside the data: too small for a 2 MiB cluster.
+    ops = [*SOURCE_OPS, ("write", 0x00, 2 * MiB + 512 * KiB, MiB)]
+    src = make_image(tmp_path / "src.raw", "raw", SIZE + 1 * MiB, ops)
+    arc = backup(tmp_path, short_tmp, ("vda", src))
+    server = ArchiveServer([str(arc)], ["vda"], str(short_tmp / "s"), cache=16 * MiB)
+    try:
+        zeros = zero_ranges(str(short_tmp / "s"), "vda", SIZE + 1 * MiB)
+    finally:
+        server.close()
+    # The disk's last MiB is zeros too, but not a whole cluster of the map.
+    assert zeros == [(8 * MiB, 8 * MiB), (20 * MiB, 12 * MiB)]
+    zm = tmp_path / "zeros.qcow2"
+    zero_map(str(zm), SIZE + 1 * MiB, zeros)
+    out = subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(zm)],
+                         capture_output=True, text=True, check=True).stdout
+    marked = [(e["start"], e["length"]) for e in json.loads(out) if e["present"]]
+    assert marked == zeros  # allocated as zeros there, nothing anywhere else
+    assert image_info(zm)["virtual-size"] == SIZE + 1 * MiB
+
+
+def test_a_zero_map_that_cannot_be_made_says_why(tmp_path: Path) -> None:
+    with pytest.raises(AgentError, match=r"cannot make the zero map .*qemu-img"):
+        zero_map(str(tmp_path / "no-such-dir" / "z.qcow2"), SIZE, [])
 
 
 @pytest.mark.parametrize("case", ["running", "not-empty", "wrong-size", "wrong-file",
@@ -241,7 +272,10 @@ def test_the_guest_runs_from_the_backup_while_it_streams(vms: VmFactory, guest: 
         job = stream_job(vm)
         assert job is not None and job["status"] == "paused"
         assert job["current-progress"] < job["total-progress"]
-        assert backing(vm, "vda-fmt") == "ba-" + job["id"].split("-")[1] + "-vda-src"
+        # Under the image: its zero map, and under that the served backup.
+        tag = job["id"].split("-")[1]
+        assert backing(vm, "vda-fmt") == f"ba-{tag}-vda-z-src"
+        assert backing(vm, f"ba-{tag}-vda-z-src") == f"ba-{tag}-vda-src"
         vm.qmp.execute("block-job-resume", {"device": job["id"]})
         _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode(errors="replace")
