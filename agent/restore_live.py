@@ -161,7 +161,9 @@ def zero_map(path: str, size: int, zeros: Sequence[tuple[int, int]]) -> None:
     for argv, stdin in (
             (["qemu-img", "create", "-q", "-f", "qcow2", "-o",
               f"cluster_size={ZERO_CLUSTER}", path, str(size)], ""),
-            (["qemu-io", "-f", "qcow2", path], "".join(cmds))):
+            # writeback: qemu-io's default (writethrough) writes the 2 MiB L2 table back
+            # after each command, 1.2 s instead of 0.05 s for a 1 TiB disk's map
+            (["qemu-io", "-f", "qcow2", "-t", "writeback", path], "".join(cmds))):
         if argv[0] == "qemu-io" and not cmds:
             break
         proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
