@@ -151,16 +151,22 @@ def zero_ranges(socket: str, export: str, size: int) -> list[tuple[int, int]]:
 
 
 def zero_map(path: str, size: int, zeros: Sequence[tuple[int, int]]) -> None:
-    """A qcow2 image ``path`` of ``size`` bytes whose clusters in ``zeros`` are zero
-    clusters (allocated, reading as zeros: over a backing they hide it) and the rest
-    unallocated (the backing shows through)."""
+    """A qcow2 image ``path`` of ``size`` bytes over a raw external data file
+    (``data_file_raw``: every cluster at its own offset there): clusters in ``zeros`` are
+    zero clusters, every other cluster is allocated, its data in the data file.
+
+    QEMU opens it with the NBD node of the served backup as its data file: it then knows,
+    from this image alone, where the backup has data and where zeros, and asks the server
+    for neither. The data file given to ``qemu-img create`` (``path`` + ``.raw``) is a
+    placeholder, sparse, never written (``write -z -u`` unmaps there)."""
     cmds = []
     for offset, length in zeros:
         for o in range(offset, offset + length, _ZERO_WRITE_MAX):
-            cmds.append(f"write -z {o} {min(_ZERO_WRITE_MAX, offset + length - o)}\n")
+            cmds.append(f"write -z -u {o} {min(_ZERO_WRITE_MAX, offset + length - o)}\n")
     for argv, stdin in (
             (["qemu-img", "create", "-q", "-f", "qcow2", "-o",
-              f"cluster_size={ZERO_CLUSTER}", path, str(size)], ""),
+              f"cluster_size={ZERO_CLUSTER},data_file={path}.raw,data_file_raw=on,"
+              "preallocation=metadata", path, str(size)], ""),
             # writeback: qemu-io's default (writethrough) writes the 2 MiB L2 table back
             # after each command, 1.2 s instead of 0.05 s for a 1 TiB disk's map
             (["qemu-io", "-f", "qcow2", "-t", "writeback", path], "".join(cmds))):
@@ -235,10 +241,13 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
                 # streams running on a server stopped by the way out below.
                 with interrupts.held():
                     stream.check()
-                    stream.attach()
+                    try:
+                        stream.attach()
+                    finally:  # at once (a kill -9 later leaves nothing): QEMU has them open
+                        shutil.rmtree(maps, ignore_errors=True)
                     stream.start()
                     running = True
-            finally:  # QEMU keeps the zero maps it opened: nothing of them stays on disk
+            finally:
                 shutil.rmtree(maps, ignore_errors=True)
         except BaseException as e:
             if not running:

@@ -15,10 +15,14 @@ size. For each device (:meth:`LiveStream.attach`, then :meth:`LiveStream.start`)
    the nbdkit that serves the backup (:class:`agent.serve.detached.ServerRecord`);
 2. ``blockdev-add`` the NBD client node ``ba-T-<dev>-src`` (read-only, Unix socket), and,
    when the caller made one (:func:`agent.restore_live.zero_map`), over it the zero map
-   ``ba-T-<dev>-zeros``: a read-only qcow2 image whose zero clusters cover the ranges the
-   backup reads as zeros, its backing the NBD node. The stream then finds those ranges
-   there, in QEMU, and no longer asks the server for their block status and their zeros
-   (a third of a 1 GiB half-data restore's time, docs/PERFORMANCE.md "Live restore");
+   ``ba-T-<dev>-z-src``: a read-only qcow2 image whose raw external data file is the NBD
+   node, its clusters zero clusters where the backup reads as zeros and data (at the same
+   offset in the data file) elsewhere. QEMU's stream asks the block status of every chunk
+   of the chain under the image, twice (the job, then its copy-on-read filter): the zero
+   map answers from its own tables, where the NBD node asked the server each time, and it
+   reads the backup's zeros as zeros, where the NBD node had the server send them
+   (together 45 % of a 1 GiB half-data restore's stream, docs/PERFORMANCE.md "Live
+   restore");
 3. ``blockdev-reopen`` the device's qcow2 node with ``backing`` set to the zero map (else
    the NBD node). QEMU 7.2 and 10
    both do this (``blockdev-snapshot`` cannot: its overlay must not be in use by a device,
@@ -95,9 +99,9 @@ class StreamSpec:
     device: BlockDevice
     export: str
     zeros: str | None = None
-    """A qcow2 image of the disk's size (QEMU opens it read-only; it may be deleted once
-    :meth:`LiveStream.attach` returned) whose zero clusters mark ranges the backup reads
-    as zeros, or None."""
+    """The zero map (:func:`agent.restore_live.zero_map`), a qcow2 image QEMU opens
+    read-only with the NBD node as its data file; it may be deleted once
+    :meth:`LiveStream.attach` returned. None: the NBD node goes right under the image."""
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,7 @@ class LiveStream:
                                "blockdev-add",
                                {"driver": "qcow2", "node-name": backing, "read-only": True,
                                 "file": {"driver": "file", "filename": s.zeros},
-                                "backing": n.source})
+                                "data-file": n.source})
                     self._zeros.add(s.device.id)
                 node = _node(self.mon, s.device.node_name)
                 if node is None:
@@ -330,7 +334,7 @@ class LiveStream:
             raise StreamError(f"device(s) {', '.join(left)} still read from the backup")
         for s in self.specs:
             n = self.names[s.device.id]
-            if s.device.id in self._zeros:  # first: the NBD node is its backing
+            if s.device.id in self._zeros:  # first: the NBD node is its data file
                 z = zeros_name(n.source)
                 self._step(f"cannot delete node {z}", "blockdev-del", {"node-name": z})
                 self._zeros.discard(s.device.id)
@@ -361,7 +365,8 @@ class _Leftover:
     parent: str | None
     """The image the source is still under (None: no longer under any image)."""
     zeros: str | None
-    """The source's zero map node, if there is one (between the image and the source)."""
+    """The source's zero map node, if there is one (under the image; the source is its
+    data file)."""
 
 
 def _tag_of(name: str) -> str:
@@ -373,6 +378,8 @@ def _leftovers(mon: Monitor, tag: str | None) -> list[_Leftover]:
     children = _children(mon, graph)
     backing_of = {kids["backing"]: parent for parent, kids in children.items()
                   if "backing" in kids}
+    data_file_of = {kids["data-file"]: parent for parent, kids in children.items()
+                    if "data-file" in kids}
     out = []
     for n in graph["nodes"]:
         name = str(n.get("name", ""))
@@ -380,8 +387,9 @@ def _leftovers(mon: Monitor, tag: str | None) -> list[_Leftover]:
                 and name.endswith(names.SOURCE_SUFFIX) and not name.endswith(ZEROS_SUFFIX)):
             job = name.removesuffix(names.SOURCE_SUFFIX) + names.STREAM_SUFFIX
             parent, zeros = backing_of.get(name), None
-            if parent == zeros_name(name):
-                zeros, parent = parent, backing_of.get(parent)
+            if data_file_of.get(name) == zeros_name(name):
+                zeros = zeros_name(name)
+                parent = backing_of.get(zeros)
             out.append(_Leftover(_tag_of(name), name, job, parent, zeros))
     return out
 
@@ -480,7 +488,7 @@ def finish_leftovers(mon: Monitor, tag: str | None = None,
             continue
         if lo.job in last:
             done.append(f"waited for the stream {lo.job}")
-        # The zero map first: the source is its backing.
+        # The zero map first: the source is its data file.
         for node in ([lo.zeros] if lo.zeros is not None else []) + [lo.source]:
             try:
                 mon.execute("blockdev-del", {"node-name": node})

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from agent.errors import AgentError
-from agent.restore_live import TARGET_CLUSTER, zero_map, zero_ranges
+from agent.restore_live import TARGET_CLUSTER, ZERO_CLUSTER, zero_map, zero_ranges
 from agent.serve.server import ArchiveServer
 from tests.integration.cli_util import (
     AGENT,
@@ -93,14 +93,15 @@ def assert_nothing_left(vm: Vm, short_tmp: Path) -> None:
     assert processes_mentioning(str(short_tmp / "ba-live-")) == []
 
 
-def backing(vm: Vm, node: str) -> str | None:
-    """The node under ``node`` as its backing (QEMU's block graph), or None."""
+def backing(vm: Vm, node: str, role: str = "backing") -> str | None:
+    """The node under ``node`` as its backing (or other ``role``; QEMU's block graph), or
+    None."""
     graph = vm.qmp.execute("x-debug-query-block-graph")
     by_id = {n["id"]: n["name"] for n in graph["nodes"]}
     if node not in by_id.values():
         raise AssertionError(f"no node {node}")
     for e in graph["edges"]:
-        if by_id[e["parent"]] == node and e["name"] == "backing":
+        if by_id[e["parent"]] == node and e["name"] == role:
             return str(by_id[e["child"]])
     return None
 
@@ -162,9 +163,17 @@ def test_the_zero_map_covers_the_whole_clusters_that_read_as_zeros(tmp_path: Pat
     zero_map(str(zm), SIZE + 1 * MiB, zeros)
     out = subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(zm)],
                          capture_output=True, text=True, check=True).stdout
-    marked = [(e["start"], e["length"]) for e in json.loads(out) if e["present"]]
-    assert marked == zeros  # allocated as zeros there, nothing anywhere else
-    assert image_info(zm)["virtual-size"] == SIZE + 1 * MiB
+    runs = json.loads(out)
+    assert all(e["present"] for e in runs)  # nothing left to any backing
+    assert [(e["start"], e["length"]) for e in runs if e["zero"]] == zeros
+    data = [e for e in runs if not e["zero"]]
+    assert data and all(e["data"] and e["offset"] == e["start"] for e in data)
+    assert sum(e["length"] for e in runs) == SIZE + 1 * MiB
+    info = image_info(zm)
+    assert info["format-specific"]["data"]["data-file-raw"] is True
+    # The data file is a placeholder: nothing written but qemu-img's padding of the partial
+    # last cluster (the map's clusters are 2 MiB, the disk 33 MiB).
+    assert (tmp_path / "zeros.qcow2.raw").stat().st_blocks * 512 <= ZERO_CLUSTER
 
 
 def test_a_zero_map_that_cannot_be_made_says_why(tmp_path: Path) -> None:
@@ -272,10 +281,10 @@ def test_the_guest_runs_from_the_backup_while_it_streams(vms: VmFactory, guest: 
         job = stream_job(vm)
         assert job is not None and job["status"] == "paused"
         assert job["current-progress"] < job["total-progress"]
-        # Under the image: its zero map, and under that the served backup.
+        # Under the image: its zero map, the served backup as the map's data file.
         tag = job["id"].split("-")[1]
         assert backing(vm, "vda-fmt") == f"ba-{tag}-vda-z-src"
-        assert backing(vm, f"ba-{tag}-vda-z-src") == f"ba-{tag}-vda-src"
+        assert backing(vm, f"ba-{tag}-vda-z-src", "data-file") == f"ba-{tag}-vda-src"
         vm.qmp.execute("block-job-resume", {"device": job["id"]})
         _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode(errors="replace")
