@@ -150,6 +150,42 @@ def zero_ranges(socket: str, export: str, size: int) -> list[tuple[int, int]]:
     return zeros  # (the handle's last reference goes: libnbd closes the socket)
 
 
+def start_zero_map(path: str, size: int) -> subprocess.Popen[str]:
+    """Start creating the zero map ``path`` (see :func:`zero_map`) of a ``size``-byte disk:
+    it needs nothing from the server, so it runs while nbdkit starts."""
+    return subprocess.Popen(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+         f"cluster_size={ZERO_CLUSTER},data_file={path}.raw,data_file_raw=on,"
+         "preallocation=metadata", path, str(size)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def mark_zeros(created: subprocess.Popen[str], path: str,
+               zeros: Sequence[tuple[int, int]]) -> None:
+    """Wait for ``created`` (:func:`start_zero_map`), then make the clusters in ``zeros``
+    zero clusters of the map ``path``."""
+    out, err = created.communicate()
+    _check_run(path, "qemu-img", created.returncode, out, err)
+    cmds = []
+    for offset, length in zeros:
+        for o in range(offset, offset + length, _ZERO_WRITE_MAX):
+            cmds.append(f"write -z -u {o} {min(_ZERO_WRITE_MAX, offset + length - o)}\n")
+    if cmds:
+        # writeback: qemu-io's default (writethrough) writes the 2 MiB L2 table back
+        # after each command, 1.2 s instead of 0.05 s for a 1 TiB disk's map
+        proc = subprocess.run(["qemu-io", "-f", "qcow2", "-t", "writeback", path],
+                              input="".join(cmds), capture_output=True, text=True,
+                              check=False)
+        _check_run(path, "qemu-io", proc.returncode, proc.stdout, proc.stderr)
+
+
+def _check_run(path: str, prog: str, status: int, out: str, err: str) -> None:
+    if status != 0:  # (qemu-io says what failed on stdout)
+        why = (err.strip() or out.strip()).splitlines()
+        raise AgentError(f"cannot make the zero map {path}: {prog}: "
+                         f"{why[-1] if why else status}")
+
+
 def zero_map(path: str, size: int, zeros: Sequence[tuple[int, int]]) -> None:
     """A qcow2 image ``path`` of ``size`` bytes over a raw external data file
     (``data_file_raw``: every cluster at its own offset there): clusters in ``zeros`` are
@@ -159,37 +195,30 @@ def zero_map(path: str, size: int, zeros: Sequence[tuple[int, int]]) -> None:
     from this image alone, where the backup has data and where zeros, and asks the server
     for neither. The data file given to ``qemu-img create`` (``path`` + ``.raw``) is a
     placeholder, sparse, never written (``write -z -u`` unmaps there)."""
-    cmds = []
-    for offset, length in zeros:
-        for o in range(offset, offset + length, _ZERO_WRITE_MAX):
-            cmds.append(f"write -z -u {o} {min(_ZERO_WRITE_MAX, offset + length - o)}\n")
-    for argv, stdin in (
-            (["qemu-img", "create", "-q", "-f", "qcow2", "-o",
-              f"cluster_size={ZERO_CLUSTER},data_file={path}.raw,data_file_raw=on,"
-              "preallocation=metadata", path, str(size)], ""),
-            # writeback: qemu-io's default (writethrough) writes the 2 MiB L2 table back
-            # after each command, 1.2 s instead of 0.05 s for a 1 TiB disk's map
-            (["qemu-io", "-f", "qcow2", "-t", "writeback", path], "".join(cmds))):
-        if argv[0] == "qemu-io" and not cmds:
-            break
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:  # (qemu-io says what failed on stdout)
-            why = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
-            raise AgentError(f"cannot make the zero map {path}: {argv[0]}: "
-                             f"{why[-1] if why else proc.returncode}")
+    mark_zeros(start_zero_map(path, size), path, zeros)
 
 
-def _with_zero_map(spec: StreamSpec, socket: str, size: int, directory: str) -> StreamSpec:
-    """``spec`` with a zero map made in ``directory``; without one if it cannot be made
-    (the stream then asks the server for every range, as it would anyway)."""
-    path = os.path.join(directory, f"{len(os.listdir(directory))}.qcow2")
+def _with_zero_map(spec: StreamSpec, created: subprocess.Popen[str], path: str, socket: str,
+                   size: int) -> StreamSpec:
+    """``spec`` with its zero map ``path`` (being created by ``created``) made; without one
+    if it cannot be made (the stream then asks the server for every range, as it would
+    anyway)."""
     try:
-        zero_map(path, size, zero_ranges(socket, spec.export, size))
+        mark_zeros(created, path, zero_ranges(socket, spec.export, size))
     except AgentError as e:
-        log.warning("device '%s': %s; the stream reads the backup's zeros from the server",
+        log.warning("device '%s': %s; the stream asks the server for every range",
                     spec.device.id, e)
         return spec
     return dataclasses.replace(spec, zeros=path)
+
+
+def _drop_zero_maps(created: Sequence[tuple[subprocess.Popen[str], str]], maps: str) -> None:
+    """Remove the zero maps' directory once no qemu-img writes in it any more."""
+    for proc, _ in created:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+    shutil.rmtree(maps, ignore_errors=True)
 
 
 def _progress(states: list[JobState], start: float) -> Progress:
@@ -224,7 +253,15 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
             _check_target(drive, dev, sizes[drive.id])
             specs.append(StreamSpec(dev, drive.id))
         tag = os.urandom(4).hex()
-        server = DetachedServer(paths, ids, cache=cache)
+        maps = tempfile.mkdtemp(prefix="ba-zeros-")
+        created = [(start_zero_map(p, sizes[s.export]), p)
+                   for s, p in ((s, os.path.join(maps, f"{i}.qcow2"))
+                                for i, s in enumerate(specs))]
+        try:
+            server = DetachedServer(paths, ids, cache=cache)
+        except BaseException:
+            _drop_zero_maps(created, maps)
+            raise
         leave = (f"the streams go on in QEMU and nbdkit (pid {server.pid}) keeps serving the "
                  f"backup: `backup-agent cleanup --qmp {qmp}` waits for them and removes "
                  "what is left")
@@ -232,10 +269,9 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
         try:
             if server.record is None:
                 raise AgentError("nbdkit stopped as it started")
-            maps = tempfile.mkdtemp(prefix="ba-zeros-")
             try:
-                specs = [_with_zero_map(s, server.socket, sizes[s.export], maps)
-                         for s in specs]
+                specs = [_with_zero_map(s, c, p, server.socket, sizes[s.export])
+                         for s, (c, p) in zip(specs, created, strict=True)]
                 stream = LiveStream(mon, specs, tag=tag, server=server.record, speed=speed)
                 # Signals wait until the VM runs: a stop half-way through would leave
                 # streams running on a server stopped by the way out below.
@@ -248,7 +284,7 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
                     stream.start()
                     running = True
             finally:
-                shutil.rmtree(maps, ignore_errors=True)
+                _drop_zero_maps(created, maps)
         except BaseException as e:
             if not running:
                 server.stop()
