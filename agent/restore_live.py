@@ -6,6 +6,7 @@
 2. A :class:`agent.serve.detached.DetachedServer` serves the devices (an nbdkit that
    outlives the agent). For each device a zero map is made from the server's block status
    (:func:`zero_map`), a small qcow2 file QEMU opens and the agent deletes at once.
+   While the streams run, :class:`Prefetch` has the server load records ahead of them.
 3. QEMU puts the served backup under each target image and streams it in, and the VM is
    resumed (:class:`agent.qemu.stream.LiveStream`).
 4. The agent follows the streams (progress, the plugin's messages) until they conclude, then
@@ -41,8 +42,8 @@ from agent.qemu.stream import JobState, LiveStream, StreamSpec, wait_for
 log = logging.getLogger("backup-agent")
 
 #: The cluster size docs/SERVE.md gives a live restore's target images. QEMU's stream copies
-#: 512 KiB at a time; into 256 KiB clusters it finished a 1 GiB half-data disk in 0.68x the
-#: time it took into qemu-img's default 64 KiB ones on QEMU 7.2, 0.90x on QEMU 10.0
+#: 512 KiB at a time; into 256 KiB clusters a 1 GiB half-data restore took 0.84x the time it
+#: took into qemu-img's default 64 KiB ones on QEMU 7.2, 0.69x on QEMU 10.0
 #: (docs/PERFORMANCE.md, "Live restore"). The agent takes any cluster size.
 TARGET_CLUSTER = "256K"
 
@@ -236,7 +237,7 @@ class Prefetch:
 
     QEMU's stream reads one 512 KiB chunk at a time, in order, and waits for each: every
     record the server reads, checks and decompresses for it is time the stream stands
-    still (half of its time, docs/PERFORMANCE.md "Live restore"). This thread asks for the
+    still (most of its time, docs/PERFORMANCE.md "Live restore"). This thread asks for the
     same ranges first, as NBD_CMD_CACHE on a connection of its own (nbdkit reads them
     through the plugin, whose record cache every connection shares), at most ``window``
     bytes ahead of the stream's position (its job's progress: block-stream goes through the

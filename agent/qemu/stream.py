@@ -20,8 +20,8 @@ size. For each device (:meth:`LiveStream.attach`, then :meth:`LiveStream.start`)
    offset in the data file) elsewhere. QEMU's stream asks the block status of every chunk
    of the chain under the image, twice (the job, then its copy-on-read filter): the zero
    map answers from its own tables, where the NBD node asked the server each time, and it
-   reads the backup's zeros as zeros, where the NBD node had the server send them
-   (together 45 % of a 1 GiB half-data restore's stream, docs/PERFORMANCE.md "Live
+   reads the backup's zeros as zeros, where the NBD node had the server send them (the
+   stream of a 1 GiB half-data disk took 38 % less time, docs/PERFORMANCE.md "Live
    restore");
 3. ``blockdev-reopen`` the device's qcow2 node with ``backing`` set to the zero map (else
    the NBD node). QEMU 7.2 and 10
