@@ -13,8 +13,18 @@ size. For each device (:meth:`LiveStream.attach`, then :meth:`LiveStream.start`)
 
 1. ``object-add`` the marker ``ba-T-live`` (a ``secret``): its data is the JSON record of
    the nbdkit that serves the backup (:class:`agent.serve.detached.ServerRecord`);
-2. ``blockdev-add`` the NBD client node ``ba-T-<dev>-src`` (read-only, Unix socket);
-3. ``blockdev-reopen`` the device's qcow2 node with ``backing`` set to it. QEMU 7.2 and 10
+2. ``blockdev-add`` the NBD client node ``ba-T-<dev>-src`` (read-only, Unix socket), and,
+   when the caller made one (:func:`agent.restore_live.zero_map`), over it the zero map
+   ``ba-T-<dev>-z-src``: a read-only qcow2 image whose raw external data file is the NBD
+   node, its clusters zero clusters where the backup reads as zeros and data (at the same
+   offset in the data file) elsewhere. QEMU's stream asks the block status of every chunk
+   of the chain under the image, twice (the job, then its copy-on-read filter): the zero
+   map answers from its own tables, where the NBD node asked the server each time, and it
+   reads the backup's zeros as zeros, where the NBD node had the server send them (the
+   stream of a 1 GiB half-data disk took 38 % less time, docs/PERFORMANCE.md "Live
+   restore");
+3. ``blockdev-reopen`` the device's qcow2 node with ``backing`` set to the zero map (else
+   the NBD node). QEMU 7.2 and 10
    both do this (``blockdev-snapshot`` cannot: its overlay must not be in use by a device,
    and ``x-blockdev-change`` only changes quorum children). Reopening resets every option not
    given to its default, so the node's options are given again as far as QMP tells them:
@@ -30,9 +40,10 @@ size. For each device (:meth:`LiveStream.attach`, then :meth:`LiveStream.start`)
 5. ``cont``: the guest runs, reading what it has not written from the backup.
 
 When the job ends without error, QEMU has already dropped the backing (block-stream does
-that itself); :meth:`LiveStream.finish` deletes the NBD nodes and the marker (the caller
-stops the server in between). Nothing here sends ``query-named-block-nodes`` while a
-stream may run or end: the graph comes from ``x-debug-query-block-graph``. A stream that
+that itself); :meth:`LiveStream.finish` deletes the zero maps, the NBD nodes and the
+marker (the caller stops the server in between). Nothing here sends
+``query-named-block-nodes`` while a stream may run or end: the graph comes from
+``x-debug-query-block-graph``. A stream that
 fails leaves the backing in place: the VM still needs the server, so nothing that serves it
 is removed.
 
@@ -58,10 +69,23 @@ from agent.serve.detached import ServerRecord, stop_recorded
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two looks at the jobs while waiting for them.
+#: Seconds between two looks at the jobs while waiting for them, at most.
 POLL = 0.25
+#: ... and at least, once the jobs are about to end (see :func:`next_look`).
+MIN_POLL = 0.01
 #: Job states after which nothing runs any more.
 DONE = frozenset({"concluded", "null"})
+
+
+#: Name suffix of a zero-map node, in place of the source's :data:`names.SOURCE_SUFFIX`
+#: (that fits wherever ``-stream`` does). It ends as a source's does: ``graph.cleanup``
+#: (live backups) leaves such nodes to :func:`finish_leftovers`.
+ZEROS_SUFFIX = "-z" + names.SOURCE_SUFFIX
+
+
+def zeros_name(source: str) -> str:
+    """The zero map's node name that goes with the NBD node ``source``."""
+    return source.removesuffix(names.SOURCE_SUFFIX) + ZEROS_SUFFIX
 
 
 class StreamError(QmpError):
@@ -74,6 +98,10 @@ class StreamSpec:
 
     device: BlockDevice
     export: str
+    zeros: str | None = None
+    """The zero map (:func:`agent.restore_live.zero_map`), a qcow2 image QEMU opens
+    read-only with the NBD node as its data file; it may be deleted once
+    :meth:`LiveStream.attach` returned. None: the NBD node goes right under the image."""
 
 
 @dataclass(frozen=True)
@@ -172,6 +200,7 @@ class LiveStream:
                       for i, s in enumerate(specs)}
         self.marker = names.live_marker(tag)
         self._attached: list[StreamSpec] = []
+        self._zeros: set[str] = set()  # devices whose zero map QEMU has
         self._marked = False
         self._file_child: dict[str, str] = {}
 
@@ -216,6 +245,15 @@ class LiveStream:
                             "export": s.export,
                             "server": {"type": "unix", "path": self.server.socket}})
                 self._attached.append(s)
+                backing = n.source
+                if s.zeros is not None:
+                    backing = zeros_name(n.source)
+                    self._step(f"cannot open the zero map of '{s.device.id}' ({s.zeros})",
+                               "blockdev-add",
+                               {"driver": "qcow2", "node-name": backing, "read-only": True,
+                                "file": {"driver": "file", "filename": s.zeros},
+                                "data-file": n.source})
+                    self._zeros.add(s.device.id)
                 node = _node(self.mon, s.device.node_name)
                 if node is None:
                     raise StreamError(f"device '{s.device.id}': node "
@@ -223,7 +261,7 @@ class LiveStream:
                 self._step(f"cannot put the served backup under device '{s.device.id}'",
                            "blockdev-reopen",
                            {"options": [reopen_options(node, self._file_child[s.device.id],
-                                                       n.source)]})
+                                                       backing)]})
         except BaseException:
             self.detach()
             raise
@@ -267,6 +305,9 @@ class LiveStream:
                         s.device.node_name, {}):
                     self.mon.execute("blockdev-reopen", {"options": [reopen_options(
                         node, self._file_child[s.device.id], None)]})
+                if s.device.id in self._zeros:
+                    self.mon.execute("blockdev-del", {"node-name": zeros_name(n.source)})
+                    self._zeros.discard(s.device.id)
                 self.mon.execute("blockdev-del", {"node-name": n.source})
             except QmpError as e:
                 log.error("cannot remove the served backup from device '%s': %s",
@@ -293,6 +334,10 @@ class LiveStream:
             raise StreamError(f"device(s) {', '.join(left)} still read from the backup")
         for s in self.specs:
             n = self.names[s.device.id]
+            if s.device.id in self._zeros:  # first: the NBD node is its data file
+                z = zeros_name(n.source)
+                self._step(f"cannot delete node {z}", "blockdev-del", {"node-name": z})
+                self._zeros.discard(s.device.id)
             self._step(f"cannot delete node {n.source}", "blockdev-del",
                        {"node-name": n.source})
         self._attached = []
@@ -318,7 +363,10 @@ class _Leftover:
     source: str
     job: str
     parent: str | None
-    """The node whose backing the source still is (None: no longer under any image)."""
+    """The image the source is still under (None: no longer under any image)."""
+    zeros: str | None
+    """The source's zero map node, if there is one (under the image; the source is its
+    data file)."""
 
 
 def _tag_of(name: str) -> str:
@@ -330,13 +378,19 @@ def _leftovers(mon: Monitor, tag: str | None) -> list[_Leftover]:
     children = _children(mon, graph)
     backing_of = {kids["backing"]: parent for parent, kids in children.items()
                   if "backing" in kids}
+    data_file_of = {kids["data-file"]: parent for parent, kids in children.items()
+                    if "data-file" in kids}
     out = []
     for n in graph["nodes"]:
         name = str(n.get("name", ""))
         if (n.get("type") == "block-driver" and names.is_ours(name, tag)
-                and name.endswith(names.SOURCE_SUFFIX)):
+                and name.endswith(names.SOURCE_SUFFIX) and not name.endswith(ZEROS_SUFFIX)):
             job = name.removesuffix(names.SOURCE_SUFFIX) + names.STREAM_SUFFIX
-            out.append(_Leftover(_tag_of(name), name, job, backing_of.get(name)))
+            parent, zeros = backing_of.get(name), None
+            if data_file_of.get(name) == zeros_name(name):
+                zeros = zeros_name(name)
+                parent = backing_of.get(zeros)
+            out.append(_Leftover(_tag_of(name), name, job, parent, zeros))
     return out
 
 
@@ -350,18 +404,43 @@ def _markers(mon: Monitor, tag: str | None) -> dict[str, str]:
     return out
 
 
+def next_look(states: Sequence[JobState], first: Mapping[str, tuple[float, int]],
+              now: float) -> float:
+    """Seconds until the next look at jobs in ``states``: half the time the slowest still
+    needs at the rate it has gone since ``first`` (``{job: (time, done)}`` when first seen),
+    between :data:`MIN_POLL` and :data:`POLL`.
+
+    A job dismisses itself when it ends and QMP tells nothing more (this client takes no
+    events): only a look at the jobs sees the end. Looking every :data:`POLL` seconds lost
+    an eighth of a second on average at the end of every live restore; looking often all
+    along would cost a QMP round trip for nothing most of the time. Halving the estimate
+    each time finds the end within a few looks even when the rate changes."""
+    left = 0.0
+    for s in states:
+        if s.finished:
+            continue
+        t0, d0 = first.get(s.id, (now, s.done))
+        if now <= t0 or s.done <= d0 or s.total <= s.done:
+            return POLL  # no rate yet (or no end known): look again in a while
+        left = max(left, (s.total - s.done) * (now - t0) / (s.done - d0))
+    return min(POLL, max(MIN_POLL, left / 2))
+
+
 def wait_for(mon: Monitor, job_ids: Sequence[str],
              progress: Callable[[list[JobState]], None] | None = None) -> list[JobState]:
     """Wait until no job of ``job_ids`` runs any more (each dismisses itself when it ends);
     their last states as seen, with status ``null`` once gone (and the error, if QEMU
     showed one before the job went)."""
     last: dict[str, JobState] = {}
+    first: dict[str, tuple[float, int]] = {}
     while True:
         now = jobs(mon)
+        t = time.monotonic()
         for j in job_ids:
             seen = now.get(j)
             if seen is not None:
                 last[j] = seen
+                first.setdefault(j, (t, seen.done))
             else:
                 before = last.get(j) or JobState(j, "null", 0, 0, None)
                 # Its last steps are not seen: shown as done unless it said why not.
@@ -372,7 +451,7 @@ def wait_for(mon: Monitor, job_ids: Sequence[str],
             progress(states)
         if all(s.finished for s in states):
             return states
-        time.sleep(min(POLL, interrupts.STEP))
+        time.sleep(min(next_look(states, first, t), interrupts.STEP))
 
 
 def finish_leftovers(mon: Monitor, tag: str | None = None,
@@ -409,12 +488,15 @@ def finish_leftovers(mon: Monitor, tag: str | None = None,
             continue
         if lo.job in last:
             done.append(f"waited for the stream {lo.job}")
-        try:
-            mon.execute("blockdev-del", {"node-name": lo.source})
-            done.append(f"deleted node {lo.source}")
-        except QmpError as e:
-            errors.append(_wrap(f"cannot delete node {lo.source}", e))
-            in_use.add(lo.tag)
+        # The zero map first: the source is its data file.
+        for node in ([lo.zeros] if lo.zeros is not None else []) + [lo.source]:
+            try:
+                mon.execute("blockdev-del", {"node-name": node})
+                done.append(f"deleted node {node}")
+            except QmpError as e:
+                errors.append(_wrap(f"cannot delete node {node}", e))
+                in_use.add(lo.tag)
+                break
     for t, marker in _markers(mon, tag).items():
         if t in in_use:
             continue

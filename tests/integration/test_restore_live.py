@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 
+from agent.errors import AgentError
+from agent.restore_live import TARGET_CLUSTER, ZERO_CLUSTER, zero_map, zero_ranges
+from agent.serve.server import ArchiveServer
 from tests.integration.cli_util import (
     AGENT,
     DATA,
@@ -64,8 +67,10 @@ def backup(tmp_path: Path, short_tmp: Path, *images: tuple[str, Path]) -> Path:
     return arc
 
 
-def empty_target(path: Path, size: int = SIZE) -> Path:
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+def empty_target(path: Path, size: int = SIZE, cluster: str | None = TARGET_CLUSTER) -> Path:
+    """A new image as docs/SERVE.md makes it (``cluster``: None for qemu-img's default)."""
+    opts = ["-o", f"cluster_size={cluster}"] if cluster else []
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *opts, str(path), str(size)],
                    check=True)
     return path
 
@@ -84,17 +89,19 @@ def ours_in_qemu(vm: Vm) -> list[str]:
 def assert_nothing_left(vm: Vm, short_tmp: Path) -> None:
     assert ours_in_qemu(vm) == []
     assert list(short_tmp.glob("ba-live-*")) == []
+    assert list(short_tmp.glob("ba-zeros-*")) == []  # QEMU had the zero maps open, unlinked
     assert processes_mentioning(str(short_tmp / "ba-live-")) == []
 
 
-def backing(vm: Vm, node: str) -> str | None:
-    """The node under ``node`` as its backing (QEMU's block graph), or None."""
+def backing(vm: Vm, node: str, role: str = "backing") -> str | None:
+    """The node under ``node`` as its backing (or other ``role``; QEMU's block graph), or
+    None."""
     graph = vm.qmp.execute("x-debug-query-block-graph")
     by_id = {n["id"]: n["name"] for n in graph["nodes"]}
     if node not in by_id.values():
         raise AssertionError(f"no node {node}")
     for e in graph["edges"]:
-        if by_id[e["parent"]] == node and e["name"] == "backing":
+        if by_id[e["parent"]] == node and e["name"] == role:
             return str(by_id[e["child"]])
     return None
 
@@ -121,7 +128,7 @@ def test_two_disks_are_filled_and_stand_alone(vms: VmFactory, tmp_path: Path,
                          [("write", 0x33, 0, 3 * MiB + 512)])
     arc = backup(tmp_path, short_tmp, ("vda", vda_src), ("vdb", vdb_src))
     vda = empty_target(tmp_path / "vda.qcow2")
-    vdb = empty_target(tmp_path / "vdb.qcow2", 3 * MiB + 512)
+    vdb = empty_target(tmp_path / "vdb.qcow2", 3 * MiB + 512, cluster=None)  # 64 KiB
     vm = vms.start([Disk(vda, "qcow2", "vda"), Disk(vdb, "qcow2", "vdb")])  # paused (-S)
     proc = run_agent(short_tmp, "restore", arc, "--live", "--qmp", vm.agent_qmp,
                      "--drive", f"vda={vda}", "--drive", f"vdb={vdb}", "--progress", "json")
@@ -136,6 +143,42 @@ def test_two_disks_are_filled_and_stand_alone(vms: VmFactory, tmp_path: Path,
     for target, src, fmt in ((vda, vda_src, "qcow2"), (vdb, vdb_src, "raw")):
         assert "backing-filename" not in image_info(target)
         assert same(target, "qcow2", src, fmt).returncode == 0
+
+
+def test_the_zero_map_covers_the_whole_clusters_that_read_as_zeros(tmp_path: Path,
+                                                                    short_tmp: Path) -> None:
+    # Data at 0-8 MiB and 16-20 MiB (SOURCE_OPS); zeros at 8-16 MiB, 20 MiB-32 MiB, and
+    # 1 MiB of zeros written at 2.5 MiB, inside the data: too small for a 2 MiB cluster.
+    ops = [*SOURCE_OPS, ("write", 0x00, 2 * MiB + 512 * KiB, MiB)]
+    src = make_image(tmp_path / "src.raw", "raw", SIZE + 1 * MiB, ops)
+    arc = backup(tmp_path, short_tmp, ("vda", src))
+    server = ArchiveServer([str(arc)], ["vda"], str(short_tmp / "s"), cache=16 * MiB)
+    try:
+        zeros = zero_ranges(str(short_tmp / "s"), "vda", SIZE + 1 * MiB)
+    finally:
+        server.close()
+    # The disk's last MiB is zeros too, but not a whole cluster of the map.
+    assert zeros == [(8 * MiB, 8 * MiB), (20 * MiB, 12 * MiB)]
+    zm = tmp_path / "zeros.qcow2"
+    zero_map(str(zm), SIZE + 1 * MiB, zeros)
+    out = subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(zm)],
+                         capture_output=True, text=True, check=True).stdout
+    runs = json.loads(out)
+    assert all(e["present"] for e in runs)  # nothing left to any backing
+    assert [(e["start"], e["length"]) for e in runs if e["zero"]] == zeros
+    data = [e for e in runs if not e["zero"]]
+    assert data and all(e["data"] and e["offset"] == e["start"] for e in data)
+    assert sum(e["length"] for e in runs) == SIZE + 1 * MiB
+    info = image_info(zm)
+    assert info["format-specific"]["data"]["data-file-raw"] is True
+    # The data file is a placeholder: nothing written but qemu-img's padding of the partial
+    # last cluster (the map's clusters are 2 MiB, the disk 33 MiB).
+    assert (tmp_path / "zeros.qcow2.raw").stat().st_blocks * 512 <= ZERO_CLUSTER
+
+
+def test_a_zero_map_that_cannot_be_made_says_why(tmp_path: Path) -> None:
+    with pytest.raises(AgentError, match=r"cannot make the zero map .*qemu-img"):
+        zero_map(str(tmp_path / "no-such-dir" / "z.qcow2"), SIZE, [])
 
 
 @pytest.mark.parametrize("case", ["running", "not-empty", "wrong-size", "wrong-file",
@@ -238,7 +281,10 @@ def test_the_guest_runs_from_the_backup_while_it_streams(vms: VmFactory, guest: 
         job = stream_job(vm)
         assert job is not None and job["status"] == "paused"
         assert job["current-progress"] < job["total-progress"]
-        assert backing(vm, "vda-fmt") == "ba-" + job["id"].split("-")[1] + "-vda-src"
+        # Under the image: its zero map, the served backup as the map's data file.
+        tag = job["id"].split("-")[1]
+        assert backing(vm, "vda-fmt") == f"ba-{tag}-vda-z-src"
+        assert backing(vm, f"ba-{tag}-vda-z-src", "data-file") == f"ba-{tag}-vda-src"
         vm.qmp.execute("block-job-resume", {"device": job["id"]})
         _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err.decode(errors="replace")

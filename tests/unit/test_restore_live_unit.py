@@ -11,8 +11,8 @@ import pytest
 
 from agent.errors import AgentError, InvalidArgument
 from agent.qemu import names
-from agent.qemu.stream import reopen_options
-from agent.restore_live import parse_drive
+from agent.qemu.stream import MIN_POLL, POLL, JobState, next_look, reopen_options
+from agent.restore_live import parse_drive, pieces
 from agent.serve.detached import ServerRecord
 
 AGENT = str(Path(sys.executable).parent / "backup-agent")
@@ -33,6 +33,34 @@ def test_reopen_with_defaults_gives_no_options_qemu_would_not_need() -> None:
     assert reopen_options(node, "f", None) == {"driver": "qcow2", "node-name": "n",
                                                "file": "f", "backing": None,
                                                "read-only": False}
+
+
+def test_the_next_look_comes_sooner_as_the_slowest_stream_nears_its_end() -> None:
+    def job(i: str, done: int, status: str = "running") -> JobState:
+        return JobState(i, status, done, 1000, None)
+
+    first = {"a": (10.0, 0), "b": (10.0, 0)}
+    # No rate yet: nothing moved since the first look.
+    assert next_look([job("a", 0)], first, 10.0) == POLL
+    assert next_look([job("a", 0)], first, 11.0) == POLL
+    # a: 100 a second, 500 left, 5 s: the longest pause.
+    assert next_look([job("a", 500)], first, 15.0) == POLL
+    # a: 100 a second, 10 left: half of 0.1 s.
+    assert next_look([job("a", 990)], first, 19.9) == pytest.approx(0.05)
+    # The slowest of the running jobs counts; one that ended does not.
+    assert next_look([job("a", 990), job("b", 500)], first, 19.9) == POLL
+    assert next_look([job("a", 990), job("b", 1000, "concluded")], first, 19.9) \
+        == pytest.approx(0.05)
+    # Never below MIN_POLL, and never above POLL.
+    assert next_look([job("a", 999)], {"a": (0.0, 0)}, 0.999) == MIN_POLL
+    assert next_look([job("a", 1)], {"a": (0.0, 0)}, 1000.0) == POLL
+
+
+def test_the_prefetch_goes_over_what_is_not_zeros_in_steps() -> None:
+    assert list(pieces(10, [], 4)) == [(0, 4), (4, 4), (8, 2)]
+    assert list(pieces(10, [(0, 4), (6, 2)], 4)) == [(4, 2), (8, 2)]
+    assert list(pieces(10, [(2, 8)], 4)) == [(0, 2)]
+    assert list(pieces(10, [(0, 10)], 4)) == []
 
 
 def test_stream_names_fit_qemu_and_fall_back_to_the_index() -> None:
