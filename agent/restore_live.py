@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import interrupts
 from agent.errors import AgentError, Interrupted, InvalidArgument
@@ -38,6 +38,9 @@ from agent.pipeline import Progress, ProgressFn
 from agent.qemu.block import BlockDevice, query_block_devices
 from agent.qemu.qmp import Monitor
 from agent.qemu.stream import JobState, LiveStream, StreamSpec, wait_for
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 log = logging.getLogger("backup-agent")
 
@@ -313,6 +316,7 @@ def _progress(states: list[JobState], start: float) -> Progress:
 
 def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
                  cache: int, speed: int = 0, progress: ProgressFn | None = None,
+                 keys: Sequence[X25519PrivateKey] = (),
                  start: float | None = None) -> LiveResult:
     """See the module docstring. ``start``: the command's start (``time.monotonic()``)."""
     from agent.serve.archives import ServedArchives
@@ -322,7 +326,7 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
     ids = [d.id for d in drives]
     if not drives or len(set(ids)) != len(ids):
         raise InvalidArgument(f"give each --drive once, got {ids!r}")
-    checked = ServedArchives(paths, ids, cache, tables=False, verb="restore")
+    checked = ServedArchives(paths, ids, cache, tables=False, verb="restore", keys=keys)
     sizes = {d.name: d.size for d in checked.links[0].devices}
     checked.close()
     with Monitor(qmp) as mon:
@@ -341,7 +345,7 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
                    for s, p in ((s, os.path.join(maps, f"{i}.qcow2"))
                                 for i, s in enumerate(specs))]
         try:
-            server = DetachedServer(paths, ids, cache=cache)
+            server = DetachedServer(paths, ids, cache=cache, keys=keys)
         except BaseException:
             _drop_zero_maps(created, maps)
             raise

@@ -6,7 +6,7 @@ import argparse
 import logging
 import time
 
-from agent.cli import common
+from agent.cli import common, key_cmd
 from agent.cli.common import UsageError
 from agent.cli.render import ProgressRenderer, size
 
@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     renderer = ProgressRenderer(common.progress_mode(args.progress, args.quiet))
     try:
         result = live_restore(args.paths, drives, args.qmp, cache=args.cache,
-                              speed=args.max_rate, progress=renderer.callback(), start=start)
+                              speed=args.max_rate, progress=renderer.callback(), start=start,
+                              keys=key_cmd.keys_from(args))
     finally:
         renderer.close()
     log.info("live-restored %d device(s): %s streamed in %.2f s; the VM ran %.2f s after the "

@@ -58,12 +58,13 @@ def run_agent(tmp: Path, *args: str | os.PathLike[str], timeout: float = 300
                           env={**os.environ, "TMPDIR": str(tmp)})
 
 
-def backup(tmp_path: Path, short_tmp: Path, *images: tuple[str, Path]) -> Path:
+def backup(tmp_path: Path, short_tmp: Path, *images: tuple[str, Path],
+           extra: tuple[str, ...] = ()) -> Path:
     arc = tmp_path / "vm.arc"
     args: list[str] = []
     for name, path in images:
         args += ["--image", f"{name}={path}"]
-    assert_ok(run_agent(short_tmp, "backup", *args, "-o", arc))
+    assert_ok(run_agent(short_tmp, "backup", *args, *extra, "-o", arc))
     return arc
 
 
@@ -121,17 +122,33 @@ def same(a: Path, fmt_a: str, b: Path, fmt_b: str) -> subprocess.CompletedProces
 # -- without a guest OS ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
 def test_two_disks_are_filled_and_stand_alone(vms: VmFactory, tmp_path: Path,
-                                              short_tmp: Path) -> None:
+                                              short_tmp: Path, encrypted: bool) -> None:
+    from agent import keys
+
     vda_src = make_image(tmp_path / "vda-src.qcow2", "qcow2", SIZE, SOURCE_OPS)
     vdb_src = make_image(tmp_path / "vdb-src.raw", "raw", 3 * MiB + 512,
                          [("write", 0x33, 0, 3 * MiB + 512)])
-    arc = backup(tmp_path, short_tmp, ("vda", vda_src), ("vdb", vdb_src))
+    key_args: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
+    if encrypted:  # the served nbdkit gets the key through its pipe (docs/SERVE.md)
+        pair = keys.generate()
+        keys.write_private(str(tmp_path / "k.key"), keys.encode_private(pair))
+        key_args = ("--key", str(tmp_path / "k.key"))
+        extra = ("--encrypt-to", keys.format_public(pair.public))
+    arc = backup(tmp_path, short_tmp, ("vda", vda_src), ("vdb", vdb_src), extra=extra)
     vda = empty_target(tmp_path / "vda.qcow2")
     vdb = empty_target(tmp_path / "vdb.qcow2", 3 * MiB + 512, cluster=None)  # 64 KiB
     vm = vms.start([Disk(vda, "qcow2", "vda"), Disk(vdb, "qcow2", "vdb")])  # paused (-S)
+    if encrypted:  # without the key: refused before anything is added to the VM
+        refused = run_agent(short_tmp, "restore", arc, "--live", "--qmp", vm.agent_qmp,
+                            "--drive", f"vda={vda}", "--drive", f"vdb={vdb}")
+        assert refused.returncode == 1 and b"give --key" in refused.stderr, refused.stderr
+        assert ours_in_qemu(vm) == []
     proc = run_agent(short_tmp, "restore", arc, "--live", "--qmp", vm.agent_qmp,
-                     "--drive", f"vda={vda}", "--drive", f"vdb={vdb}", "--progress", "json")
+                     "--drive", f"vda={vda}", "--drive", f"vdb={vdb}", "--progress", "json",
+                     *key_args)
     assert_ok(proc)
     assert b"the VM runs from the backup" in proc.stderr
     events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith(b"{")]
