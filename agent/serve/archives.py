@@ -93,15 +93,19 @@ def _open_source(path: str) -> Source:
 def _open_one(path: str, keys: Sequence[X25519PrivateKey]) -> _Opened:
     check_seekable(path)
     try:
-        with open_random(path) as f:
+        f = open_random(path)  # a missing object says so itself (ArchiveError)
+    except OSError as e:
+        raise ArchiveError(f"cannot open {path}: {e.strerror}") from e
+    try:
+        with f:
             seal = read_seal(f)
     except ArchiveError as e:
         # The end is what serving needs first: a cut or still growing file has none.
         raise ArchiveError(f"{path}: {e}: the archive is incomplete (truncated, or still "
-                           "being written); only a complete archive file can be served "
+                           "being written); only a complete archive can be served "
                            "(`backup-agent verify` reads it from the start)") from e
     except OSError as e:
-        raise ArchiveError(f"cannot open {path}: {e.strerror}") from e
+        raise ArchiveError(f"cannot read {path}: {e.strerror}") from e
     try:
         # Seal, index and both ends checked; an encrypted archive opened with the key.
         with IndexedArchive(path, keys) as arc:
