@@ -165,13 +165,12 @@ def read_seal(f: BinaryIO, sealer: RecordSealer | None = None) -> Seal:
     if f.tell() != footer_pos:
         raise ArchiveError(f"the end record at byte {footer.end_pos} is not followed by "
                            "the footer")
-    if sealed and sealer is None:  # where END is, and that the footer follows, is all
-        return Seal(footer, footer_pos, None, rec.seq)
+    body = rec.body
     if sealed:
-        assert sealer is not None
-        rec = _Record(rec.rtype, rec.flags, rec.seq,
-                      sealer.open(rec.rtype, rec.flags, rec.seq, rec.body, footer.end_pos))
-    end = End.decode(bytes(rec.body))
+        if sealer is None:  # where END is, and that the footer follows, is all
+            return Seal(footer, footer_pos, None, rec.seq)
+        body = sealer.open(rec.rtype, rec.flags, rec.seq, body, footer.end_pos)
+    end = End.decode(bytes(body))
     if end.records != rec.seq:
         raise ArchiveError(f"end record at byte {footer.end_pos} does not seal the archive: "
                            f"{rec.seq} records present, the seal says {end.records}")
