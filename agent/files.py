@@ -171,6 +171,28 @@ def same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
+def is_ours(path: Path, ident: tuple[int, int]) -> bool:
+    """Whether ``path`` (not followed if a symbolic link) is still the regular file this
+    process made: ``ident`` its (device, inode), owned by us (an inode number may be reused
+    once a file is gone: what someone else put there is told apart by its owner)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == ident
+            and st.st_uid == os.geteuid())
+
+
+def remove_if_ours(path: Path, ident: tuple[int, int]) -> bool:
+    """Unlink ``path`` if it is still the file of :func:`is_ours`; whether it did. What
+    someone put at its name meanwhile is left as it is."""
+    if not is_ours(path, ident):
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return True
+
+
 def rename_noreplace(src: Path, dst: Path) -> None:
     """Rename ``src`` to ``dst`` unless ``dst`` exists (as anything: a dangling symbolic link
     too). Raises FileExistsError if it does, other OSErrors as rename(2) does."""

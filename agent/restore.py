@@ -148,7 +148,8 @@ def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path, fd: int,
             fd = _reopen_temp(temp, ident, label, dev.size)
             return FileTarget(str(temp), label=label, fd=fd), None, -1
 
-        return Sink(dev, target, final, temp, made_dirs=made, reopen=reopen_raw)
+        return Sink(dev, target, final, temp, made_dirs=made, reopen=reopen_raw,
+                    ident=ident)
     # Imported here: restores into files never load libnbd (start-up time).
     from agent.nbd.qemu_nbd import QemuNbd
     from agent.targets.nbd import NbdTarget
@@ -182,7 +183,7 @@ def _new_file_sink(dev: Device, fmt: str, final: Path, temp: Path, fd: int,
 
     nbd, server, _ = serve(fd, True)
     return Sink(dev, nbd, final, temp, server, made_dirs=made, lock_fd=fd,
-                 reopen=lambda: serve(_reopen_temp(temp, ident, label), False))
+                reopen=lambda: serve(_reopen_temp(temp, ident, label), False), ident=ident)
 
 
 def _reopen_temp(temp: Path, ident: tuple[int, int], label: str, size: int = -1) -> int:

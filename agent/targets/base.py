@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from agent.archive.format import Device
 from agent.errors import AgentError, TargetError
-from agent.files import remove_made_dirs, rename_noreplace
+from agent.files import is_ours, remove_if_ours, remove_made_dirs, rename_noreplace
 
 if TYPE_CHECKING:
     from agent.nbd.qemu_nbd import QemuNbd
@@ -47,7 +47,8 @@ class Sink:
     def __init__(self, device: Device, target: Target, final: Path | None = None,
                  temp: Path | None = None, server: QemuNbd | None = None,
                  in_place: bool = False, made_dirs: list[Path] | None = None,
-                 lock_fd: int = -1, reopen: Reopen | None = None) -> None:
+                 lock_fd: int = -1, reopen: Reopen | None = None,
+                 ident: tuple[int, int] | None = None) -> None:
         self.device = device
         self.target = target
         # Opens the target again after suspend() (None: never suspended; it holds nothing
@@ -56,6 +57,11 @@ class Sink:
         self.is_open = True
         self.final = final  # rename temp -> final on commit
         self.temp = temp
+        # The temporary file's (device, inode): only that file is renamed or removed, never
+        # whatever someone put at its name meanwhile.
+        if temp is not None and ident is None:
+            raise ValueError("internal: a sink's temporary file needs its identity")
+        self.ident = ident
         self.server = server
         # Directories the restore created (shared by its sinks): removed again on failure.
         self.made_dirs = made_dirs if made_dirs is not None else []
@@ -94,6 +100,10 @@ class Sink:
         if self.server is not None:
             self.server.close()
         if self.temp is not None and self.final is not None:
+            if self.ident is not None and not is_ours(self.temp, self.ident):
+                raise TargetError(f"{self.where}: its temporary file {self.temp} was "
+                                  "replaced while the restore ran: it was left as it is; is "
+                                  f"{self.temp.parent} writable by others?")
             try:
                 rename_noreplace(self.temp, self.final)
             except FileExistsError:
@@ -116,9 +126,8 @@ class Sink:
             self.target.close()
         if self.server is not None:
             self.server.close()
-        if self.temp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.temp.unlink()
+        if self.temp is not None and self.ident is not None:
+            remove_if_ours(self.temp, self.ident)
         self._unlock()
         remove_made_dirs(self.made_dirs)  # once the last sink's temporary file is gone
 

@@ -119,6 +119,15 @@ def same(a: Path, fmt_a: str, b: Path, fmt_b: str) -> subprocess.CompletedProces
                            str(b)], capture_output=True, timeout=120, check=False)
 
 
+@pytest.fixture(autouse=True)
+def servers_stopped(short_tmp: Path) -> Iterator[None]:
+    """At teardown, stop (by pid) any nbdkit this test's agent left serving in ``short_tmp``:
+    one killed on purpose, or one whose test failed before its stream completed."""
+    yield
+    for pid in processes_mentioning(str(short_tmp / "ba-live-")):
+        os.kill(pid, signal.SIGTERM)
+
+
 # -- without a guest OS ------------------------------------------------------------------------
 
 
@@ -315,17 +324,8 @@ def test_the_guest_runs_from_the_backup_while_it_streams(vms: VmFactory, guest: 
     assert compare.returncode == 0, compare.stdout + compare.stderr
 
 
-@pytest.fixture
-def servers_stopped(short_tmp: Path) -> Iterator[None]:
-    """At teardown, stop (by pid) any nbdkit a killed agent left in ``short_tmp``."""
-    yield
-    for pid in processes_mentioning(str(short_tmp / "ba-live-")):
-        os.kill(pid, signal.SIGTERM)
-
-
 def test_a_killed_agent_leaves_the_stream_going_and_cleanup_finishes_it(
-        vms: VmFactory, guest: Guest, tmp_path: Path, short_tmp: Path,
-        servers_stopped: None) -> None:
+        vms: VmFactory, guest: Guest, tmp_path: Path, short_tmp: Path) -> None:
     src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
     arc = backup(tmp_path, short_tmp, ("vda", src))
     target = empty_target(tmp_path / "vda.qcow2")
@@ -356,8 +356,8 @@ def test_a_killed_agent_leaves_the_stream_going_and_cleanup_finishes_it(
     assert compare.returncode == 0, compare.stdout + compare.stderr
 
 
-def test_sigterm_leaves_the_stream_to_cleanup(vms: VmFactory, tmp_path: Path, short_tmp: Path,
-                                              servers_stopped: None) -> None:
+def test_sigterm_leaves_the_stream_to_cleanup(vms: VmFactory, tmp_path: Path,
+                                              short_tmp: Path) -> None:
     src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
     arc = backup(tmp_path, short_tmp, ("vda", src))
     target = empty_target(tmp_path / "vda.qcow2")
@@ -382,7 +382,7 @@ def test_sigterm_leaves_the_stream_to_cleanup(vms: VmFactory, tmp_path: Path, sh
 
 
 def test_a_damaged_record_fails_the_stream_and_keeps_the_vm_served(
-        vms: VmFactory, tmp_path: Path, short_tmp: Path, servers_stopped: None) -> None:
+        vms: VmFactory, tmp_path: Path, short_tmp: Path) -> None:
     src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
     arc = backup(tmp_path, short_tmp, ("vda", src))
     data = bytearray(arc.read_bytes())

@@ -104,15 +104,22 @@ def test_a_target_replaced_while_closed_fails_the_restore(tmp_path: Path, plante
         sink = factory(dev)
         if dev.name == "d3":  # d0's file is closed by now: put something in its place
             (temp,) = out.glob(".d0.raw.*.partial")
-            temp.unlink()
+            other = tmp_path / "planted"  # made first, then renamed over: a new inode
             if planted == "symlink":
-                temp.symlink_to(victim)
+                other.symlink_to(victim)
             else:
-                temp.write_bytes(b"someone else's")
+                other.write_bytes(b"someone else's")
+            other.replace(temp)
         return sink
 
     with pytest.raises(TargetError, match=r"d0\.raw.*temporary file .* was replaced while "
                        r"the restore ran"):
         restore(io.BytesIO(arc), make, opts)
     assert victim.read_bytes() == b"x" * SIZE
-    assert not out.exists() or not list(out.glob("d*.raw"))
+    assert not list(out.glob("d*.raw"))
+    # What was planted at the temporary name is someone else's: left where it was.
+    (planted_at,) = out.glob(".d0.raw.*.partial")
+    if planted == "symlink":
+        assert planted_at.is_symlink() and planted_at.readlink() == victim
+    else:
+        assert planted_at.read_bytes() == b"someone else's"

@@ -55,3 +55,38 @@ def test_to_dir_makes_the_directory_only_for_a_device(tmp_path: Path) -> None:
     assert sink is not None
     sink.discard()
     assert not (tmp_path / "a").exists()  # made for the device: gone with it
+
+
+@pytest.mark.parametrize("planted", ["symlink", "file"])
+def test_a_temporary_file_replaced_before_commit_is_never_published(tmp_path: Path,
+                                                                    planted: str) -> None:
+    """The restored file takes its final name only if its temporary file is still the one
+    the restore made: another file (or a link) put at that name is neither renamed into
+    place as the restored disk nor removed."""
+    out = tmp_path / "out"
+    sink = to_dir(out, "raw", None, RestoreOptions())(Device(0, "vda", 4096))
+    assert sink is not None and sink.temp is not None
+    sink.target.write(0, b"\x01" * 4096)
+    temp = sink.temp
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"theirs")
+    other = tmp_path / "planted"  # made first, then renamed over: a new inode
+    if planted == "symlink":
+        other.symlink_to(victim)
+    else:
+        other.write_bytes(b"theirs")
+    other.replace(temp)
+    with pytest.raises(TargetError, match=r"out/vda\.raw: its temporary file .* was replaced "
+                       r"while the restore ran: it was left as it is"):
+        sink.commit()
+    sink.discard()
+    assert not (out / "vda.raw").exists()
+    assert temp.is_symlink() if planted == "symlink" else temp.read_bytes() == b"theirs"
+    assert victim.read_bytes() == b"theirs"
+
+
+def test_discard_removes_the_temporary_file_it_made(tmp_path: Path) -> None:
+    sink = to_dir(tmp_path / "out", "raw", None, RestoreOptions())(Device(0, "vda", 4096))
+    assert sink is not None and sink.temp is not None and sink.temp.exists()
+    sink.discard()
+    assert not (tmp_path / "out").exists()
