@@ -6,7 +6,7 @@
 2. A :class:`agent.serve.detached.DetachedServer` serves the devices (an nbdkit that
    outlives the agent). For each device a zero map is made from the server's block status
    (:func:`zero_map`), a small qcow2 file QEMU opens and the agent deletes at once.
-   While the streams run, :class:`Prefetch` has the server load records ahead of them.
+   (The server loads records ahead of each stream by itself: agent/serve/readahead.py.)
 3. QEMU puts the served backup under each target image and streams it in, and the VM is
    resumed (:class:`agent.qemu.stream.LiveStream`).
 4. The agent follows the streams (progress, the plugin's messages) until they conclude, then
@@ -26,9 +26,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,10 +57,6 @@ ZERO_CLUSTER = 2 << 20
 _ZERO_WRITE_MAX = 1 << 30
 #: Longest NBD block status asked at once (the length is 32 bits).
 _STATUS_MAX = 1 << 30
-#: What :class:`Prefetch` asks for at once (a backup's record), and how far it goes ahead
-#: of the stream at most (a quarter of the server's record cache if that is less).
-PREFETCH_STEP = 2 << 20
-PREFETCH_WINDOW = 16 << 20
 
 
 def create_command(target: str, size: int) -> str:
@@ -208,94 +203,17 @@ def zero_map(path: str, size: int, zeros: Sequence[tuple[int, int]]) -> None:
 
 
 def _with_zero_map(spec: StreamSpec, created: subprocess.Popen[str], path: str, socket: str,
-                   size: int) -> tuple[StreamSpec, list[tuple[int, int]]]:
-    """``spec`` with its zero map ``path`` (being created by ``created``) made, and the
-    ranges it marks; without one if it cannot be made (the stream then asks the server
-    for every range, as it would anyway)."""
+                   size: int) -> StreamSpec:
+    """``spec`` with its zero map ``path`` (being created by ``created``) made; without one
+    if it cannot be made (the stream then asks the server for every range, as it would
+    anyway)."""
     try:
-        zeros = zero_ranges(socket, spec.export, size)
-        mark_zeros(created, path, zeros)
+        mark_zeros(created, path, zero_ranges(socket, spec.export, size))
     except AgentError as e:
         log.warning("device '%s': %s; the stream asks the server for every range",
                     spec.device.id, e)
-        return spec, []
-    return dataclasses.replace(spec, zeros=path), zeros
-
-
-def pieces(size: int, zeros: Sequence[tuple[int, int]], step: int
-           ) -> Iterator[tuple[int, int]]:
-    """``(offset, length)`` of a ``size``-byte disk outside the ascending ``zeros``
-    ranges, in pieces of at most ``step`` bytes."""
-    pos = 0
-    for z_off, z_len in [*zeros, (size, 0)]:
-        while pos < z_off:
-            n = min(step, z_off - pos)
-            yield pos, n
-            pos += n
-        pos = max(pos, z_off + z_len)
-
-
-class Prefetch:
-    """Has the server load the backup's records a little ahead of a stream.
-
-    QEMU's stream reads one 512 KiB chunk at a time, in order, and waits for each: every
-    record the server reads, checks and decompresses for it is time the stream stands
-    still (most of its time, docs/PERFORMANCE.md "Live restore"). This thread asks for the
-    same ranges first, as NBD_CMD_CACHE on a connection of its own (nbdkit reads them
-    through the plugin, whose record cache every connection shares), at most ``window``
-    bytes ahead of the stream's position (its job's progress: block-stream goes through the
-    disk in order), so that what it loads is still cached when the stream comes. Ranges of
-    the zero map are skipped. Best effort: any failure ends the thread quietly."""
-
-    #: Seconds between two looks at the stream's position while the thread is ahead.
-    LOOK = 0.005
-
-    def __init__(self, mon: Monitor, job: str, socket: str, export: str, size: int,
-                 zeros: Sequence[tuple[int, int]], window: int) -> None:
-        self.mon, self.job, self.size, self.window = mon, job, size, window
-        self.socket, self.export = socket, export
-        self.zeros = list(zeros)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"prefetch-{export}",
-                                        daemon=True)
-        with interrupts.held():
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-
-    def _position(self) -> int | None:
-        for j in self.mon.execute("query-jobs"):
-            if j.get("id") == self.job:
-                return int(j.get("current-progress", 0))
-        return None  # the stream ended
-
-    def _run(self) -> None:
-        import nbd
-
-        from agent.serve.server import uri
-
-        try:
-            h = nbd.NBD()
-            h.connect_uri(uri(self.export, self.socket))
-            if not h.can_cache():
-                return
-            seen = 0
-            for offset, length in pieces(self.size, self.zeros, PREFETCH_STEP):
-                while offset + length > seen + self.window:
-                    if self._stop.wait(self.LOOK):
-                        return
-                    at = self._position()
-                    if at is None:
-                        return
-                    seen = at
-                if self._stop.is_set():
-                    return
-                h.cache(length, offset)
-            h.shutdown()
-        except Exception as e:  # best effort: the stream reads what it needs anyway
-            log.debug("prefetch of %s ended: %s", self.export, e)
+        return spec
+    return dataclasses.replace(spec, zeros=path)
 
 
 def _drop_zero_maps(created: Sequence[tuple[subprocess.Popen[str], str]], maps: str) -> None:
@@ -357,10 +275,8 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
             if server.record is None:
                 raise AgentError("nbdkit stopped as it started")
             try:
-                mapped = [_with_zero_map(s, c, p, server.socket, sizes[s.export])
-                          for s, (c, p) in zip(specs, created, strict=True)]
-                specs = [m[0] for m in mapped]
-                zeros = {m[0].export: m[1] for m in mapped}
+                specs = [_with_zero_map(s, c, p, server.socket, sizes[s.export])
+                         for s, (c, p) in zip(specs, created, strict=True)]
                 stream = LiveStream(mon, specs, tag=tag, server=server.record, speed=speed)
                 # Signals wait until the VM runs: a stop half-way through would leave
                 # streams running on a server stopped by the way out below.
@@ -392,19 +308,12 @@ def live_restore(paths: Sequence[str], drives: Sequence[LiveDrive], qmp: str, *,
             if progress is not None:
                 progress(_progress(states, start))
 
-        window = min(PREFETCH_WINDOW, cache // 4)
-        ahead = [Prefetch(mon, stream.names[s.export].job, server.socket, s.export,
-                          sizes[s.export], zeros[s.export], window)
-                 for s in specs] if window >= PREFETCH_STEP else []
         try:
             states = wait_for(mon, [stream.names[i].job for i in ids], follow)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted: {leave}") from None
         except Interrupted as e:
             raise Interrupted(f"{e}: {leave}") from None
-        finally:
-            for p in ahead:
-                p.stop()
         failed = stream.failed()
         if failed:
             why = "; ".join(f"{s.id}: {s.error}" for s in states if s.error)

@@ -32,6 +32,7 @@ from agent.chain import Link, check_chain
 from agent.errors import ArchiveError, InvalidArgument
 from agent.serve.cache import RecordCache
 from agent.serve.image import MAX_RECORD, DeviceImage, FileSource, Layer, Source
+from agent.serve.readahead import Readahead
 from agent.serve.segments import ZERO, Segments, overlay
 
 if TYPE_CHECKING:  # cryptography is imported only for encrypted archives
@@ -42,6 +43,9 @@ if TYPE_CHECKING:  # cryptography is imported only for encrypted archives
 #: --cache's default: 16 records of the 2 MiB a backup writes, the working set of a reader
 #: with a few streams, well under the 128 MiB a served 1 TiB archive may take in all.
 DEFAULT_CACHE = 64 << 20
+#: The smallest --cache that reads ahead (agent/serve/readahead.py): the records being
+#: read by a few streams and the ones ahead of each.
+READAHEAD_MIN_CACHE = 16 << 20
 
 SAVE_FIRST = "save it to a file first (`cat > vm.arc`) and serve that file"
 
@@ -252,6 +256,8 @@ class ServedArchives:
         if not paths:
             raise InvalidArgument("no archive to serve")
         self.cache = RecordCache(cache)
+        # Only with room for the records ahead besides those being read.
+        self.readahead = Readahead(self.cache) if cache >= READAHEAD_MIN_CACHE else None
         self.devices: dict[str, DeviceImage] = {}
         self.names: list[str] = []
         self._opened: list[_Opened] = []
@@ -292,13 +298,16 @@ class ServedArchives:
             layers = [Layer(o.path, o.source, o.index_pos,
                             next(d.id for d in o.link.devices if d.name == name), o.sealer)
                       for o in self._opened]
-            self.devices[name] = DeviceImage(name, size, resolved[name], layers, self.cache)
+            self.devices[name] = DeviceImage(name, size, resolved[name], layers, self.cache,
+                                             self.readahead)
 
     @property
     def links(self) -> list[Link]:
         return [o.link for o in self._opened]
 
     def close(self) -> None:
+        if self.readahead is not None:
+            self.readahead.close()
         for o in self._opened:
             with contextlib.suppress(OSError):
                 o.source.close()

@@ -45,6 +45,10 @@ class RecordCache:
         self._flights: dict[Hashable, _Flight] = {}
         self._lock = threading.Lock()
 
+    def has(self, key: Hashable) -> bool:
+        """Whether ``key`` is cached or being loaded (a hint: it may change at once)."""
+        return key in self._items or key in self._flights
+
     def get(self, key: Hashable, load: Callable[[], Buffer]) -> Buffer:
         """The cached value of ``key``, or ``load()``'s (once, however many threads ask)."""
         value = self._items.get(key)  # the common case, without the lock: dict.get is atomic

@@ -18,6 +18,7 @@ import bisect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from agent.archive import codec
@@ -34,6 +35,7 @@ from agent.archive.format import (
 )
 from agent.errors import ArchiveError
 from agent.serve.cache import Buffer, RecordCache
+from agent.serve.readahead import AHEAD, MIN_READ, Readahead
 from agent.serve.segments import ZERO, Segments
 
 if TYPE_CHECKING:  # cryptography is imported only for encrypted archives
@@ -41,6 +43,9 @@ if TYPE_CHECKING:  # cryptography is imported only for encrypted archives
 
 #: The most one read of a record asks for: its frame, the largest body, its digest.
 MAX_RECORD = FRAME.size + MAX_BODY + DIGEST_SIZE
+#: Segments looked at past a read for its readahead, at most (tiny records of an
+#: incremental would make AHEAD bytes many).
+_AHEAD_SEGMENTS = 64
 
 
 class Source(Protocol):
@@ -140,16 +145,34 @@ class DeviceImage:
     """A device of the served archive (or chain), read-only."""
 
     def __init__(self, name: str, size: int, segments: Segments, layers: Sequence[Layer],
-                 cache: RecordCache) -> None:
+                 cache: RecordCache, readahead: Readahead | None = None) -> None:
         self.name = name
         self.size = size
         self.segments = segments
         self.layers = list(layers)
         self._cache = cache
+        self._ahead = readahead
 
     def _record(self, layer: int, pos: int, rec_off: int, room: int) -> Buffer:
         lay = self.layers[layer]
         return self._cache.get((lay.path, pos), lambda: load_record(lay, pos, rec_off, room))
+
+    def _read_ahead(self, i: int, end: int) -> None:
+        """Have the records after segment ``i`` that hold the bytes up to
+        ``end`` + AHEAD loaded (agent/serve/readahead.py)."""
+        ahead, segs = self._ahead, self.segments
+        if ahead is None or not ahead.alone():
+            return
+        limit = end + AHEAD
+        for j in range(i + 1, min(i + 1 + _AHEAD_SEGMENTS, len(segs))):
+            if segs.starts[j] >= limit:
+                break
+            pos = segs.pos[j]
+            if pos == ZERO:
+                continue
+            lay = self.layers[segs.layer[j]]
+            ahead.want((lay.path, pos),
+                       partial(load_record, lay, pos, segs.rec_off[j], segs.room[j]))
 
     def read(self, offset: int, length: int) -> Buffer:
         """Bytes ``offset..offset+length``; raises :class:`DamagedRecord`."""
@@ -167,9 +190,11 @@ class DeviceImage:
             rec = self._record_of(segs.layer[i], pos, rec_off, segs.room[i], segs.starts[i],
                                   segs.lengths[i])
             piece = rec[offset - rec_off : end - rec_off]
-            if len(piece) == length:
-                return piece  # no copy, no zero-filled buffer
-            raise self._short(segs.layer[i], pos)
+            if len(piece) != length:
+                raise self._short(segs.layer[i], pos)
+            if length >= MIN_READ:
+                self._read_ahead(i, end)
+            return piece  # no copy, no zero-filled buffer
         out = bytearray(length)  # gaps read as zeros (ZERO records; none in a FULL)
         i = segs.first_at(offset)
         while i < len(segs) and segs.starts[i] < end:
@@ -183,6 +208,8 @@ class DeviceImage:
             if len(piece) != hi - lo:
                 raise self._short(s.layer, s.pos)
             out[lo - offset : hi - offset] = piece
+        if length >= MIN_READ:
+            self._read_ahead(i - 1, end)
         return out
 
     def _record_of(self, layer: int, pos: int, rec_off: int, room: int, start: int,

@@ -12,7 +12,7 @@ import pytest
 from agent.errors import AgentError, InvalidArgument
 from agent.qemu import names
 from agent.qemu.stream import MIN_POLL, POLL, JobState, next_look, reopen_options
-from agent.restore_live import parse_drive, pieces
+from agent.restore_live import parse_drive
 from agent.serve.detached import ServerRecord
 
 AGENT = str(Path(sys.executable).parent / "backup-agent")
@@ -54,13 +54,6 @@ def test_the_next_look_comes_sooner_as_the_slowest_stream_nears_its_end() -> Non
     # Never below MIN_POLL, and never above POLL.
     assert next_look([job("a", 999)], {"a": (0.0, 0)}, 0.999) == MIN_POLL
     assert next_look([job("a", 1)], {"a": (0.0, 0)}, 1000.0) == POLL
-
-
-def test_the_prefetch_goes_over_what_is_not_zeros_in_steps() -> None:
-    assert list(pieces(10, [], 4)) == [(0, 4), (4, 4), (8, 2)]
-    assert list(pieces(10, [(0, 4), (6, 2)], 4)) == [(4, 2), (8, 2)]
-    assert list(pieces(10, [(2, 8)], 4)) == [(0, 2)]
-    assert list(pieces(10, [(0, 10)], 4)) == []
 
 
 def test_stream_names_fit_qemu_and_fall_back_to_the_index() -> None:

@@ -8,6 +8,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -452,5 +453,125 @@ def test_a_record_is_read_in_one_request(tmp_path: Path, encrypted: bool) -> Non
         assert bytes(load_record(layer, s.pos, s.rec_off, 0)) == bytes(
             load_record(layer, s.pos, s.rec_off, s.room))
         assert counter.calls == len(records) + 3
+    finally:
+        served.close()
+
+
+# --- reading ahead of a stream (agent/serve/readahead.py) ------------------------------------
+
+
+def _streamed(tmp_path: Path) -> tuple[ServedArchives, bytes]:
+    """Six stored 1 MiB records, back to back; served with the default cache."""
+    path = tmp_path / "stream.arc"
+    data = sparse_full(path, 6 * MiB, data_at=tuple(range(0, 6 * MiB, MiB)), record=MiB)
+    return ServedArchives([str(path)]), data
+
+
+def _key(served: ServedArchives, offset: int) -> tuple[str, int]:
+    image = served.devices["vda"]
+    return image.layers[0].path, image.segments[image.segments.first_at(offset)].pos
+
+
+def _asked(served: ServedArchives, offset: int) -> bool:
+    """Whether the record at ``offset`` was asked for (queued, loading or cached)."""
+    ra, key = served.readahead, _key(served, offset)
+    assert ra is not None
+    return key in ra._queued or served.cache.has(key)
+
+
+def _until(predicate: Callable[[], bool], what: str) -> None:
+    """Wait for a background thread's work (a bound on hangs, not a timing assertion)."""
+    for _ in range(6000):
+        if predicate():
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"never {what}")
+
+
+def test_a_large_read_has_the_records_after_it_loaded_ahead(tmp_path: Path) -> None:
+    served, data = _streamed(tmp_path)
+    try:
+        image, stats = served.devices["vda"], served.cache.stats
+        assert bytes(image.read(0, 128 * KiB)) == data[: 128 * KiB]
+        # The record read, and those within 2 MiB after the read: 1 MiB and 2 MiB.
+        _until(lambda: stats.loads == 3, "loaded the two records ahead")
+        assert not _asked(served, 3 * MiB)
+        hits = stats.hits
+        assert bytes(image.read(MiB, 128 * KiB)) == data[: 128 * KiB]
+        assert stats.hits > hits  # found loaded
+        _until(lambda: stats.loads == 4, "loaded the record at 3 MiB")
+        thread = served.readahead._thread if served.readahead else None
+    finally:
+        served.close()
+    assert thread is not None and not thread.is_alive()  # close() stops it
+
+
+def test_small_reads_and_tiny_caches_read_nothing_ahead(tmp_path: Path) -> None:
+    served, data = _streamed(tmp_path)
+    try:
+        assert bytes(served.devices["vda"].read(0, 4 * KiB)) == data[: 4 * KiB]
+        assert not _asked(served, MiB)  # a booting guest's scattered reads: no stream
+    finally:
+        served.close()
+    tiny = ServedArchives([str(tmp_path / "stream.arc")], cache=4 * MiB)
+    try:
+        assert tiny.readahead is None  # no room for records ahead of the reader's own
+    finally:
+        tiny.close()
+
+
+def test_readers_on_several_connections_load_their_own_records(tmp_path: Path) -> None:
+    """Several connections (threads) reading at once already load in parallel: nothing is
+    read ahead for them (it cost nbdcopy's four connections a fifth of their speed)."""
+    served, _ = _streamed(tmp_path)
+    image = served.devices["vda"]
+    try:
+        image.read(0, 128 * KiB)  # one reader so far: records ahead asked for
+        _until(lambda: served.cache.stats.loads == 3, "loaded ahead")
+        other = threading.Thread(target=image.read, args=(3 * MiB, 128 * KiB))
+        other.start()  # a second connection, at once
+        other.join()
+        image.read(3 * MiB + 128 * KiB, 128 * KiB)
+        assert not _asked(served, 4 * MiB) and not _asked(served, 5 * MiB)
+    finally:
+        served.close()
+
+
+def test_a_damaged_record_ahead_fails_only_its_own_reads(tmp_path: Path) -> None:
+    served, data = _streamed(tmp_path)
+    path, pos = _key(served, MiB)
+    served.close()
+    Path(path).write_bytes(flip(Path(path).read_bytes(), pos + FRAME.size + 100))
+    served = ServedArchives([path])
+    try:
+        image = served.devices["vda"]
+        assert bytes(image.read(0, 128 * KiB)) == data[: 128 * KiB]
+        _until(lambda: served.cache.stats.loads == 2, "loaded ahead")  # 2 MiB; 1 MiB fails
+        _until(lambda: not served.readahead or not served.readahead._queued, "done")
+        assert not served.cache.has((path, pos))
+        with pytest.raises(DamagedRecord, match=rf"record at byte {pos}: it fails its "
+                           "checksum"):
+            image.read(MiB, 128 * KiB)
+        assert bytes(image.read(2 * MiB, 4 * KiB)) == data[: 4 * KiB]
+    finally:
+        served.close()
+
+
+def test_reading_ahead_works_in_a_process_forked_after_opening(tmp_path: Path) -> None:
+    """A daemonized nbdkit forks after its configuration (where the archives are opened):
+    the thread that reads ahead must be the child's."""
+    served, _ = _streamed(tmp_path)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: only os._exit leaves it
+            code = 1
+            try:
+                served.devices["vda"].read(0, 128 * KiB)
+                _until(lambda: served.cache.stats.loads == 3, "loaded ahead in the child")
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
     finally:
         served.close()
