@@ -285,17 +285,24 @@ class IndexedArchive:
     from the start), its seal (END, from the end) and its index, all checked."""
 
     def __init__(self, path: str, keys: Sequence[X25519PrivateKey] = (),
-                 label: str | None = None) -> None:
+                 label: str | None = None, *, f: BinaryIO | None = None,
+                 also: Callable[[list[Device]], Collect | None] | None = None) -> None:
         """``keys``: for an encrypted archive (without one that is a recipient it raises
-        :class:`agent.archive.crypto.KeyRequired`, which holds the clear header)."""
+        :class:`agent.archive.crypto.KeyRequired`, which holds the clear header). ``f``:
+        ``path`` already open (the caller's to close), so that what is checked here is what
+        the caller goes on to read. ``also``: given the devices, a second collector of the
+        index's entries (or None), fed by the checking walk as it goes: a caller that needs
+        the entries walks the index once (if the walk fails, discard what it collected)."""
         self.path = path
-        self._f: BinaryIO = open_random(path)
+        self._owned = f is None
+        self._f: BinaryIO = open_random(path) if f is None else f
         self._lookup: _Lookup | None = None
         self.sealer: RecordSealer | None = None
+        self._also = also
         try:
             self._open(keys, label or path)
         except BaseException:
-            self._f.close()
+            self.close()
             raise
 
     def _open(self, keys: Sequence[X25519PrivateKey], label: str) -> None:
@@ -334,8 +341,14 @@ class IndexedArchive:
         kinds' are sorted on disk)."""
         full = self.header.kind == Kind.FULL
         ranges = ExactCover(self.devices) if full else NoOverlap()
+        also = self._also(self.devices) if self._also is not None else None
+        collect = ranges.collect
+        if also is not None:
+            def collect(piece: memoryview) -> None:
+                ranges.collect(piece)
+                also(piece)
         try:
-            facts = self._walk(ranges.collect)
+            facts = self._walk(collect)
             self._check_index(facts)
             problem = ranges.finish([d.name for d in self.devices])
         finally:
@@ -464,7 +477,8 @@ class IndexedArchive:
         return bytes(out)
 
     def close(self) -> None:
-        self._f.close()
+        if self._owned:
+            self._f.close()
 
     def __enter__(self) -> IndexedArchive:
         return self

@@ -61,8 +61,9 @@ class Source(Protocol):
 class FileSource:
     """An archive file, read with ``os.pread``: threads share it without seeking."""
 
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    def __init__(self, path: str, fd: int | None = None) -> None:
+        """``fd``: ``path`` already open (taken over)."""
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else fd
 
     def pread(self, n: int, pos: int) -> bytes:
         return os.pread(self.fd, n, pos)

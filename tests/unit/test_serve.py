@@ -227,6 +227,32 @@ def test_a_wrong_chain_is_refused_as_restore_refuses_it(tmp_path: Path) -> None:
         ServedArchives([f], ["sda"])
 
 
+def test_what_is_served_is_the_file_that_was_checked(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each archive is opened once: another file renamed over its path once its checks
+    passed (by a neighbour who may write the directory) is never read."""
+    import agent.serve.archives as archives
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    mine = build_chain(tmp_path / "a", [Kind.FULL], seed=1)
+    other = build_chain(tmp_path / "b", [Kind.FULL], seed=2)
+    path = mine.paths[0]
+    real_link = archives.Link
+
+    def link_then_swap(*args: object) -> object:
+        os.replace(other.paths[0], path)  # the checks of ``path`` are done by now
+        return real_link(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(archives, "Link", link_then_swap)
+    served = ServedArchives([str(path)])
+    try:
+        for name, want in mine.expected.items():
+            assert bytes(served.devices[name].read(0, len(want))) == want
+    finally:
+        served.close()
+
+
 # --- the cache ------------------------------------------------------------------------------
 
 
