@@ -6,7 +6,7 @@ import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from agent.archive.crypto import KeyRequired, stanzas
 from agent.archive.format import Config, Device, Encryption, End, Header
@@ -77,13 +77,16 @@ def archive_info(path: str, keys: Sequence[X25519PrivateKey] = (),
     except OSError as e:
         raise AgentError(f"cannot open {path}: {e.strerror}") from e
     s3 = path.startswith("s3://")
-    if seekable and (s3 or plain_native(path)):
+    if s3:
+        return _indexed_info(path, keys, label, None)
+    if seekable:
         try:
-            with IndexedArchive(path, keys, label) as arc:
-                return ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end,
-                                   arc.archive_len)
-        except KeyRequired as e:  # encrypted, no key: what is in the clear, and its length
-            return ArchiveInfo(e.header, [], [], None, 0 if s3 else os.path.getsize(path))
+            file = open(path, "rb")  # noqa: SIM115 (closed below)
+        except OSError as e:
+            raise AgentError(f"cannot open {path}: {e.strerror}") from e
+        with file:  # sniffed and read through one descriptor: one file, whatever the path does
+            if plain_native(file):
+                return _indexed_info(path, keys, label, file)
     with open_stream(path) as f:
         try:  # ours or VMA
             reader = open_reader(f, verify_data=False, keep_configs=False, keys=keys,
@@ -99,3 +102,14 @@ def archive_info(path: str, keys: Sequence[X25519PrivateKey] = (),
         return ArchiveInfo(reader.header, reader.devices, reader.configs, reader.end,
                            reader.archive_len,
                            "native" if isinstance(reader, ArchiveReader) else "vma")
+
+
+def _indexed_info(path: str, keys: Sequence[X25519PrivateKey], label: str,
+                  f: BinaryIO | None) -> ArchiveInfo:
+    """From the ends of a seekable archive (``f``: ``path`` open, or None: an object)."""
+    try:
+        with IndexedArchive(path, keys, label, f=f) as arc:
+            return ArchiveInfo(arc.header, arc.devices, arc.configs, arc.end, arc.archive_len)
+    except KeyRequired as e:  # encrypted, no key: what is in the clear, and its length
+        return ArchiveInfo(e.header, [], [], None,
+                           0 if f is None else os.fstat(f.fileno()).st_size)

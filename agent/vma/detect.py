@@ -144,12 +144,9 @@ def refuse_to_serve(paths: list[str]) -> None:
                 "restored disks up again in the native format")
 
 
-def plain_native(path: str) -> bool:
-    """Whether the file at ``path`` starts as our own uncompressed archive does (not VMA,
-    not a compressed stream): only then can its index be used."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_SNIFF)
-    except OSError as e:
-        raise ArchiveError(f"cannot open {path}: {e.strerror}") from e
+def plain_native(f: BinaryIO) -> bool:
+    """Whether the open file ``f`` starts as our own uncompressed archive does (not VMA,
+    not a compressed stream): only then can its index be used. Reads its first bytes."""
+    f.seek(0)
+    head = f.read(_SNIFF)
     return not (head == MAGIC or head.startswith((_ZSTD, _GZIP, _LZO)))

@@ -323,6 +323,7 @@ def vms(short_tmp: Path) -> Iterator[VmFactory]:
 
 #: A VM and copies of its disks made before it started: {"vda": copy, "vdb": copy}.
 TwoDisks = tuple[Vm, dict[str, Path]]
+_MiB = 1 << 20
 
 
 class TwoDiskVms:
@@ -356,6 +357,15 @@ def two_disk_vm(vms: VmFactory, tmp_path: Path) -> TwoDiskVms:
     """``two_disk_vm.start(...)``: a running VM with two disks and their copies from before
     (:class:`TwoDiskVms`); stopped by its pid at teardown, as every VM of ``vms``."""
     return TwoDiskVms(vms, tmp_path)
+
+
+@pytest.fixture
+def patterned_vm(two_disk_vm: TwoDiskVms) -> TwoDisks:
+    """The live-backup tests' usual VM: a 48 MiB qcow2 vda (data, a hole, data, zeros) and
+    an 8 MiB + 4608 byte raw vdb."""
+    return two_disk_vm.start(48 * _MiB, [("write", 0x11, 0, 20 * _MiB),
+                                         ("write", 0x22, 24 * _MiB, 20 * _MiB),
+                                         ("zero", 44 * _MiB, _MiB)], 8 * _MiB + 4608)
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ from tests.integration.cli_util import (
     describe,
     running,
 )
-from tests.integration.conftest import TwoDisks, TwoDiskVms, qemu_img_compare
+from tests.integration.conftest import qemu_img_compare
 from tests.integration.live_util import backup_racing_guest_writes
 from tests.integration.vm import Vm
 
@@ -48,25 +48,17 @@ def _graph(vm: Vm) -> tuple[list[str], list[object]]:
     return nodes, vm.monitor.execute("query-block-exports")
 
 
-@pytest.fixture
-def two_disks(two_disk_vm: TwoDiskVms) -> TwoDisks:
-    """A 48 MiB qcow2 vda (data, a hole, data, zeros) and an 8 MiB + 4608 byte raw vdb."""
-    return two_disk_vm.start(48 * MiB, [("write", 0x11, 0, 20 * MiB),
-                                        ("write", 0x22, 24 * MiB, 20 * MiB),
-                                        ("zero", 44 * MiB, MiB)], 8 * MiB + 4608)
-
-
 @pytest.mark.slow
 def test_guest_writes_during_backup_do_not_reach_the_archive(
-    two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path
+    patterned_vm: tuple[Vm, dict[str, Path]], short_tmp: Path
 ) -> None:
-    _backup_racing_guest_writes(*two_disks, short_tmp)
+    _backup_racing_guest_writes(*patterned_vm, short_tmp)
 
 
-def test_larger_copy_clusters(two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path) -> None:
+def test_larger_copy_clusters(patterned_vm: tuple[Vm, dict[str, Path]], short_tmp: Path) -> None:
     """--cbw-cluster-size: QEMU 9.2 and later copy in larger clusters, and the archive is
     still the point in time; an older QEMU is refused in one line, its graph untouched."""
-    vm, before = two_disks
+    vm, before = patterned_vm
     if vm.qemu_version >= (9, 2):
         _backup_racing_guest_writes(vm, before, short_tmp, "--cbw-cluster-size", "256K")
         return
@@ -101,8 +93,8 @@ def _backup_racing_guest_writes(vm: Vm, before: dict[str, Path], short_tmp: Path
     assert copied > 0, err.decode()  # the writes really raced the backup
 
 
-def test_one_drive_only(two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path) -> None:
-    vm, before = two_disks
+def test_one_drive_only(patterned_vm: tuple[Vm, dict[str, Path]], short_tmp: Path) -> None:
+    vm, before = patterned_vm
     arc = short_tmp / "vdb.arc"
     made = agent("backup", "--qmp", vm.agent_qmp, "--drive", "vdb", "-o", arc)
     assert made.returncode == 0, describe(made)
@@ -114,9 +106,9 @@ def test_one_drive_only(two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path) 
 
 
 @pytest.mark.slow
-def test_unknown_drive_and_busy_monitor(two_disks: tuple[Vm, dict[str, Path]],
+def test_unknown_drive_and_busy_monitor(patterned_vm: tuple[Vm, dict[str, Path]],
                                         short_tmp: Path) -> None:
-    vm, _ = two_disks
+    vm, _ = patterned_vm
     graph_before = _graph(vm)
     bad = agent("backup", "--qmp", vm.agent_qmp, "--drive", "vdz", "-o", short_tmp / "x.arc")
     assert "vdz" in assert_error(bad)
@@ -128,9 +120,9 @@ def test_unknown_drive_and_busy_monitor(two_disks: tuple[Vm, dict[str, Path]],
 
 
 def test_output_closed_early_leaves_the_graph_as_before(
-    two_disks: tuple[Vm, dict[str, Path]]
+    patterned_vm: tuple[Vm, dict[str, Path]]
 ) -> None:
-    vm, _ = two_disks
+    vm, _ = patterned_vm
     graph_before = _graph(vm)
     with running([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-"],
                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -146,8 +138,8 @@ def test_output_closed_early_leaves_the_graph_as_before(
     vm.guest_verify("vda", 0x5C, 0, 64 * KiB)
 
 
-def test_cleanup_after_a_killed_agent(two_disks: tuple[Vm, dict[str, Path]]) -> None:
-    vm, _ = two_disks
+def test_cleanup_after_a_killed_agent(patterned_vm: tuple[Vm, dict[str, Path]]) -> None:
+    vm, _ = patterned_vm
     graph_before = _graph(vm)
     with running([AGENT, "backup", "--qmp", str(vm.agent_qmp), "--compress", "none", "-o", "-"],
                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -167,13 +159,13 @@ def test_cleanup_after_a_killed_agent(two_disks: tuple[Vm, dict[str, Path]]) -> 
 
 @pytest.mark.slow
 def test_block_status_skips_ranges_already_released(
-    two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path
+    patterned_vm: tuple[Vm, dict[str, Path]], short_tmp: Path
 ) -> None:
     """Clusters QEMU copied are read ahead of the sweep and released (trimmed on the
     snapshot view); QEMU then refuses any request touching them, block status included.
     A later block-status window must ask only about ranges nobody claimed. (Found with
     random writes over a 2 GiB disk: the second 1 GiB window failed with EINVAL.)"""
-    vm, before = two_disks
+    vm, before = patterned_vm
     fifo = short_tmp / "w.arc"  # a named pipe: the agent writes into it directly
     os.mkfifo(fifo)
     job = LiveJob(qmp=str(vm.agent_qmp), output=str(fifo), drives=["vda"],
@@ -222,13 +214,13 @@ def _plugin_control(parent: int) -> str:
 
 
 def test_copies_reach_the_archive_without_a_read_back_through_qemu(
-    two_disks: tuple[Vm, dict[str, Path]], short_tmp: Path
+    patterned_vm: tuple[Vm, dict[str, Path]], short_tmp: Path
 ) -> None:
     """The plugin sends each cluster QEMU copies to the agent on its control socket: the
     agent never reads a copy back through QEMU's snapshot view (which would make QEMU read
     it from the plugin), never trims one there, and the archive is still the disk at its
     point in time. Copied zeros travel as zeros."""
-    vm, before = two_disks
+    vm, before = patterned_vm
     fifo = short_tmp / "p.arc"
     os.mkfifo(fifo)
     job = LiveJob(qmp=str(vm.agent_qmp), output=str(fifo), drives=["vda"],

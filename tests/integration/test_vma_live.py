@@ -14,7 +14,7 @@ from tests.integration.cli_util import (
     assert_usage_error,
     describe,
 )
-from tests.integration.conftest import TwoDisks, TwoDiskVms, qemu_img_compare
+from tests.integration.conftest import qemu_img_compare
 from tests.integration.live_util import backup_racing_guest_writes
 from tests.integration.vm import Vm
 
@@ -24,18 +24,10 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-@pytest.fixture
-def two_disks(two_disk_vm: TwoDiskVms) -> TwoDisks:
-    """A 48 MiB qcow2 vda (data, a hole, data, zeros) and an 8 MiB + 4608 byte raw vdb."""
-    return two_disk_vm.start(48 * MiB, [("write", 0x11, 0, 20 * MiB),
-                                        ("write", 0x22, 24 * MiB, 20 * MiB),
-                                        ("zero", 44 * MiB, MiB)], 8 * MiB + 4608)
-
-
 @pytest.mark.slow
-def test_live_backup_as_vma_racing_guest_writes(two_disks: tuple[Vm, dict[str, Path]],
+def test_live_backup_as_vma_racing_guest_writes(patterned_vm: tuple[Vm, dict[str, Path]],
                                                  short_tmp: Path) -> None:
-    vm, before = two_disks
+    vm, before = patterned_vm
     writes = [("vda", 0xA1, 0, 64 * KiB), ("vda", 0xA2, 30 * MiB + 4 * KiB, 4 * KiB),
               ("vda", 0xA3, 40 * MiB, 2 * MiB), ("vdb", 0xB1, 8 * MiB, 4608),
               ("vdb", 0xB2, 4 * MiB, 1 * MiB)]
@@ -59,9 +51,9 @@ def test_live_backup_as_vma_racing_guest_writes(two_disks: tuple[Vm, dict[str, P
     assert disks["vdb"] == (out / "vdb.raw").read_bytes()
 
 
-def test_live_incremental_as_vma_is_refused(two_disks: tuple[Vm, dict[str, Path]],
+def test_live_incremental_as_vma_is_refused(patterned_vm: tuple[Vm, dict[str, Path]],
                                             short_tmp: Path) -> None:
-    vm, _ = two_disks
+    vm, _ = patterned_vm
     made = agent("backup", "--qmp", vm.agent_qmp, "--format", "vma", "--mode",
                  "incremental", "-o", short_tmp / "x.vma")
     assert_usage_error(made, "full")
