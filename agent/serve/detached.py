@@ -12,6 +12,13 @@ says which process serves where; the live restore stores it in QEMU
 later, after checking that the pid still names the same process (its start time and its
 command line). A stopped daemon may stay a zombie (its parent is init, which on some
 machines does not reap): it counts as gone.
+
+The server never outlives the last of its readers: nbdkit's ``exitlast`` filter stops it
+once its last client connection closes, and the agent holds a connection of its own (the
+"holder") from the moment the server serves until :meth:`DetachedServer.stop`. An agent
+killed before QEMU opened the served backup (the holder closes with it) leaves no server
+running for nobody; one killed later leaves it to QEMU, whose connection keeps it serving
+until the nodes are removed (by the agent or ``backup-agent cleanup``).
 """
 
 from __future__ import annotations
@@ -26,12 +33,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.cbw.server import _pythonpath
 from agent.errors import AgentError
 from agent.process import START_TIMEOUT, accepts
-from agent.serve.server import NBDKIT_THREADS, USER_PREFIX, find_plugin, key_pipe
+from agent.serve.server import NBDKIT_THREADS, USER_PREFIX, find_plugin, key_pipe, uri
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -155,8 +162,9 @@ class DetachedServer:
         self.record: ServerRecord | None = None
         pidfile = os.path.join(self.directory, PID_NAME)
         keyfd = key_pipe(keys)
+        self._holder: Any = None  # the agent's own connection (module docstring)
         args = ["nbdkit", "-U", self.socket, "-P", pidfile, "--log=stderr", *NBDKIT_THREADS,
-                "-r", "python", str(plugin),
+                "-r", "--filter=exitlast", "python", str(plugin),
                 *(f"archive={p if p.startswith('s3://') else os.path.abspath(p)}"
                   for p in paths),
                 *(f"device={d}" for d in devices), f"cache={cache}", f"log={self._log_path}",
@@ -178,6 +186,7 @@ class DetachedServer:
                 raise AgentError("could not serve: " + (
                     lines[-1] if lines else f"nbdkit exited with status {status}"))
             self.record = self._wait_ready(pidfile)
+            self._holder = _connect(uri(devices[0], self.socket))
         except FileNotFoundError as e:
             self.stop()
             raise AgentError("nbdkit is not installed (Debian packages nbdkit, "
@@ -243,8 +252,26 @@ class DetachedServer:
 
     def stop(self) -> None:
         """Stop nbdkit (by its own pid) and remove its directory. Idempotent."""
+        # The holder first: nbdkit waits for its open connections before it exits.
+        holder, self._holder = self._holder, None
+        if holder is not None:
+            with contextlib.suppress(Exception):  # a server gone already: nothing to say
+                holder.shutdown()
+            del holder  # its last reference: libnbd closes the socket
         rec, self.record = self.record, None
         if rec is not None:
             stop_recorded(rec)
         else:
             _remove_directory(ServerRecord(0, 0, self.directory, self.socket))
+
+
+def _connect(where: str) -> Any:
+    """An NBD connection to ``where`` (an open libnbd handle)."""
+    import nbd
+
+    h = nbd.NBD()
+    try:
+        h.connect_uri(where)
+    except nbd.Error as e:
+        raise AgentError(f"cannot connect to the server it started: {e.string}") from e
+    return h

@@ -15,6 +15,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from agent.serve.server import ArchiveServer
 from tests.integration.cli_util import (
     AGENT,
     DATA,
+    alive,
     assert_error,
     assert_ok,
     first,
@@ -169,6 +171,51 @@ def test_two_disks_are_filled_and_stand_alone(vms: VmFactory, tmp_path: Path,
     for target, src, fmt in ((vda, vda_src, "qcow2"), (vdb, vdb_src, "raw")):
         assert "backing-filename" not in image_info(target)
         assert same(target, "qcow2", src, fmt).returncode == 0
+
+
+#: Plays an agent that dies with its detached server running: starts it, says its pid and
+#: socket, and exits (without stopping it) when told to.
+_DYING_AGENT = """
+import json, os, sys
+from agent.serve.detached import DetachedServer
+server = DetachedServer([sys.argv[1]], ["vda"], cache=16 << 20)
+print(json.dumps([server.pid, server.socket]), flush=True)
+sys.stdin.readline()
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("reader", [False, True], ids=["alone", "with-a-reader"])
+def test_a_detached_server_lives_only_while_someone_reads_it(tmp_path: Path, short_tmp: Path,
+                                                             reader: bool) -> None:
+    """An agent killed before QEMU opened the served backup leaves no server serving
+    nobody; one killed later leaves it to its reader (QEMU) until that one lets go."""
+    import nbd
+
+    from agent.serve.server import uri
+
+    src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
+    arc = backup(tmp_path, short_tmp, ("vda", src))
+    env = {**os.environ, "TMPDIR": str(short_tmp),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    with running([sys.executable, "-c", _DYING_AGENT, arc], stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE, env=env) as agent:
+        assert agent.stdin is not None and agent.stdout is not None
+        pid, socket = json.loads(agent.stdout.readline())
+        assert alive(pid)
+        h = None
+        if reader:  # QEMU's part: connected before the agent dies
+            h = nbd.NBD()
+            h.connect_uri(uri("vda", socket))
+        agent.stdin.write(b"\n")
+        agent.stdin.flush()
+        assert agent.wait(30) == 0
+        if h is not None:
+            assert h.pread(4096, 0) == bytes([0x11]) * 4096  # still served
+            assert alive(pid)
+            h.shutdown()
+            del h
+        wait_for(lambda: not alive(pid), "nbdkit to exit once nobody reads it", limit=30)
 
 
 def test_the_zero_map_covers_the_whole_clusters_that_read_as_zeros(tmp_path: Path,
