@@ -157,7 +157,8 @@ def _open_one(path: str, keys: Sequence[X25519PrivateKey],
     except OSError as e:
         raise ArchiveError(f"cannot open {path}: {e.strerror}") from e
     try:
-        return _check_one(path, keys, wanted, f or cast(BinaryIO, source), source)
+        return _check_one(path, keys, wanted, f if f is not None else cast(BinaryIO, source),
+                          source)
     except BaseException:
         source.close()
         raise

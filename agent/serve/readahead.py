@@ -39,6 +39,8 @@ QUEUED = 8
 #: read at once, and nothing is read ahead for SHARED_HOLD seconds.
 SHARED_GAP = 0.05
 SHARED_HOLD = 1.0
+#: Seconds :meth:`Readahead.close` waits for a load under way (one from a slow bucket).
+CLOSE_WAIT = 5.0
 
 _Job = tuple[Hashable, Callable[[], Buffer]]
 
@@ -108,7 +110,9 @@ class Readahead:
                     self._queued.discard(key)
 
     def close(self) -> None:
-        """Stop the thread once the record it loads is loaded; what waits is dropped."""
+        """Stop the thread once the record it loads is loaded (waiting at most
+        :data:`CLOSE_WAIT` seconds: a daemon thread dies with the process anyway); what
+        waits is dropped."""
         with self._lock:
             self._closed = True
             thread, q = self._thread, self._queue
@@ -119,4 +123,4 @@ class Readahead:
             while True:
                 q.get_nowait()
         q.put(None)
-        thread.join()
+        thread.join(CLOSE_WAIT)
