@@ -286,19 +286,24 @@ class IndexedArchive:
 
     def __init__(self, path: str, keys: Sequence[X25519PrivateKey] = (),
                  label: str | None = None, *, f: BinaryIO | None = None,
-                 also: Callable[[list[Device]], Collect | None] | None = None) -> None:
+                 also: Callable[[list[Device]], Collect | None] | None = None,
+                 index: bool = True) -> None:
         """``keys``: for an encrypted archive (without one that is a recipient it raises
         :class:`agent.archive.crypto.KeyRequired`, which holds the clear header). ``f``:
         ``path`` already open (the caller's to close), so that what is checked here is what
         the caller goes on to read. ``also``: given the devices, a second collector of the
         index's entries (or None), fed by the checking walk as it goes: a caller that needs
-        the entries walks the index once (if the walk fails, discard what it collected)."""
+        the entries walks the index once (if the walk fails, discard what it collected).
+        ``index=False``: check the two ends only, not the index (``serve`` before it starts
+        nbdkit, which walks and checks it): :attr:`has_index` says whether there is one,
+        and the archive cannot be read at random."""
         self.path = path
         self._owned = f is None
         self._f: BinaryIO = open_random(path) if f is None else f
         self._lookup: _Lookup | None = None
         self.sealer: RecordSealer | None = None
         self._also = also
+        self._walk_index = index
         try:
             self._open(keys, label or path)
         except BaseException:
@@ -329,8 +334,9 @@ class IndexedArchive:
         self._data_start = head.data_start
         try:
             self._check_end_matches_start()
+            self.has_index = seal.footer.index_pos != NO_INDEX
             self.index: IndexFacts | None = None
-            if seal.footer.index_pos != NO_INDEX:
+            if self.has_index and self._walk_index:
                 self.index = self._walk_checking_ranges()
         except ArchiveError as e:
             raise self._mismatch(str(e)) from e
@@ -442,9 +448,11 @@ class IndexedArchive:
 
     def _entries(self) -> _Lookup:
         if self._lookup is None:
-            if self.index is None:
+            if not self.has_index:
                 raise ArchiveError(f"{self.path}: the archive has no index, so it cannot be "
                                    "read at random: restore it instead")
+            if self.index is None:
+                raise ArchiveError("internal: the archive was opened without its index")
             names = {d.id: d.name for d in self.devices}
             try:
                 self._lookup = _Lookup.build(self._walk, names)

@@ -86,8 +86,9 @@ def run(args: argparse.Namespace) -> int:
     listen, tls = _listen(args)
     socket = check_socket_path(args.socket) if args.socket is not None else None
     keys = keys_from(args)
-    # The archives and the chain checked here first, so that what is wrong is one clear
-    # line; nbdkit's plugin opens them again and builds the tables.
+    # The archives' ends and the chain checked here first, so that what is wrong is one
+    # clear line; nbdkit's plugin opens them again, walks and checks their indexes as it
+    # builds the tables (a damaged index stops it with its line: "could not serve: ...").
     served = ServedArchives(args.paths, args.device, args.cache, tables=False, keys=keys)
     devices = served.names
     served.close()

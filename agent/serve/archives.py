@@ -190,8 +190,8 @@ def _check_one(path: str, keys: Sequence[X25519PrivateKey],
     try:
         # Seal, index and both ends checked (the entries gathered on the way); an
         # encrypted archive opened with the key.
-        with IndexedArchive(path, keys, f=f, also=gather) as arc:
-            if arc.index is None:
+        with IndexedArchive(path, keys, f=f, also=gather, index=wanted is not None) as arc:
+            if not arc.has_index:
                 raise ArchiveError(f"{path} has no index, so it cannot be served (it was "
                                    "written without one): restore it instead")
             link = Link(path, arc.header, arc.devices)
@@ -266,8 +266,9 @@ class ServedArchives:
     def __init__(self, paths: Sequence[str], wanted: Sequence[str] | None = None,
                  cache: int = DEFAULT_CACHE, *, tables: bool = True,
                  verb: str = "serve", keys: Sequence[X25519PrivateKey] = ()) -> None:
-        """``tables=False``: only open and check (the command, before it starts nbdkit,
-        which builds the tables): :attr:`devices` is then empty, :attr:`names` is not.
+        """``tables=False``: only open and check the archives' ends and the chain (the
+        command, before it starts nbdkit, which walks and checks the indexes as it builds
+        the tables): :attr:`devices` is then empty, :attr:`names` is not.
         ``verb``: what the command does, in the messages about a wrong chain. ``keys``:
         for encrypted archives (each archive of a chain may have its own recipients)."""
         self.verb = verb

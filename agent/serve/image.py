@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -153,6 +154,7 @@ class DeviceImage:
         self.layers = list(layers)
         self._cache = cache
         self._ahead = readahead
+        self._zeros: tuple[array[int], array[int]] | None = None  # _zero_runs()
 
     def _record(self, layer: int, pos: int, rec_off: int, room: int) -> Buffer:
         lay = self.layers[layer]
@@ -229,22 +231,46 @@ class DeviceImage:
     def extents(self, offset: int, length: int, limit: int = 4096) -> list[tuple[int, int, bool]]:
         """(offset, length, zero) runs from ``offset`` on, ascending and contiguous, at
         most ``limit`` of them, covering at least ``offset`` (as NBD block status may)."""
-        segs, end = self.segments, min(offset + length, self.size)
+        z_starts, z_ends = self._zero_runs()
+        end = min(offset + length, self.size)
         out: list[tuple[int, int, bool]] = []
         cur = offset
-        i = segs.first_at(offset)
+        k = bisect.bisect_right(z_ends, cur)  # the first run of zeros that ends after cur
         while cur < end and len(out) < limit:
-            if i < len(segs) and segs.starts[i] <= cur:
-                s = segs[i]
-                i += 1
-                run, zero = min(s.end, end) - cur, s.pos == ZERO
-            else:  # a gap: nothing was ever recorded there, it reads as zeros
-                nxt = segs.starts[i] if i < len(segs) else end
-                run, zero = min(nxt, end) - cur, True
-            if out and out[-1][2] == zero:
-                o, n, _ = out[-1]
-                out[-1] = (o, n + run, zero)
-            else:
-                out.append((cur, run, zero))
-            cur += run
+            if k < len(z_starts) and z_starts[k] <= cur:
+                nxt = min(z_ends[k], end)
+                out.append((cur, nxt - cur, True))
+                k += 1
+            else:  # data up to the next run of zeros
+                nxt = min(z_starts[k], end) if k < len(z_starts) else end
+                out.append((cur, nxt - cur, False))
+            cur = nxt
         return out
+
+    def _zero_runs(self) -> tuple[array[int], array[int]]:
+        """Starts and ends of the ranges that read as zeros (ZERO segments, and gaps where
+        nothing was recorded), merged where they touch: block status answers from them
+        without a step per segment (a fully written 1 TiB disk has half a million data
+        segments, one run of data). Made at the first block status, in one pass."""
+        runs = self._zeros
+        if runs is None:
+            starts, ends = array("Q"), array("Q")
+            segs, last = self.segments, 0  # where the segment before ended
+            for start, length, pos in zip(segs.starts, segs.lengths, segs.pos, strict=True):
+                lo = last if start > last else start  # a gap before it reads as zeros too
+                if pos == ZERO or lo < start:
+                    hi = start + length if pos == ZERO else start
+                    if ends and ends[-1] == lo:
+                        ends[-1] = hi
+                    else:
+                        starts.append(lo)
+                        ends.append(hi)
+                last = start + length
+            if last < self.size:
+                if ends and ends[-1] == last:
+                    ends[-1] = self.size
+                else:
+                    starts.append(last)
+                    ends.append(self.size)
+            runs = self._zeros = (starts, ends)  # threads racing here build the same
+        return runs

@@ -180,6 +180,7 @@ class ArchiveServer:
         self.tls = tls
         self.tcp: tuple[str, int] | None = None
         self._last_user_line = ""
+        self._ready = False  # serving: the plugin's lines are warnings from now on
         args = ["nbdkit", "--foreground", "--exit-with-parent", *NBDKIT_THREADS]
         if listen is not None:
             host, port = listen
@@ -215,6 +216,7 @@ class ArchiveServer:
         except BaseException:
             self.close()
             raise
+        self._ready = True
 
     @property
     def pid(self) -> int:
@@ -245,7 +247,10 @@ class ArchiveServer:
             line = raw.decode(errors="replace").rstrip()
             if line.startswith(USER_PREFIX):
                 self._last_user_line = line[len(USER_PREFIX):]
-                log.warning("%s", self._last_user_line)
+                if self._ready:  # before, it is why nbdkit did not start: the error says it
+                    log.warning("%s", self._last_user_line)
+                else:
+                    log.debug("nbdkit: %s", line)
             elif line:
                 log.debug("nbdkit: %s", line)
 

@@ -270,6 +270,20 @@ def test_what_cannot_be_served_is_refused_in_one_line(tmp_path: Path, short_tmp:
     _refused(f, i2, "--socket", sock, expect="missing link")
     _refused(f, i2, i1, "--socket", sock, expect="wrong order")
     _refused(f, "--socket", sock, "--writable", expect="--writable serves one device")
+    # A damaged index passes the command's check of the ends; nbdkit's walk of it stops
+    # the server before it listens, with the reason as the one line.
+    from agent.archive.format import FRAME
+    from agent.archive.indexed import read_seal
+
+    with open(f, "rb") as fh:
+        index_pos = read_seal(fh).footer.index_pos
+    damaged = tmp_path / "damaged-index.arc"
+    data = bytearray(f.read_bytes())
+    data[index_pos + FRAME.size + 10] ^= 0x40
+    damaged.write_bytes(bytes(data))
+    line = _refused(damaged, "--socket", short_tmp / "d.sock", expect="could not serve: ")
+    assert f"index record at byte {index_pos} fails its checksum" in line, line
+    assert not (short_tmp / "d.sock").exists()
     sock.write_bytes(b"")
     _refused(f, "--socket", sock, expect="exists")
     assert not any(p.suffix == ".sock" for p in short_tmp.iterdir() if p != sock)

@@ -20,7 +20,7 @@ from agent.archive.format import DIGEST_SIZE, FRAME, Kind, digest, unpack_frame
 from agent.errors import ArchiveError, InvalidArgument
 from agent.serve.archives import ServedArchives
 from agent.serve.cache import RecordCache
-from agent.serve.image import DamagedRecord, Source, load_record
+from agent.serve.image import DamagedRecord, DeviceImage, Source, load_record
 from agent.serve.segments import ZERO, Segments, overlay
 from tests.serve_util import KiB, MiB, build_chain, sparse_full
 from tests.unit.archive_util import flip
@@ -133,6 +133,41 @@ def test_block_status_answers_zero_ranges_as_holes(tmp_path: Path) -> None:
             assert image.extents(5, 100, limit=1)[0][0] == 5
     finally:
         served.close()
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_block_status_matches_what_each_byte_reads(seed: int) -> None:
+    """Block status (from merged runs of zeros) against a byte-by-byte model: data and zero
+    segments in any order, gaps between them and after the last, any window and limit."""
+    rng = random.Random(seed)
+    size, spec, off = 300, [], 0
+    while off < size - 20:
+        off += rng.choice([0, 0, 0, rng.randint(1, 9)])  # sometimes a gap
+        n = rng.randint(1, 25)
+        if off + n > size - 5:
+            break
+        spec.append((off, n, rng.choice("dzz")))
+        off += n
+    image = DeviceImage("vda", size, _table(spec, 0), [], RecordCache(0))
+    zero = [True] * size  # what no segment covers reads as zeros
+    for start, n, kind in spec:
+        zero[start : start + n] = [kind == "z"] * n
+    for _ in range(40):
+        offset = rng.randrange(size)
+        length, limit = rng.randint(1, size), rng.randint(1, 6)
+        runs = image.extents(offset, length, limit)
+        assert runs and runs[0][0] == offset and len(runs) <= limit
+        cur = offset
+        for o, n, z in runs:
+            assert o == cur and n > 0 and o + n <= size
+            assert zero[o : o + n] == [z] * n  # one kind all through
+            cur = o + n
+        for (_, _, z1), (_, _, z2) in itertools.pairwise(runs):
+            assert z1 != z2  # neighbours merged
+        if len(runs) < limit:  # not cut by the limit: it covers the window
+            assert cur == min(offset + length, size)
+        elif cur < min(offset + length, size):
+            assert zero[cur] != runs[-1][2]  # a run ends only where the kind changes
 
 
 def test_a_sparse_terabyte_is_a_handful_of_segments(tmp_path: Path) -> None:
