@@ -255,11 +255,20 @@ def test_a_zero_map_that_cannot_be_made_says_why(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["running", "not-empty", "wrong-size", "wrong-file",
-                                  "raw", "no-device"])
+                                  "raw", "no-device", "damaged-index"])
 def test_bad_targets_are_refused_and_nothing_is_added(vms: VmFactory, tmp_path: Path,
                                                       short_tmp: Path, case: str) -> None:
     src = make_image(tmp_path / "src.qcow2", "qcow2", SIZE, SOURCE_OPS)
     arc = backup(tmp_path, short_tmp, ("vda", src))
+    if case == "damaged-index":  # found by the server's walk of it, before QEMU is touched
+        from agent.archive.format import FRAME
+        from agent.archive.indexed import read_seal
+
+        with open(arc, "rb") as f:
+            at = read_seal(f).footer.index_pos + FRAME.size + 10
+        data = bytearray(arc.read_bytes())
+        data[at] ^= 0x40
+        arc.write_bytes(bytes(data))
     target = empty_target(tmp_path / "vda.qcow2", SIZE // 2 if case == "wrong-size" else SIZE)
     if case == "not-empty":
         subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 1 1M 4k", str(target)],
@@ -276,7 +285,8 @@ def test_bad_targets_are_refused_and_nothing_is_added(vms: VmFactory, tmp_path: 
     proc = run_agent(short_tmp, "restore", arc, "--live", "--qmp", vm.agent_qmp,
                      "--drive", drive)
     words = {"running": "is running", "not-empty": "not empty", "wrong-size": "qemu-img create",
-             "wrong-file": "not that file", "raw": "qcow2", "no-device": "no device"}[case]
+             "wrong-file": "not that file", "raw": "qcow2", "no-device": "no device",
+             "damaged-index": "could not serve: "}[case]
     assert_error(proc, words)
     assert_nothing_left(vm, short_tmp)
     if case != "running":
