@@ -256,6 +256,7 @@ def _refused(*args: str | Path, expect: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_what_cannot_be_served_is_refused_in_one_line(tmp_path: Path, short_tmp: Path) -> None:
     chain = build_chain(tmp_path, [Kind.FULL, Kind.INCREMENTAL, Kind.INCREMENTAL])
     f, i1, i2 = chain.paths

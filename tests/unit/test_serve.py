@@ -262,6 +262,7 @@ def test_a_wrong_chain_is_refused_as_restore_refuses_it(tmp_path: Path) -> None:
         ServedArchives([f], ["sda"])
 
 
+@pytest.mark.slow
 def test_what_is_served_is_the_file_that_was_checked(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Each archive is opened once: another file renamed over its path once its checks
