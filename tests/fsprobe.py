@@ -18,3 +18,15 @@ def takes_file_of(directory: Path, size: int) -> bool:
         return False
     finally:
         probe.unlink(missing_ok=True)
+
+
+def plant(at: Path, kind: str, victim: Path, content: bytes) -> None:
+    """Put someone else's file at ``at``: a symbolic link to ``victim`` (``kind``
+    "symlink") or a file holding ``content``. Made beside it, then renamed over it, so that
+    it is a new inode, never the one it replaces reused."""
+    other = at.with_name(at.name + ".planted")
+    if kind == "symlink":
+        other.symlink_to(victim)
+    else:
+        other.write_bytes(content)
+    other.replace(at)

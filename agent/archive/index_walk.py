@@ -169,20 +169,28 @@ def _feed_whole(view: memoryview, pos: int,
     return problem
 
 
+def checked_body(f: BinaryIO, pos: int, fr: Frame, what: str,
+                 sealer: RecordSealer | None = None) -> bytes | memoryview:
+    """The body of the record at ``pos`` (whose frame ``fr`` was read), read whole (a frame
+    may claim at most MAX_BODY), its digest checked, then opened with ``sealer`` (an
+    encrypted archive's) if there is one."""
+    f.seek(pos + FRAME.size)
+    body = f.read(fr.body_len)
+    dig = f.read(DIGEST_SIZE)
+    if len(body) != fr.body_len or len(dig) != DIGEST_SIZE:
+        raise ArchiveError(f"the archive is truncated inside the record at byte {pos}")
+    if blake3.blake3(body).digest(DIGEST_SIZE) != dig:
+        raise ArchiveError(f"{what} at byte {pos} fails its checksum")
+    return body if sealer is None else sealer.open(fr.rtype, fr.flags, fr.seq, body, pos)
+
+
 def sealed_body(f: BinaryIO, pos: int, fr: Frame,
                  feed: Callable[[memoryview], str | None] | None, what: str,
                  sealer: RecordSealer) -> None:
     """A sealed record's body is read whole (an INDEX record this agent writes holds 2 MiB
-    of entries; a frame may claim at most MAX_BODY), its digest checked, then opened: the
-    entries are handed on only once the record authenticated."""
-    f.seek(pos + FRAME.size)
-    sealed = f.read(fr.body_len)
-    dig = f.read(DIGEST_SIZE)
-    if len(sealed) != fr.body_len or len(dig) != DIGEST_SIZE:
-        raise ArchiveError(f"the archive is truncated inside the record at byte {pos}")
-    if blake3.blake3(sealed).digest(DIGEST_SIZE) != dig:
-        raise ArchiveError(f"{what} at byte {pos} fails its checksum")
-    plain = sealer.open(fr.rtype, fr.flags, fr.seq, sealed, pos)
+    of entries), its digest checked, then opened: the entries are handed on only once the
+    record authenticated."""
+    plain = memoryview(checked_body(f, pos, fr, what, sealer))
     if feed is None:
         return
     for at in range(0, len(plain), PIECE):

@@ -40,9 +40,14 @@ from agent.archive.format import (
     Kind,
     RecordType,
     Zero,
-    digest,
 )
-from agent.archive.index_walk import Collect, IndexFacts, frame_at, walk_index
+from agent.archive.index_walk import (
+    Collect,
+    IndexFacts,
+    checked_body,
+    frame_at,
+    walk_index,
+)
 from agent.archive.overlaps import ExactCover, NoOverlap
 from agent.archive.reader import ArchiveReader
 from agent.errors import ArchiveError
@@ -68,16 +73,7 @@ def _record_at(f: BinaryIO, pos: int, end: int, sealer: RecordSealer | None = No
     ``sealer`` (an encrypted archive's). Only for records whose body the caller needs whole
     (END, one DATA record): at most MAX_BODY."""
     fr = frame_at(f, pos, end)
-    body = f.read(fr.body_len)
-    dig = f.read(DIGEST_SIZE)
-    if len(body) != fr.body_len or len(dig) != DIGEST_SIZE:
-        raise ArchiveError(f"the archive is truncated inside the record at byte {pos}")
-    if digest(body) != dig:
-        raise ArchiveError(f"record at byte {pos} fails its checksum")
-    if sealer is not None:
-        return _Record(fr.rtype, fr.flags, fr.seq,
-                       sealer.open(fr.rtype, fr.flags, fr.seq, body, pos))
-    return _Record(fr.rtype, fr.flags, fr.seq, body)
+    return _Record(fr.rtype, fr.flags, fr.seq, checked_body(f, pos, fr, "record", sealer))
 
 
 def _find_footer(f: BinaryIO, size: int) -> tuple[Footer, int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import os
 import stat
 import struct
@@ -250,7 +251,8 @@ def _in_order(parts: list[bytes]) -> Iterator[tuple[int, int, int, int]]:
     n = _SLOT.size
     parts.sort(key=lambda run: run[:n])
     if all(parts[k][-n:] <= parts[k + 1][:n] for k in range(len(parts) - 1)):
-        return _SLOT.iter_unpack(b"".join(parts))
+        # Run after run, each unpacked in place: no copy of the whole table's entries.
+        return itertools.chain.from_iterable(_SLOT.iter_unpack(p) for p in parts)
     return map(_SLOT.unpack, heapq.merge(*(_split(p) for p in parts)))
 
 

@@ -16,6 +16,7 @@ from agent.archive.format import Device
 from agent.errors import ArchiveError, TargetError
 from agent.restore import RestoreOptions, restore, to_dir
 from agent.targets.base import Sink
+from tests.fsprobe import plant
 from tests.hostile import builder as hb
 
 SIZE = 512
@@ -104,12 +105,7 @@ def test_a_target_replaced_while_closed_fails_the_restore(tmp_path: Path, plante
         sink = factory(dev)
         if dev.name == "d3":  # d0's file is closed by now: put something in its place
             (temp,) = out.glob(".d0.raw.*.partial")
-            other = tmp_path / "planted"  # made first, then renamed over: a new inode
-            if planted == "symlink":
-                other.symlink_to(victim)
-            else:
-                other.write_bytes(b"someone else's")
-            other.replace(temp)
+            plant(temp, planted, victim, b"someone else's")
         return sink
 
     with pytest.raises(TargetError, match=r"d0\.raw.*temporary file .* was replaced while "

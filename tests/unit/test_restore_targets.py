@@ -12,7 +12,7 @@ from agent.archive.format import Device
 from agent.errors import TargetError
 from agent.restore import RestoreOptions, to_dir
 from agent.targets.file import FileTarget
-from tests.fsprobe import takes_file_of
+from tests.fsprobe import plant, takes_file_of
 
 HUGE = 2**63 - 1  # a valid device size, larger than ext4 allows a file to be
 
@@ -70,12 +70,7 @@ def test_a_temporary_file_replaced_before_commit_is_never_published(tmp_path: Pa
     temp = sink.temp
     victim = tmp_path / "victim"
     victim.write_bytes(b"theirs")
-    other = tmp_path / "planted"  # made first, then renamed over: a new inode
-    if planted == "symlink":
-        other.symlink_to(victim)
-    else:
-        other.write_bytes(b"theirs")
-    other.replace(temp)
+    plant(temp, planted, victim, b"theirs")
     with pytest.raises(TargetError, match=r"out/vda\.raw: its temporary file .* was replaced "
                        r"while the restore ran: it was left as it is"):
         sink.commit()
